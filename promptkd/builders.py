@@ -1,0 +1,208 @@
+"""Turn a Config into objects: tokenizer, data splits, teacher, student engine, optimizers.
+
+Placement is explicit (DESIGN.md §4): the teacher is built while no
+``HfDeepSpeedConfig`` is alive, so it is never partitioned by accident; the
+student is built under one only when its ZeRO stage is 3.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch._dynamo  # noqa: F401  (must be imported before any zero.Init block)
+
+from promptkd import distributed as dist
+from promptkd.config import Config, ConfigError, OptimConfig, TinyInit, build_ds_config, zero_stage
+from promptkd.data import (DataError, Example, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
+                           tokenize_examples, train_tokenizer)
+from promptkd.models import PromptedTeacher, build_tiny, check_vocab, load_pretrained
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- tokenizer + data
+
+def build_tokenizer(cfg: Config, run_dir: str, texts: Optional[list[str]] = None) -> Any:
+    """Load the configured tokenizer, or train one on ``texts`` (rank 0 trains, all load)."""
+    path = cfg.tokenizer.path or cfg.model.student.path
+    if path and not cfg.tokenizer.train:
+        return load_tokenizer(path)
+    if not cfg.tokenizer.train:
+        raise ConfigError("tokenizer.path: set a tokenizer (or model.student.path), or tokenizer.train=true")
+    out_dir = os.path.join(run_dir, "tokenizer")
+    if dist.is_main() and not os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        train_tokenizer(texts or [], cfg.tokenizer.vocab_size, out_dir)
+    dist.barrier()
+    return load_tokenizer(out_dir)
+
+
+def example_texts(examples: list[Example]) -> list[str]:
+    return [e.prompt + " " + e.references[0] for e in examples]
+
+
+@dataclass
+class Splits:
+    train: list[TokenizedExample]
+    dev: list[TokenizedExample]
+    test: list[TokenizedExample]
+
+
+def load_raw_splits(cfg: Config) -> tuple[list[Example], list[Example], list[Example]]:
+    d = cfg.data
+    if not d.train_file:
+        raise ConfigError("data.train_file: no training data configured")
+    train = load_examples(d.train_file, d.format, split="train")
+    if d.dev_file:
+        dev = load_examples(d.dev_file, d.format, split="validation")
+    elif d.dev_size > 0:
+        if d.dev_size >= len(train):
+            raise ConfigError(f"data.dev_size: {d.dev_size} must be smaller than the {len(train)} training examples")
+        train, dev = split_train_dev(train, d.dev_size, cfg.seed)
+    else:
+        dev = []
+    test = load_examples(d.test_file, d.format, split="test") if d.test_file else []
+    return train, dev, test
+
+
+def tokenize_splits(cfg: Config, tokenizer: Any, raw: tuple[list[Example], ...]) -> Splits:
+    d = cfg.data
+    out = []
+    for name, examples in zip(("train", "dev", "test"), raw):
+        if not examples:
+            out.append([])
+            continue
+        toks, dropped = tokenize_examples(examples, tokenizer, d.max_prompt_length, d.max_length)
+        if dropped:
+            log.info("%s: dropped %d/%d examples whose prompt exceeds max_prompt_length=%d",
+                     name, dropped, len(examples), d.max_prompt_length)
+        out.append(toks)
+    splits = Splits(*out)
+    if len(splits.train) < dist.world_size():
+        raise ConfigError(f"data.train_file: {len(splits.train)} usable examples for world_size {dist.world_size()}")
+    return splits
+
+
+# ----------------------------------------------------------------------------- models
+
+def _tiny(init: TinyInit, tokenizer: Any) -> torch.nn.Module:
+    return build_tiny(init.arch, init.layers, init.hidden, init.heads, vocab_size=len(tokenizer),
+                      max_positions=init.max_positions, intermediate=init.intermediate,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+
+
+def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> PromptedTeacher:
+    """The frozen teacher, replicated on every rank, wrapped with its soft prompt."""
+    t = cfg.model.teacher
+    dtype = DTYPES[t.dtype]
+    base = load_pretrained(t.path, dtype) if t.path else _tiny(t.init, tokenizer)
+    length = t.prompt_length if use_prompt else 0
+    teacher = PromptedTeacher(base, prompt_length=length, init=t.prompt_init, init_text=t.prompt_init_text,
+                              tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
+    return teacher.to(dist.device())
+
+
+def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.nn.Module:
+    """The student, partitioned at construction time when its ZeRO stage is 3."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    s = cfg.model.student
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    try:
+        model = load_pretrained(s.path, torch.float32) if s.path else _tiny(s.init, tokenizer)
+    finally:
+        del keep_alive  # a live HfDeepSpeedConfig would also partition later models
+        _unset_hf_ds_config()
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _unset_hf_ds_config() -> None:
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def lr_factor(opt: OptimConfig, total_steps: int):
+    """Warm-up then constant / linear / cosine; a function of the 0-based step."""
+
+    def factor(step: int) -> float:
+        if opt.warmup_steps and step < opt.warmup_steps:
+            return (step + 1) / opt.warmup_steps
+        if opt.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - opt.warmup_steps)
+        progress = min(1.0, (step - opt.warmup_steps) / span)
+        if opt.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def adamw(params: list[torch.nn.Parameter], opt: OptimConfig, named: Optional[list[tuple[str, Any]]] = None):
+    """AdamW; with ``named`` params, biases and norm weights get no weight decay."""
+    if named is None:
+        groups = [{"params": params, "weight_decay": opt.weight_decay}]
+    else:
+        decay = [p for n, p in named if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in named if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+def build_student_engine(cfg: Config, tokenizer: Any, total_steps: int) -> tuple[Any, dict]:
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, dist.world_size())
+    model = build_student_module(cfg, tokenizer, ds_config)
+    optimizer = adamw(list(model.parameters()), cfg.optim.student, list(model.named_parameters()))
+    factor = lr_factor(cfg.optim.student, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    return engine, ds_config
+
+
+def build_prompt_optimizer(cfg: Config, teacher: PromptedTeacher, total_steps: int):
+    opt = adamw([teacher.prompt], cfg.optim.prompt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.optim.prompt, total_steps))
+    return opt, sched
+
+
+def vocab_size(tokenizer: Any, teacher: Optional[PromptedTeacher], student: torch.nn.Module) -> int:
+    """Number of logits that are real tokens; a clear error on a vocabulary mismatch."""
+    s_vocab = _config_vocab(student)
+    t_vocab = _config_vocab(teacher.base) if teacher is not None else s_vocab
+    return check_vocab(len(tokenizer), t_vocab, s_vocab)
+
+
+def _config_vocab(model: torch.nn.Module) -> int:
+    model = getattr(model, "module", model)
+    return int(model.config.vocab_size)
+
+
+def steps_for(cfg: Config, n_train: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or epochs over the sharded data."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_rank = math.ceil(n_train / dist.world_size())
+    micro = math.ceil(per_rank / micro_batch_size)
+    return cfg.train.epochs * max(1, math.ceil(micro / grad_accum))
+
+
+__all__ = ["DataError", "Splits", "build_prompt_optimizer", "build_student_engine", "build_teacher",
+           "build_tokenizer", "load_raw_splits", "steps_for", "tokenize_splits", "vocab_size"]

@@ -1,0 +1,264 @@
+"""Token-level losses on aligned logits.
+
+Conventions shared by every function here:
+
+- logits are ``[B, T, V]`` in any float dtype and are already shifted by the
+  caller, so position ``t`` of every input predicts the same token;
+- ``mask`` is ``[B, T]`` (0/1, any dtype) and marks the positions that count;
+- the result is ``(loss_sum, n_tokens)``, both fp32 scalars, with
+  ``n_tokens = mask.sum()``. Callers divide by a *global* token count (over
+  accumulation micro-batches and ranks), never by a per-batch mean.
+
+All arithmetic runs in fp32. Only masked-in rows are selected before the
+softmax, so padding rows cost nothing and garbage (even inf/nan) logits at
+masked-out positions cannot leak into values or gradients.
+
+``chunk_size`` bounds peak memory: T is processed in slices of that length and,
+when autograd is recording, each slice runs under non-reentrant activation
+checkpointing, so the fp32 ``B x chunk x V`` intermediates are recomputed in
+backward instead of being kept alive for the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+GUIDANCE_CHOICES = ("teacher_student", "student_teacher")
+SCHEDULE_CHOICES = ("linear", "constant", "off")
+
+ChunkFn = Callable[..., torch.Tensor]
+
+
+def _check_shapes(logits: list[torch.Tensor], mask: torch.Tensor) -> None:
+    first = logits[0]
+    if first.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(first.shape)}")
+    for other in logits[1:]:
+        if other.shape != first.shape:
+            raise ValueError(
+                f"logits shapes differ: {tuple(first.shape)} vs {tuple(other.shape)}"
+            )
+    if mask.shape != first.shape[:2]:
+        raise ValueError(
+            f"mask must be [B, T] = {tuple(first.shape[:2])}, got {tuple(mask.shape)}"
+        )
+
+
+def _n_tokens(mask: torch.Tensor) -> torch.Tensor:
+    return mask.detach().to(torch.float32).sum()
+
+
+def _run_chunked(
+    fn: ChunkFn,
+    tensors: list[torch.Tensor],
+    mask: torch.Tensor,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Apply ``fn(*tensor_slices, mask_slice)`` over T and sum the results.
+
+    ``fn`` must return an fp32 tensor (scalar or small vector) that is additive
+    over positions; that is what makes chunking exact.
+    """
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    seq_len = mask.shape[1]
+    if chunk_size is None or seq_len == 0:
+        return fn(*tensors, mask)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    total: torch.Tensor | None = None
+    for start in range(0, seq_len, chunk_size):
+        end = min(start + chunk_size, seq_len)
+        parts = [t[:, start:end] for t in tensors]
+        mask_part = mask[:, start:end]
+        if needs_grad:
+            out = checkpoint(fn, *parts, mask_part, use_reentrant=False)
+        else:
+            out = fn(*parts, mask_part)
+        total = out if total is None else total + out
+    assert total is not None  # seq_len > 0, so the loop ran at least once
+    return total
+
+
+def _select(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] -> [N, V] fp32 rows where ``keep`` is true."""
+    return logits[keep].to(torch.float32)
+
+
+def _kl_rows(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(p || q) given fp32 log-probs [N, V]."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum()
+
+
+def _kl_chunk(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    keep = mask.bool()
+    p_logp = F.log_softmax(_select(p_logits, keep), dim=-1)
+    q_logp = F.log_softmax(_select(q_logits, keep), dim=-1)
+    return _kl_rows(p_logp, q_logp)
+
+
+def kl_divergence(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level KL(p || q) = sum_v p (log p - log q), summed over masked positions.
+
+    p_logits, q_logits: [B, T, V]; mask: [B, T]. Gradients flow to whichever
+    input requires grad; detach at the call site to make one side a constant.
+    """
+    _check_shapes([p_logits, q_logits], mask)
+    loss = _run_chunked(_kl_chunk, [p_logits, q_logits], mask, chunk_size)
+    return loss, _n_tokens(mask)
+
+
+def forward_kl(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p_T || p_S): mass-covering distillation (KD, ImitKD)."""
+    return kl_divergence(teacher_logits, student_logits, mask, chunk_size)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p_S || p_T): mode-seeking distillation (PromptKD student update)."""
+    return kl_divergence(student_logits, teacher_logits, mask, chunk_size)
+
+
+def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    keep = mask.bool()
+    logp = F.log_softmax(_select(logits, keep), dim=-1)
+    picked = logp.gather(-1, targets[keep].long().unsqueeze(-1))
+    return -picked.sum()
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of -log p(target) over masked positions.
+
+    logits: [B, T, V]; targets: [B, T] long (values at masked-out positions are
+    never read, so -100 or pad ids are fine there); mask: [B, T].
+    """
+    _check_shapes([logits], mask)
+    if targets.shape != mask.shape:
+        raise ValueError(
+            f"targets must be [B, T] = {tuple(mask.shape)}, got {tuple(targets.shape)}"
+        )
+    loss = _run_chunked(_ce_chunk, [logits, targets], mask, chunk_size)
+    return loss, _n_tokens(mask)
+
+
+@dataclass
+class PromptLoss:
+    """Prompt-update objective and its parts (all fp32 scalars, sums over tokens).
+
+    ``total`` is the only term with a graph; ``guidance``/``regularizer`` are
+    detached copies for logging.
+    """
+
+    total: torch.Tensor
+    guidance: torch.Tensor
+    regularizer: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def _make_prompt_chunk(guidance: str, with_reg: bool) -> ChunkFn:
+    """Fused guidance + regularizer so the prompted log-softmax is computed once per chunk."""
+
+    def chunk(
+        prompted: torch.Tensor, student: torch.Tensor, base: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        keep = mask.bool()
+        prompted_logp = F.log_softmax(_select(prompted, keep), dim=-1)
+        student_logp = F.log_softmax(_select(student, keep), dim=-1)
+        if guidance == "teacher_student":
+            guide = _kl_rows(prompted_logp, student_logp)
+        else:
+            guide = _kl_rows(student_logp, prompted_logp)
+        if with_reg:
+            reg = _kl_rows(prompted_logp, F.log_softmax(_select(base, keep), dim=-1))
+        else:
+            reg = torch.zeros((), dtype=torch.float32, device=guide.device)
+        return torch.stack([guide, reg])
+
+    return chunk
+
+
+def prompt_loss(
+    prompted_teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    base_teacher_logits: torch.Tensor | None,
+    mask: torch.Tensor,
+    reg_weight: float,
+    guidance: str = "teacher_student",
+    chunk_size: int | None = None,
+) -> PromptLoss:
+    """PromptKD prompt objective: guidance + reg_weight * KL(p_T^theta || p_T).
+
+    guidance "teacher_student" is KL(p_T^theta || p_S) (paper default);
+    "student_teacher" is KL(p_S || p_T^theta). All logits [B, T, V], mask [B, T].
+    Student and plain-teacher logits are detached: only the prompt is trained here.
+    With reg_weight == 0 the regularizer is not computed and reported as 0, and
+    base_teacher_logits may be None (the plain-teacher forward can be skipped).
+    """
+    if guidance not in GUIDANCE_CHOICES:
+        raise ValueError(f"guidance must be one of {GUIDANCE_CHOICES}, got {guidance!r}")
+    student = student_logits.detach()
+    with_reg = reg_weight != 0
+    if with_reg and base_teacher_logits is None:
+        raise ValueError("prompt_loss: base_teacher_logits is required when reg_weight != 0")
+    # Without the regularizer the base logits are never read; the student tensor
+    # is a shape-compatible stand-in so the chunk driver needs no special case.
+    base = student if base_teacher_logits is None or not with_reg else base_teacher_logits.detach()
+    _check_shapes([prompted_teacher_logits, student, base], mask)
+    parts = _run_chunked(
+        _make_prompt_chunk(guidance, with_reg),
+        [prompted_teacher_logits, student, base],
+        mask,
+        chunk_size,
+    )
+    guide, reg = parts[0], parts[1]
+    total = guide + reg_weight * reg if with_reg else guide
+    return PromptLoss(
+        total=total,
+        guidance=guide.detach(),
+        regularizer=reg.detach(),
+        n_tokens=_n_tokens(mask),
+    )
+
+
+def regularizer_weight(step: int, total_steps: int, schedule: str, constant: float = 1.0) -> float:
+    """Weight w(t) of the prompt regularizer.
+
+    "linear": 1 - step/total_steps clamped at >= 0 (paper); "constant": ``constant``;
+    "off": 0.0.
+    """
+    if schedule == "linear":
+        if total_steps <= 0:
+            raise ValueError(
+                f"linear regularizer schedule needs total_steps > 0, got {total_steps}"
+            )
+        return max(0.0, 1.0 - step / total_steps)
+    if schedule == "constant":
+        return float(constant)
+    if schedule == "off":
+        return 0.0
+    raise ValueError(
+        f"unknown regularizer schedule {schedule!r}; expected one of {SCHEDULE_CHOICES}"
+    )

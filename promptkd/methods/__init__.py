@@ -1,0 +1,16 @@
+"""Training methods, one small module each, chosen with ``method.name``."""
+from __future__ import annotations
+
+from promptkd.methods.base import Method, StepContext
+from promptkd.methods.kd import KD
+from promptkd.methods.promptkd import RKL, PromptKD
+from promptkd.methods.sft import SFT
+
+METHODS: dict[str, type[Method]] = {"sft": SFT, "kd": KD, "promptkd": PromptKD, "rkl": RKL}
+
+
+def build_method(name: str, ctx: StepContext) -> Method:
+    return METHODS[name](ctx)
+
+
+__all__ = ["METHODS", "Method", "StepContext", "build_method"]

@@ -1,0 +1,138 @@
+"""What every method shares: the step context and the global-token normalisation.
+
+A method computes one optimizer step from ``grad_accum`` micro-batches. Every
+loss is ``sum over tokens / N``, where N is the number of loss tokens of the
+whole optimizer step on *all* ranks; the trainer never averages per micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from promptkd import distributed as dist
+from promptkd.config import Config
+from promptkd.data import TokenizedExample, collate_full, collate_prompts
+from promptkd.metrics import PhaseTimer
+from promptkd.rollout import Rollout, SamplingParams, generate, hf_step_fn, position_ids
+
+MicroBatch = list[TokenizedExample]
+
+
+@dataclass
+class StepContext:
+    """Everything a method's step needs; built once by the trainer."""
+
+    cfg: Config
+    engine: Any                      # DeepSpeed engine of the student
+    pad_id: int
+    eos_id: int
+    vocab_size: int                  # tokenizer size: logits beyond it are padding
+    total_steps: int
+    teacher: Optional[torch.nn.Module] = None       # PromptedTeacher
+    prompt_optimizer: Optional[torch.optim.Optimizer] = None
+    prompt_scheduler: Optional[Any] = None
+    generator: Optional[torch.Generator] = None      # rollout sampling
+    sync_rollout: bool = False       # ZeRO-3 student: decode steps must match across ranks
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+    @property
+    def chunk(self) -> Optional[int]:
+        return self.cfg.method.loss_chunk_size or None
+
+    @property
+    def device(self) -> torch.device:
+        return dist.device()
+
+
+class Method:
+    """Base class: subclasses implement ``train_step``."""
+
+    uses_teacher = False
+    trains_prompt = False
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    dev = dist.device()
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def full_batches(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[dict[str, torch.Tensor]]:
+    """Right-padded prompt+response tensors with their response-token masks."""
+    return [to_device(collate_full(mb, ctx.pad_id)) for mb in micro_batches]
+
+
+def global_tokens(masks: list[torch.Tensor]) -> float:
+    """Loss tokens of the whole optimizer step over all ranks (shifted masks)."""
+    local = sum(float(m[:, 1:].sum()) for m in masks)
+    return float(dist.all_reduce_sum(local))
+
+
+def lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Next-token logits [B, T-1, V'] of an HF model (V' = tokenizer size)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=False)
+    return out.logits[:, :-1, :vocab_size]
+
+
+def teacher_logits(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   vocab_size: int, use_prompt: bool) -> torch.Tensor:
+    logits, _ = teacher(input_ids, attention_mask, use_prompt=use_prompt)
+    return logits[:, :-1, :vocab_size]
+
+
+def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: float) -> None:
+    """Backward + (boundary-aware) step through DeepSpeed with global normalisation.
+
+    DeepSpeed averages gradients over data-parallel ranks, so each rank's loss
+    is scaled by the world size; gradient-accumulation scaling is turned off.
+    """
+    scale = dist.world_size() / max(n_global, 1.0)
+    ctx.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+    ctx.engine.step()
+
+
+def rollout_params(cfg: Config) -> SamplingParams:
+    from promptkd.config import max_new_tokens
+
+    r = cfg.rollout
+    return SamplingParams(max_new_tokens=max_new_tokens(cfg), do_sample=True, temperature=r.temperature,
+                          top_p=r.top_p, top_k=r.top_k)
+
+
+def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
+    """Student samples y ~ p_S(.|x) in eval mode, no grad, with the KV cache."""
+    module = ctx.engine.module
+    was_training = module.training
+    module.eval()
+    prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
+    try:
+        return generate(hf_step_fn(module), prompts["input_ids"], prompts["attention_mask"],
+                        rollout_params(ctx.cfg), ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                        generator=ctx.generator, sync=ctx.sync_rollout)
+    finally:
+        module.train(was_training)
+
+
+def lr_of(optimizer: Optional[torch.optim.Optimizer]) -> float:
+    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else 0.0
+
+
+def global_mean(local_sum: float, n_global: float) -> float:
+    """A per-token mean over every rank, for logging."""
+    return float(dist.all_reduce_sum(local_sum)) / max(n_global, 1.0)

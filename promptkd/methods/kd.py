@@ -1,0 +1,37 @@
+"""KD: token-level forward KL(p_T || p_S) on ground truth, optionally mixed with CE."""
+from __future__ import annotations
+
+import torch
+
+from promptkd.losses import cross_entropy, forward_kl
+from promptkd.methods.base import (Method, MicroBatch, full_batches, global_mean, global_tokens, lm_logits,
+                                   student_backward, teacher_logits)
+
+
+class KD(Method):
+    uses_teacher = True
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+        ctx = self.ctx
+        w_ce = ctx.cfg.method.kd_ce_weight
+        batches = full_batches(ctx, micro_batches)
+        n_global = global_tokens([b["loss_mask"] for b in batches])
+        fkl_total = ce_total = 0.0
+        with ctx.timer.phase("student_step"):
+            for b in batches:
+                ids, attn, mask = b["input_ids"], b["attention_mask"], b["loss_mask"][:, 1:]
+                with torch.no_grad():
+                    t_logits = teacher_logits(ctx.teacher, ids, attn, ctx.vocab_size, use_prompt=False)
+                s_logits = lm_logits(ctx.engine, ids, attn, ctx.vocab_size)
+                fkl, _ = forward_kl(t_logits, s_logits, mask, chunk_size=ctx.chunk)
+                loss = (1.0 - w_ce) * fkl
+                if w_ce > 0:
+                    ce, _ = cross_entropy(s_logits, ids[:, 1:], mask, chunk_size=ctx.chunk)
+                    loss = loss + w_ce * ce
+                    ce_total += float(ce.detach())
+                student_backward(ctx, loss, n_global)
+                fkl_total += float(fkl.detach())
+        out = {"loss/fkl": global_mean(fkl_total, n_global), "tokens": n_global}
+        if w_ce > 0:
+            out["loss/ce"] = global_mean(ce_total, n_global)
+        return out

@@ -1,0 +1,106 @@
+"""PromptKD (and its zero-prompt ablation, plain on-policy reverse KL).
+
+One iteration, exactly as DESIGN.md §1:
+1. rollout: the student samples y ~ p_S(.|x) (eval mode, no grad, KV cache);
+2. prompt update: L = guidance + w(t) · KL(p_T^θ ‖ p_T), only θ trains;
+3. student update: KL(p_S ‖ p_T^θ) with the just-updated prompt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from promptkd import distributed as dist
+from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
+from promptkd.methods.base import (Method, MicroBatch, global_mean, global_tokens, lm_logits, lr_of,
+                                   student_backward, student_rollout, teacher_logits)
+from promptkd.rollout import Rollout
+
+
+class PromptKD(Method):
+    uses_teacher = True
+    trains_prompt = True
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+        ctx = self.ctx
+        with ctx.timer.phase("rollout"):
+            rollouts = [student_rollout(ctx, mb) for mb in micro_batches]
+        n_global = global_tokens([r.loss_mask for r in rollouts])
+        metrics = {"tokens": n_global, "rollout/mean_response_len": n_global / max(1.0, float(
+            dist.all_reduce_sum(sum(r.input_ids.shape[0] for r in rollouts))))}
+        if self.uses_prompt():
+            with ctx.timer.phase("prompt_step"):
+                metrics.update(self.prompt_update(rollouts, n_global, step))
+        with ctx.timer.phase("student_step"):
+            metrics.update(self.student_update(rollouts, n_global))
+        self.last_rollouts = rollouts
+        return metrics
+
+    def uses_prompt(self) -> bool:
+        return self.ctx.teacher is not None and self.ctx.teacher.prompt_length > 0
+
+    # ------------------------------------------------------------------ phase 2
+    def prompt_update(self, rollouts: list[Rollout], n_global: float, step: int) -> dict[str, float]:
+        ctx, m = self.ctx, self.ctx.cfg.method
+        w = regularizer_weight(step, ctx.total_steps, m.reg_schedule, m.reg_weight)
+        opt = ctx.prompt_optimizer
+        opt.zero_grad(set_to_none=True)
+        sums = {"guidance": 0.0, "regularizer": 0.0, "total": 0.0}
+        for r in rollouts:
+            mask = r.loss_mask[:, 1:]
+            with torch.no_grad():
+                s_logits = lm_logits(ctx.engine.module, r.input_ids, r.attention_mask, ctx.vocab_size)
+                base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt=False)
+                        if w > 0 else None)
+            prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt=True)
+            pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
+                             reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
+            (pl.total / max(n_global, 1.0)).backward()
+            for key in sums:
+                sums[key] += float(getattr(pl, key).detach())
+        grad_norm = self.reduce_and_step_prompt()
+        return {"prompt/loss": global_mean(sums["total"], n_global),
+                "prompt/guidance_kl": global_mean(sums["guidance"], n_global),
+                "prompt/reg_kl": global_mean(sums["regularizer"], n_global),
+                "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": lr_of(opt)}
+
+    def reduce_and_step_prompt(self) -> float:
+        """Sum the (globally normalised) prompt grads over ranks, clip, step."""
+        ctx = self.ctx
+        prompt = ctx.teacher.prompt
+        if prompt.grad is None:
+            prompt.grad = torch.zeros_like(prompt)
+        dist.all_reduce_tensors_([prompt.grad])
+        clip = ctx.cfg.train.grad_clip
+        norm = float(torch.nn.utils.clip_grad_norm_([prompt], clip if clip > 0 else float("inf")))
+        if math.isfinite(norm):  # identical on every rank after the all-reduce
+            ctx.prompt_optimizer.step()
+        ctx.prompt_optimizer.zero_grad(set_to_none=True)
+        if ctx.prompt_scheduler is not None:
+            ctx.prompt_scheduler.step()
+        return norm
+
+    # ------------------------------------------------------------------ phase 3
+    def student_update(self, rollouts: list[Rollout], n_global: float) -> dict[str, float]:
+        ctx = self.ctx
+        use_prompt = self.uses_prompt()
+        total = 0.0
+        for r in rollouts:
+            mask = r.loss_mask[:, 1:]
+            with torch.no_grad():
+                t_logits = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt)
+            s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size)
+            rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
+            student_backward(ctx, rkl, n_global)
+            total += float(rkl.detach())
+        return {"loss/rkl": global_mean(total, n_global)}
+
+
+class RKL(PromptKD):
+    """Plain on-policy reverse KL: PromptKD with no prompt (the ablation)."""
+
+    trains_prompt = False
+
+    def uses_prompt(self) -> bool:
+        return False

@@ -1,0 +1,19 @@
+"""Model construction and the prompted teacher."""
+
+from promptkd.models.loading import build_tiny, check_vocab, load_pretrained
+from promptkd.models.prompted_teacher import (
+    PROMPT_META,
+    PROMPT_WEIGHTS,
+    PromptedTeacher,
+    load_prompt,
+)
+
+__all__ = [
+    "PROMPT_META",
+    "PROMPT_WEIGHTS",
+    "PromptedTeacher",
+    "build_tiny",
+    "check_vocab",
+    "load_pretrained",
+    "load_prompt",
+]

@@ -1,0 +1,154 @@
+"""Model construction: HF checkpoints, tiny models from config, vocab checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+TINY_ARCHS = ("llama", "gpt2")
+
+
+def _llama_config(
+    layers: int,
+    hidden: int,
+    heads: int,
+    vocab_size: int,
+    max_positions: int,
+    intermediate: int,
+    special: dict[str, int | None],
+) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        # Llama's own ratio is ~8/3 with SwiGLU; 4x keeps tiny models from being
+        # MLP-starved and the exact value does not matter for tests.
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        **special,
+    )
+
+
+def _gpt2_config(
+    layers: int,
+    hidden: int,
+    heads: int,
+    vocab_size: int,
+    max_positions: int,
+    intermediate: int,
+    special: dict[str, int | None],
+) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        n_inner=intermediate or None,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+        **special,
+    )
+
+
+def build_tiny(
+    arch: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    vocab_size: int,
+    max_positions: int = 512,
+    intermediate: int = 0,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> PreTrainedModel:
+    """Randomly initialised causal LM from config (no hub access), dropout 0.
+
+    arch: "llama" or "gpt2". intermediate=0 picks the architecture default
+    (4 * hidden). Special token ids are written to the config so generation
+    and padding logic see the tokenizer's ids, not the hub defaults (GPT-2's
+    50256 would be outside a tiny vocab).
+    """
+    builders = {"llama": _llama_config, "gpt2": _gpt2_config}
+    if arch not in builders:
+        raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {TINY_ARCHS}")
+    special = {
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+    config = builders[arch](layers, hidden, heads, vocab_size, max_positions, intermediate, special)
+    model = AutoModelForCausalLM.from_config(config)
+    logger.info(
+        "built tiny %s: %d layers, hidden %d, vocab %d, %.2fM params",
+        arch, layers, hidden, vocab_size, sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return model
+
+
+def _looks_local(path_or_id: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a directory,
+    # and a missing directory should fail here rather than as a hub lookup.
+    return (
+        path_or_id.startswith(("/", ".", "~"))
+        or path_or_id.count("/") > 1
+        or os.path.exists(os.path.expanduser(path_or_id))
+    )
+
+
+def load_pretrained(path_or_id: str, dtype: torch.dtype) -> PreTrainedModel:
+    """Load a causal LM from a local directory or hub id in ``dtype``.
+
+    Raises ValueError("model.path: cannot load ...") naming the path on any
+    failure, so a config typo reads as a config error.
+    """
+    expanded = os.path.expanduser(path_or_id)
+    if _looks_local(path_or_id) and not os.path.isdir(expanded):
+        raise ValueError(f"model.path: cannot load '{path_or_id}': no such directory")
+    try:
+        # transformers 5 takes dtype=; torch_dtype= is deprecated there.
+        model = AutoModelForCausalLM.from_pretrained(expanded, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"model.path: cannot load '{path_or_id}': {exc}") from exc
+    logger.info("loaded %s (%s) in %s", path_or_id, type(model).__name__, dtype)
+    return model
+
+
+def check_vocab(tokenizer_len: int, teacher_vocab: int, student_vocab: int) -> int:
+    """Check both models cover the tokenizer; return the usable vocab size.
+
+    Models may pad their embedding matrix beyond the tokenizer (e.g. to a
+    multiple of 64); callers slice logits ``[..., :n]`` with the returned n so
+    teacher and student distributions live on the same support.
+    """
+    if tokenizer_len <= 0:
+        raise ValueError(f"tokenizer length must be positive, got {tokenizer_len}")
+    short = {
+        name: size
+        for name, size in (("teacher", teacher_vocab), ("student", student_vocab))
+        if size < tokenizer_len
+    }
+    if short:
+        raise ValueError(
+            f"vocab mismatch: tokenizer has {tokenizer_len} tokens but teacher vocab is "
+            f"{teacher_vocab} and student vocab is {student_vocab} "
+            f"({', '.join(short)} too small); teacher and student must share the tokenizer"
+        )
+    if teacher_vocab != student_vocab:
+        logger.info(
+            "teacher vocab %d != student vocab %d; logits are sliced to the tokenizer's %d",
+            teacher_vocab, student_vocab, tokenizer_len,
+        )
+    return tokenizer_len

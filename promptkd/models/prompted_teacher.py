@@ -1,0 +1,262 @@
+"""The frozen teacher with a trainable soft prompt prepended to its input embeddings.
+
+``PromptedTeacher`` wraps any HF causal LM (Llama, GPT-2, OPT, ...) that accepts
+``inputs_embeds`` and ``position_ids``. The base weights are frozen and kept in
+eval mode; the prompt ``theta [P, d]`` is the only trainable parameter and is
+held in fp32 (master weights), cast to the base dtype on every forward so its
+gradient still lands on the fp32 tensor.
+
+Incremental decoding with a KV cache
+------------------------------------
+The caller always reasons about *real* tokens only: ``attention_mask`` covers the
+tokens seen so far, including the new ones, and never the prompt. The prompt
+enters the cache on the first call (``past_key_values=None``, ``use_prompt=True``,
+``use_cache=True``). On every later call the caller passes the returned cache,
+only the new ``input_ids``, the grown ``attention_mask`` and the *same*
+``use_prompt`` as on the first call; the wrapper prepends the P prompt columns
+to the mask itself. The cache length is checked against that arithmetic
+(``cache_len + n_new == P_or_0 + mask_len``), so a mismatched ``use_prompt`` or a
+mask that forgot a column raises instead of silently shifting positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+PROMPT_WEIGHTS = "teacher_prompt.safetensors"
+PROMPT_META = "teacher_prompt.json"
+INIT_CHOICES = ("text", "random")
+
+
+@contextlib.contextmanager
+def _gathered(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Full view of a possibly ZeRO-3 partitioned weight (read-only use)."""
+    if hasattr(weight, "ds_id"):
+        import deepspeed  # only needed when the teacher is partitioned
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            yield weight
+    else:
+        yield weight
+
+
+def _cast_params(module: nn.Module, dtype: torch.dtype) -> None:
+    # Parameters only: buffers such as RoPE inv_freq stay fp32, as they do when
+    # HF loads a checkpoint with dtype=, so positions keep full precision.
+    # ZeRO-3 partitioned weights (ds_id) hold only a shard in .data; their dtype
+    # is fixed when the model is built under HfDeepSpeedConfig, so leave them be.
+    for param in module.parameters():
+        if hasattr(param, "ds_id"):
+            continue
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int) -> torch.Tensor:
+    if tokenizer is None:
+        raise ValueError("prompt init 'text' needs a tokenizer (or use init='random')")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"prompt init text {text!r} tokenizes to no tokens")
+    # Repeat the text's tokens until P rows exist, then cut (paper behaviour).
+    ids = (ids * (length // len(ids) + 1))[:length]
+    with _gathered(embedding.weight) as weight:
+        index = torch.tensor(ids, dtype=torch.long, device=weight.device)
+        return weight.detach()[index].to(torch.float32).clone()
+
+
+def _random_init(embedding: nn.Embedding, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    with _gathered(embedding.weight) as weight:
+        std = weight.detach().to(torch.float32).std().item()
+        device = weight.device
+    rows = torch.randn(length, embedding.embedding_dim, generator=generator) * std
+    return rows.to(device)
+
+
+def _output_cache(output: Any) -> Any:
+    # transformers 5 renamed the output field to `cache`; 4.x calls it past_key_values.
+    # Reading the old name on 5.x logs a deprecation warning, so test the new one first.
+    if hasattr(output, "cache"):
+        return output.cache
+    return getattr(output, "past_key_values", None)
+
+
+class PromptedTeacher(nn.Module):
+    """Frozen teacher ``p_T`` plus soft prompt ``theta``: computes ``p_T^theta``.
+
+    Args:
+        base: HF causal LM; cast to ``dtype``, frozen and put in eval mode in place.
+        prompt_length: P (0 allowed: the forward then equals the base model).
+        init: "text" (rows of the base input embedding for ``init_text``'s tokens,
+            repeated or cut to P) or "random" (normal with the embedding's std,
+            seeded by ``seed``, identical on every rank).
+        tokenizer: callable HF tokenizer; required for init="text".
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        prompt_length: int = 7,
+        init: str = "text",
+        init_text: str = "Suppose you are a student.",
+        tokenizer: Any = None,
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompt_length < 0:
+            raise ValueError(f"prompt_length must be >= 0, got {prompt_length}")
+        if init not in INIT_CHOICES:
+            raise ValueError(f"unknown prompt init {init!r}; expected one of {INIT_CHOICES}")
+        _cast_params(base, dtype)
+        base.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.prompt_length = prompt_length
+        self.init = init
+        self.init_text = init_text
+        self.compute_dtype = dtype
+        embedding = base.get_input_embeddings()
+        if prompt_length > 0 and init == "text":
+            rows = _text_init(embedding, tokenizer, init_text, prompt_length)
+        else:
+            rows = _random_init(embedding, prompt_length, seed)
+        self.prompt = nn.Parameter(rows)
+        params = inspect.signature(base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.prompt.shape[1])
+
+    def train(self, mode: bool = True) -> "PromptedTeacher":
+        # The teacher never trains its weights, and dropout in it would make the
+        # prompt's target noisy; only the flag on this wrapper follows `mode`.
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        use_prompt: bool = True,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits of the (optionally prompted) teacher for the given tokens.
+
+        input_ids: [B, n] new tokens (all tokens when there is no cache).
+        attention_mask: [B, seen] over real tokens seen so far *including* the
+            n new ones, excluding the prompt (left padding allowed).
+        Returns (logits [B, n, V] for the new tokens only, cache or None).
+        See the module docstring for the cache protocol.
+        """
+        prefix = self.prompt_length if use_prompt else 0
+        n_new = input_ids.shape[1]
+        embeds = self.base.get_input_embeddings()(input_ids)
+        if past_key_values is None and prefix > 0:
+            # .to() keeps the graph to the fp32 master prompt.
+            prompt = self.prompt.to(embeds.dtype).unsqueeze(0)
+            embeds = torch.cat([prompt.expand(embeds.shape[0], -1, -1), embeds], dim=1)
+        full_mask = self._full_mask(attention_mask, prefix)
+        self._check_cache(past_key_values, embeds.shape[1], full_mask.shape[1], prefix)
+        # Positions count real (and prompt) tokens only, so left padding does not
+        # shift them: the first real token sits at P in every row.
+        positions = (full_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
+        output = self.base(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            position_ids=positions,
+            use_cache=use_cache,
+            **{self._cache_kwarg: past_key_values},
+        )
+        return output.logits[:, -n_new:], _output_cache(output)
+
+    @torch.no_grad()
+    def base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Plain teacher ``p_T`` logits [B, T, V] (the regularizer's reference)."""
+        return self.forward(input_ids, attention_mask, use_prompt=False)[0]
+
+    @staticmethod
+    def _full_mask(attention_mask: torch.Tensor, prefix: int) -> torch.Tensor:
+        mask = attention_mask.to(torch.long)
+        if prefix == 0:
+            return mask
+        ones = torch.ones(mask.shape[0], prefix, dtype=mask.dtype, device=mask.device)
+        return torch.cat([ones, mask], dim=1)
+
+    @staticmethod
+    def _check_cache(cache: Any, n_inputs: int, mask_len: int, prefix: int) -> None:
+        cached = 0 if cache is None else int(cache.get_seq_length())
+        if cached + n_inputs != mask_len:
+            raise ValueError(
+                f"PromptedTeacher: cache holds {cached} positions and {n_inputs} new ones arrive, "
+                f"but the attention mask plus {prefix} prompt positions covers {mask_len}. "
+                "Pass the mask of all real tokens so far (new ones included, prompt excluded) "
+                "and the same use_prompt as when the cache was started."
+            )
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        return {"prompt": self.prompt.detach().clone()}
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        prompt = state["prompt"]
+        if prompt.shape != self.prompt.shape:
+            raise ValueError(
+                f"prompt shape {tuple(prompt.shape)} does not match this teacher's "
+                f"{tuple(self.prompt.shape)} (prompt_length, hidden size)"
+            )
+        with torch.no_grad():
+            self.prompt.copy_(prompt.to(device=self.prompt.device, dtype=self.prompt.dtype))
+
+    def save_prompt(self, path_dir: str, teacher_id: str) -> None:
+        """Write teacher_prompt.safetensors (key "prompt", fp32) and teacher_prompt.json."""
+        os.makedirs(path_dir, exist_ok=True)
+        meta = {
+            "prompt_length": self.prompt_length,
+            "init": self.init,
+            "init_text": self.init_text,
+            "teacher": teacher_id,
+            "hidden_size": self.hidden_size,
+        }
+        weights = os.path.join(path_dir, PROMPT_WEIGHTS)
+        # Write then rename so an interrupted save never leaves a torn file.
+        save_file({"prompt": self.prompt.detach().float().cpu().contiguous()}, weights + ".tmp")
+        os.replace(weights + ".tmp", weights)
+        meta_path = os.path.join(path_dir, PROMPT_META)
+        with open(meta_path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=2)
+        os.replace(meta_path + ".tmp", meta_path)
+
+
+def load_prompt(path_dir: str) -> torch.Tensor:
+    """Read the fp32 prompt [P, d] written by ``PromptedTeacher.save_prompt``."""
+    weights = os.path.join(path_dir, PROMPT_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise ValueError(f"no {PROMPT_WEIGHTS} in '{path_dir}'")
+    prompt = load_file(weights)["prompt"]
+    meta_path = os.path.join(path_dir, PROMPT_META)
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        expected = (meta.get("prompt_length"), meta.get("hidden_size"))
+        if tuple(prompt.shape) != expected:
+            raise ValueError(
+                f"{PROMPT_WEIGHTS} has shape {tuple(prompt.shape)} "
+                f"but {PROMPT_META} says {expected}"
+            )
+    return prompt

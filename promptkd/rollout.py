@@ -1,0 +1,185 @@
+"""Sampling with a KV cache, rank-synchronous stopping, EOS forcing and loss masks.
+
+One decode loop serves student rollouts, teacher sampling and evaluation. The
+model is reached through a *step function* ``(ids, mask, past) -> (logits of
+the last position [B, V], past)``, so plain HF models and the prompted teacher
+share the loop.
+
+Under ZeRO-3 every forward is a collective: every rank must take the same
+number of decode steps. ``sync=True`` keeps a rank stepping (on padding) until
+an all-reduce says every rank is done; ranks still stop as soon as they all are.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from promptkd import distributed as dist
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class Rollout:
+    """Left-padded prompt followed by the right-padded response.
+
+    input_ids / attention_mask / loss_mask: [B, Tp + Tr]. loss_mask is 1 on the
+    response tokens up to and including the first EOS.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    prompt_len: int
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.loss_mask[:, self.prompt_len:].sum(-1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: real tokens are numbered 0, 1, ..."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.x renamed past_key_values to cache (the old name warns)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def hf_step_fn(model: torch.nn.Module) -> StepFn:
+    """Step function for a Hugging Face causal LM (a DeepSpeed engine's module too)."""
+    kwarg = _cache_kwarg(model)
+
+    def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+        pos = position_ids(mask)[:, -ids.shape[1]:]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kwarg: past})
+        return out.logits[:, -1], _output_cache(out)
+
+    return step
+
+
+def teacher_step_fn(teacher: torch.nn.Module, use_prompt: bool) -> StepFn:
+    """Step function for a PromptedTeacher (the prompt sits in the cache after the first step)."""
+
+    def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+        logits, cache = teacher(ids, mask, use_prompt=use_prompt, past_key_values=past, use_cache=True)
+        return logits[:, -1], cache
+
+    return step
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering on fp32 logits [B, V]; removed entries become -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        remove_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def banned_ngram_tokens(seqs: list[list[int]], n: int) -> list[set[int]]:
+    """Tokens that would repeat an n-gram already present in each sequence."""
+    out = []
+    for seq in seqs:
+        banned: set[int] = set()
+        if n > 0 and len(seq) >= n:
+            prefix = tuple(seq[len(seq) - n + 1:])
+            for i in range(len(seq) - n + 1):
+                if tuple(seq[i:i + n - 1]) == prefix:
+                    banned.add(seq[i + n - 1])
+        out.append(banned)
+    return out
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
+                  history: Optional[list[list[int]]] = None) -> torch.Tensor:
+    """Next token per row from fp32 logits [B, V]."""
+    if params.no_repeat_ngram_size > 0 and history is not None:
+        for row, banned in enumerate(banned_ngram_tokens(history, params.no_repeat_ngram_size)):
+            if banned:
+                logits[row, list(banned)] = float("-inf")
+    if not params.do_sample:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int,
+             generator: Optional[torch.Generator] = None, sync: bool = False,
+             force_eos: bool = True) -> Rollout:
+    """Decode from left-padded prompts [B, Tp]; returns the prompts with their responses.
+
+    vocab_size: sample only among the tokenizer's tokens (model vocabularies may be padded).
+    """
+    batch, prompt_len = input_ids.shape
+    mask = attention_mask.long()
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    history = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)] if params.no_repeat_ngram_size else None
+    tokens, keep = [], []
+    cur, past = input_ids, None
+    for _ in range(params.max_new_tokens):
+        logits, past = step_fn(cur, mask, past)
+        nxt = choose_tokens(logits[:, :vocab_size].float(), params, generator, history)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        keep.append((~finished).long())
+        tokens.append(nxt)
+        if history is not None:
+            for row, tok in enumerate(nxt.tolist()):
+                history[row].append(tok)
+        finished = finished | (nxt == eos_id)
+        mask = torch.cat([mask, keep[-1][:, None]], dim=1)
+        cur = nxt[:, None]
+        done = bool(finished.all())
+        if dist.all_true(done) if sync else done:
+            break
+    return _assemble(input_ids, attention_mask, tokens, keep, finished, eos_id, prompt_len, force_eos)
+
+
+def _assemble(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: list[torch.Tensor],
+              keep: list[torch.Tensor], finished: torch.Tensor, eos_id: int, prompt_len: int,
+              force_eos: bool) -> Rollout:
+    if not tokens:
+        return Rollout(input_ids, attention_mask.long(), torch.zeros_like(attention_mask.long()), prompt_len)
+    resp = torch.stack(tokens, dim=1)
+    resp_mask = torch.stack(keep, dim=1)
+    if force_eos:
+        # An unfinished row ends on EOS: the last token it kept becomes EOS.
+        last = resp_mask.sum(-1) - 1
+        rows = torch.nonzero(~finished & (last >= 0)).squeeze(-1)
+        resp[rows, last[rows]] = eos_id
+    full_ids = torch.cat([input_ids, resp], dim=1)
+    full_mask = torch.cat([attention_mask.long(), resp_mask], dim=1)
+    loss_mask = torch.cat([torch.zeros_like(attention_mask.long()), resp_mask], dim=1)
+    return Rollout(full_ids, full_mask, loss_mask, prompt_len)

@@ -1,0 +1,243 @@
+"""What the launcher runs: ``train``, ``eval`` and the quickstart ``pipeline``."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+
+from promptkd import checkpoint
+from promptkd import distributed as dist
+from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
+                               example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
+from promptkd.config import Config, ConfigError, to_yaml, with_overrides, zero_stage
+from promptkd.data import load_examples, load_tokenizer, make_synthetic_splits, tokenize_examples
+from promptkd.evaluation import Generator, evaluate, results_table, write_results
+from promptkd.methods import METHODS, StepContext, build_method
+from promptkd.metrics import MetricsLogger
+from promptkd.models import PromptedTeacher, load_pretrained
+from promptkd.models.prompted_teacher import load_prompt
+from promptkd.rollout import hf_step_fn, teacher_step_fn
+from promptkd.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def write_config(cfg: Config, run_dir: str) -> None:
+    if dist.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = os.path.join(run_dir, "config.yaml.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(to_yaml(cfg))
+        os.replace(tmp, os.path.join(run_dir, "config.yaml"))
+    dist.barrier()
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def student_generator(engine: Any, tokenizer: Any, vocab: int) -> Generator:
+    zero3 = engine.zero_optimization_stage() == 3
+    return Generator(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
+
+
+def _dev_eval_fn(cfg: Config, engine: Any, tokenizer: Any, vocab: int, dev: list):
+    # Dev selection uses greedy decoding: one deterministic number per check.
+    ev = dataclasses.replace(cfg.eval, do_sample=False, seeds=cfg.eval.seeds[:1])
+
+    def run(step: int) -> dict[str, float]:
+        module = engine.module
+        module.eval()
+        try:
+            res = evaluate(student_generator(engine, tokenizer, vocab), tokenizer, dev, ev)
+        finally:
+            module.train()
+        return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
+
+    return run
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    """Train the student with ``cfg.method``; checkpoint, export, evaluate on the test split."""
+    _seed_everything(cfg.seed)
+    run_dir = cfg.output.dir
+    write_config(cfg, run_dir)
+    raw = load_raw_splits(cfg)
+    tokenizer = build_tokenizer(cfg, run_dir, example_texts(raw[0]))
+    splits = tokenize_splits(cfg, tokenizer, raw)
+    total = steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
+    method_cls = METHODS[cfg.method.name]
+    teacher = build_teacher(cfg, tokenizer, use_prompt=method_cls.trains_prompt) if method_cls.uses_teacher else None
+    engine, ds_config = build_student_engine(cfg, tokenizer, total)
+    vocab = vocab_size(tokenizer, teacher, engine.module)
+    prompt_opt = prompt_sched = None
+    if teacher is not None and method_cls.trains_prompt and teacher.prompt_length > 0:
+        prompt_opt, prompt_sched = build_prompt_optimizer(cfg, teacher, total)
+    ctx = StepContext(cfg=cfg, engine=engine, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                      vocab_size=vocab, total_steps=total, teacher=teacher, prompt_optimizer=prompt_opt,
+                      prompt_scheduler=prompt_sched,
+                      generator=torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank()),
+                      sync_rollout=zero_stage(ds_config) == 3)
+    logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
+    trainer = Trainer(cfg, run_dir, build_method(cfg.method.name, ctx), splits.train, total, logger,
+                      dev_eval=_dev_eval_fn(cfg, engine, tokenizer, vocab, splits.dev) if splits.dev else None,
+                      tokenizer=tokenizer)
+    _maybe_resume(cfg, trainer)
+    log.info("%s: %d train / %d dev / %d test examples, %d optimizer steps, world size %d, ZeRO-%d",
+             cfg.method.name, len(splits.train), len(splits.dev), len(splits.test), total, dist.world_size(),
+             zero_stage(ds_config))
+    trainer.run()
+    trainer.save()
+    summary: dict[str, Any] = {"steps": trainer.state.step}
+    if splits.dev:
+        summary["dev_rougeL"] = trainer.run_dev_eval()
+    if cfg.output.export:
+        _export(cfg, run_dir, engine, tokenizer, teacher if prompt_opt is not None else None)
+    if splits.test:
+        res = evaluate(student_generator(engine, tokenizer, vocab), tokenizer, splits.test, cfg.eval)
+        write_results(os.path.join(run_dir, "eval"), {"student": res}, splits.test)
+        logger.scalars(trainer.state.step, {"test/rougeL": res["rougeL"], "test/exact_match": res["exact_match"]})
+        summary["test_rougeL"] = res["rougeL"]
+    logger.close()
+    return summary
+
+
+def _maybe_resume(cfg: Config, trainer: Trainer) -> None:
+    if not cfg.output.resume:
+        return
+    path = checkpoint.latest(cfg.output.dir) if cfg.output.resume == "auto" else cfg.output.resume
+    if path is None:
+        log.info("resume=auto: no complete checkpoint in %s, starting fresh", cfg.output.dir)
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(f"output.resume: no checkpoint at {path}")
+    trainer.restore(path)
+
+
+def _export(cfg: Config, run_dir: str, engine: Any, tokenizer: Any, teacher: Optional[PromptedTeacher]) -> None:
+    out = os.path.join(run_dir, "export")
+    checkpoint.export_student(engine, tokenizer, out)
+    if teacher is not None and dist.is_main():
+        teacher.save_prompt(out, cfg.model.teacher.path or "tiny-from-config")
+    dist.barrier()
+    log.info("exported student%s to %s", " and teacher prompt" if teacher is not None else "", out)
+
+
+# ----------------------------------------------------------------------------- eval stage
+
+def _eval_examples(cfg: Config, tokenizer: Any) -> list:
+    source = cfg.eval.file or cfg.data.test_file
+    if not source:
+        raise ConfigError("eval.file: nothing to evaluate (set eval.file or data.test_file)")
+    examples, _ = tokenize_examples(load_examples(source, cfg.data.format, split="test"), tokenizer,
+                                    cfg.data.max_prompt_length, cfg.data.max_length)
+    return examples
+
+
+def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Generator:
+    """A replicated HF model (optionally with a learned teacher prompt) ready to decode."""
+    base = load_pretrained(path, dtype).to(dist.device()).eval()
+    vocab = len(tokenizer)
+    if prompt_dir:
+        prompt = load_prompt(prompt_dir)
+        teacher = PromptedTeacher(base, prompt_length=prompt.shape[0], init="random", dtype=dtype)
+        teacher.load_prompt_state({"prompt": prompt})
+        return Generator(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+    return Generator(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+
+
+def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]], tokenizer: Any,
+                    out_dir: str) -> dict[str, Any]:
+    """Evaluate ``{name: (model_dir, prompt_dir, dtype)}`` on the eval split; write results."""
+    examples = _eval_examples(cfg, tokenizer)
+    results = {}
+    for name, (path, prompt_dir, dtype) in models.items():
+        with torch.no_grad():
+            results[name] = evaluate(model_generator(path, tokenizer, dtype, prompt_dir), tokenizer, examples, cfg.eval)
+        log.info("eval %s: ROUGE-L %.2f (n=%d)", name, results[name]["rougeL"], results[name]["n"])
+    write_results(out_dir, results, examples if cfg.eval.max_examples == 0 else examples[:cfg.eval.max_examples])
+    return results
+
+
+def run_eval(cfg: Config) -> dict[str, Any]:
+    _seed_everything(cfg.seed)
+    path = cfg.eval.model_path or os.path.join(cfg.output.dir, "export")
+    if not os.path.isdir(path) and not cfg.eval.model_path:
+        raise ConfigError(f"eval.model_path: no model given and no export at {path}")
+    tokenizer = load_tokenizer(cfg.tokenizer.path or path)
+    name = "prompted_teacher" if cfg.eval.prompt_path else "model"
+    dtype = torch.float32 if not cfg.eval.prompt_path else {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        cfg.model.teacher.dtype]
+    results = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype)}, tokenizer,
+                              os.path.join(cfg.output.dir, "eval"))
+    if dist.is_main():
+        print(results_table(results), flush=True)
+    return {k: v["rougeL"] for k, v in results.items()}
+
+
+# ----------------------------------------------------------------------------- quickstart pipeline
+
+def _prepare_synthetic(cfg: Config, root: str) -> dict[str, str]:
+    s = cfg.data.synthetic
+    data_dir = os.path.join(root, "data")
+    if dist.is_main():
+        make_synthetic_splits(data_dir, s.n_train, s.n_dev, s.n_test, s.seed)
+    dist.barrier()
+    return {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "dev", "test")}
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """Synthetic data -> tokenizer -> SFT teacher -> SFT student -> distill -> evaluate all."""
+    root = cfg.output.dir
+    write_config(cfg, root)
+    files = {"train": cfg.data.train_file, "dev": cfg.data.dev_file, "test": cfg.data.test_file}
+    if cfg.data.synthetic.enabled:
+        files = _prepare_synthetic(cfg, root)
+    base = with_overrides(cfg, {"stage": "train", "data.train_file": files["train"], "data.dev_file": files["dev"],
+                                "data.test_file": "", "data.synthetic.enabled": False})
+    tokenizer = build_tokenizer(base, root, example_texts(load_raw_splits(base)[0]))
+    if base.tokenizer.train:
+        base = with_overrides(base, {"tokenizer.path": os.path.join(root, "tokenizer"), "tokenizer.train": False})
+    p = cfg.pipeline
+    sft = {"method.name": "sft", "optim.student.lr": p.sft_lr, "optim.student.warmup_steps": p.sft_warmup_steps,
+           "eval.dev_interval": 0}
+    teacher_dir, student_dir, distill_dir = (os.path.join(root, d) for d in ("teacher_sft", "student_sft", "distill"))
+    log.info("pipeline 1/4: SFT of the teacher")
+    run_train(with_overrides(base, {**sft, "model.student.init": dataclasses.asdict(cfg.model.teacher.init),
+                                    "train.max_steps": p.teacher_sft_steps, "output.dir": teacher_dir}))
+    log.info("pipeline 2/4: SFT of the student (its initialization)")
+    run_train(with_overrides(base, {**sft, "train.max_steps": p.student_sft_steps, "output.dir": student_dir}))
+    log.info("pipeline 3/4: %s distillation", cfg.method.name)
+    run_train(with_overrides(base, {"model.teacher.path": os.path.join(teacher_dir, "export"),
+                                    "model.student.path": os.path.join(student_dir, "export"),
+                                    "output.dir": distill_dir}))
+    log.info("pipeline 4/4: evaluation")
+    return _pipeline_eval(cfg, base, tokenizer, files["test"], teacher_dir, student_dir, distill_dir)
+
+
+def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, teacher_dir: str, student_dir: str,
+                   distill_dir: str) -> dict[str, Any]:
+    t_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.teacher.dtype]
+    models = {"teacher (SFT)": (os.path.join(teacher_dir, "export"), "", t_dtype),
+              "student (SFT)": (os.path.join(student_dir, "export"), "", torch.float32),
+              f"student ({cfg.method.name})": (os.path.join(distill_dir, "export"), "", torch.float32)}
+    if cfg.method.name == "promptkd" and cfg.model.teacher.prompt_length > 0:
+        models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"),
+                                              os.path.join(distill_dir, "export"), t_dtype)
+    ev_cfg = with_overrides(base, {"eval.file": test_file})
+    results = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))
+    if dist.is_main():
+        print("\n" + results_table(results), flush=True)
+    return {k: v["rougeL"] for k, v in results.items()}
+
+
+STAGES = {"train": run_train, "eval": run_eval, "pipeline": run_pipeline}

@@ -1,0 +1,174 @@
+"""The training loop: micro-batch grouping, cadence of logging / dev eval / checkpoints.
+
+No loss math lives here: a ``Method`` computes each optimizer step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from promptkd import checkpoint
+from promptkd import distributed as dist
+from promptkd.config import Config
+from promptkd.data import ListDataset, TokenizedExample
+from promptkd.methods import Method
+from promptkd.metrics import MetricsLogger, format_scalars
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: saved in checkpoints so a resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0        # micro-batches already consumed in ``epoch``
+    best_dev: Optional[float] = None
+    history: list = field(default_factory=list)
+
+
+class MicroBatches:
+    """Endless, resumable stream of per-rank micro-batches over epochs."""
+
+    def __init__(self, data: list[TokenizedExample], batch_size: int, seed: int, state: LoopState):
+        self.sampler = DistributedSampler(ListDataset(data), num_replicas=dist.world_size(), rank=dist.rank(),
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.loader = DataLoader(ListDataset(data), batch_size=batch_size, sampler=self.sampler,
+                                 collate_fn=list, num_workers=0)
+        self.state = state
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[TokenizedExample]]:
+        while True:
+            self.sampler.set_epoch(self.state.epoch)
+            for i, batch in enumerate(self.loader):
+                if i < self.state.batch_in_epoch:
+                    continue  # resuming mid-epoch
+                self.state.batch_in_epoch = i + 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+
+DevEval = Callable[[int], dict[str, float]]
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    run_dir: str
+    method: Method
+    train_data: list[TokenizedExample]
+    total_steps: int
+    logger: MetricsLogger
+    dev_eval: Optional[DevEval] = None
+    tokenizer: Any = None              # only to log sampled responses as text
+    state: LoopState = field(default_factory=LoopState)
+
+    def run(self) -> LoopState:
+        cfg, ctx = self.cfg, self.method.ctx
+        stream = iter(MicroBatches(self.train_data, cfg.train.micro_batch_size, cfg.seed, self.state))
+        bar = self._progress_bar()
+        while self.state.step < self.total_steps:
+            micro = [next(stream) for _ in range(cfg.train.grad_accum)]
+            start = time.perf_counter()
+            metrics = self.method.train_step(micro, self.state.step)
+            seconds = time.perf_counter() - start
+            self.state.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
+            self._log(metrics, seconds, ctx.timer.pop())
+            self._maybe_dev_eval()
+            if cfg.output.save_interval and self.state.step % cfg.output.save_interval == 0 \
+                    and self.state.step < self.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return self.state
+
+    def _progress_bar(self):
+        if not (self.cfg.logging.progress_bar and dist.is_main()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method.name, dynamic_ncols=True)
+
+    def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float]) -> None:
+        step, ctx = self.state.step, self.method.ctx
+        if step % self.cfg.logging.interval and step != self.total_steps:
+            return
+        values = dict(metrics)
+        values["student/lr"] = float(ctx.engine.get_lr()[0])
+        norm = ctx.engine.get_global_grad_norm()
+        if norm is not None:
+            values["student/grad_norm"] = float(norm)
+        values["perf/step_seconds"] = seconds
+        values["perf/tokens_per_second"] = metrics.get("tokens", 0.0) / max(seconds, 1e-9)
+        values.update({f"time/{k}": v for k, v in phases.items()})
+        self.logger.scalars(step, values)
+        self._log_samples(step)
+        if not self.cfg.logging.progress_bar:
+            log.info("step %d/%d %s", step, self.total_steps, format_scalars(values))
+
+    def _log_samples(self, step: int) -> None:
+        rollouts = getattr(self.method, "last_rollouts", None)
+        n = self.cfg.logging.sample_texts
+        if not rollouts or not n or not dist.is_main():
+            return
+        tok = self.tokenizer
+        if tok is None:
+            return
+        r = rollouts[0]
+        texts = []
+        for row, mask in zip(r.input_ids[:n], r.loss_mask[:n]):
+            prompt = tok.decode(row[:r.prompt_len], skip_special_tokens=True)
+            answer = tok.decode(row[mask.bool()], skip_special_tokens=True)
+            texts.append(f"**prompt** {prompt.strip()[-200:]}\n\n**response** {answer}")
+        self.logger.text(step, "rollout/samples", "\n\n---\n\n".join(texts))
+
+    def _maybe_dev_eval(self) -> None:
+        interval = self.cfg.eval.dev_interval
+        if self.dev_eval is None or not interval or self.state.step % interval:
+            return
+        self.run_dev_eval()
+
+    def run_dev_eval(self) -> float:
+        result = self.dev_eval(self.state.step)
+        self.logger.scalars(self.state.step, {f"dev/{k}": v for k, v in result.items()})
+        self.state.history.append({"step": self.state.step, **result})
+        if self.state.best_dev is None or result["rougeL"] > self.state.best_dev:
+            self.state.best_dev = result["rougeL"]
+        log.info("dev @ step %d: %s", self.state.step, format_scalars(result))
+        return result["rougeL"]
+
+    def save(self) -> str:
+        ctx = self.method.ctx
+        teacher = ctx.teacher
+        prompt_state = None
+        if teacher is not None and self.method.trains_prompt and ctx.prompt_optimizer is not None:
+            prompt_state = {"prompt": teacher.prompt_state(), "optimizer": ctx.prompt_optimizer.state_dict(),
+                            "scheduler": ctx.prompt_scheduler.state_dict()}
+        trainer_state = dict(vars(self.state))
+        trainer_state["method"] = self.method.state_dict()
+        return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, prompt_state, ctx.generator)
+
+    def restore(self, path: str) -> None:
+        ctx = self.method.ctx
+        state = checkpoint.load(path, ctx.engine, ctx.generator)
+        trainer = dict(state["trainer"])
+        self.method.load_state_dict(trainer.pop("method", {}))
+        self.state = LoopState(**trainer)
+        prompt = state.get("prompt")
+        if prompt is not None and ctx.teacher is not None:
+            ctx.teacher.load_prompt_state(prompt["prompt"])
+            ctx.prompt_optimizer.load_state_dict(prompt["optimizer"])
+            ctx.prompt_scheduler.load_state_dict(prompt["scheduler"])

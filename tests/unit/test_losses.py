@@ -1,0 +1,366 @@
+"""Losses against written-out formulas, torch.nn.functional, and their properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promptkd.losses import (
+    PromptLoss,
+    cross_entropy,
+    forward_kl,
+    kl_divergence,
+    prompt_loss,
+    regularizer_weight,
+    reverse_kl,
+)
+
+B, T, V = 3, 7, 11
+
+
+def _logits(seed: int, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, V, generator=g, dtype=torch.float64).float() * scale
+
+
+def _mask(seed: int = 99) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = (torch.rand(B, T, generator=g) > 0.35).float()
+    m[0, 0] = 1.0  # never all-zero
+    return m
+
+
+def _kl_loops(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """KL(p||q) with explicit loops and math.exp/log, in float64."""
+    total = 0.0
+    for b in range(p_logits.shape[0]):
+        for t in range(p_logits.shape[1]):
+            if mask[b, t] == 0:
+                continue
+            pl = [float(x) for x in p_logits[b, t]]
+            ql = [float(x) for x in q_logits[b, t]]
+            zp = sum(math.exp(x) for x in pl)
+            zq = sum(math.exp(x) for x in ql)
+            for v in range(len(pl)):
+                p = math.exp(pl[v]) / zp
+                total += p * (math.log(p) - math.log(math.exp(ql[v]) / zq))
+    return total
+
+
+def _ce_loops(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    total = 0.0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if mask[b, t] == 0:
+                continue
+            row = [float(x) for x in logits[b, t]]
+            z = sum(math.exp(x) for x in row)
+            total -= math.log(math.exp(row[int(targets[b, t])]) / z)
+    return total
+
+
+# ---------------------------------------------------------------- KL values
+
+
+def test_kl_matches_loops_and_torch_kl_div() -> None:
+    p, q, m = _logits(0), _logits(1), _mask()
+    loss, n = kl_divergence(p, q, m)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert n.item() == m.sum().item()
+    assert loss.item() == pytest.approx(_kl_loops(p, q, m), rel=1e-5)
+    # F.kl_div(input=log q, target=log p, log_target) computes p (log p - log q).
+    per_pos = F.kl_div(
+        F.log_softmax(q, -1), F.log_softmax(p, -1), reduction="none", log_target=True
+    ).sum(-1)
+    assert torch.allclose(loss, (per_pos * m).sum(), rtol=1e-5)
+
+
+def test_forward_and_reverse_kl_are_the_right_directions() -> None:
+    t, s, m = _logits(2), _logits(3), _mask()
+    fkl, _ = forward_kl(t, s, m)
+    rkl, _ = reverse_kl(s, t, m)
+    assert fkl.item() == pytest.approx(_kl_loops(t, s, m), rel=1e-5)
+    assert rkl.item() == pytest.approx(_kl_loops(s, t, m), rel=1e-5)
+    assert abs(fkl.item() - rkl.item()) > 1e-3  # KL is asymmetric here
+
+
+def test_kl_zero_for_equal_inputs_and_nonnegative() -> None:
+    p, m = _logits(4), _mask()
+    zero, _ = kl_divergence(p, p.clone(), m)
+    assert abs(zero.item()) < 1e-5
+    # Softmax is shift invariant: adding a per-row constant changes nothing.
+    shifted, _ = kl_divergence(p, p + 3.0, m)
+    assert abs(shifted.item()) < 1e-4
+    for seed in range(5):
+        val, _ = kl_divergence(_logits(10 + seed), _logits(20 + seed), m)
+        assert val.item() >= 0
+
+
+def test_kl_gradient_matches_formula_on_each_side() -> None:
+    p, q, m = _logits(5), _logits(6), _mask()
+    p_ref = p.double().requires_grad_(True)
+    q_ref = q.double().requires_grad_(True)
+    lp, lq = F.log_softmax(p_ref, -1), F.log_softmax(q_ref, -1)
+    ((lp.exp() * (lp - lq)).sum(-1) * m.double()).sum().backward()
+
+    p1, q1 = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    kl_divergence(p1, q1, m)[0].backward()
+    assert torch.allclose(p1.grad.double(), p_ref.grad, atol=1e-5)
+    assert torch.allclose(q1.grad.double(), q_ref.grad, atol=1e-5)
+
+    # Only the side that requires grad receives one.
+    p2 = p.clone().requires_grad_(True)
+    kl_divergence(p2, q, m)[0].backward()
+    assert p2.grad is not None and torch.allclose(p2.grad.double(), p_ref.grad, atol=1e-5)
+
+
+# ---------------------------------------------------------------- cross entropy
+
+
+def test_cross_entropy_matches_loops_and_torch() -> None:
+    logits, m = _logits(7), _mask()
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    loss, n = cross_entropy(logits, targets, m)
+    assert loss.dtype == torch.float32
+    assert n.item() == m.sum().item()
+    assert loss.item() == pytest.approx(_ce_loops(logits, targets, m), rel=1e-5)
+    ref_targets = targets.masked_fill(m == 0, -100)
+    ref = F.cross_entropy(logits.reshape(-1, V), ref_targets.reshape(-1), reduction="sum")
+    assert torch.allclose(loss, ref, rtol=1e-5)
+
+
+def test_cross_entropy_ignores_targets_at_masked_positions() -> None:
+    logits, m = _logits(8), _mask()
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    bad = targets.masked_fill(m == 0, -100)  # would be out of range if gathered
+    assert torch.equal(cross_entropy(logits, targets, m)[0], cross_entropy(logits, bad, m)[0])
+
+
+# ---------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("garbage", [1e4, float("inf"), float("nan")])
+def test_masked_positions_do_not_affect_values_or_grads(garbage: float) -> None:
+    p, q, m = _logits(9), _logits(10), _mask()
+    p_bad, q_bad = p.clone(), q.clone()
+    hidden = m == 0
+    p_bad[hidden] = garbage
+    q_bad[hidden] = -garbage
+    ref_p = p.clone().requires_grad_(True)
+    ref = kl_divergence(ref_p, q, m)[0]
+    ref.backward()
+    for chunk in (None, 3):
+        bad_p = p_bad.clone().requires_grad_(True)
+        val = kl_divergence(bad_p, q_bad, m, chunk_size=chunk)[0]
+        val.backward()
+        assert torch.allclose(val, ref, rtol=1e-6)
+        assert torch.isfinite(bad_p.grad).all()
+        assert torch.all(bad_p.grad[hidden] == 0)
+        assert torch.allclose(bad_p.grad[~hidden], ref_p.grad[~hidden], atol=1e-7)
+
+
+def test_mask_dtype_does_not_matter() -> None:
+    p, q, m = _logits(11), _logits(12), _mask()
+    ref = kl_divergence(p, q, m)[0]
+    for dtype in (torch.bool, torch.long, torch.bfloat16):
+        val, n = kl_divergence(p, q, m.to(dtype))
+        assert torch.equal(val, ref)
+        assert n.dtype == torch.float32 and n.item() == m.sum().item()
+
+
+def test_all_masked_gives_zero() -> None:
+    p, q = _logits(13), _logits(14)
+    val, n = kl_divergence(p, q, torch.zeros(B, T))
+    assert val.item() == 0.0 and n.item() == 0.0
+
+
+# ---------------------------------------------------------------- chunking
+
+
+def _grads_of(fn, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    out.backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 100])
+def test_chunked_equals_unchunked_kl(chunk: int) -> None:
+    p, q, m = _logits(15), _logits(16), _mask()
+    ref, ref_grads = _grads_of(lambda a, b: kl_divergence(a, b, m)[0], [p, q])
+    val, grads = _grads_of(lambda a, b: kl_divergence(a, b, m, chunk_size=chunk)[0], [p, q])
+    assert torch.allclose(val, ref, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        assert torch.allclose(g, rg, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_chunked_equals_unchunked_cross_entropy(chunk: int) -> None:
+    logits, m = _logits(17), _mask()
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    ref, (rg,) = _grads_of(lambda a: cross_entropy(a, targets, m)[0], [logits])
+    val, (g,) = _grads_of(lambda a: cross_entropy(a, targets, m, chunk_size=chunk)[0], [logits])
+    assert torch.allclose(val, ref, rtol=1e-5)
+    assert torch.allclose(g, rg, atol=1e-6)
+
+
+def test_chunked_uses_checkpoint_only_with_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    import promptkd.losses as losses
+
+    calls: list[int] = []
+    real = losses.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        assert kwargs.get("use_reentrant") is False
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "checkpoint", spy)
+    p, q, m = _logits(18), _logits(19), _mask()
+    kl_divergence(p, q, m, chunk_size=3)
+    assert calls == []  # no grad needed: plain loop
+    kl_divergence(p.requires_grad_(True), q, m, chunk_size=3)[0].backward()
+    assert len(calls) == math.ceil(T / 3)
+
+
+def test_chunked_keeps_fewer_saved_tensors() -> None:
+    """With checkpointing, autograd keeps no fp32 B x chunk x V intermediates."""
+    big_t, vocab = 64, 512
+    p = torch.randn(2, big_t, vocab, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(2, big_t, vocab, dtype=torch.bfloat16)
+    m = torch.ones(2, big_t)
+
+    def saved_fp32_bytes(chunk: int | None) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if t.dtype == torch.float32:
+                total += t.numel() * 4
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            kl_divergence(p, q, m, chunk_size=chunk)
+        return total
+
+    full_bytes = 2 * big_t * vocab * 4
+    assert saved_fp32_bytes(None) >= full_bytes
+    assert saved_fp32_bytes(8) < full_bytes / 4
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+def test_bf16_inputs_are_computed_in_fp32() -> None:
+    p, q, m = _logits(20), _logits(21), _mask()
+    pb, qb = p.bfloat16(), q.bfloat16()
+    val, n = kl_divergence(pb, qb, m)
+    assert val.dtype == torch.float32 and n.dtype == torch.float32
+    # Same as upcasting the rounded bf16 values first: no bf16 arithmetic inside.
+    ref = kl_divergence(pb.float(), qb.float(), m)[0]
+    assert torch.equal(val, ref)
+    ce, _ = cross_entropy(pb, torch.zeros(B, T, dtype=torch.long), m)
+    assert ce.dtype == torch.float32
+    pb.requires_grad_(True)
+    kl_divergence(pb, qb, m, chunk_size=3)[0].backward()
+    assert pb.grad.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- prompt loss
+
+
+def test_prompt_loss_components() -> None:
+    pt, s, bt, m = _logits(30), _logits(31), _logits(32), _mask()
+    out = prompt_loss(pt, s, bt, m, reg_weight=0.3)
+    assert isinstance(out, PromptLoss)
+    assert out.guidance.item() == pytest.approx(_kl_loops(pt, s, m), rel=1e-5)
+    assert out.regularizer.item() == pytest.approx(_kl_loops(pt, bt, m), rel=1e-5)
+    assert out.total.item() == pytest.approx(
+        out.guidance.item() + 0.3 * out.regularizer.item(), rel=1e-6
+    )
+    assert out.n_tokens.item() == m.sum().item()
+
+    rev = prompt_loss(pt, s, bt, m, reg_weight=0.3, guidance="student_teacher")
+    assert rev.guidance.item() == pytest.approx(_kl_loops(s, pt, m), rel=1e-5)
+    assert rev.regularizer.item() == pytest.approx(out.regularizer.item(), rel=1e-6)
+
+
+def test_prompt_loss_zero_weight_skips_regularizer() -> None:
+    pt, s, m = _logits(33), _logits(34), _mask()
+    out = prompt_loss(pt, s, None, m, reg_weight=0.0)
+    assert out.regularizer.item() == 0.0
+    assert torch.allclose(out.total, kl_divergence(pt, s, m)[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="base_teacher_logits"):
+        prompt_loss(pt, s, None, m, reg_weight=0.5)
+    with pytest.raises(ValueError, match="guidance"):
+        prompt_loss(pt, s, s, m, reg_weight=0.5, guidance="nope")
+
+
+@pytest.mark.parametrize("guidance", ["teacher_student", "student_teacher"])
+def test_prompt_loss_grad_only_reaches_prompted_logits(guidance: str) -> None:
+    pt = _logits(35).requires_grad_(True)
+    s = _logits(36).requires_grad_(True)
+    bt = _logits(37).requires_grad_(True)
+    m = _mask()
+    out = prompt_loss(pt, s, bt, m, reg_weight=0.7, guidance=guidance)
+    out.total.backward()
+    assert s.grad is None and bt.grad is None
+    assert pt.grad is not None and pt.grad.abs().sum() > 0
+    assert not out.guidance.requires_grad and not out.regularizer.requires_grad
+
+    # The gradient equals that of the same objective written with F ops.
+    ref_pt = pt.detach().double().requires_grad_(True)
+    lpt = F.log_softmax(ref_pt, -1)
+    ls = F.log_softmax(s.detach().double(), -1)
+    lb = F.log_softmax(bt.detach().double(), -1)
+    if guidance == "teacher_student":
+        guide = lpt.exp() * (lpt - ls)
+    else:
+        guide = ls.exp() * (ls - lpt)
+    reg = lpt.exp() * (lpt - lb)
+    ((guide + 0.7 * reg).sum(-1) * m.double()).sum().backward()
+    assert torch.allclose(pt.grad.double(), ref_pt.grad, atol=1e-5)
+
+
+def test_prompt_loss_chunked_equals_unchunked() -> None:
+    pt, s, bt, m = _logits(38), _logits(39), _logits(40), _mask()
+    results = []
+    for chunk in (None, 4):
+        leaf = pt.clone().requires_grad_(True)
+        out = prompt_loss(leaf, s, bt, m, reg_weight=0.25, chunk_size=chunk)
+        out.total.backward()
+        results.append((out, leaf.grad))
+    (a, ga), (b, gb) = results
+    for name in ("total", "guidance", "regularizer"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-5)
+    assert torch.allclose(ga, gb, atol=1e-6)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_regularizer_weight_schedules() -> None:
+    assert regularizer_weight(0, 100, "linear") == 1.0
+    assert regularizer_weight(25, 100, "linear") == pytest.approx(0.75)
+    assert regularizer_weight(100, 100, "linear") == 0.0
+    assert regularizer_weight(150, 100, "linear") == 0.0  # clamped, never negative
+    assert regularizer_weight(7, 100, "constant") == 1.0
+    assert regularizer_weight(7, 100, "constant", constant=0.4) == 0.4
+    assert regularizer_weight(7, 100, "off") == 0.0
+    with pytest.raises(ValueError, match="cosine"):
+        regularizer_weight(0, 100, "cosine")
+    with pytest.raises(ValueError, match="total_steps"):
+        regularizer_weight(0, 0, "linear")
+
+
+def test_shape_errors_are_clear() -> None:
+    p = _logits(41)
+    with pytest.raises(ValueError, match="mask"):
+        kl_divergence(p, p, torch.ones(B, T + 1))
+    with pytest.raises(ValueError, match="shapes differ"):
+        kl_divergence(p, p[:, :-1], torch.ones(B, T))
+    with pytest.raises(ValueError, match="chunk_size"):
+        kl_divergence(p, p, torch.ones(B, T), chunk_size=0)
