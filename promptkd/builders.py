@@ -90,7 +90,14 @@ def tokenize_splits(cfg: Config, tokenizer: Any, raw: tuple[list[Example], ...])
 
 # ----------------------------------------------------------------------------- models
 
-def _tiny(init: TinyInit, tokenizer: Any) -> torch.nn.Module:
+def _tiny(init: TinyInit, tokenizer: Any, seed: int) -> torch.nn.Module:
+    # Same weights on every rank whatever the RNG state: a replicated teacher is never broadcast.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_tiny(init, tokenizer)
+
+
+def _build_tiny(init: TinyInit, tokenizer: Any) -> torch.nn.Module:
     return build_tiny(init.arch, init.layers, init.hidden, init.heads, vocab_size=len(tokenizer),
                       max_positions=init.max_positions, intermediate=init.intermediate,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -101,7 +108,7 @@ def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> Promp
     """The frozen teacher, replicated on every rank, wrapped with its soft prompt."""
     t = cfg.model.teacher
     dtype = DTYPES[t.dtype]
-    base = load_pretrained(t.path, dtype) if t.path else _tiny(t.init, tokenizer)
+    base = load_pretrained(t.path, dtype) if t.path else _tiny(t.init, tokenizer, cfg.seed)
     length = t.prompt_length if use_prompt else 0
     teacher = PromptedTeacher(base, prompt_length=length, init=t.prompt_init, init_text=t.prompt_init_text,
                               tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
@@ -115,7 +122,7 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     s = cfg.model.student
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        model = load_pretrained(s.path, torch.float32) if s.path else _tiny(s.init, tokenizer)
+        model = load_pretrained(s.path, torch.float32) if s.path else _tiny(s.init, tokenizer, cfg.seed + 1)
     finally:
         del keep_alive  # a live HfDeepSpeedConfig would also partition later models
         _unset_hf_ds_config()

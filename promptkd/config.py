@@ -97,7 +97,7 @@ class MethodConfig:
     name: str = _f("promptkd", "training method: promptkd | rkl | sft | kd")
     guidance: str = _f("teacher_student", "prompt guidance term: teacher_student = KL(p_T^θ‖p_S) | student_teacher = KL(p_S‖p_T^θ)")
     reg_schedule: str = _f("linear", "regularizer weight w(t): linear = 1 - t/T | constant | off")
-    reg_weight: float = _f(1.0, "regularizer weight (the constant, or w(0) for linear)")
+    reg_weight: float = _f(1.0, "regularizer scale: w(t) = reg_weight · (1 - t/T) for linear, reg_weight for constant")
     kd_ce_weight: float = _f(0.0, "kd only: loss = (1-w)·FKL + w·CE on ground truth")
     loss_chunk_size: int = _f(0, "sequence chunk for the fp32 loss math (0 = unchunked)")
 

@@ -246,7 +246,8 @@ def prompt_loss(
 def regularizer_weight(step: int, total_steps: int, schedule: str, constant: float = 1.0) -> float:
     """Weight w(t) of the prompt regularizer.
 
-    "linear": 1 - step/total_steps clamped at >= 0 (paper); "constant": ``constant``;
+    "linear": constant · (1 - step/total_steps) clamped at >= 0 (the paper: constant = 1);
+    "constant": ``constant``;
     "off": 0.0.
     """
     if schedule == "linear":
@@ -254,7 +255,7 @@ def regularizer_weight(step: int, total_steps: int, schedule: str, constant: flo
             raise ValueError(
                 f"linear regularizer schedule needs total_steps > 0, got {total_steps}"
             )
-        return max(0.0, 1.0 - step / total_steps)
+        return float(constant) * max(0.0, 1.0 - step / total_steps)
     if schedule == "constant":
         return float(constant)
     if schedule == "off":

@@ -20,6 +20,12 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=lvl, format=fmt, datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # per-shard load/save bars drown the training log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 class MetricsLogger:

@@ -100,7 +100,12 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method.name, dynamic_ncols=True)
+        import sys
+
+        # redraw rarely when stderr is a log file, not a terminal
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method.name, dynamic_ncols=True,
+                    mininterval=interval)
 
     def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float]) -> None:
         step, ctx = self.state.step, self.method.ctx

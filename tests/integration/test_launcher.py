@@ -1,0 +1,313 @@
+"""The real CLI through the real launcher (DESIGN.md §2 outputs, §4 launch facts).
+
+One 2-rank ``deepspeed`` launch of a tiny PromptKD run (module-scoped) feeds
+most assertions; the single-process SFT run, the bad-input runs and the
+``stage=eval`` run are separate, cheap subprocesses.
+
+On this CPU-only machine DeepSpeed's CPU accelerator counts NUMA nodes (1 here)
+as devices, so ``--num_gpus 2`` is what makes the launcher start 2 local ranks
+(``--include localhost:0,1`` is rejected: slot 1 does not exist).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from promptkd.config import load_config
+from promptkd.data import make_synthetic_splits
+
+REPO = Path(__file__).resolve().parents[2]
+MAIN = REPO / "launcher" / "main.py"
+BIN = Path(sys.executable).parent
+DEEPSPEED = BIN / "deepspeed" if (BIN / "deepspeed").exists() else REPO / ".venv" / "bin" / "deepspeed"
+
+LAUNCH_TIMEOUT_S = 300   # outer `timeout` around the 2-rank launch: a hang fails fast
+CLI_TIMEOUT_S = 240      # single-process runs
+TAIL = 80                # log lines shown on failure
+
+TRAIN_STEPS = 4
+TEACHER_HIDDEN = 64
+PROMPT_LENGTH = 7        # the paper's default, not set in the run config
+# 512, not 300: with 300 (256 bytes + 44 merges) the Alpaca template alone is ~75+
+# tokens, so every prompt exceeds max_prompt_length=64 and the run has no data.
+VOCAB = 512
+
+SCALAR_TAGS = (
+    "loss/rkl", "prompt/guidance_kl", "prompt/reg_kl", "prompt/reg_weight", "prompt/lr", "student/lr",
+    "prompt/grad_norm", "rollout/mean_response_len", "perf/tokens_per_second", "time/rollout",
+    "time/prompt_step", "time/student_step", "dev/rougeL",
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _env() -> dict[str, str]:
+    env = os.environ.copy()
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)  # a parent's distributed env must not leak into the CLI under test
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(text: str, n: int = TAIL) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _run_cli(args: list[str], log: Path, timeout: int = CLI_TIMEOUT_S) -> SimpleNamespace:
+    """Single-process ``python launcher/main.py ...``; stdout+stderr kept apart and logged."""
+    proc = subprocess.run(["timeout", str(timeout), sys.executable, str(MAIN), *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True)
+    log.write_text(f"$ {' '.join(args)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return SimpleNamespace(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                           text=proc.stdout + proc.stderr)
+
+
+def _write_yaml(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def _tiny_tree(data: dict[str, str], out_dir: Path) -> dict:
+    return {
+        "stage": "train",
+        "seed": 0,
+        "deepspeed": "ds_configs/zero2.json",
+        "dist_timeout_s": 120,
+        "tokenizer": {"train": True, "vocab_size": VOCAB},
+        "data": {"train_file": data["train"], "dev_file": data["dev"], "test_file": data["test"],
+                 "max_length": 96, "max_prompt_length": 64},
+        "model": {
+            "teacher": {"dtype": "fp32",
+                        "init": {"arch": "llama", "layers": 2, "hidden": TEACHER_HIDDEN, "heads": 4}},
+            "student": {"init": {"arch": "llama", "layers": 2, "hidden": 32, "heads": 4}},
+        },
+        "method": {"name": "promptkd"},
+        "train": {"max_steps": TRAIN_STEPS, "micro_batch_size": 4, "grad_accum": 2},
+        "rollout": {"max_new_tokens": 12},
+        "eval": {"do_sample": False, "seeds": [10], "max_new_tokens": 12, "max_examples": 8},
+        "output": {"dir": str(out_dir), "save_interval": 2},
+        "logging": {"interval": 1, "progress_bar": False},
+    }
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("launcher")
+
+
+@pytest.fixture(scope="module")
+def data(workdir) -> dict[str, str]:
+    return make_synthetic_splits(str(workdir / "data"), n_train=256, n_dev=16, n_test=24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def config_yaml(workdir, data) -> Path:
+    return _write_yaml(workdir / "tiny.yaml", _tiny_tree(data, workdir / "unused_default_run"))
+
+
+@pytest.fixture(scope="module")
+def ds_run(workdir, config_yaml) -> SimpleNamespace:
+    """ONE real 2-rank deepspeed launch of the tiny PromptKD run, shared by the tests below."""
+    run_dir = workdir / "run_promptkd"
+    overrides = [f"output.dir={run_dir}"]
+    log = workdir / "ds_launch.log"
+    cmd = ["timeout", str(LAUNCH_TIMEOUT_S), str(DEEPSPEED), "--num_gpus", "2",
+           "--master_port", str(_free_port()), str(MAIN), "--config", str(config_yaml), *overrides]
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT)
+    return SimpleNamespace(rc=proc.returncode, run_dir=run_dir, log=log.read_text(),
+                           cfg=load_config(str(config_yaml), overrides))
+
+
+@pytest.fixture(scope="module")
+def run_dir(ds_run) -> Path:
+    """The launch's run dir; every dependent test fails (with the log tail) if the launch did."""
+    assert ds_run.rc == 0, f"deepspeed launch exited {ds_run.rc}; log tail:\n{_tail(ds_run.log)}"
+    return ds_run.run_dir
+
+
+@pytest.fixture(scope="module")
+def tb(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+# ----------------------------------------------------------------------------- 2-rank happy path
+
+def test_launch_exits_zero_with_two_ranks(ds_run):
+    assert ds_run.rc == 0, f"deepspeed launch exited {ds_run.rc}; log tail:\n{_tail(ds_run.log)}"
+    # both ranks really ran: the training log reports world size 2
+    assert "world size 2" in ds_run.log, _tail(ds_run.log)
+    assert "Traceback" not in ds_run.log, _tail(ds_run.log)
+
+
+def test_resolved_config_round_trips(ds_run, run_dir):
+    saved = run_dir / "config.yaml"
+    assert saved.is_file()
+    assert load_config(str(saved)) == ds_run.cfg
+
+
+def test_tensorboard_scalars_and_text(tb):
+    tags = tb.Tags()
+    missing = [t for t in SCALAR_TAGS if t not in tags["scalars"]]
+    assert not missing, f"missing scalar tags {missing}; have {sorted(tags['scalars'])}"
+    assert [e.step for e in tb.Scalars("loss/rkl")] == list(range(1, TRAIN_STEPS + 1))
+    for tag in ("loss/rkl", "prompt/guidance_kl", "prompt/reg_kl", "dev/rougeL"):
+        for e in tb.Scalars(tag):
+            assert e.value == e.value and e.value >= 0.0, (tag, e)  # finite-ish, non-negative
+    # linear regularizer schedule w = 1 - t/T, t the 0-based step of the logged (1-based) step
+    weights = [(e.step, e.value) for e in tb.Scalars("prompt/reg_weight")]
+    assert [s for s, _ in weights] == list(range(1, TRAIN_STEPS + 1))
+    assert all(b < a for (_, a), (_, b) in zip(weights, weights[1:])), weights
+    for step, w in weights:
+        assert w == pytest.approx(1.0 - (step - 1) / TRAIN_STEPS), weights
+    text_tags = [t for t in tags["tensors"] if t.startswith("rollout/samples")]
+    assert text_tags, f"no rollout sample text tag; tensor tags {tags['tensors']}"
+
+
+def test_checkpoints_complete_and_latest(run_dir):
+    root = run_dir / "checkpoints"
+    for step in (2, 4):
+        ckpt = root / f"step_{step}"
+        assert ckpt.is_dir(), sorted(p.name for p in root.iterdir())
+        assert (ckpt / "COMPLETE").is_file()
+    assert (root / "latest").read_text().strip() == "step_4"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_export_loads_with_transformers(run_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = run_dir / "export"
+    model = AutoModelForCausalLM.from_pretrained(str(export))
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert len(tokenizer) <= model.config.vocab_size
+    ids = tokenizer("### Instruction:\nhello", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model(ids).logits.shape[-1] == model.config.vocab_size
+    meta = json.loads((export / "teacher_prompt.json").read_text())
+    assert meta["prompt_length"] == PROMPT_LENGTH
+    prompt = load_file(str(export / "teacher_prompt.safetensors"))["prompt"]
+    assert list(prompt.shape) == [PROMPT_LENGTH, TEACHER_HIDDEN]
+    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all()
+
+
+def test_eval_results_json(run_dir):
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert "student" in results, results.keys()
+    assert 0.0 <= results["student"]["rougeL"] <= 100.0
+    assert results["student"]["n"] == 8  # eval.max_examples
+
+
+def test_metrics_jsonl_one_line_per_logged_step(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert all(isinstance(r["step"], int) and 1 <= r["step"] <= TRAIN_STEPS for r in lines), lines
+    train_steps = [r["step"] for r in lines if "loss/rkl" in r]
+    assert train_steps == list(range(1, TRAIN_STEPS + 1)), train_steps  # logging.interval=1, no duplicates
+    assert any("dev/rougeL" in r for r in lines)
+
+
+# ----------------------------------------------------------------------------- stage=eval on the export
+
+def test_stage_eval_on_export(workdir, config_yaml, data, run_dir):
+    out = workdir / "eval_only"
+    res = _run_cli(["--config", str(config_yaml), "stage=eval", f"eval.model_path={run_dir / 'export'}",
+                    f"eval.file={data['test']}", f"output.dir={out}"], workdir / "eval_only.log")
+    assert res.rc == 0, _tail(res.text)
+    table = (out / "eval" / "results.md").read_text()
+    assert table.startswith("| model | ROUGE-L")
+    assert "| model |" in table.splitlines()[0] and len(table.splitlines()) == 3
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert 0.0 <= results["model"]["rougeL"] <= 100.0
+
+
+# ----------------------------------------------------------------------------- single process (no launcher)
+
+def test_single_process_sft(workdir, config_yaml):
+    out = workdir / "run_sft"
+    res = _run_cli(["--config", str(config_yaml), "method.name=sft", "train.max_steps=2", f"output.dir={out}",
+                    "deepspeed=ds_configs/zero0.json"], workdir / "sft.log")
+    assert res.rc == 0, _tail(res.text)
+    assert (out / "export" / "config.json").is_file()
+    assert not (out / "export" / "teacher_prompt.safetensors").exists()
+    assert not (out / "export" / "teacher_prompt.json").exists()
+    assert "world size 1" in res.text
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _bad_inputs(workdir: Path, data: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (overrides, substrings the error line must contain)."""
+    bad_dir = workdir / "bad"
+    bad_dir.mkdir(exist_ok=True)
+    rows = Path(data["train"]).read_text().splitlines()[:6]
+    rows[2] = rows[2][: len(rows[2]) // 2]  # truncated JSON object on line 3
+    malformed = bad_dir / "malformed.jsonl"
+    malformed.write_text("\n".join(rows) + "\n")
+    batch_json = bad_dir / "ds_batch.json"
+    batch_json.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 64}))
+    stage7 = bad_dir / "ds_stage7.json"
+    stage7.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    return {
+        "unknown_key": (["train.bogus_key=1"], ["train.bogus_key", "unknown"]),
+        "missing_data": (["data.train_file=/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
+        "malformed_line": ([f"data.train_file={malformed}"], [f"{malformed}:3"]),
+        "ds_train_batch_size": ([f"deepspeed={batch_json}"], ["train_batch_size", str(batch_json)]),
+        "ds_zero_stage_7": ([f"deepspeed={stage7}"], ["stage", "7", str(stage7)]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(workdir, config_yaml, data) -> dict[str, tuple[SimpleNamespace, list[str]]]:
+    """All bad-input CLIs started at once (each dies before training): one wait for all."""
+    cases = _bad_inputs(workdir, data)
+    procs = {}
+    for i, (name, (overrides, _)) in enumerate(cases.items()):
+        args = ["--config", str(config_yaml), f"output.dir={workdir / 'bad' / name}", *overrides]
+        procs[name] = subprocess.Popen(["timeout", str(CLI_TIMEOUT_S), sys.executable, str(MAIN), *args],
+                                       cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        out[name] = (SimpleNamespace(rc=proc.returncode, stdout=stdout, stderr=stderr), cases[name][1])
+    return out
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "missing_data", "malformed_line", "ds_train_batch_size",
+                                  "ds_zero_stage_7"])
+def test_bad_input_is_a_one_line_error(bad_runs, case):
+    res, needles = bad_runs[case]
+    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr, 30)}"
+    assert res.rc == 2, shown
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines, shown
+    last = lines[-1]
+    assert last.startswith("error:"), shown
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+    assert "Traceback" not in res.stderr, shown

@@ -1,0 +1,412 @@
+"""promptkd.config: YAML + dotted overrides, strict validation, DeepSpeed merge, help, launcher CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from promptkd import config as C
+from promptkd.config import (
+    Config,
+    ConfigError,
+    build_ds_config,
+    help_lines,
+    load_config,
+    load_ds_json,
+    max_new_tokens,
+    validate,
+    with_overrides,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = ["data.train_file=train.jsonl"]  # stage=train (the default) needs data
+
+
+def _yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _ds_json(tmp_path: Path, obj: dict, name: str = "ds.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def _leaves(obj, prefix: str = ""):
+    """(dotted key, default) for every leaf of the dataclass tree."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, value
+
+
+def _error(path=None, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- defaults / precedence
+
+def test_defaults_validate_once_data_is_given():
+    cfg = load_config(None, DATA)
+    expected = Config()
+    expected.data.train_file = "train.jsonl"
+    assert cfg == expected
+    validate(cfg)
+    # paper defaults
+    assert cfg.model.teacher.prompt_length == 7
+    assert cfg.optim.student.weight_decay == 0.01
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 256)
+
+
+def test_bare_defaults_demand_training_data():
+    # stage=train without any data is the one thing the bare defaults cannot run
+    with pytest.raises(ConfigError, match=r"^data\.train_file"):
+        validate(Config())
+    validate(dataclasses.replace(Config(), stage="pipeline"))
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    path = _yaml(tmp_path, """
+seed: 7
+data: {train_file: a.jsonl}
+train: {micro_batch_size: 4, grad_accum: 3}
+optim:
+  student: {lr: 1.0e-4}
+""")
+    cfg = load_config(path, ["train.micro_batch_size=8", "optim.student.lr=2e-5"])
+    assert cfg.seed == 7                               # YAML over default
+    assert cfg.train.grad_accum == 3                   # YAML kept (no override)
+    assert cfg.train.micro_batch_size == 8             # override over YAML
+    assert cfg.optim.student.lr == pytest.approx(2e-5)  # "2e-5" coerced to float
+    assert isinstance(cfg.optim.student.lr, float)
+    assert cfg.train.epochs == 1                       # default kept
+    assert cfg.optim.prompt.lr == pytest.approx(5e-5)  # sibling section untouched
+
+
+def test_nested_partial_mapping_merges_over_field_defaults(tmp_path):
+    path = _yaml(tmp_path, """
+data: {train_file: a.jsonl}
+model:
+  teacher:
+    init: {hidden: 128}
+""")
+    cfg = load_config(path)
+    init = cfg.model.teacher.init
+    assert init.hidden == 128
+    # The teacher's own field defaults (layers=4, heads=8), not TinyInit's (2, 4)
+    assert (init.layers, init.heads, init.arch) == (4, 8, "llama")
+    assert cfg.model.teacher.prompt_length == 7
+    assert cfg.model.student.init == Config().model.student.init
+
+
+def test_override_into_nested_section_keeps_siblings():
+    cfg = load_config(None, DATA + ["model.teacher.init.layers=6"])
+    assert cfg.model.teacher.init.layers == 6
+    assert cfg.model.teacher.init.hidden == 256
+
+
+def test_override_value_parsing():
+    cfg = load_config(None, DATA + ["eval.seeds=[1, 2]", "eval.do_sample=false", "output.dir=runs/x=y",
+                                    "model.teacher.path="])
+    assert cfg.eval.seeds == [1, 2]
+    assert cfg.eval.do_sample is False
+    assert cfg.output.dir == "runs/x=y"  # split on the first '=' only
+    assert cfg.model.teacher.path == ""
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("overrides, key", [
+    (["foo=1"], "foo"),
+    (["model.teacher.bogus=1"], "model.teacher.bogus"),
+    (["train.micro_batch_size=abc"], "train.micro_batch_size"),
+    (["train.micro_batch_size=true"], "train.micro_batch_size"),
+    (["train.micro_batch_size=1.5"], "train.micro_batch_size"),
+    (["train.micro_batch_size={a: 1}"], "train.micro_batch_size"),
+    (["method.reg_weight=true"], "method.reg_weight"),
+    (["optim.student.lr=abc"], "optim.student.lr"),
+    (["optim.student.lr=-1e-4"], "optim.student.lr"),
+    (["optim.prompt.lr=0"], "optim.prompt.lr"),
+    (["train.grad_clip=-1"], "train.grad_clip"),
+    (["method.name=ppo"], "method.name"),
+    (["train.precision=fp8"], "train.precision"),
+    (["rollout.top_p=1.5"], "rollout.top_p"),
+    (["data.max_prompt_length=512"], "data.max_prompt_length"),
+    (["data.max_prompt_length=600"], "data.max_prompt_length"),
+    (["model.student.init.hidden=30"], "model.student.init.hidden"),
+    (["model.teacher.init.heads=3"], "model.teacher.init.hidden"),
+    (["eval.seeds=[]"], "eval.seeds"),
+    (["optim.student.betas=[0.9]"], "optim.student.betas"),
+    (["train=5"], "train"),
+])
+def test_override_errors_name_the_key(overrides, key):
+    msg = _error(None, DATA + overrides)
+    assert msg.startswith(key + ":"), msg
+    assert "\n" not in msg
+
+
+def test_bad_choice_lists_allowed_values():
+    msg = _error(None, DATA + ["method.name=ppo"])
+    assert "promptkd" in msg and "'ppo'" in msg
+
+
+def test_unknown_nested_key_lists_known_keys_from_yaml(tmp_path):
+    path = _yaml(tmp_path, "data: {train_file: a.jsonl}\nmodel:\n  teacher:\n    init: {hiden: 64}\n")
+    msg = _error(path)
+    assert msg.startswith("model.teacher.init.hiden: unknown config key"), msg
+    assert "hidden" in msg  # the known keys help spot the typo
+
+
+@pytest.mark.parametrize("text, key", [
+    ("foo: 1\n", "foo"),
+    ("train: {micro_batch_size: '4'}\n", "train.micro_batch_size"),
+    ("train: {micro_batch_size: true}\n", "train.micro_batch_size"),
+    ("train: {micro_batch_size: {a: 1}}\n", "train.micro_batch_size"),
+    ("seed: [1]\n", "seed"),
+    ("model: {teacher: 3}\n", "model.teacher"),
+    ("eval: {do_sample: 1}\n", "eval.do_sample"),
+    ("optim: {student: {lr: -0.1}}\n", "optim.student.lr"),
+])
+def test_yaml_errors_name_the_key(tmp_path, text, key):
+    path = _yaml(tmp_path, "data: {train_file: a.jsonl}\n" + text)
+    msg = _error(path)
+    assert msg.startswith(key + ":"), msg
+
+
+def test_missing_config_file(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    msg = _error(missing)
+    assert msg.startswith("--config") and missing in msg
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = _yaml(tmp_path, "seed: 1\ntrain:\n  epochs: 2\n  micro_batch_size: [1, 2\nstage: train\n")
+    msg = _error(path)
+    assert msg.startswith(path + ":"), msg
+    line = int(msg[len(path) + 1:].split(":")[0])
+    assert 4 <= line <= 5
+    assert "invalid YAML" in msg
+
+
+def test_yaml_top_level_must_be_mapping(tmp_path):
+    path = _yaml(tmp_path, "- 1\n- 2\n")
+    assert _error(path).startswith(path)
+
+
+def test_override_without_equals():
+    msg = _error(None, ["train.max_steps"])
+    assert msg.startswith("train.max_steps:") and "key=value" in msg
+
+
+def test_override_through_a_leaf_is_rejected():
+    msg = _error(None, DATA + ["train.micro_batch_size.x=1"])
+    assert msg.startswith("train.micro_batch_size.x:")
+
+
+# ----------------------------------------------------------------------------- deepspeed merge
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_build_ds_config_merges_run_settings(precision):
+    cfg = load_config(None, DATA + ["train.micro_batch_size=3", "train.grad_accum=5", "train.grad_clip=0.5",
+                                    f"train.precision={precision}", "deepspeed=ds_configs/zero2.json"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": precision == "bf16"}
+    assert ds["fp16"] == {"enabled": precision == "fp16"}
+    assert ds["zero_optimization"]["stage"] == 2  # the JSON's ZeRO settings survive
+    assert C.zero_stage(ds) == 2
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_build_ds_config_explicit_batch_arguments_win():
+    cfg = load_config(None, DATA + ["train.micro_batch_size=3", "train.grad_accum=5"])
+    ds = build_ds_config(cfg, world_size=2, micro_batch_size=7, grad_accum=1)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) \
+        == (7, 1, 14)
+
+
+def test_build_ds_config_does_not_modify_the_json(tmp_path):
+    original = {"zero_optimization": {"stage": 1}}
+    path = _ds_json(tmp_path, original)
+    cfg = load_config(None, DATA + [f"deepspeed={path}"])
+    build_ds_config(cfg, world_size=2)
+    assert json.loads(Path(path).read_text()) == original
+
+
+@pytest.mark.parametrize("key", ["train_batch_size", "optimizer", "gradient_accumulation_steps", "bf16"])
+def test_ds_json_with_run_config_key_is_rejected(tmp_path, key):
+    path = _ds_json(tmp_path, {"zero_optimization": {"stage": 0}, key: {"type": "AdamW"} if key == "optimizer" else 4})
+    cfg = load_config(None, DATA + [f"deepspeed={path}"])
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(cfg, world_size=1)
+    msg = str(info.value)
+    assert path in msg and f"'{key}'" in msg
+
+
+def test_ds_json_zero_stage_5_is_rejected(tmp_path):
+    path = _ds_json(tmp_path, {"zero_optimization": {"stage": 5}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage") as info:
+        load_ds_json(path)
+    assert path in str(info.value)
+
+
+def test_ds_json_missing_path_is_rejected(tmp_path):
+    cfg = load_config(None, DATA + [f"deepspeed={tmp_path / 'missing.json'}"])
+    with pytest.raises(ConfigError, match=r"^deepspeed: file not found") as info:
+        build_ds_config(cfg, world_size=1)
+    assert "missing.json" in str(info.value)
+
+
+def test_ds_json_invalid_json_names_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "zero_optimization": {"stage": 1,}\n}\n')
+    with pytest.raises(ConfigError) as info:
+        load_ds_json(str(path))
+    assert str(info.value).startswith(f"{path}:2")
+
+
+DS_JSONS = sorted(glob.glob(str(REPO / "ds_configs" / "*.json")))
+
+
+def test_ds_configs_exist():
+    names = {os.path.basename(p) for p in DS_JSONS}
+    assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json"} <= names
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=os.path.basename)
+def test_every_ds_json_loads_and_merges(path):
+    ds = load_ds_json(path)
+    assert C.zero_stage(ds) in (0, 1, 2, 3)
+    cfg = load_config(None, DATA + [f"deepspeed={path}"])
+    merged = build_ds_config(cfg, world_size=2)
+    assert merged["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+
+
+def test_ds_relative_path_resolves_against_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repo root
+    cfg = load_config(None, DATA + ["deepspeed=ds_configs/zero1.json"])
+    assert C.zero_stage(build_ds_config(cfg, world_size=1)) == 1
+
+
+# ----------------------------------------------------------------------------- help
+
+def test_help_lines_cover_every_leaf_with_its_default():
+    lines = help_lines()
+    by_key = {line.split()[0]: line for line in lines}
+    leaves = list(_leaves(Config()))
+    assert len(lines) == len(leaves)
+    for key, default in leaves:
+        assert key in by_key, key
+        shown = (default or '""') if isinstance(default, str) else json.dumps(default)
+        rest = by_key[key].split(None, 1)[1]
+        assert rest.startswith(shown), (key, by_key[key])
+    assert "model.teacher.prompt_length" in by_key
+    assert by_key["method.name"].rstrip().endswith("]") or "|" in by_key["method.name"]
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+YAMLS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
+
+
+def test_configs_exist():
+    assert any(p.endswith("quickstart.yaml") for p in YAMLS)
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_every_shipped_yaml_loads_and_builds_ds(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    ds = build_ds_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+    assert C.zero_stage(ds) in (0, 1, 2, 3)
+
+
+def test_quickstart_is_the_pipeline():
+    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"))
+    assert cfg.stage == "pipeline"
+    assert cfg.data.synthetic.enabled and cfg.tokenizer.train
+    assert cfg.model.teacher.path == "" and cfg.model.student.path == ""  # no downloads
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_with_overrides_returns_validated_copy():
+    cfg = load_config(None, DATA)
+    before = C.asdict(cfg)
+    new = with_overrides(cfg, {"train.max_steps": 5, "model.teacher.init.layers": 3})
+    assert new.train.max_steps == 5 and new.model.teacher.init.layers == 3
+    assert new.model.teacher.init.hidden == cfg.model.teacher.init.hidden
+    assert C.asdict(cfg) == before  # original unchanged
+    assert new is not cfg
+
+
+def test_with_overrides_validates():
+    cfg = load_config(None, DATA)
+    with pytest.raises(ConfigError, match=r"^train\.max_steps"):
+        with_overrides(cfg, {"train.max_steps": -1})
+    with pytest.raises(ConfigError, match=r"^train\.micro_batch_size"):
+        with_overrides(cfg, {"train.micro_batch_size": "two"})
+    with pytest.raises(ConfigError, match=r"^train\.bogus"):
+        with_overrides(cfg, {"train.bogus": 1})
+    assert cfg.train.max_steps == 0
+
+
+def test_max_new_tokens_default_and_explicit():
+    cfg = load_config(None, DATA + ["data.max_length=100", "data.max_prompt_length=30"])
+    assert cfg.rollout.max_new_tokens == 0
+    assert max_new_tokens(cfg) == 70
+    assert max_new_tokens(with_overrides(cfg, {"rollout.max_new_tokens": 9})) == 9
+
+
+def test_to_yaml_round_trips(tmp_path):
+    cfg = load_config(None, DATA + ["train.max_steps=3", "model.student.init.arch=gpt2"])
+    path = _yaml(tmp_path, C.to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+# ----------------------------------------------------------------------------- launcher CLI
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "launcher/main.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_launcher_unknown_key_exits_2():
+    proc = _launch("foo.bar=1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "foo" in lines[0] and "unknown config key" in lines[0]
+
+
+def test_launcher_bad_type_exits_2():
+    proc = _launch("train.micro_batch_size=abc")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "train.micro_batch_size" in lines[0]
+
+
+def test_launcher_help_lists_keys():
+    proc = _launch("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "model.teacher.prompt_length" in proc.stdout
+    assert "train.micro_batch_size" in proc.stdout
