@@ -100,7 +100,7 @@ def test_rouge_l_hand_computed(prediction, reference, expected):
     assert rouge_l(prediction, [reference]) == pytest.approx(expected)
 
 
-def test_rouge_l_is_not_symmetric_in_prf_but_f_is():
+def test_rouge_l_f_measure_is_symmetric():
     assert rouge_l("the cat sat", ["the cat sat on the mat"]) == pytest.approx(
         rouge_l("the cat sat on the mat", ["the cat sat"]))
 
