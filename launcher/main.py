@@ -14,7 +14,7 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from promptkd.config import ConfigError, help_lines, load_config  # noqa: E402
+from promptkd.config import ConfigError, help_lines, load_config, load_ds_json  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "quickstart.yaml")
 EXIT_BAD_INPUT = 2
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        load_ds_json(cfg.deepspeed)  # fail on a bad DeepSpeed JSON before any process group exists
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -497,8 +497,8 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
         node = tree
         parts = dotted.split(".")
         for part in parts[:-1]:
-            node = node[part]
-        if parts[-1] not in node:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"{dotted}: unknown config key")
         node[parts[-1]] = value
     out = _build(Config, tree)

@@ -128,8 +128,10 @@ def evaluate(gen: Generator, tokenizer: Any, examples: list[TokenizedExample], e
                      "answers": answers})
     rl = [r["rougeL"] for r in runs]
     em = [r["exact_match"] for r in runs]
+    cats = runs[0]["by_category"]
+    by_cat = {c: statistics.fmean(r["by_category"][c] for r in runs) for c in cats}
     return {"n": len(examples), "rougeL": statistics.fmean(rl), "rougeL_std": statistics.pstdev(rl),
-            "exact_match": statistics.fmean(em), "seeds": runs}
+            "exact_match": statistics.fmean(em), "by_category": by_cat, "seeds": runs}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -153,11 +155,11 @@ def write_results(out_dir: str, results: dict[str, dict[str, Any]], examples: li
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
-    cats = sorted({c for r in results.values() for c in r["seeds"][0]["by_category"]})
+    cats = sorted({c for r in results.values() for c in r["by_category"]})
     head = "| model | ROUGE-L | EM | " + " | ".join(cats) + " |"
     rows = [head, "|" + "---|" * (3 + len(cats))]
     for name, r in results.items():
-        by_cat = r["seeds"][0]["by_category"]
+        by_cat = r["by_category"]
         spread = f" ± {r['rougeL_std']:.2f}" if len(r["seeds"]) > 1 else ""
         rows.append(f"| {name} | {r['rougeL']:.2f}{spread} | {r['exact_match']:.1f} | "
                     + " | ".join(f"{by_cat.get(c, float('nan')):.1f}" for c in cats) + " |")

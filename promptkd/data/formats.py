@@ -124,7 +124,9 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                # Without its line terminator: json would otherwise report a truncated
+                # line's error at "line 2, column 1" and the column would be wrong.
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise _fail(where, f"malformed JSON ({err.msg} at column {err.colno})") from err
             if not isinstance(obj, dict):

@@ -192,6 +192,8 @@ def test_checkpoints_complete_and_latest(run_dir):
         ckpt = root / f"step_{step}"
         assert ckpt.is_dir(), sorted(p.name for p in root.iterdir())
         assert (ckpt / "COMPLETE").is_file()
+        for rank in (0, 1):  # per-rank RNG state: both ranks took part
+            assert (ckpt / f"rank_{rank}.pt").is_file()
     assert (root / "latest").read_text().strip() == "step_4"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
 
@@ -229,6 +231,12 @@ def test_metrics_jsonl_one_line_per_logged_step(run_dir):
     train_steps = [r["step"] for r in lines if "loss/rkl" in r]
     assert train_steps == list(range(1, TRAIN_STEPS + 1)), train_steps  # logging.interval=1, no duplicates
     assert any("dev/rougeL" in r for r in lines)
+    # the loss normaliser is the GLOBAL token count: more than one rank can produce
+    # (micro_batch_size * grad_accum * max_new_tokens = 96), at most both ranks can
+    one_rank_max = 4 * 2 * 12
+    for r in lines:
+        if "tokens" in r:
+            assert one_rank_max < r["tokens"] <= 2 * one_rank_max, r
 
 
 # ----------------------------------------------------------------------------- stage=eval on the export
@@ -275,9 +283,10 @@ def _bad_inputs(workdir: Path, data: dict[str, str]) -> dict[str, tuple[list[str
     return {
         "unknown_key": (["train.bogus_key=1"], ["train.bogus_key", "unknown"]),
         "missing_data": (["data.train_file=/nonexistent.jsonl"], ["/nonexistent.jsonl"]),
-        "malformed_line": ([f"data.train_file={malformed}"], [f"{malformed}:3"]),
+        # the column is the truncated line's end (1-based), not json's "line 2, column 1"
+        "malformed_line": ([f"data.train_file={malformed}"], [f"{malformed}:3", f"column {len(rows[2]) + 1}"]),
         "ds_train_batch_size": ([f"deepspeed={batch_json}"], ["train_batch_size", str(batch_json)]),
-        "ds_zero_stage_7": ([f"deepspeed={stage7}"], ["stage", "7", str(stage7)]),
+        "ds_zero_stage_7": ([f"deepspeed={stage7}"], ["zero_optimization.stage", "got 7", str(stage7)]),
     }
 
 
@@ -286,7 +295,7 @@ def bad_runs(workdir, config_yaml, data) -> dict[str, tuple[SimpleNamespace, lis
     """All bad-input CLIs started at once (each dies before training): one wait for all."""
     cases = _bad_inputs(workdir, data)
     procs = {}
-    for i, (name, (overrides, _)) in enumerate(cases.items()):
+    for name, (overrides, _) in cases.items():
         args = ["--config", str(config_yaml), f"output.dir={workdir / 'bad' / name}", *overrides]
         procs[name] = subprocess.Popen(["timeout", str(CLI_TIMEOUT_S), sys.executable, str(MAIN), *args],
                                        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

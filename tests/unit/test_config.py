@@ -363,8 +363,10 @@ def test_with_overrides_validates():
         with_overrides(cfg, {"train.max_steps": -1})
     with pytest.raises(ConfigError, match=r"^train\.micro_batch_size"):
         with_overrides(cfg, {"train.micro_batch_size": "two"})
-    with pytest.raises(ConfigError, match=r"^train\.bogus"):
-        with_overrides(cfg, {"train.bogus": 1})
+    # unknown keys at any depth, and paths through a leaf, are ConfigErrors naming the key
+    for key in ("train.bogus", "foo.bar", "train.epochs.x", "model.teacher.nope.layers"):
+        with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": unknown config key"):
+            with_overrides(cfg, {key: 1})
     assert cfg.train.max_steps == 0
 
 

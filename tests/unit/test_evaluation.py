@@ -164,9 +164,11 @@ def _fake_results() -> dict:
 
     return {
         "student": {"n": 2, "rougeL": 31.5, "rougeL_std": 1.25, "exact_match": 10.0,
+                    "by_category": {"open_qa": 20.5, "summarization": 42.25},
                     "seeds": [run(10, 30.25, {"open_qa": 20.0, "summarization": 40.5}),
                               run(20, 32.75, {"open_qa": 21.0, "summarization": 44.0})]},
         "teacher_prompted": {"n": 2, "rougeL": 44.0, "rougeL_std": 0.0, "exact_match": 10.0,
+                             "by_category": {"brainstorming": 12.5},
                              "seeds": [run(10, 44.0, {"brainstorming": 12.5})]},
     }
 
@@ -179,6 +181,7 @@ def test_results_table_has_every_model_and_category():
         assert word in table
     student = next(line for line in lines if line.startswith("| student"))
     assert "31.50 ± 1.25" in student  # spread shown only with several seeds
+    assert "20.5 | 42.2" in student  # per-category columns are means over seeds
     teacher = next(line for line in lines if line.startswith("| teacher_prompted"))
     assert "44.00 |" in teacher and "±" not in teacher
     n_cols = len(lines[0].split("|"))
