@@ -62,12 +62,19 @@ def main(argv: list[str]) -> int:
 def run(cfg, debug: bool) -> int:
     from promptkd.data import DataError
     from promptkd.metrics import setup_logging
+    from promptkd.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, TrainingAborted
     from promptkd.stages import STAGES
 
     setup_logging()
     try:
         STAGES[cfg.stage](cfg)
         return 0
+    except Preempted as exc:
+        print(f"preempted: {exc}; checkpoint saved, exit code {EXIT_PREEMPTED}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except TrainingAborted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ABORTED
     except (ConfigError, DataError, OSError, ValueError) as exc:
         if debug:
             traceback.print_exc()

@@ -159,7 +159,28 @@ def lr_factor(opt: OptimConfig, total_steps: int):
     return factor
 
 
-def adamw(params: list[torch.nn.Parameter], opt: OptimConfig, named: Optional[list[tuple[str, Any]]] = None):
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not finite on some rank.
+
+    DeepSpeed's ZeRO optimizers already skip such steps; without ZeRO the client
+    optimizer steps directly, so this guard sets ``overflow``, which the engine
+    reads to count the step as skipped (and not advance the lr schedule).
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        local_bad = any(not bool(torch.isfinite(g).all()) for g in grads)
+        self.overflow = dist.any_true(local_bad)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def adamw(params: list[torch.nn.Parameter], opt: OptimConfig, named: Optional[list[tuple[str, Any]]] = None,
+          guarded: bool = False):
     """AdamW; with ``named`` params, biases and norm weights get no weight decay."""
     if named is None:
         groups = [{"params": params, "weight_decay": opt.weight_decay}]
@@ -168,7 +189,8 @@ def adamw(params: list[torch.nn.Parameter], opt: OptimConfig, named: Optional[li
         no_decay = [p for n, p in named if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": opt.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    cls = GuardedAdamW if guarded else torch.optim.AdamW
+    return cls(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 def build_student_engine(cfg: Config, tokenizer: Any, total_steps: int) -> tuple[Any, dict]:
@@ -176,7 +198,9 @@ def build_student_engine(cfg: Config, tokenizer: Any, total_steps: int) -> tuple
 
     ds_config = build_ds_config(cfg, dist.world_size())
     model = build_student_module(cfg, tokenizer, ds_config)
-    optimizer = adamw(list(model.parameters()), cfg.optim.student, list(model.named_parameters()))
+    # ZeRO optimizers skip non-finite steps themselves; stage 0 needs the guard.
+    optimizer = adamw(list(model.parameters()), cfg.optim.student, list(model.named_parameters()),
+                      guarded=zero_stage(ds_config) == 0)
     factor = lr_factor(cfg.optim.student, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,

@@ -40,7 +40,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def save(run_dir: str, step: int, engine: Any, trainer_state: dict, prompt_state: Optional[dict] = None,
-         generator: Optional[torch.Generator] = None) -> str:
+         generator: Optional[torch.Generator] = None, keep_last: int = 0) -> str:
     """Save everything needed to resume at ``step``; returns the final dir (all ranks call)."""
     root = os.path.join(run_dir, "checkpoints")
     name = f"step_{step}"
@@ -60,9 +60,19 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, prompt_state
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_text(os.path.join(root, "latest"), name + "\n")
-    dist.barrier()
+    dist.barrier()  # every rank has finished with the new checkpoint before old ones go
+    if dist.is_main() and keep_last:
+        _prune(root, keep_last)
     log.info("checkpoint saved: %s", final)
     return final
+
+
+def _prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temp dirs."""
+    complete = sorted((int(n.split("_")[1]), n) for n in os.listdir(root)
+                      if n.startswith("step_") and os.path.exists(os.path.join(root, n, MARKER)))
+    for _, name in complete[:-keep_last]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def latest(run_dir: str) -> Optional[str]:

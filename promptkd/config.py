@@ -126,6 +126,7 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     precision: str = _f("fp32", "student precision: fp32 | bf16 | fp16")
     grad_clip: float = _f(1.0, "gradient-norm clipping (student and prompt; 0 = off)")
+    max_bad_steps: int = _f(10, "abort after this many consecutive steps skipped for NaN/inf (0 = never)")
 
 
 @dataclass
@@ -159,6 +160,8 @@ class OutputConfig:
     save_interval: int = _f(0, "checkpoint every N optimizer steps (0 = only at the end)")
     export: bool = _f(True, "export the student (HF format) and the prompt at the end")
     resume: str = _f("", "resume from: '' (start fresh) | auto (latest complete checkpoint in dir) | a checkpoint path")
+    keep_last: int = _f(2, "checkpoints kept (the newest K; best/ is kept apart); 0 = keep all")
+    overwrite: bool = _f(False, "allow starting fresh in a dir that already holds a run")
 
 
 @dataclass
@@ -225,9 +228,9 @@ POSITIVE = (
 NON_NEGATIVE = (
     "model.teacher.prompt_length", "data.dev_size", "method.reg_weight", "method.loss_chunk_size",
     "optim.student.weight_decay", "optim.prompt.weight_decay", "optim.student.warmup_steps",
-    "optim.prompt.warmup_steps", "train.epochs", "train.max_steps", "train.grad_clip",
+    "optim.prompt.warmup_steps", "train.epochs", "train.max_steps", "train.grad_clip", "train.max_bad_steps",
     "rollout.top_k", "rollout.max_new_tokens", "eval.top_k", "eval.no_repeat_ngram_size",
-    "eval.max_examples", "eval.dev_interval", "output.save_interval", "logging.sample_texts",
+    "eval.max_examples", "eval.dev_interval", "output.save_interval", "output.keep_last", "logging.sample_texts",
     "pipeline.teacher_sft_steps", "pipeline.student_sft_steps", "pipeline.sft_warmup_steps",
     "data.synthetic.n_train", "data.synthetic.n_dev", "data.synthetic.n_test",
 )
@@ -457,7 +460,8 @@ def build_ds_config(cfg: Config, world_size: int, micro_batch_size: Optional[int
     ds["gradient_accumulation_steps"] = ga
     ds["train_batch_size"] = mbs * ga * world_size
     ds["gradient_clipping"] = cfg.train.grad_clip
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    # check_grad_overflow: a bf16 ZeRO step with non-finite gradients is skipped, not applied
+    ds["bf16"] = {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     return ds

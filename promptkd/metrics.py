@@ -31,7 +31,8 @@ def setup_logging(level: str = "INFO") -> None:
 class MetricsLogger:
     """Scalars and texts to TensorBoard and ``metrics.jsonl``; a no-op off rank 0."""
 
-    def __init__(self, run_dir: str, tensorboard: bool = True, prefix: str = ""):
+    def __init__(self, run_dir: str, tensorboard: bool = True, prefix: str = "", purge_step: Optional[int] = None):
+        """``purge_step``: on resume, drop points at steps >= it that the interrupted run logged."""
         self.enabled = dist.is_main()
         self.prefix = prefix
         self._tb = None
@@ -39,11 +40,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if purge_step is not None and os.path.exists(path):
+            _truncate_jsonl(path, purge_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -69,6 +73,15 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+def _truncate_jsonl(path: str, purge_step: int) -> None:
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) < purge_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
 
 
 class PhaseTimer:

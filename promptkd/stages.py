@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def write_config(cfg: Config, run_dir: str) -> None:
+    """Write the resolved config; refuse to start fresh over another run's outputs."""
+    existing = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(existing) and not cfg.output.resume and not cfg.output.overwrite:
+        raise ConfigError(f"output.dir: {run_dir} already holds a run (config.yaml); pass output.resume=auto "
+                          "to continue it, output.overwrite=true to start over, or pick another output.dir")
+    dist.barrier()  # every rank has checked before rank 0 writes
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
         tmp = os.path.join(run_dir, "config.yaml.tmp")
@@ -87,11 +93,15 @@ def run_train(cfg: Config) -> dict[str, Any]:
                       prompt_scheduler=prompt_sched,
                       generator=torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank()),
                       sync_rollout=zero_stage(ds_config) == 3)
-    logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
-    trainer = Trainer(cfg, run_dir, build_method(cfg.method.name, ctx), splits.train, total, logger,
+    resume_from = _resume_path(cfg)
+    trainer = Trainer(cfg, run_dir, build_method(cfg.method.name, ctx), splits.train, total, None,
                       dev_eval=_dev_eval_fn(cfg, engine, tokenizer, vocab, splits.dev) if splits.dev else None,
                       tokenizer=tokenizer)
-    _maybe_resume(cfg, trainer)
+    if resume_from:
+        trainer.restore(resume_from)
+    logger = trainer.logger = MetricsLogger(run_dir, cfg.logging.tensorboard,
+                                            purge_step=trainer.state.step + 1 if resume_from else None)
+    trainer.stop.install()
     log.info("%s: %d train / %d dev / %d test examples, %d optimizer steps, world size %d, ZeRO-%d",
              cfg.method.name, len(splits.train), len(splits.dev), len(splits.test), total, dist.world_size(),
              zero_stage(ds_config))
@@ -111,16 +121,16 @@ def run_train(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _maybe_resume(cfg: Config, trainer: Trainer) -> None:
+def _resume_path(cfg: Config) -> Optional[str]:
     if not cfg.output.resume:
-        return
+        return None
     path = checkpoint.latest(cfg.output.dir) if cfg.output.resume == "auto" else cfg.output.resume
     if path is None:
         log.info("resume=auto: no complete checkpoint in %s, starting fresh", cfg.output.dir)
-        return
+        return None
     if not os.path.isdir(path):
         raise ConfigError(f"output.resume: no checkpoint at {path}")
-    trainer.restore(path)
+    return path
 
 
 def _export(cfg: Config, run_dir: str, engine: Any, tokenizer: Any, teacher: Optional[PromptedTeacher]) -> None:

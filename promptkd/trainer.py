@@ -17,7 +17,9 @@ from promptkd import distributed as dist
 from promptkd.config import Config
 from promptkd.data import ListDataset, TokenizedExample
 from promptkd.methods import Method
+from promptkd.faults import before_step, configured
 from promptkd.metrics import MetricsLogger, format_scalars
+from promptkd.signals import Preempted, StopRequest, TrainingAborted
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class LoopState:
     batch_in_epoch: int = 0        # micro-batches already consumed in ``epoch``
     best_dev: Optional[float] = None
     history: list = field(default_factory=list)
+    skipped_steps: int = 0         # non-finite steps skipped so far
+    bad_in_a_row: int = 0
 
 
 class MicroBatches:
@@ -68,32 +72,63 @@ class Trainer:
     method: Method
     train_data: list[TokenizedExample]
     total_steps: int
-    logger: MetricsLogger
+    logger: Optional[MetricsLogger]
     dev_eval: Optional[DevEval] = None
     tokenizer: Any = None              # only to log sampled responses as text
     state: LoopState = field(default_factory=LoopState)
+    stop: StopRequest = field(default_factory=StopRequest)
 
     def run(self) -> LoopState:
-        cfg, ctx = self.cfg, self.method.ctx
+        cfg = self.cfg
         stream = iter(MicroBatches(self.train_data, cfg.train.micro_batch_size, cfg.seed, self.state))
         bar = self._progress_bar()
-        while self.state.step < self.total_steps:
-            micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-            start = time.perf_counter()
-            metrics = self.method.train_step(micro, self.state.step)
-            seconds = time.perf_counter() - start
-            self.state.step += 1
+        fault = configured()
+        try:
+            while self.state.step < self.total_steps:
+                self._one_step([next(stream) for _ in range(cfg.train.grad_accum)], fault, bar)
+                if cfg.output.save_interval and self.state.step % cfg.output.save_interval == 0 \
+                        and self.state.step < self.total_steps:
+                    self.save()
+                if dist.any_true(self.stop.requested):  # every rank leaves at the same boundary
+                    self.save()
+                    raise Preempted(f"stopped by signal after step {self.state.step}")
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
-            self._log(metrics, seconds, ctx.timer.pop())
-            self._maybe_dev_eval()
-            if cfg.output.save_interval and self.state.step % cfg.output.save_interval == 0 \
-                    and self.state.step < self.total_steps:
-                self.save()
-        if bar is not None:
-            bar.close()
+                bar.close()
         return self.state
+
+    def _one_step(self, micro: list, fault: Any, bar: Any) -> None:
+        ctx = self.method.ctx
+        hook = before_step(fault, self.state.step + 1, ctx.engine.module)
+        skipped_before = ctx.engine.skipped_steps
+        start = time.perf_counter()
+        try:
+            metrics = self.method.train_step(micro, self.state.step)
+        finally:
+            if hook is not None:
+                hook.remove()
+        seconds = time.perf_counter() - start
+        self.state.step += 1
+        self._count_skips(bool(metrics.pop("skipped", 0.0)) or ctx.engine.skipped_steps != skipped_before)
+        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
+        self._log(metrics, seconds, ctx.timer.pop())
+        self._maybe_dev_eval()
+
+    def _count_skips(self, skipped: bool) -> None:
+        if not skipped:
+            self.state.bad_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.state.bad_in_a_row += 1
+        log.warning("step %d: non-finite loss or gradient, update skipped on every rank (%d in a row)",
+                    self.state.step, self.state.bad_in_a_row)
+        limit = self.cfg.train.max_bad_steps
+        if limit and self.state.bad_in_a_row >= limit:
+            raise TrainingAborted(f"train.max_bad_steps: {limit} consecutive steps had a non-finite loss or "
+                                  f"gradient (last at step {self.state.step}); aborting")
 
     def _progress_bar(self):
         if not (self.cfg.logging.progress_bar and dist.is_main()):
@@ -164,7 +199,8 @@ class Trainer:
                             "scheduler": ctx.prompt_scheduler.state_dict()}
         trainer_state = dict(vars(self.state))
         trainer_state["method"] = self.method.state_dict()
-        return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, prompt_state, ctx.generator)
+        return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, prompt_state, ctx.generator,
+                               keep_last=self.cfg.output.keep_last)
 
     def restore(self, path: str) -> None:
         ctx = self.method.ctx

@@ -7,6 +7,7 @@ One iteration, exactly as DESIGN.md §1:
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -29,13 +30,36 @@ class PromptKD(Method):
         n_global = global_tokens([r.loss_mask for r in rollouts])
         metrics = {"tokens": n_global, "rollout/mean_response_len": n_global / max(1.0, float(
             dist.all_reduce_sum(sum(r.input_ids.shape[0] for r in rollouts))))}
+        self.last_rollouts = rollouts
+        snapshot = self.prompt_snapshot() if self.uses_prompt() else None
         if self.uses_prompt():
             with ctx.timer.phase("prompt_step"):
                 metrics.update(self.prompt_update(rollouts, n_global, step))
+            if not math.isfinite(metrics["prompt/grad_norm"]):
+                # identical on every rank (the gradient was all-reduced): skip the whole step
+                self.restore_prompt(snapshot)
+                return {**metrics, "skipped": 1.0}
+        skipped_before = ctx.engine.skipped_steps
         with ctx.timer.phase("student_step"):
             metrics.update(self.student_update(rollouts, n_global))
-        self.last_rollouts = rollouts
+        if ctx.engine.skipped_steps != skipped_before:
+            if snapshot is not None:  # the student step was dropped: so is the prompt's
+                self.restore_prompt(snapshot)
+            metrics["skipped"] = 1.0
         return metrics
+
+    def prompt_snapshot(self) -> dict:
+        """Prompt + its optimizer/scheduler state (small: P x d) to undo a skipped step."""
+        ctx = self.ctx
+        return copy.deepcopy({"prompt": ctx.teacher.prompt_state(), "opt": ctx.prompt_optimizer.state_dict(),
+                              "sched": ctx.prompt_scheduler.state_dict() if ctx.prompt_scheduler else None})
+
+    def restore_prompt(self, snap: dict) -> None:
+        ctx = self.ctx
+        ctx.teacher.load_prompt_state(snap["prompt"])
+        ctx.prompt_optimizer.load_state_dict(snap["opt"])
+        if ctx.prompt_scheduler is not None:
+            ctx.prompt_scheduler.load_state_dict(snap["sched"])
 
     def uses_prompt(self) -> bool:
         return self.ctx.teacher is not None and self.ctx.teacher.prompt_length > 0
@@ -76,9 +100,9 @@ class PromptKD(Method):
         norm = float(torch.nn.utils.clip_grad_norm_([prompt], clip if clip > 0 else float("inf")))
         if math.isfinite(norm):  # identical on every rank after the all-reduce
             ctx.prompt_optimizer.step()
+            if ctx.prompt_scheduler is not None:
+                ctx.prompt_scheduler.step()
         ctx.prompt_optimizer.zero_grad(set_to_none=True)
-        if ctx.prompt_scheduler is not None:
-            ctx.prompt_scheduler.step()
         return norm
 
     # ------------------------------------------------------------------ phase 3
