@@ -227,7 +227,8 @@ def test_build_ds_config_merges_run_settings(precision):
     assert ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 3 * 5 * 4
     assert ds["gradient_clipping"] == 0.5
-    assert ds["bf16"] == {"enabled": precision == "bf16"}
+    assert ds["bf16"]["enabled"] == (precision == "bf16")
+    assert ds["bf16"]["check_grad_overflow"] is True  # non-finite bf16 ZeRO steps are skipped
     assert ds["fp16"] == {"enabled": precision == "fp16"}
     assert ds["zero_optimization"]["stage"] == 2  # the JSON's ZeRO settings survive
     assert C.zero_stage(ds) == 2
