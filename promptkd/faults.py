@@ -40,7 +40,7 @@ def configured() -> Optional[Fault]:
 
 def _nan_hook(module: Any, _inputs: Any, output: Any) -> Any:
     if module.training:  # rollouts (eval mode) stay finite; every training forward is poisoned
-        output.logits = torch.full_like(output.logits, float("nan"))
+        output.logits = output.logits * float("nan")  # keeps the graph: NaN gradients flow back
     return output
 
 

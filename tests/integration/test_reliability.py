@@ -1,0 +1,227 @@
+"""Reliability through the real CLI: exact resume after SIGKILL, SIGUSR1, rank failure, NaN steps.
+
+Every run is a real launch (torchrun, 2 gloo ranks, or a single process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from promptkd.data import load_examples, make_synthetic_splits, train_tokenizer  # noqa: E402
+from promptkd.signals import EXIT_PREEMPTED  # noqa: E402
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    files = make_synthetic_splits(str(root / "data"), 96, 8, 8, seed=1)
+    texts = [e.prompt + " " + e.references[0] for e in load_examples(files["train"])]
+    train_tokenizer(texts, 512, str(root / "tok"))
+    cfg = root / "tiny.yaml"
+    cfg.write_text(f"""
+stage: train
+seed: 5
+dist_timeout_s: 60
+tokenizer: {{path: {root / 'tok'}}}
+data: {{train_file: {files['train']}, dev_size: 0, max_length: 128, max_prompt_length: 96}}
+model:
+  teacher: {{dtype: fp32, init: {{arch: llama, layers: 2, hidden: 64, heads: 4}}}}
+  student: {{init: {{arch: llama, layers: 2, hidden: 32, heads: 4}}}}
+rollout: {{max_new_tokens: 12}}
+optim:
+  student: {{lr: 1.0e-3, warmup_steps: 2}}
+  prompt: {{lr: 1.0e-3, warmup_steps: 2}}
+train: {{max_steps: {STEPS}, micro_batch_size: 3, grad_accum: 2}}
+output: {{save_interval: 1, keep_last: 0}}
+logging: {{interval: 1, progress_bar: false}}
+""")
+    return root, cfg
+
+
+def env(**extra: str) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
+
+
+def torchrun(cfg, *overrides: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            os.path.join(REPO, "launcher", "main.py"), "--config", str(cfg), *overrides]
+
+
+def single(cfg, *overrides: str) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "launcher", "main.py"), "--config", str(cfg), *overrides]
+
+
+def run(cmd: list[str], timeout: int = 300, **env_extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def final_weights(out) -> dict[str, torch.Tensor]:
+    w = load_file(os.path.join(out, "export", "model.safetensors"))
+    w.update({"prompt": load_file(os.path.join(out, "export", "teacher_prompt.safetensors"))["prompt"]})
+    return w
+
+
+def tb_scalars(out, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(out, "tb"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def kill_group_when(proc: subprocess.Popen, out, rng: random.Random) -> None:
+    """SIGKILL the whole launch at a random moment after its first checkpoint (maybe mid-save)."""
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(out, "checkpoints", "latest")) and time.time() < deadline:
+        if proc.poll() is not None:
+            return
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 2.0))
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("ds", ["zero2", "zero3_tiny_test"])
+def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
+    root, cfg = setup
+    seed = int(time.time())
+    rng = random.Random(seed)
+    seed_note = f"(kill points drawn with seed {seed})"
+    common = (f"deepspeed=ds_configs/{ds}.json",)
+    full = root / f"full_{ds}"
+    ok(run(torchrun(cfg, *common, f"output.dir={full}")))
+    reference = final_weights(full)
+
+    killed = root / f"killed_{ds}"
+    # 1) one rank SIGKILLs itself at a random step; the launcher takes the others down
+    step, rank = rng.randint(2, STEPS - 1), rng.randint(0, 1)
+    proc = run(torchrun(cfg, *common, f"output.dir={killed}"), PROMPTKD_FAULT=f"sigkill@step={step},rank={rank}")
+    assert proc.returncode != 0, f"the run should have died at step {step}"
+    assert not os.path.exists(killed / "export")
+    # 2) resume, and SIGKILL the whole group again at a random moment
+    launch = subprocess.Popen(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto"), cwd=REPO,
+                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    kill_group_when(launch, killed, rng)
+    # 3) resume to the end
+    ok(run(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto")))
+    resumed = final_weights(killed)
+    assert resumed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), f"{name} differs after resume {seed_note}"
+    # TensorBoard continues at the right step: each step once, with the uninterrupted run's values
+    full_rkl, resumed_rkl = tb_scalars(full, "loss/rkl"), tb_scalars(killed, "loss/rkl")
+    assert [s for s, _ in resumed_rkl] == list(range(1, STEPS + 1))
+    assert resumed_rkl == full_rkl
+
+
+def test_torn_checkpoint_is_skipped(setup, tmp_path):
+    from promptkd import checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for name, complete in (("step_2", True), ("step_4", False), (".tmp_step_5", False)):
+        (ckpts / name).mkdir(parents=True)
+        if complete:
+            (ckpts / name / checkpoint.MARKER).write_text("2\n")
+    assert checkpoint.latest(str(tmp_path)) == str(ckpts / "step_2")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.load(str(ckpts / "step_4"), engine=None)
+
+
+def test_sigusr1_checkpoints_exits_and_resumes(setup):
+    root, cfg = setup
+    out = root / "sigusr1"
+    steps = 400
+    proc = subprocess.Popen(single(cfg, f"output.dir={out}", f"train.max_steps={steps}", "output.save_interval=0"),
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("_")[1])
+    assert 2 <= stopped_at < steps
+    assert not (out / "export").exists()
+    done = run(single(cfg, f"output.dir={out}", f"train.max_steps={stopped_at + 2}", "output.save_interval=0",
+                      "output.resume=auto"))
+    ok(done)
+    assert f"resumed from {out}/checkpoints/{latest}" in done.stderr
+    steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps_logged == list(range(1, stopped_at + 3))
+
+
+def test_a_failing_rank_ends_every_rank_quickly(setup):
+    root, cfg = setup
+    start = time.time()
+    proc = run(torchrun(cfg, f"output.dir={root / 'raise'}", "train.max_steps=50"), timeout=120,
+               PROMPTKD_FAULT="raise@step=2,rank=1")
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert "injected fault on rank 1 at step 2" in proc.stderr
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+    leftovers = subprocess.run(["pgrep", "-f", str(root / "raise")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", "a rank survived"
+
+
+def _model_states(ckpt) -> dict[str, torch.Tensor]:
+    states = torch.load(os.path.join(ckpt, "ds", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    prompt = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["prompt"]
+    return {**states, "prompt": prompt["prompt"]["prompt"]} if prompt else dict(states)
+
+
+@pytest.mark.parametrize("launch", ["zero2_2ranks", "sft_zero2_2ranks", "zero0_single"])
+def test_nan_step_is_skipped_on_every_rank(setup, launch):
+    """The NaN appears on one rank only (2-rank cases); both must skip the update."""
+    root, cfg = setup
+    out = root / f"nan_{launch}"
+    if launch.endswith("2ranks"):
+        method = "sft" if launch.startswith("sft") else "promptkd"
+        cmd = torchrun(cfg, f"output.dir={out}", "train.max_steps=4", "deepspeed=ds_configs/zero2.json",
+                       f"method.name={method}")
+        fault = "nan@step=2,rank=1"
+    else:
+        cmd = single(cfg, f"output.dir={out}", "train.max_steps=4", "deepspeed=ds_configs/zero0.json")
+        fault = "nan@step=2"
+    ok(run(cmd, PROMPTKD_FAULT=fault))
+    ck = out / "checkpoints"
+    s1, s2, s3 = (_model_states(ck / f"step_{i}") for i in (1, 2, 3))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1), "the NaN step changed the weights"
+    assert any(not torch.equal(s2[k], s3[k]) for k in s2), "training should go on after the skipped step"
+    logged = {json.loads(line)["step"]: json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "train/skipped_steps" in line}
+    assert logged[1]["train/skipped_steps"] == 0 and logged[2]["train/skipped_steps"] == 1
+    assert logged[4]["train/skipped_steps"] == 1
+
+
+def test_consecutive_nan_steps_abort(setup):
+    root, cfg = setup
+    out = root / "nan_abort"
+    proc = run(single(cfg, f"output.dir={out}", "train.max_steps=4", "train.max_bad_steps=1"),
+               PROMPTKD_FAULT="nan@step=2")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "train.max_bad_steps" in proc.stderr.strip().splitlines()[-1]
