@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         load_ds_json(cfg.deepspeed)  # fail on a bad DeepSpeed JSON before any process group exists
     except ConfigError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from promptkd import distributed as dist

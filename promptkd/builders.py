@@ -19,7 +19,7 @@ from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, OptimConfig, TinyInit, build_ds_config, zero_stage
 from promptkd.data import (DataError, Example, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
                            tokenize_examples, train_tokenizer)
-from promptkd.models import PromptedTeacher, build_tiny, check_vocab, load_pretrained
+from promptkd.models import PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,13 @@ def build_tokenizer(cfg: Config, run_dir: str, texts: Optional[list[str]] = None
     """Load the configured tokenizer, or train one on ``texts`` (rank 0 trains, all load)."""
     path = cfg.tokenizer.path or cfg.model.student.path
     if path and not cfg.tokenizer.train:
-        return load_tokenizer(path)
+        key = "tokenizer.path" if cfg.tokenizer.path else "model.student.path"
+        if missing_local_dir(path):
+            raise ConfigError(f"{key}: cannot load tokenizer from '{path}': no such directory")
+        try:
+            return load_tokenizer(path)
+        except OSError as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
     if not cfg.tokenizer.train:
         raise ConfigError("tokenizer.path: set a tokenizer (or model.student.path), or tokenizer.train=true")
     out_dir = os.path.join(run_dir, "tokenizer")
@@ -77,7 +83,11 @@ def tokenize_splits(cfg: Config, tokenizer: Any, raw: tuple[list[Example], ...])
         if not examples:
             out.append([])
             continue
-        toks, dropped = tokenize_examples(examples, tokenizer, d.max_prompt_length, d.max_length)
+        try:
+            toks, dropped = tokenize_examples(examples, tokenizer, d.max_prompt_length, d.max_length)
+        except DataError as exc:  # every prompt too long: name the key and the file
+            source = {"train": d.train_file, "dev": d.dev_file or d.train_file, "test": d.test_file}[name]
+            raise DataError(f"data.max_prompt_length: {exc} (in {source})") from exc
         if dropped:
             log.info("%s: dropped %d/%d examples whose prompt exceeds max_prompt_length=%d",
                      name, dropped, len(examples), d.max_prompt_length)
@@ -105,14 +115,84 @@ def _build_tiny(init: TinyInit, tokenizer: Any) -> torch.nn.Module:
 
 
 def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> PromptedTeacher:
-    """The frozen teacher, replicated on every rank, wrapped with its soft prompt."""
+    """The frozen teacher wrapped with its soft prompt (fp32, the same on every rank).
+
+    placement=replicated: a full copy per rank. placement=zero3: the weights are
+    partitioned at construction and gathered layer by layer in forward and
+    backward, so gradients still reach the prompt.
+    """
     t = cfg.model.teacher
     dtype = DTYPES[t.dtype]
-    base = load_pretrained(t.path, dtype) if t.path else _tiny(t.init, tokenizer, cfg.seed)
+    zero3 = t.placement == "zero3"
+    base = _zero3_teacher(cfg, tokenizer) if zero3 else _plain_teacher(cfg, tokenizer)
     length = t.prompt_length if use_prompt else 0
     teacher = PromptedTeacher(base, prompt_length=length, init=t.prompt_init, init_text=t.prompt_init_text,
                               tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
-    return teacher.to(dist.device())
+    teacher.zero3 = zero3
+    if t.gradient_checkpointing:
+        checkpoint_frozen_layers(teacher.base)
+    return teacher if zero3 else teacher.to(dist.device())
+
+
+def checkpoint_frozen_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing for a model kept in eval mode.
+
+    HF checkpoints a layer only when that layer's own ``training`` flag is set;
+    flipping just that flag (not ``.train()``, which recurses) keeps dropout off.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(f"model.teacher.gradient_checkpointing: {type(model).__name__} has no checkpointable layers")
+    for layer in layers:
+        layer.training = True
+
+
+def _plain_teacher(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+    t = cfg.model.teacher
+    if not t.path:
+        return _tiny(t.init, tokenizer, cfg.seed)
+    base = load_pretrained(t.path, DTYPES[t.dtype], key="model.teacher.path")
+    _check_covers_tokenizer(base, tokenizer, "model.teacher.path")  # before the prompt's text init indexes it
+    return base
+
+
+def _zero3_teacher(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from promptkd.config import build_teacher_ds_config
+
+    ds = build_teacher_ds_config(cfg)
+    keep_alive = HfDeepSpeedConfig(ds)  # construction under it partitions the weights
+    try:
+        base = _plain_teacher(cfg, tokenizer)
+    finally:
+        del keep_alive
+        _unset_hf_ds_config()
+    if not cfg.model.teacher.path:
+        _copy_into_partitions(base, _tiny(cfg.model.teacher.init, tokenizer, cfg.seed))
+    base.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=base, config=ds)  # installs the gather/release hooks
+    engine.module.eval()
+    return engine.module
+
+
+def _copy_into_partitions(partitioned: torch.nn.Module, full: torch.nn.Module) -> None:
+    """Load a full model's weights into a ZeRO-3 partitioned copy of it.
+
+    zero.Init draws a tiny model's random init differently from a plain build, so
+    the seeded plain build (identical on every rank) is the reference.
+    """
+    import deepspeed
+
+    source = dict(full.named_parameters())
+    for name, param in partitioned.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if dist.is_main():
+                param.data.copy_(source[name].data.to(param.dtype))
 
 
 def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.nn.Module:
@@ -122,13 +202,23 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     s = cfg.model.student
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        model = load_pretrained(s.path, torch.float32) if s.path else _tiny(s.init, tokenizer, cfg.seed + 1)
+        model = (load_pretrained(s.path, torch.float32, key="model.student.path") if s.path
+                 else _tiny(s.init, tokenizer, cfg.seed + 1))
     finally:
         del keep_alive  # a live HfDeepSpeedConfig would also partition later models
         _unset_hf_ds_config()
+    if s.path:
+        _check_covers_tokenizer(model, tokenizer, "model.student.path")
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _check_covers_tokenizer(model: torch.nn.Module, tokenizer: Any, key: str) -> None:
+    n_model, n_tok = _config_vocab(model), len(tokenizer)
+    if n_model < n_tok:
+        raise ConfigError(f"{key}: model vocab size {n_model} is smaller than the tokenizer's {n_tok} tokens; "
+                          "teacher, student and tokenizer must share one vocabulary")
 
 
 def _unset_hf_ds_config() -> None:

@@ -6,6 +6,7 @@ A checkpoint is written into ``checkpoints/.tmp_step_N``; rank 0 adds the
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -40,7 +41,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def save(run_dir: str, step: int, engine: Any, trainer_state: dict, prompt_state: Optional[dict] = None,
-         generator: Optional[torch.Generator] = None, keep_last: int = 0) -> str:
+         generator: Optional[torch.Generator] = None, keep_last: int = 0, tokenizer: Any = None) -> str:
     """Save everything needed to resume at ``step``; returns the final dir (all ranks call)."""
     root = os.path.join(run_dir, "checkpoints")
     name = f"step_{step}"
@@ -54,6 +55,10 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, prompt_state
     torch.save(rank_state, os.path.join(tmp, f"rank_{dist.rank()}.pt"))
     if dist.is_main():
         torch.save({"trainer": trainer_state, "prompt": prompt_state}, os.path.join(tmp, "state.pt"))
+        # what `python -m promptkd.consolidate` needs to rebuild an HF model offline
+        engine.module.config.to_json_file(os.path.join(tmp, "hf_config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     dist.barrier()
     if dist.is_main():
         _write_text(os.path.join(tmp, MARKER), f"{step}\n")
@@ -128,3 +133,31 @@ def export_student(engine: Any, tokenizer: Any, out_dir: str) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     dist.barrier()
+
+
+BEST = "best"
+
+
+def save_best(run_dir: str, step: int, score: float, engine: Any, tokenizer: Any, teacher: Any = None,
+              teacher_id: str = "", metric: str = "dev/rougeL") -> str:
+    """Export the student (and the teacher prompt) as ``<run_dir>/best`` with ``best.json``; all ranks call.
+
+    The new export is staged next to ``best/`` and swapped in by renames, so ``best/``
+    always holds one complete model with its matching prompt and step.
+    """
+    final, staging = os.path.join(run_dir, BEST), os.path.join(run_dir, f".{BEST}_staging")
+    export_student(engine, tokenizer, staging)
+    if dist.is_main():
+        if teacher is not None:
+            teacher.save_prompt(staging, teacher_id)
+        _write_text(os.path.join(staging, "best.json"),
+                    json.dumps({"step": step, "metric": metric, "score": score}, indent=2) + "\n")
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    log.info("best so far (%s %.4g at step %d) exported to %s", metric, score, step, final)
+    return final

@@ -49,6 +49,11 @@ class TeacherConfig:
     prompt_length: int = _f(7, "soft prompt length P (0 = no prompt, i.e. plain on-policy RKL)")
     prompt_init: str = _f("text", "prompt init: text | random")
     prompt_init_text: str = _f("Suppose you are a student.", "text whose token embeddings initialise the prompt")
+    placement: str = _f("replicated", "replicated (a full copy per rank) | zero3 (weights partitioned across ranks)")
+    deepspeed: str = _f("ds_configs/teacher_zero3.json", "placement=zero3: the teacher's DeepSpeed JSON (ZeRO-3 settings)")
+    offload_params: str = _f("", "placement=zero3: '' | cpu (keep the teacher's partitions in CPU memory)")
+    gradient_checkpointing: bool = _f(False, "activation checkpointing in the teacher (the prompt's backward "
+                                             "runs through all of it); dropout stays off")
 
 
 @dataclass
@@ -94,12 +99,30 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("promptkd", "training method: promptkd | rkl | sft | kd")
+    name: str = _f("promptkd", "training method: promptkd | rkl | sft | kd | seqkd | imitkd | gkd | distillm")
     guidance: str = _f("teacher_student", "prompt guidance term: teacher_student = KL(p_T^θ‖p_S) | student_teacher = KL(p_S‖p_T^θ)")
     reg_schedule: str = _f("linear", "regularizer weight w(t): linear = 1 - t/T | constant | off")
     reg_weight: float = _f(1.0, "regularizer scale: w(t) = reg_weight · (1 - t/T) for linear, reg_weight for constant")
     kd_ce_weight: float = _f(0.0, "kd only: loss = (1-w)·FKL + w·CE on ground truth")
     loss_chunk_size: int = _f(0, "sequence chunk for the fp32 loss math (0 = unchunked)")
+    divergence: str = _f("auto", "imitkd/gkd token divergence: auto (imitkd: fkl, gkd: jsd) | fkl | rkl | jsd | tvd "
+                                 "(0.5·Σ|p_T - p_S|) | sfkl | srkl")
+    gkd_lambda: float = _f(0.5, "gkd: on-policy fraction λ, the chance a step trains on student samples (else ground "
+                                "truth); one draw per step, identical on every rank")
+    gkd_beta: float = _f(0.5, "jsd: β in JSD(β) = β·KL(p_T‖M) + (1-β)·KL(p_S‖M), M = β·p_T + (1-β)·p_S; "
+                              "β=0 is KL(p_T‖p_S), β=1 is KL(p_S‖p_T)")
+    skew_alpha: float = _f(0.1, "distillm (and sfkl/srkl): skew α; sfkl = KL(p_T‖α·p_T + (1-α)·p_S), "
+                                "srkl = KL(p_S‖α·p_S + (1-α)·p_T)")
+    distillm_loss: str = _f("srkl", "distillm: srkl (skew reverse KL) | sfkl (skew forward KL)")
+    replay_capacity: int = _f(1000, "distillm: student samples kept per rank in the replay buffer (FIFO)")
+    replay_ratio: float = _f(0.5, "distillm: chance a student-sample step replays the buffer instead of generating")
+    distillm_init_prob: float = _f(0.0, "distillm: initial chance φ that a step uses student samples "
+                                        "(else ground truth)")
+    distillm_prob_step: float = _f(0.1, "distillm: φ grows by this (capped at 1) when the loss stops improving")
+    distillm_window: int = _f(10, "distillm: steps per loss window; φ grows when a window's mean step loss "
+                                  "(dev-loss proxy) is not below the previous window's minus distillm_loss_eps")
+    distillm_loss_eps: float = _f(0.0, "distillm: improvement a window must make to keep φ unchanged")
+    seqkd_cache_dir: str = _f("", "seqkd: cache of teacher generations; empty = <output.dir>/seqkd_cache")
 
 
 @dataclass
@@ -152,6 +175,18 @@ class EvalConfig:
     seeds: list = _f([10, 20, 30, 40, 50], "one generation per seed (scores are mean ± std over seeds)")
     max_examples: int = _f(0, "evaluate only the first N examples (0 = all)")
     dev_interval: int = _f(0, "dev ROUGE-L every N optimizer steps during training (0 = only at the end)")
+    sets: list = _f([], "test sets: name=path entries and/or dirs written by promptkd.data.prepare; "
+                        "empty = eval.file / data.test_file as the set 'test'")
+
+
+@dataclass
+class ExposureConfig:
+    students: list = _f([], "stage=exposure: student HF dirs (e.g. exports of several checkpoints); "
+                            "empty = eval.model_path or the run's export")
+    teacher_path: str = _f("", "stage=exposure: teacher HF dir; empty = model.teacher.path")
+    prompt_path: str = _f("", "stage=exposure: dir with a learned teacher_prompt.safetensors (empty = plain teacher)")
+    samples: int = _f(1, "stage=exposure: samples per prompt from each of student and teacher (k)")
+    max_tokens: int = _f(0, "stage=exposure: positions accumulated (N); 0 = data.max_length - data.max_prompt_length")
 
 
 @dataclass
@@ -194,19 +229,24 @@ class Config:
     train: TrainConfig = _f(TrainConfig(), "training loop")
     rollout: RolloutConfig = _f(RolloutConfig(), "student sampling")
     eval: EvalConfig = _f(EvalConfig(), "evaluation")
+    exposure: ExposureConfig = _f(ExposureConfig(), "exposure-bias metric ExAccErr (stage=exposure)")
     output: OutputConfig = _f(OutputConfig(), "outputs")
     logging: LoggingConfig = _f(LoggingConfig(), "logging")
     pipeline: PipelineConfig = _f(PipelineConfig(), "quickstart pipeline")
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": ("pipeline", "train", "eval"),
+    "stage": ("pipeline", "train", "eval", "exposure"),
     "model.teacher.init.arch": ("llama", "gpt2"),
     "model.student.init.arch": ("llama", "gpt2"),
     "model.teacher.dtype": ("bf16", "fp32"),
     "model.teacher.prompt_init": ("text", "random"),
+    "model.teacher.placement": ("replicated", "zero3"),
+    "model.teacher.offload_params": ("", "cpu"),
     "data.format": ("dolly", "prompt_output"),
-    "method.name": ("promptkd", "rkl", "sft", "kd"),
+    "method.name": ("promptkd", "rkl", "sft", "kd", "seqkd", "imitkd", "gkd", "distillm"),
+    "method.divergence": ("auto", "fkl", "rkl", "jsd", "tvd", "sfkl", "srkl"),
+    "method.distillm_loss": ("srkl", "sfkl"),
     "method.guidance": ("teacher_student", "student_teacher"),
     "method.reg_schedule": ("linear", "constant", "off"),
     "optim.student.schedule": ("constant", "linear", "cosine"),
@@ -222,17 +262,23 @@ POSITIVE = (
     "tokenizer.vocab_size", "data.max_length", "data.max_prompt_length",
     "optim.student.lr", "optim.prompt.lr", "optim.student.eps", "optim.prompt.eps",
     "train.micro_batch_size", "train.grad_accum", "rollout.temperature", "rollout.top_p",
-    "eval.batch_size", "eval.max_new_tokens", "eval.temperature", "eval.top_p",
-    "logging.interval", "dist_timeout_s", "pipeline.sft_lr",
+    "eval.batch_size", "eval.max_new_tokens", "eval.temperature", "eval.top_p", "exposure.samples",
+    "logging.interval", "dist_timeout_s", "pipeline.sft_lr", "method.replay_capacity", "method.distillm_window",
 )
 NON_NEGATIVE = (
     "model.teacher.prompt_length", "data.dev_size", "method.reg_weight", "method.loss_chunk_size",
+    "method.distillm_loss_eps",
     "optim.student.weight_decay", "optim.prompt.weight_decay", "optim.student.warmup_steps",
     "optim.prompt.warmup_steps", "train.epochs", "train.max_steps", "train.grad_clip", "train.max_bad_steps",
     "rollout.top_k", "rollout.max_new_tokens", "eval.top_k", "eval.no_repeat_ngram_size",
-    "eval.max_examples", "eval.dev_interval", "output.save_interval", "output.keep_last", "logging.sample_texts",
+    "eval.max_examples", "eval.dev_interval", "exposure.max_tokens", "output.save_interval", "output.keep_last", "logging.sample_texts",
     "pipeline.teacher_sft_steps", "pipeline.student_sft_steps", "pipeline.sft_warmup_steps",
     "data.synthetic.n_train", "data.synthetic.n_dev", "data.synthetic.n_test",
+)
+# Probabilities and mixing weights: must lie in [0, 1].
+UNIT_INTERVAL = (
+    "method.gkd_lambda", "method.gkd_beta", "method.skew_alpha", "method.replay_ratio",
+    "method.distillm_init_prob", "method.distillm_prob_step",
 )
 
 
@@ -386,6 +432,11 @@ def validate(cfg: Config) -> None:
     for key in ("rollout.top_p", "eval.top_p"):
         if get(cfg, key) > 1.0:
             raise ConfigError(f"{key}: must be in (0, 1] (got {get(cfg, key)})")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1] (got {get(cfg, key)!r})")
+    if cfg.method.skew_alpha >= 1.0:  # alpha = 1 makes the skew KL identically 0
+        raise ConfigError(f"method.skew_alpha: must be in [0, 1) (got {cfg.method.skew_alpha!r})")
     for key in ("optim.student.betas", "optim.prompt.betas"):
         betas = get(cfg, key)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
@@ -394,6 +445,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_prompt_length: must be < data.max_length ({cfg.data.max_length})")
     if not cfg.eval.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.eval.seeds):
         raise ConfigError(f"eval.seeds: must be a non-empty list of integers (got {cfg.eval.seeds!r})")
+    for key in ("eval.sets", "exposure.students"):
+        if not all(isinstance(v, str) and v for v in get(cfg, key)):
+            raise ConfigError(f"{key}: must be a list of non-empty strings (got {get(cfg, key)!r})")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("train.max_steps: set max_steps > 0 or train.epochs > 0")
     if cfg.stage == "train" and not cfg.data.train_file and not cfg.data.synthetic.enabled:
@@ -464,6 +518,21 @@ def build_ds_config(cfg: Config, world_size: int, micro_batch_size: Optional[int
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
+    return ds
+
+
+def build_teacher_ds_config(cfg: Config) -> dict:
+    """The frozen teacher's DeepSpeed config (placement=zero3): ZeRO-3, no optimizer."""
+    t = cfg.model.teacher
+    ds = load_ds_json(t.deepspeed)
+    if zero_stage(ds) != 3:
+        raise ConfigError(f"{t.deepspeed}: model.teacher.placement=zero3 needs zero_optimization.stage 3")
+    if t.offload_params:
+        ds["zero_optimization"]["offload_param"] = {"device": t.offload_params, "pin_memory": True}
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size  # required by DeepSpeed, unused
+    ds["gradient_accumulation_steps"] = 1
+    ds["bf16"] = {"enabled": t.dtype == "bf16"}
+    ds.setdefault("steps_per_print", 10 ** 9)
     return ds
 
 

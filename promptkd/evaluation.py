@@ -1,8 +1,12 @@
-"""Generation + ROUGE-L / exact match, distributed over ranks and gathered in order.
+"""Generation + ROUGE-L / exact match over named test sets, distributed over ranks and gathered in order.
 
 Each rank takes the examples ``rank, rank + W, ...`` padded to the same count,
 so every rank runs the same number of batches (ZeRO-3 forwards are
-collectives); the gather drops the padding and restores dataset order.
+collectives); the gather drops the padding and restores dataset order, so
+greedy answers and scores do not depend on the world size.
+
+Results: ``{model: {set: evaluate(...)}}`` -> ``summarize`` -> results.json,
+results.md (promptkd.report), answers/<model>/<set>.jsonl and TensorBoard scalars.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.config import EvalConfig
-from promptkd.data import TokenizedExample, collate_prompts
+from promptkd.data import TokenizedExample, collate_prompts, load_examples, sniff_format, tokenize_examples
+from promptkd.report import AVERAGE, METRICS, results_markdown
 from promptkd.rollout import SamplingParams, StepFn, generate
 
 log = logging.getLogger(__name__)
@@ -126,44 +131,160 @@ def evaluate(gen: Generator, tokenizer: Any, examples: list[TokenizedExample], e
         answers = generate_answers(gen, tokenizer, examples, params, ev.batch_size, seed)
         runs.append({"seed": seed, **score(answers, examples), "by_category": per_category(answers, examples),
                      "answers": answers})
-    rl = [r["rougeL"] for r in runs]
-    em = [r["exact_match"] for r in runs]
     cats = runs[0]["by_category"]
     by_cat = {c: statistics.fmean(r["by_category"][c] for r in runs) for c in cats}
-    return {"n": len(examples), "rougeL": statistics.fmean(rl), "rougeL_std": statistics.pstdev(rl),
-            "exact_match": statistics.fmean(em), "by_category": by_cat, "seeds": runs}
+    return {"n": len(examples), **_mean_std(runs), "by_category": by_cat, "seeds": runs}
+
+
+def _mean_std(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and population std over seeds of each metric."""
+    out = {}
+    for metric in METRICS:
+        values = [r[metric] for r in runs]
+        out[metric], out[metric + "_std"] = statistics.fmean(values), statistics.pstdev(values)
+    return out
+
+
+def evaluate_sets(gen: Generator, tokenizer: Any, sets: dict[str, list[TokenizedExample]],
+                  ev: EvalConfig) -> dict[str, dict[str, Any]]:
+    """``evaluate`` on every named set with the same model; {set: result}."""
+    out = {}
+    for name, examples in sets.items():
+        out[name] = evaluate(gen, tokenizer, examples, ev)
+        log.info("eval %s: ROUGE-L %.2f ± %.2f, EM %.2f (n=%d)", name, out[name]["rougeL"], out[name]["rougeL_std"],
+                 out[name]["exact_match"], out[name]["n"])
+    return out
+
+
+# ----------------------------------------------------------------------------- eval sets
+
+PAPER_SETS = ("dolly", "selfinst", "vicuna", "sni", "unni")
+TEST_FILE = "test.jsonl"
+
+
+def _set_dir(path: str) -> dict[str, str]:
+    """A dir written by ``promptkd.data.prepare``: one set, or one set per subdir holding test.jsonl."""
+    if os.path.isfile(os.path.join(path, TEST_FILE)):
+        return {os.path.basename(os.path.normpath(path)): os.path.join(path, TEST_FILE)}
+    subs = [d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, TEST_FILE))]
+    subs.sort(key=lambda d: (PAPER_SETS.index(d) if d in PAPER_SETS else len(PAPER_SETS), d))
+    if not subs:
+        raise ValueError(f"eval.sets: {path} has no {TEST_FILE} and no subdirectory with one")
+    return {d: os.path.join(path, d, TEST_FILE) for d in subs}
+
+
+def resolve_sets(specs: list[str], fallback: str = "") -> dict[str, str]:
+    """``eval.sets`` entries (``name=path`` or a prepared dir) -> ordered {name: file or hub id}.
+
+    With no entries, ``fallback`` (eval.file / data.test_file) is the one set "test".
+    """
+    if not specs:
+        if not fallback:
+            raise ValueError("eval.sets: nothing to evaluate (set eval.sets, eval.file or data.test_file)")
+        return {"test": fallback}
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and os.path.isdir(path):
+            found = _set_dir(path)
+            if len(found) != 1:
+                raise ValueError(f"eval.sets: {spec}: {path} holds several sets ({', '.join(found)}); name the dir")
+            found = {name: next(iter(found.values()))}
+        elif sep:
+            found = {name: path}
+        elif os.path.isdir(spec):
+            found = _set_dir(spec)
+        else:
+            raise ValueError(f"eval.sets: {spec!r} is neither name=path nor a directory")
+        for key, value in found.items():
+            if not key or key in out:
+                raise ValueError(f"eval.sets: {'empty' if not key else 'duplicate'} set name {key!r} in {spec!r}")
+            out[key] = value
+    return out
+
+
+def load_sets(paths: dict[str, str], default_fmt: str, tokenizer: Any, max_prompt_length: int,
+              max_length: int) -> tuple[dict[str, list[TokenizedExample]], dict[str, dict[str, Any]]]:
+    """Load and tokenize every set (format sniffed per file); returns ({set: examples}, {set: info})."""
+    examples, info = {}, {}
+    for name, path in paths.items():
+        fmt = sniff_format(path, default_fmt)
+        examples[name], dropped = tokenize_examples(load_examples(path, fmt, split="test"), tokenizer,
+                                                    max_prompt_length, max_length)
+        info[name] = {"path": path, "format": fmt, "n": len(examples[name]), "dropped_long_prompts": dropped}
+    return examples, info
 
 
 # ----------------------------------------------------------------------------- reports
 
-def write_results(out_dir: str, results: dict[str, dict[str, Any]], examples: list[TokenizedExample]) -> None:
-    """results.json (scores), results.md (table) and answers_<model>.jsonl; rank 0 only."""
+def slug(name: str) -> str:
+    """A file-name-safe form of a model name ("teacher + learned prompt" -> teacher_learned_prompt)."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.-]+", "_", name)).strip("_") or "model"
+
+
+def _stats(r: dict[str, Any]) -> dict[str, Any]:
+    runs = [{k: v for k, v in s.items() if k != "answers"} for s in r["seeds"]]
+    return {k: v for k, v in r.items() if k != "seeds"} | {"by_seed": runs}
+
+
+def _average(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean over datasets, per seed, then mean ± std over seeds (so the std is that of the average)."""
+    per_seed = []
+    for i, run in enumerate(next(iter(per_set.values()))["seeds"]):
+        per_seed.append({"seed": run["seed"], **{m: statistics.fmean(r["seeds"][i][m] for r in per_set.values())
+                                                 for m in METRICS}})
+    return {"n": sum(r["n"] for r in per_set.values()), **_mean_std(per_seed), "by_seed": per_seed}
+
+
+def summarize(results: dict[str, dict[str, dict[str, Any]]], ev: Optional[EvalConfig] = None,
+              sets: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """``{model: {set: evaluate(...)}}`` -> the JSON-able summary (see promptkd.report)."""
+    models = {}
+    for name, per_set in results.items():
+        models[name] = {"datasets": {d: _stats(r) for d, r in per_set.items()}}
+        if len(per_set) > 1:
+            models[name][AVERAGE] = _average(per_set)
+    decoding = {}
+    if ev is not None:
+        keys = ("do_sample", "temperature", "top_p", "top_k", "no_repeat_ngram_size", "max_new_tokens", "seeds")
+        decoding = {k: getattr(ev, k) for k in keys}
+        decoding["seeds"] = list(ev.seeds if ev.do_sample else ev.seeds[:1])
+    return {"decoding": decoding, "sets": sets or {}, "models": models}
+
+
+def write_results(out_dir: str, results: dict[str, dict[str, dict[str, Any]]],
+                  examples: dict[str, list[TokenizedExample]], ev: Optional[EvalConfig] = None,
+                  sets: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """results.json + results.md + answers/<model>/<set>.jsonl (rank 0 writes); returns the summary."""
+    summary = summarize(results, ev, sets)
     if not dist.is_main():
-        return
+        return summary
     os.makedirs(out_dir, exist_ok=True)
-    slim = {name: {k: v for k, v in r.items() if k != "seeds"} | {
-        "by_seed": [{k: v for k, v in s.items() if k != "answers"} for s in r["seeds"]]} for name, r in results.items()}
-    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(slim, indent=2))
-    _atomic_write(os.path.join(out_dir, "results.md"), results_table(results))
-    for name, r in results.items():
-        lines = []
-        for s in r["seeds"]:
-            for ex, ans in zip(examples, s["answers"]):
-                lines.append(json.dumps({"id": ex.id, "seed": s["seed"], "category": ex.category,
-                                         "answer": ans, "references": ex.references}))
-        _atomic_write(os.path.join(out_dir, f"answers_{name}.jsonl"), "\n".join(lines) + "\n")
+    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2))
+    _atomic_write(os.path.join(out_dir, "results.md"), results_markdown(summary))
+    for name, per_set in results.items():
+        model_dir = os.path.join(out_dir, "answers", slug(name))
+        os.makedirs(model_dir, exist_ok=True)
+        for set_name, r in per_set.items():
+            lines = [json.dumps({"id": ex.id, "seed": s["seed"], "category": ex.category, "answer": ans,
+                                 "references": ex.references})
+                     for s in r["seeds"] for ex, ans in zip(examples[set_name], s["answers"])]
+            _atomic_write(os.path.join(model_dir, f"{set_name}.jsonl"), "\n".join(lines) + "\n")
+    return summary
 
 
-def results_table(results: dict[str, dict[str, Any]]) -> str:
-    cats = sorted({c for r in results.values() for c in r["by_category"]})
-    head = "| model | ROUGE-L | EM | " + " | ".join(cats) + " |"
-    rows = [head, "|" + "---|" * (3 + len(cats))]
-    for name, r in results.items():
-        by_cat = r["by_category"]
-        spread = f" ± {r['rougeL_std']:.2f}" if len(r["seeds"]) > 1 else ""
-        rows.append(f"| {name} | {r['rougeL']:.2f}{spread} | {r['exact_match']:.1f} | "
-                    + " | ".join(f"{by_cat.get(c, float('nan')):.1f}" for c in cats) + " |")
-    return "\n".join(rows) + "\n"
+def scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """TensorBoard scalars: ``eval/<set>/<metric>`` (``eval/<model>/<set>/...`` when several models)."""
+    out = {}
+    several = len(summary["models"]) > 1
+    for name, m in summary["models"].items():
+        prefix = f"eval/{slug(name)}/" if several else "eval/"
+        entries = dict(m["datasets"]) | ({AVERAGE: m[AVERAGE]} if AVERAGE in m else {})
+        for set_name, stats in entries.items():
+            for metric in METRICS:
+                out[f"{prefix}{set_name}/{metric}"] = stats[metric]
+                out[f"{prefix}{set_name}/{metric}_std"] = stats[metric + "_std"]
+    return out
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -21,6 +21,7 @@ backward instead of being kept alive for the whole sequence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -263,3 +264,166 @@ def regularizer_weight(step: int, total_steps: int, schedule: str, constant: flo
     raise ValueError(
         f"unknown regularizer schedule {schedule!r}; expected one of {SCHEDULE_CHOICES}"
     )
+
+
+# ----------------------------------------------------------------------------- baseline divergences
+#
+# Same conventions as above: (logits_a, logits_b, mask, chunk_size=None) -> (sum, n_tokens),
+# fp32 inside, gradients flow to whichever input requires grad (also through mixtures).
+
+
+def _mix_logp(a_logp: torch.Tensor, b_logp: torch.Tensor, w_a: float) -> torch.Tensor:
+    """log(w_a · a + (1 - w_a) · b) from fp32 log-probs [N, V], computed stably."""
+    if w_a == 0.0:
+        return b_logp
+    if w_a == 1.0:
+        return a_logp
+    return torch.logsumexp(torch.stack([a_logp + math.log(w_a), b_logp + math.log1p(-w_a)]), dim=0)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def _make_skew_chunk(alpha: float) -> ChunkFn:
+    def chunk(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.bool()
+        p_logp = F.log_softmax(_select(p_logits, keep), dim=-1)
+        q_logp = F.log_softmax(_select(q_logits, keep), dim=-1)
+        return _kl_rows(p_logp, _mix_logp(p_logp, q_logp, alpha))
+
+    return chunk
+
+
+def skew_kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    alpha: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skew KL (DistiLLM): KL(p || alpha·p + (1-alpha)·q) per token, summed over the mask.
+
+    alpha = 0 is KL(p || q); alpha = 1 is 0. Logits [B, T, V], mask [B, T].
+    """
+    _check_unit("alpha", alpha)
+    _check_shapes([p_logits, q_logits], mask)
+    loss = _run_chunked(_make_skew_chunk(float(alpha)), [p_logits, q_logits], mask, chunk_size)
+    return loss, _n_tokens(mask)
+
+
+def skew_forward_kl(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    alpha: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFKL: KL(p_T || alpha·p_T + (1-alpha)·p_S)."""
+    return skew_kl(teacher_logits, student_logits, mask, chunk_size, alpha=alpha)
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    alpha: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SRKL: KL(p_S || alpha·p_S + (1-alpha)·p_T)."""
+    return skew_kl(student_logits, teacher_logits, mask, chunk_size, alpha=alpha)
+
+
+def _make_jsd_chunk(beta: float) -> ChunkFn:
+    def chunk(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.bool()
+        t_logp = F.log_softmax(_select(t_logits, keep), dim=-1)
+        s_logp = F.log_softmax(_select(s_logits, keep), dim=-1)
+        if beta == 0.0:
+            return _kl_rows(t_logp, s_logp)
+        if beta == 1.0:
+            return _kl_rows(s_logp, t_logp)
+        m_logp = _mix_logp(t_logp, s_logp, beta)
+        return beta * _kl_rows(t_logp, m_logp) + (1.0 - beta) * _kl_rows(s_logp, m_logp)
+
+    return chunk
+
+
+def generalized_jsd(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized JSD(beta) of GKD (Agarwal et al. 2024), per token, summed over the mask.
+
+    For 0 < beta < 1, with M = beta·p_T + (1-beta)·p_S:
+        JSD(beta) = beta · KL(p_T || M) + (1-beta) · KL(p_S || M).
+    It is symmetric in (p_T, p_S) at beta = 0.5, where it is the usual JSD.
+    The endpoints are defined as the two KLs, as in GKD/TRL:
+        beta = 0 -> KL(p_T || p_S) (forward KL), beta = 1 -> KL(p_S || p_T) (reverse KL).
+    They are the limits of JSD(beta)/beta and JSD(beta)/(1-beta), the scalings
+    under which JSD(beta) tends to a non-zero divergence (JSD itself tends to 0).
+    """
+    _check_unit("beta", beta)
+    _check_shapes([teacher_logits, student_logits], mask)
+    loss = _run_chunked(_make_jsd_chunk(float(beta)), [teacher_logits, student_logits], mask, chunk_size)
+    return loss, _n_tokens(mask)
+
+
+def _tvd_chunk(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    keep = mask.bool()
+    p = F.softmax(_select(p_logits, keep), dim=-1)
+    q = F.softmax(_select(q_logits, keep), dim=-1)
+    return 0.5 * (p - q).abs().sum()
+
+
+def total_variation(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total variation distance 0.5 · sum_v |p - q| per token (in [0, 1]), summed over the mask."""
+    _check_shapes([p_logits, q_logits], mask)
+    loss = _run_chunked(_tvd_chunk, [p_logits, q_logits], mask, chunk_size)
+    return loss, _n_tokens(mask)
+
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")
+
+
+def token_divergence(
+    name: str,
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher-student divergence ``name`` (one of DIVERGENCES), always called (teacher, student).
+
+    beta is JSD's, alpha the skew of sfkl/srkl; the others ignore them.
+    """
+    t, s = teacher_logits, student_logits
+    if name == "fkl":
+        return forward_kl(t, s, mask, chunk_size)
+    if name == "rkl":
+        return reverse_kl(s, t, mask, chunk_size)
+    if name == "jsd":
+        return generalized_jsd(t, s, mask, chunk_size, beta=beta)
+    if name == "tvd":
+        return total_variation(t, s, mask, chunk_size)
+    if name == "sfkl":
+        return skew_forward_kl(t, s, mask, chunk_size, alpha=alpha)
+    if name == "srkl":
+        return skew_reverse_kl(s, t, mask, chunk_size, alpha=alpha)
+    raise ValueError(f"unknown divergence {name!r}; expected one of {DIVERGENCES}")

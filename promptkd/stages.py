@@ -13,24 +13,32 @@ from promptkd import distributed as dist
 from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
                                example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
 from promptkd.config import Config, ConfigError, to_yaml, with_overrides, zero_stage
-from promptkd.data import load_examples, load_tokenizer, make_synthetic_splits, tokenize_examples
-from promptkd.evaluation import Generator, evaluate, results_table, write_results
+from promptkd.data import load_tokenizer, make_synthetic_splits
+from promptkd.evaluation import (Generator, evaluate, evaluate_sets, load_sets, resolve_sets, scalars,
+                                 write_results)
+from promptkd.exposure import run_exposure
 from promptkd.methods import METHODS, StepContext, build_method
 from promptkd.metrics import MetricsLogger
-from promptkd.models import PromptedTeacher, load_pretrained
+from promptkd.models import PromptedTeacher, load_pretrained, missing_local_dir
 from promptkd.models.prompted_teacher import load_prompt
+from promptkd.report import main_tables
 from promptkd.rollout import hf_step_fn, teacher_step_fn
 from promptkd.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def write_config(cfg: Config, run_dir: str) -> None:
-    """Write the resolved config; refuse to start fresh over another run's outputs."""
+def check_output_dir(cfg: Config, run_dir: str) -> None:
+    """Refuse to start fresh over another run's outputs."""
     existing = os.path.join(run_dir, "config.yaml")
     if os.path.exists(existing) and not cfg.output.resume and not cfg.output.overwrite:
         raise ConfigError(f"output.dir: {run_dir} already holds a run (config.yaml); pass output.resume=auto "
                           "to continue it, output.overwrite=true to start over, or pick another output.dir")
+
+
+def write_config(cfg: Config, run_dir: str) -> None:
+    """Write the resolved config; refuse to start fresh over another run's outputs."""
+    check_output_dir(cfg, run_dir)
     dist.barrier()  # every rank has checked before rank 0 writes
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
@@ -76,10 +84,12 @@ def run_train(cfg: Config) -> dict[str, Any]:
     """Train the student with ``cfg.method``; checkpoint, export, evaluate on the test split."""
     _seed_everything(cfg.seed)
     run_dir = cfg.output.dir
-    write_config(cfg, run_dir)
+    check_output_dir(cfg, run_dir)
+    resume_from = _resume_path(cfg)
     raw = load_raw_splits(cfg)
     tokenizer = build_tokenizer(cfg, run_dir, example_texts(raw[0]))
     splits = tokenize_splits(cfg, tokenizer, raw)
+    extra_sets, extra_info = _eval_sets(cfg, tokenizer) if cfg.eval.sets else ({}, {})  # checked before training
     total = steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
     method_cls = METHODS[cfg.method.name]
     teacher = build_teacher(cfg, tokenizer, use_prompt=method_cls.trains_prompt) if method_cls.uses_teacher else None
@@ -88,12 +98,14 @@ def run_train(cfg: Config) -> dict[str, Any]:
     prompt_opt = prompt_sched = None
     if teacher is not None and method_cls.trains_prompt and teacher.prompt_length > 0:
         prompt_opt, prompt_sched = build_prompt_optimizer(cfg, teacher, total)
+    # Only once every input has been checked: a start that fails on bad input leaves no
+    # config.yaml behind, which would make the corrected rerun look like "another run".
+    write_config(cfg, run_dir)
     ctx = StepContext(cfg=cfg, engine=engine, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                       vocab_size=vocab, total_steps=total, teacher=teacher, prompt_optimizer=prompt_opt,
                       prompt_scheduler=prompt_sched,
                       generator=torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank()),
                       sync_rollout=zero_stage(ds_config) == 3)
-    resume_from = _resume_path(cfg)
     trainer = Trainer(cfg, run_dir, build_method(cfg.method.name, ctx), splits.train, total, None,
                       dev_eval=_dev_eval_fn(cfg, engine, tokenizer, vocab, splits.dev) if splits.dev else None,
                       tokenizer=tokenizer)
@@ -112,11 +124,13 @@ def run_train(cfg: Config) -> dict[str, Any]:
         summary["dev_rougeL"] = trainer.run_dev_eval()
     if cfg.output.export:
         _export(cfg, run_dir, engine, tokenizer, teacher if prompt_opt is not None else None)
-    if splits.test:
-        res = evaluate(student_generator(engine, tokenizer, vocab), tokenizer, splits.test, cfg.eval)
-        write_results(os.path.join(run_dir, "eval"), {"student": res}, splits.test)
-        logger.scalars(trainer.state.step, {"test/rougeL": res["rougeL"], "test/exact_match": res["exact_match"]})
-        summary["test_rougeL"] = res["rougeL"]
+    if splits.test or extra_sets:
+        sets = ({"test": splits.test} if splits.test else {}) | extra_sets
+        res = evaluate_sets(student_generator(engine, tokenizer, vocab), tokenizer, sets, cfg.eval)
+        info = ({"test": {"path": cfg.data.test_file, "n": len(splits.test)}} if splits.test else {}) | extra_info
+        report = write_results(os.path.join(run_dir, "eval"), {"student": res}, sets, cfg.eval, info)
+        logger.scalars(trainer.state.step, scalars(report))
+        summary["test_rougeL"] = {name: r["rougeL"] for name, r in res.items()}
     logger.close()
     return summary
 
@@ -144,13 +158,13 @@ def _export(cfg: Config, run_dir: str, engine: Any, tokenizer: Any, teacher: Opt
 
 # ----------------------------------------------------------------------------- eval stage
 
-def _eval_examples(cfg: Config, tokenizer: Any) -> list:
-    source = cfg.eval.file or cfg.data.test_file
-    if not source:
-        raise ConfigError("eval.file: nothing to evaluate (set eval.file or data.test_file)")
-    examples, _ = tokenize_examples(load_examples(source, cfg.data.format, split="test"), tokenizer,
-                                    cfg.data.max_prompt_length, cfg.data.max_length)
-    return examples
+def _eval_sets(cfg: Config, tokenizer: Any) -> tuple[dict[str, list], dict[str, dict]]:
+    """``eval.sets`` (else eval.file / data.test_file as the set "test"), tokenized: ({set: examples}, {set: info})."""
+    try:
+        paths = resolve_sets(cfg.eval.sets, cfg.eval.file or cfg.data.test_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return load_sets(paths, cfg.data.format, tokenizer, cfg.data.max_prompt_length, cfg.data.max_length)
 
 
 def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Generator:
@@ -167,15 +181,19 @@ def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: s
 
 def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]], tokenizer: Any,
                     out_dir: str) -> dict[str, Any]:
-    """Evaluate ``{name: (model_dir, prompt_dir, dtype)}`` on the eval split; write results."""
-    examples = _eval_examples(cfg, tokenizer)
+    """Evaluate ``{name: (model_dir, prompt_dir, dtype)}`` on every eval set; write results + TensorBoard."""
+    sets, info = _eval_sets(cfg, tokenizer)
     results = {}
     for name, (path, prompt_dir, dtype) in models.items():
+        log.info("eval %s on %s", name, ", ".join(sets))
         with torch.no_grad():
-            results[name] = evaluate(model_generator(path, tokenizer, dtype, prompt_dir), tokenizer, examples, cfg.eval)
-        log.info("eval %s: ROUGE-L %.2f (n=%d)", name, results[name]["rougeL"], results[name]["n"])
-    write_results(out_dir, results, examples if cfg.eval.max_examples == 0 else examples[:cfg.eval.max_examples])
-    return results
+            results[name] = evaluate_sets(model_generator(path, tokenizer, dtype, prompt_dir), tokenizer, sets,
+                                          cfg.eval)
+    report = write_results(out_dir, results, sets, cfg.eval, info)
+    logger = MetricsLogger(cfg.output.dir, cfg.logging.tensorboard)
+    logger.scalars(0, scalars(report))
+    logger.close()
+    return report
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:
@@ -183,15 +201,21 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     path = cfg.eval.model_path or os.path.join(cfg.output.dir, "export")
     if not os.path.isdir(path) and not cfg.eval.model_path:
         raise ConfigError(f"eval.model_path: no model given and no export at {path}")
+    if missing_local_dir(path):
+        raise ConfigError(f"eval.model_path: no such directory: {path}")
     tokenizer = load_tokenizer(cfg.tokenizer.path or path)
     name = "prompted_teacher" if cfg.eval.prompt_path else "model"
     dtype = torch.float32 if not cfg.eval.prompt_path else {"fp32": torch.float32, "bf16": torch.bfloat16}[
         cfg.model.teacher.dtype]
-    results = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype)}, tokenizer,
-                              os.path.join(cfg.output.dir, "eval"))
+    report = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype)}, tokenizer,
+                             os.path.join(cfg.output.dir, "eval"))
     if dist.is_main():
-        print(results_table(results), flush=True)
-    return {k: v["rougeL"] for k, v in results.items()}
+        print(main_tables(report), flush=True)
+    return _rouge_by_model(report)
+
+
+def _rouge_by_model(report: dict[str, Any]) -> dict[str, Any]:
+    return {m: {d: s["rougeL"] for d, s in r["datasets"].items()} for m, r in report["models"].items()}
 
 
 # ----------------------------------------------------------------------------- quickstart pipeline
@@ -244,10 +268,10 @@ def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, te
         models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"),
                                               os.path.join(distill_dir, "export"), t_dtype)
     ev_cfg = with_overrides(base, {"eval.file": test_file})
-    results = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))
+    report = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))
     if dist.is_main():
-        print("\n" + results_table(results), flush=True)
-    return {k: v["rougeL"] for k, v in results.items()}
+        print("\n" + main_tables(report), flush=True)
+    return _rouge_by_model(report)
 
 
-STAGES = {"train": run_train, "eval": run_eval, "pipeline": run_pipeline}
+STAGES = {"train": run_train, "eval": run_eval, "pipeline": run_pipeline, "exposure": run_exposure}

@@ -74,7 +74,7 @@ class Trainer:
     total_steps: int
     logger: Optional[MetricsLogger]
     dev_eval: Optional[DevEval] = None
-    tokenizer: Any = None              # only to log sampled responses as text
+    tokenizer: Any = None              # to log sampled responses as text and export best/
     state: LoopState = field(default_factory=LoopState)
     stop: StopRequest = field(default_factory=StopRequest)
 
@@ -187,6 +187,10 @@ class Trainer:
         self.state.history.append({"step": self.state.step, **result})
         if self.state.best_dev is None or result["rougeL"] > self.state.best_dev:
             self.state.best_dev = result["rougeL"]
+            ctx = self.method.ctx  # best/: the student export + its prompt, beside checkpoints/
+            checkpoint.save_best(self.run_dir, self.state.step, result["rougeL"], ctx.engine, self.tokenizer,
+                                 ctx.teacher if self.method.trains_prompt and ctx.prompt_optimizer else None,
+                                 self.cfg.model.teacher.path or "tiny-from-config")
         log.info("dev @ step %d: %s", self.state.step, format_scalars(result))
         return result["rougeL"]
 
@@ -200,7 +204,7 @@ class Trainer:
         trainer_state = dict(vars(self.state))
         trainer_state["method"] = self.method.state_dict()
         return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, prompt_state, ctx.generator,
-                               keep_last=self.cfg.output.keep_last)
+                               keep_last=self.cfg.output.keep_last, tokenizer=self.tokenizer)
 
     def restore(self, path: str) -> None:
         ctx = self.method.ctx

@@ -7,7 +7,7 @@ from promptkd.data.dataset import (
     collate_prompts,
     tokenize_examples,
 )
-from promptkd.data.formats import DataError, Example, load_examples, split_train_dev
+from promptkd.data.formats import DataError, Example, load_examples, sniff_format, split_train_dev
 from promptkd.data.synthetic import FAMILIES, generate_synthetic, make_synthetic_splits, write_jsonl
 from promptkd.data.template import build_prompt
 from promptkd.data.tokenizer import load_tokenizer, train_tokenizer
@@ -25,6 +25,7 @@ __all__ = [
     "load_examples",
     "load_tokenizer",
     "make_synthetic_splits",
+    "sniff_format",
     "split_train_dev",
     "tokenize_examples",
     "train_tokenizer",

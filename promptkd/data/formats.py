@@ -179,6 +179,20 @@ def _load_hub(source: str, fmt: str, split: str) -> list[Example]:
     return examples
 
 
+def sniff_format(source: str, default: str = "dolly") -> str:
+    """The format of a local JSONL file from its first record: ``prompt`` -> prompt_output,
+    ``instruction`` + ``response`` -> dolly; ``default`` for hub ids and anything else."""
+    if _looks_like_hub_id(source) or not os.path.isfile(source):
+        return default
+    for _, obj in _iter_jsonl(source):
+        if "prompt" in obj:
+            return "prompt_output"
+        if "instruction" in obj and "response" in obj:
+            return "dolly"
+        break
+    return default
+
+
 def load_examples(source: str, fmt: str = "dolly", split: str = "train") -> list[Example]:
     """Load examples from a local JSONL file or, for an `owner/name` id, the HF hub.
 

@@ -1,6 +1,6 @@
 """Model construction and the prompted teacher."""
 
-from promptkd.models.loading import build_tiny, check_vocab, load_pretrained
+from promptkd.models.loading import build_tiny, check_vocab, load_pretrained, missing_local_dir
 from promptkd.models.prompted_teacher import (
     PROMPT_META,
     PROMPT_WEIGHTS,
@@ -16,4 +16,5 @@ __all__ = [
     "check_vocab",
     "load_pretrained",
     "load_prompt",
+    "missing_local_dir",
 ]

@@ -108,20 +108,25 @@ def _looks_local(path_or_id: str) -> bool:
     )
 
 
-def load_pretrained(path_or_id: str, dtype: torch.dtype) -> PreTrainedModel:
+def missing_local_dir(path_or_id: str) -> bool:
+    """True for a path meant as a local directory (not a hub id) that does not exist."""
+    return _looks_local(path_or_id) and not os.path.isdir(os.path.expanduser(path_or_id))
+
+
+def load_pretrained(path_or_id: str, dtype: torch.dtype, key: str = "model.path") -> PreTrainedModel:
     """Load a causal LM from a local directory or hub id in ``dtype``.
 
-    Raises ValueError("model.path: cannot load ...") naming the path on any
-    failure, so a config typo reads as a config error.
+    Raises ValueError("<key>: cannot load ...") naming the config key and the
+    path on any failure, so a config typo reads as a config error.
     """
     expanded = os.path.expanduser(path_or_id)
-    if _looks_local(path_or_id) and not os.path.isdir(expanded):
-        raise ValueError(f"model.path: cannot load '{path_or_id}': no such directory")
+    if missing_local_dir(path_or_id):
+        raise ValueError(f"{key}: cannot load '{path_or_id}': no such directory")
     try:
         # transformers 5 takes dtype=; torch_dtype= is deprecated there.
         model = AutoModelForCausalLM.from_pretrained(expanded, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"model.path: cannot load '{path_or_id}': {exc}") from exc
+        raise ValueError(f"{key}: cannot load '{path_or_id}': {exc}") from exc
     logger.info("loaded %s (%s) in %s", path_or_id, type(model).__name__, dtype)
     return model
 

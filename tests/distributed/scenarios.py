@@ -112,8 +112,8 @@ def rank_batches(splits, step: int, cfg) -> list:
 
 # ----------------------------------------------------------------------------- scenarios
 
-def promptkd_steps(ds_json: str, method: str = "promptkd", steps: int = 3) -> dict:
-    cfg = tiny_cfg(ds_json)
+def promptkd_steps(ds_json: str, method: str = "promptkd", steps: int = 3, **extra) -> dict:
+    cfg = tiny_cfg(ds_json, **extra)
     m, splits, tok = build_run(cfg, method)
     hook = eos_bias_hook(m.ctx.engine.module, tok.eos_token_id)
     out = {"lengths": [], "metrics": [], "prompt": [], "student": []}
@@ -218,6 +218,230 @@ def scenario_normalization() -> dict:
             "prompt_err": float((prompt_delta - ref_prompt_delta).abs().max()),
             "prompt_scale": float(ref_prompt_delta.abs().max()),
             "student_err": student_err, "student_scale": student_scale}
+
+
+ZERO3_TEACHER = {"model.teacher.placement": "zero3", "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}
+
+
+def scenario_zero3_student_zero3_teacher() -> dict:
+    """Run with 2 and with 3 ranks: different prompt counts and lengths per rank, no hang."""
+    return promptkd_steps("ds_configs/zero3_tiny_test.json", **ZERO3_TEACHER)
+
+
+def _fixed_rollouts(splits, tok, step: int):
+    from promptkd.data import collate_full
+    from promptkd.rollout import Rollout
+
+    out = []
+    for mb in rank_batches(splits, step, tiny_cfg("ds_configs/zero2.json")):
+        b = collate_full(mb, tok.pad_token_id)
+        out.append(Rollout(b["input_ids"], b["attention_mask"], b["loss_mask"], prompt_len=0))
+    return out
+
+
+def scenario_teacher_placement() -> dict:
+    """Prompted-teacher logits and prompt updates: zero3 teacher == replicated teacher."""
+    from promptkd.methods.base import teacher_logits
+
+    result = {}
+    for placement, extra in (("replicated", {}), ("zero3", ZERO3_TEACHER)):
+        m, splits, tok = build_run(tiny_cfg("ds_configs/zero2.json", **extra), "promptkd")
+        ctx = m.ctx
+        initial = ctx.teacher.prompt.detach().clone()
+        params = list(ctx.teacher.base.parameters())
+        # bytes this rank holds for the teacher's weights (a ZeRO-3 param keeps only its partition)
+        held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in params)
+        rollouts = _fixed_rollouts(splits, tok, step=0)
+        with torch.no_grad():
+            logits = teacher_logits(ctx.teacher, rollouts[0].input_ids, rollouts[0].attention_mask,
+                                    ctx.vocab_size, use_prompt=True)
+            plain = teacher_logits(ctx.teacher, rollouts[0].input_ids, rollouts[0].attention_mask,
+                                   ctx.vocab_size, use_prompt=False)
+        for step in range(2):
+            rs = _fixed_rollouts(splits, tok, step)
+            n = float(dist.all_reduce_sum(sum(float(r.loss_mask[:, 1:].sum()) for r in rs)))
+            m.prompt_update(rs, n, step)
+        result[placement] = {"logits": logits, "plain": plain, "prompt": ctx.teacher.prompt.detach().clone(),
+                             "initial": initial, "bytes": held,
+                             "partitioned": all(p.numel() == 0 for p in params)}
+    rep, z3 = result["replicated"], result["zero3"]
+    return {"logits_err": float((rep["logits"] - z3["logits"]).abs().max()),
+            "plain_err": float((rep["plain"] - z3["plain"]).abs().max()),
+            "logits_scale": float(rep["logits"].abs().max()),
+            "prompt_err": float((rep["prompt"] - z3["prompt"]).abs().max()),
+            "prompt_moved": float((rep["prompt"] - rep["initial"]).abs().max()),
+            "prompt_digest": digest(z3["prompt"]),
+            "bytes_replicated": rep["bytes"], "bytes_zero3": z3["bytes"],
+            "partitioned": [rep["partitioned"], z3["partitioned"]]}
+
+
+def scenario_export_zero3() -> dict:
+    """The export of a ZeRO-3 student loads with from_pretrained and matches the live engine."""
+    from transformers import AutoModelForCausalLM
+
+    from promptkd.checkpoint import export_student
+    from promptkd.methods.base import lm_logits
+
+    cfg = tiny_cfg("ds_configs/zero3_tiny_test.json")
+    m, splits, tok = build_run(cfg, "promptkd")
+    m.train_step(rank_batches(splits, 0, cfg), 0)
+    out = os.path.join(SHARED, "export_zero3")
+    export_student(m.ctx.engine, tok, out)
+    batch = _fixed_rollouts(splits, tok, step=1)[0]
+    batch = dist.broadcast_object((batch.input_ids, batch.attention_mask))  # the same input everywhere
+    engine = m.ctx.engine
+    engine.module.eval()
+    with torch.no_grad():
+        live = lm_logits(engine.module, batch[0], batch[1], m.ctx.vocab_size)
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        again = lm_logits(loaded, batch[0], batch[1], m.ctx.vocab_size)
+    return {"err": float((live - again).abs().max()), "scale": float(live.abs().max())}
+
+
+# ----------------------------------------------------------------------------- baselines (issue 5)
+
+ZERO3 = "ds_configs/zero3_tiny_test.json"
+
+
+def student_digest(m) -> str:
+    return digest(torch.cat([v.flatten() for v in full_state(m.ctx.engine.module).values()]))
+
+
+def run_steps(m, splits, cfg, steps: int, first: int = 0) -> dict:
+    out = {"metrics": [], "student": [], "lengths": []}
+    for step in range(first, first + steps):
+        out["metrics"].append(m.train_step(rank_batches(splits, step, cfg), step))
+        out["student"].append(student_digest(m))
+        rollouts = getattr(m, "last_rollouts", None) or []
+        out["lengths"].append([r.response_lengths.tolist() for r in rollouts])
+    return out
+
+
+def baseline_run(method: str, steps: int = 2, **extra) -> tuple:
+    cfg = tiny_cfg(ZERO3, **{"method.name": method, **extra})
+    m, splits, tok = build_run(cfg, method)
+    hook = eos_bias_hook(m.ctx.engine.module, tok.eos_token_id)
+    out = run_steps(m, splits, cfg, steps)
+    hook.remove()
+    return m, splits, cfg, out
+
+
+def scenario_imitkd_tvd_zero3() -> dict:
+    """ImitKD (forward KL on student samples) and its on-policy TVD variant."""
+    import dataclasses
+
+    m, splits, cfg, imitkd = baseline_run("imitkd")
+    # same engine, continued: only the divergence (and chunking) change
+    m.ctx.cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, divergence="tvd", loss_chunk_size=8))
+    hook = eos_bias_hook(m.ctx.engine.module, m.ctx.eos_id)
+    tvd = run_steps(m, splits, cfg, 2, first=2)
+    hook.remove()
+    return {"imitkd": imitkd, "tvd": tvd}
+
+
+def scenario_gkd_zero3() -> dict:
+    # seed 7's shared draws are 0.813, 0.943: with lambda 0.9 step 0 is on-policy, step 1 ground truth
+    m, _, _, out = baseline_run("gkd", **{"method.gkd_lambda": 0.9, "method.gkd_beta": 0.3})
+    out["rollout_generator"] = digest(m.ctx.generator.get_state())  # differs per rank
+    return out
+
+
+def scenario_distillm_zero3() -> dict:
+    """Fresh, replay and ground-truth steps; buffer survives state_dict and a real checkpoint."""
+    from promptkd import checkpoint
+    from promptkd.methods.distillm import DistiLLM
+
+    # seed 44's draws (u_student, u_replay): (.14, .52) fresh, (.09, .28) replay, (.97, .93) ground truth
+    m, _, _, out = baseline_run("distillm", steps=3, seed=44, **{
+        "method.distillm_init_prob": 0.5, "method.replay_ratio": 0.5, "method.distillm_window": 1,
+        "method.distillm_prob_step": 0.1, "method.replay_capacity": 4, "method.distillm_loss": "sfkl"})
+    buffer = list(m.buffer.items)
+    state = m.state_dict()
+    expected_draws = peek_draws(m)
+    restored = DistiLLM(m.ctx)
+    restored.load_state_dict(state)
+    run_dir = os.path.join(SHARED, "distillm_ckpt")
+    path = checkpoint.save(run_dir, 3, m.ctx.engine, {"step": 3, "method": m.state_dict()},
+                           generator=m.ctx.generator)
+    from_disk = DistiLLM(m.ctx)
+    from_disk.load_state_dict(checkpoint.load(path, m.ctx.engine, generator=m.ctx.generator)["trainer"]["method"])
+    out.update({
+        "buffer": digest_items(buffer), "buffer_len": len(buffer),
+        "restored_buffer": digest_items(list(restored.buffer.items)),
+        "disk_buffer": digest_items(list(from_disk.buffer.items)),
+        "phi": m.phi, "restored_phi": restored.phi, "disk_phi": from_disk.phi,
+        "draws": expected_draws, "restored_draws": restored.draws.draw(2),
+        "disk_draws": from_disk.draws.draw(2)})
+    return out
+
+
+def peek_draws(m) -> list[float]:
+    """The method's next two shared draws, without advancing its stream."""
+    state = m.draws.state_dict()
+    values = m.draws.draw(2)
+    m.draws.load_state_dict(state)
+    return values
+
+
+def digest_items(items: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scenario_seqkd_zero3() -> dict:
+    """Teacher generations: cached, reused by a rerun, and rank-synchronous when only one rank misses."""
+    from promptkd.methods.seqkd import SeqKD
+
+    cache_dir = os.path.join(SHARED, "seqkd_cache")
+    cfg = tiny_cfg(ZERO3, **{"method.name": "seqkd", "method.seqkd_cache_dir": cache_dir})
+    m, splits, tok = build_run(cfg, "seqkd")
+    hook = eos_bias_hook(m.ctx.teacher.base, tok.eos_token_id)  # teacher answers of different lengths
+    out = {"first": run_steps(m, splits, cfg, 2), "first_calls": m.generate_calls, "first_generated": m.generated}
+    dist.barrier()
+    rerun = SeqKD(m.ctx)  # same settings: everything comes from disk
+    out["rerun"] = run_steps(rerun, splits, cfg, 2)
+    out["rerun_calls"] = rerun.generate_calls
+    # rank 0 replays its cached step 0 while rank 1 needs new examples: rank 0 must decode along
+    partial = SeqKD(m.ctx)
+    batches = rank_batches(splits, 0 if dist.rank() == 0 else 2, cfg)
+    out["partial_metrics"] = partial.train_step(batches, 2)
+    out["partial_calls"], out["partial_generated"] = partial.generate_calls, partial.generated
+    out["student"] = student_digest(partial)
+    hook.remove()
+    return out
+
+
+def scenario_promptkd_ablations() -> dict:
+    """The paper's ablations as config: guidance direction, reg schedule, prompt length and init."""
+    import dataclasses
+
+    from promptkd.builders import build_prompt_optimizer, build_teacher
+
+    base = tiny_cfg(ZERO3, **{"train.grad_accum": 1, "rollout.max_new_tokens": 8})
+    m, splits, tok = build_run(base, "promptkd")
+    ctx = m.ctx
+    variants = {"student_teacher": {"guidance": "student_teacher"},
+                "constant": {"reg_schedule": "constant", "reg_weight": 0.3},
+                "off": {"reg_schedule": "off"},
+                "random_p3": {"teacher": {"prompt_init": "random", "prompt_length": 3}}}
+    hook = eos_bias_hook(ctx.engine.module, tok.eos_token_id)
+    out = {}
+    for i, (name, change) in enumerate(variants.items()):
+        teacher_change = change.pop("teacher", None)
+        cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, **change))
+        if teacher_change:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, teacher=dataclasses.replace(cfg.model.teacher, **teacher_change)))
+            ctx.teacher = build_teacher(cfg, tok)
+            ctx.prompt_optimizer, ctx.prompt_scheduler = build_prompt_optimizer(cfg, ctx.teacher, 10)
+        ctx.cfg = cfg
+        before = ctx.teacher.prompt.detach().clone()
+        metrics = m.train_step(rank_batches(splits, i, cfg), 5)
+        out[name] = {"metrics": metrics, "prompt_shape": list(ctx.teacher.prompt.shape),
+                     "init": digest(before), "prompt": digest(ctx.teacher.prompt),
+                     "prompt_changed": not torch.equal(before, ctx.teacher.prompt.detach()),
+                     "student": student_digest(m)}
+    hook.remove()
+    return out
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}

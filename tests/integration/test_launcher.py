@@ -220,9 +220,18 @@ def test_export_loads_with_transformers(run_dir):
 
 def test_eval_results_json(run_dir):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert "student" in results, results.keys()
-    assert 0.0 <= results["student"]["rougeL"] <= 100.0
-    assert results["student"]["n"] == 8  # eval.max_examples
+    assert "student" in results["models"], results["models"].keys()
+    test = results["models"]["student"]["datasets"]["test"]
+    assert 0.0 <= test["rougeL"] <= 100.0
+    assert test["n"] == 8  # eval.max_examples
+    assert (run_dir / "eval" / "answers" / "student" / "test.jsonl").is_file()
+
+
+def test_best_export_beside_checkpoints(run_dir):
+    best = run_dir / "best"
+    meta = json.loads((best / "best.json").read_text())
+    assert meta["step"] == TRAIN_STEPS and meta["metric"] == "dev/rougeL"  # the only dev eval: at the end
+    assert (best / "config.json").is_file() and (best / "teacher_prompt.safetensors").is_file()
 
 
 def test_metrics_jsonl_one_line_per_logged_step(run_dir):
@@ -247,10 +256,9 @@ def test_stage_eval_on_export(workdir, config_yaml, data, run_dir):
                     f"eval.file={data['test']}", f"output.dir={out}"], workdir / "eval_only.log")
     assert res.rc == 0, _tail(res.text)
     table = (out / "eval" / "results.md").read_text()
-    assert table.startswith("| model | ROUGE-L")
-    assert "| model |" in table.splitlines()[0] and len(table.splitlines()) == 3
+    assert "| model | test |" in table  # models x datasets (one of each here)
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert 0.0 <= results["model"]["rougeL"] <= 100.0
+    assert 0.0 <= results["models"]["model"]["datasets"]["test"]["rougeL"] <= 100.0
 
 
 # ----------------------------------------------------------------------------- single process (no launcher)

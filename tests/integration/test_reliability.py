@@ -112,6 +112,7 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
     full = root / f"full_{ds}"
     ok(run(torchrun(cfg, *common, f"output.dir={full}")))
     reference = final_weights(full)
+    check_offline_consolidation(full, reference)
 
     killed = root / f"killed_{ds}"
     # 1) one rank SIGKILLs itself at a random step; the launcher takes the others down
@@ -134,6 +135,20 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
     full_rkl, resumed_rkl = tb_scalars(full, "loss/rkl"), tb_scalars(killed, "loss/rkl")
     assert [s for s, _ in resumed_rkl] == list(range(1, STEPS + 1))
     assert resumed_rkl == full_rkl
+
+
+def check_offline_consolidation(out, reference: dict) -> None:
+    """`python -m promptkd.consolidate` rebuilds the exported student from the last checkpoint alone."""
+    target = out / "consolidated"
+    proc = subprocess.run([sys.executable, "-m", "promptkd.consolidate", str(out / "checkpoints" / f"step_{STEPS}"),
+                           str(target)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    ok(proc)
+    merged = load_file(str(target / "model.safetensors"))
+    merged["prompt"] = load_file(str(target / "teacher_prompt.safetensors"))["prompt"]
+    assert merged.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(tensor.float(), merged[name].float()), name
+    assert (target / "tokenizer.json").exists()
 
 
 def test_torn_checkpoint_is_skipped(setup, tmp_path):

@@ -10,18 +10,23 @@ from rouge_score import rouge_scorer
 
 from promptkd.config import EvalConfig
 from promptkd.data import TokenizedExample, train_tokenizer
+from promptkd.data.formats import sniff_format
 from promptkd.evaluation import (
     Generator,
     evaluate,
     exact_match,
     generate_answers,
     per_category,
-    results_table,
+    resolve_sets,
     rouge_l,
+    scalars,
     score,
     shard_indices,
+    slug,
+    summarize,
     write_results,
 )
+from promptkd.report import results_markdown
 from promptkd.models import build_tiny
 from promptkd.rollout import SamplingParams, hf_step_fn
 
@@ -117,6 +122,21 @@ def test_rouge_l_empty_prediction_is_zero():
     assert rouge_l("   ", ["the cat sat", "a"]) == 0.0
 
 
+@pytest.mark.parametrize("prediction, references", [
+    ("the cat sat", ["nothing in common", "the cat sat on the mat", "the cat"]),
+    ("", ["the cat sat", "a dog"]),                      # empty prediction
+    ("...", ["the cat sat"]),                            # punctuation only: no tokens
+    ("the cat", ["", "cat the"]),                        # an empty reference among several
+    ("Running dogs jumped", ["the dog runs", "jumping dogs ran quickly", "dogs"]),
+])
+def test_rouge_l_multi_reference_matches_rouge_score(prediction, references):
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+    assert rouge_l(prediction, references) == pytest.approx(expected)
+    if not prediction.strip(" ."):
+        assert rouge_l(prediction, references) == 0.0
+
+
 @pytest.mark.parametrize("prediction, references, expected", [
     ("Paris", ["paris"], 100.0),
     ("  The  Answer is: 42! ", ["the answer is 42"], 100.0),
@@ -158,46 +178,126 @@ def test_shard_indices_cover_range_once_with_equal_lengths(n, world):
 
 # ----------------------------------------------------------------------------- reports
 
-def _fake_results() -> dict:
-    def run(seed, rl, cats):
-        return {"seed": seed, "rougeL": rl, "exact_match": 10.0, "by_category": cats, "answers": ["a", "b"]}
+def _run(seed, rl, em, cats, answers=("a", "b")):
+    return {"seed": seed, "rougeL": rl, "exact_match": em, "by_category": cats, "answers": list(answers)}
 
+
+def _result(*runs):
+    """What ``evaluate`` returns, built from per-seed runs (means/stds by hand below)."""
+    import statistics as st
+
+    cats = {c: st.fmean(r["by_category"][c] for r in runs) for c in runs[0]["by_category"]}
+    return {"n": len(runs[0]["answers"]), "rougeL": st.fmean(r["rougeL"] for r in runs),
+            "rougeL_std": st.pstdev(r["rougeL"] for r in runs), "exact_match": st.fmean(r["exact_match"] for r in runs),
+            "exact_match_std": st.pstdev(r["exact_match"] for r in runs), "by_category": cats, "seeds": list(runs)}
+
+
+def _fake_results() -> dict:
     return {
-        "student": {"n": 2, "rougeL": 31.5, "rougeL_std": 1.25, "exact_match": 10.0,
-                    "by_category": {"open_qa": 20.5, "summarization": 42.25},
-                    "seeds": [run(10, 30.25, {"open_qa": 20.0, "summarization": 40.5}),
-                              run(20, 32.75, {"open_qa": 21.0, "summarization": 44.0})]},
-        "teacher_prompted": {"n": 2, "rougeL": 44.0, "rougeL_std": 0.0, "exact_match": 10.0,
-                             "by_category": {"brainstorming": 12.5},
-                             "seeds": [run(10, 44.0, {"brainstorming": 12.5})]},
+        "student": {"dolly": _result(_run(10, 30.0, 10.0, {"open_qa": 20.0, "summarization": 40.0}),
+                                     _run(20, 34.0, 20.0, {"open_qa": 22.0, "summarization": 44.0})),
+                    "vicuna": _result(_run(10, 16.0, 0.0, {"generic": 16.0}), _run(20, 18.0, 0.0, {"generic": 18.0}))},
+        "teacher + learned prompt": {
+            "dolly": _result(_run(10, 44.0, 50.0, {"open_qa": 40.0, "summarization": 48.0}),
+                             _run(20, 44.0, 50.0, {"open_qa": 40.0, "summarization": 48.0})),
+            "vicuna": _result(_run(10, 20.0, 0.0, {"generic": 20.0}), _run(20, 22.0, 0.0, {"generic": 22.0}))},
     }
 
 
-def test_results_table_has_every_model_and_category():
-    table = results_table(_fake_results())
-    lines = table.strip().splitlines()
-    assert len(lines) == 2 + 2
-    for word in ("student", "teacher_prompted", "open_qa", "summarization", "brainstorming"):
-        assert word in table
-    student = next(line for line in lines if line.startswith("| student"))
-    assert "31.50 ± 1.25" in student  # spread shown only with several seeds
-    assert "20.5 | 42.2" in student  # per-category columns are means over seeds
-    teacher = next(line for line in lines if line.startswith("| teacher_prompted"))
-    assert "44.00 |" in teacher and "±" not in teacher
-    n_cols = len(lines[0].split("|"))
-    assert all(len(line.split("|")) == n_cols for line in lines)
+def test_summary_average_over_datasets_is_per_seed():
+    summary = summarize(_fake_results())
+    student = summary["models"]["student"]
+    assert student["datasets"]["dolly"]["rougeL"] == pytest.approx(32.0)
+    assert student["datasets"]["dolly"]["rougeL_std"] == pytest.approx(2.0)  # population std of 30, 34
+    avg = student["average"]
+    # seed 10: (30 + 16) / 2 = 23; seed 20: (34 + 18) / 2 = 26 -> 24.5 ± 1.5
+    assert [s["rougeL"] for s in avg["by_seed"]] == pytest.approx([23.0, 26.0])
+    assert avg["rougeL"] == pytest.approx(24.5) and avg["rougeL_std"] == pytest.approx(1.5)
+    assert avg["exact_match"] == pytest.approx(7.5) and avg["n"] == 4
+    assert "answers" not in json.dumps(summary)  # answers go to their own files
+
+
+def test_results_markdown_is_models_by_datasets():
+    summary = summarize(_fake_results())
+    md = results_markdown(summary)
+    lines = md.splitlines()
+    header = lines.index("| model | dolly | vicuna | average |")
+    assert lines[header + 2] == "| student | 32.00 ± 2.00 | 17.00 ± 1.00 | 24.50 ± 1.50 |"
+    assert lines[header + 3] == "| teacher + learned prompt | 44.00 ± 0.00 | 21.00 ± 1.00 | 32.50 ± 0.50 |"
+    assert "## Exact match" in md and "| student | 15.00 ± 5.00 | 0.00 ± 0.00 | 7.50 ± 2.50 |" in md
+    assert "| student | dolly | 30.00 | 34.00 |" in md  # per seed
+    assert "| student | 21.0 | 42.0 |" in md  # dolly per category (open_qa, summarization)
+    one_seed = summarize({"m": {"test": _result(_run(10, 12.345, 0.0, {"x": 1.0}))}})
+    assert "| m | 12.35 |" in results_markdown(one_seed)  # no ± and no average column with one seed and set
 
 
 def test_write_results_files(tmp_path):
-    exs = [TokenizedExample("a", [1], [2], ["r1"], "c"), TokenizedExample("b", [1], [2], ["r2"], "c")]
-    write_results(str(tmp_path), _fake_results(), exs)
+    exs = {"dolly": [TokenizedExample("d1", [1], [2], ["r1"], "open_qa"),
+                     TokenizedExample("d2", [1], [2], ["r2", "r2b"], "summarization")],
+           "vicuna": [TokenizedExample("v1", [1], [2], ["r3"], "generic"),
+                      TokenizedExample("v2", [1], [2], ["r4"], "generic")]}
+    ev = EvalConfig(seeds=[10, 20])
+    summary = write_results(str(tmp_path), _fake_results(), exs, ev, {"dolly": {"n": 2}, "vicuna": {"n": 2}})
     data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data) == {"student", "teacher_prompted"}
-    assert "seeds" not in data["student"] and len(data["student"]["by_seed"]) == 2
-    assert "answers" not in data["student"]["by_seed"][0]
-    assert (tmp_path / "results.md").read_text() == results_table(_fake_results())
-    rows = [json.loads(line) for line in (tmp_path / "answers_student.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["seed"]) for r in rows] == [("a", 10), ("b", 10), ("a", 20), ("b", 20)]
+    assert data == json.loads(json.dumps(summary))
+    assert data["decoding"]["seeds"] == [10, 20] and data["decoding"]["no_repeat_ngram_size"] == 6
+    assert set(data["models"]) == {"student", "teacher + learned prompt"}
+    assert len(data["models"]["student"]["datasets"]["dolly"]["by_seed"]) == 2
+    assert (tmp_path / "results.md").read_text() == results_markdown(summary)
+    rows = [json.loads(line) for line in (tmp_path / "answers" / "teacher_learned_prompt" / "dolly.jsonl")
+            .read_text().splitlines()]
+    assert [(r["id"], r["seed"], r["answer"]) for r in rows] == [("d1", 10, "a"), ("d2", 10, "b"), ("d1", 20, "a"),
+                                                                 ("d2", 20, "b")]
+    assert rows[1]["references"] == ["r2", "r2b"] and rows[1]["category"] == "summarization"
+    assert (tmp_path / "answers" / "student" / "vicuna.jsonl").is_file()
+
+
+def test_tensorboard_scalar_names():
+    several = scalars(summarize(_fake_results()))
+    assert several["eval/student/dolly/rougeL"] == pytest.approx(32.0)
+    assert several["eval/teacher_learned_prompt/average/rougeL"] == pytest.approx(32.5)
+    assert several["eval/student/vicuna/exact_match_std"] == 0.0
+    one = scalars(summarize({"student": _fake_results()["student"]}))
+    assert one["eval/dolly/rougeL"] == pytest.approx(32.0) and one["eval/average/rougeL_std"] == pytest.approx(1.5)
+    assert all(k.startswith("eval/") and "//" not in k for k in one)
+
+
+def test_slug_is_file_safe():
+    assert slug("teacher + learned prompt") == "teacher_learned_prompt"
+    assert slug("student (promptkd)") == "student_promptkd"
+    assert slug("a/b c") == "a_b_c" and slug("+++") == "model"
+
+
+# ----------------------------------------------------------------------------- eval sets
+
+def test_resolve_sets_named_files_dirs_and_fallback(tmp_path):
+    for name in ("unni", "dolly", "zzz", "vicuna"):
+        (tmp_path / "root" / name).mkdir(parents=True)
+        (tmp_path / "root" / name / "test.jsonl").write_text("{}\n")
+    (tmp_path / "root" / "notes").mkdir()
+    root = str(tmp_path / "root")
+    # a prepared root: the paper's order first, then others by name; dirs without test.jsonl are skipped
+    assert list(resolve_sets([root])) == ["dolly", "vicuna", "unni", "zzz"]
+    assert resolve_sets([f"{root}/vicuna"]) == {"vicuna": f"{root}/vicuna/test.jsonl"}
+    assert resolve_sets(["mine=/x/y.jsonl", f"d={root}/dolly"]) == {"mine": "/x/y.jsonl",
+                                                                   "d": f"{root}/dolly/test.jsonl"}
+    assert resolve_sets([], "data/test.jsonl") == {"test": "data/test.jsonl"}
+    for bad, match in (([], "nothing to evaluate"), ([str(tmp_path / "nope")], "neither name=path"),
+                       ([f"{root}/dolly", f"{root}/dolly"], "duplicate set name 'dolly'"),
+                       ([f"x={root}"], "holds several sets"), ([str(tmp_path / "root" / "notes")], "no test.jsonl")):
+        with pytest.raises(ValueError, match=match):
+            resolve_sets(bad)
+
+
+def test_sniff_format(tmp_path):
+    po, dolly, other = tmp_path / "po.jsonl", tmp_path / "d.jsonl", tmp_path / "o.jsonl"
+    po.write_text(json.dumps({"prompt": "p", "output": ["a"]}) + "\n")
+    dolly.write_text("\n" + json.dumps({"instruction": "i", "context": "", "response": "r"}) + "\n")
+    other.write_text(json.dumps({"question": "q"}) + "\n")
+    assert sniff_format(str(po)) == "prompt_output"
+    assert sniff_format(str(dolly), "prompt_output") == "dolly"
+    assert sniff_format(str(other), "prompt_output") == "prompt_output"
+    assert sniff_format("owner/name", "dolly") == "dolly"
 
 
 # ----------------------------------------------------------------------------- generation

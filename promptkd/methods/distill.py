@@ -1,0 +1,76 @@
+"""Shared pieces of the token-level distillation baselines (ImitKD, GKD, DistiLLM).
+
+- ``SharedDraws``: random numbers that are the same on every rank, for choices
+  that change control flow (on/off-policy, generate/replay);
+- ``ground_truth``: the dataset responses in the rollout layout;
+- ``distill_update``: one student update with a teacher divergence over a step's
+  sequences, normalised by the step's global token count.
+"""
+from __future__ import annotations
+
+import torch
+
+from promptkd.config import Config
+from promptkd.losses import token_divergence
+from promptkd.methods.base import (MicroBatch, StepContext, full_batches, global_mean, global_tokens, lm_logits,
+                                   student_backward, teacher_logits)
+from promptkd.rollout import Rollout
+
+# Keeps the shared stream apart from the rollout generators (seeded cfg.seed * 7919 + rank).
+SHARED_SEED_OFFSET = 104_729
+
+
+class SharedDraws:
+    """Uniform [0, 1) draws that are identical on every rank.
+
+    Under ZeRO-3 every student forward (and every synced decode step) is a
+    collective, so a random choice that decides *whether* a rank generates must
+    come out the same everywhere. This generator is seeded from ``cfg.seed``
+    only (never the rank) and callers draw a fixed number of values per step,
+    so the streams stay in lock-step; its state goes into the method's
+    ``state_dict`` so a resumed run continues the same sequence.
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed + SHARED_SEED_OFFSET)
+
+    def draw(self, n: int = 1) -> list[float]:
+        return torch.rand(n, generator=self.generator, dtype=torch.float64).tolist()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def ground_truth(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[Rollout]:
+    """Dataset prompt + response, right-padded; the loss mask covers the response."""
+    return [Rollout(b["input_ids"], b["attention_mask"], b["loss_mask"], prompt_len=0)
+            for b in full_batches(ctx, micro_batches)]
+
+
+def resolve_divergence(cfg: Config, default: str) -> str:
+    return default if cfg.method.divergence == "auto" else cfg.method.divergence
+
+
+def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str) -> dict[str, float]:
+    """Student step on ``divergence(p_T, p_S)`` over the response tokens of ``seqs``.
+
+    The teacher runs without its prompt (these baselines have none) and is a constant.
+    """
+    m = ctx.cfg.method
+    n_global = global_tokens([s.loss_mask for s in seqs])
+    total = 0.0
+    with ctx.timer.phase("student_step"):
+        for s in seqs:
+            mask = s.loss_mask[:, 1:]
+            with torch.no_grad():
+                t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size,
+                                          use_prompt=False)
+            s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size)
+            loss, _ = token_divergence(divergence, t_logits, s_logits, mask, ctx.chunk,
+                                       beta=m.gkd_beta, alpha=m.skew_alpha)
+            student_backward(ctx, loss, n_global)
+            total += float(loss.detach())
+    return {f"loss/{divergence}": global_mean(total, n_global), "tokens": n_global}

@@ -1,0 +1,183 @@
+"""SeqKD (Kim & Rush 2016): SFT on teacher-generated responses.
+
+Generation is lazy, per micro-batch: the examples of a micro-batch that the
+cache lacks are sampled from the plain teacher (``teacher_step_fn(teacher,
+use_prompt=False)``, the rollout settings ``rollout.*``) through
+``promptkd.rollout.generate``, then the student takes a cross-entropy step on
+prompt + teacher response, normalised by the step's global token count.
+
+Rank-synchronous: whether a micro-batch needs the teacher is all-reduced. If
+any rank does, every rank decodes with synced stopping (a rank with nothing
+missing decodes one row and drops it), so a ZeRO-3 partitioned teacher, whose
+forwards are collectives, works as well as a replicated one.
+
+Cache: ``<method.seqkd_cache_dir or output.dir/seqkd_cache>/<key>/part-r<rank>.jsonl``,
+one line ``{"id", "prompt_sha", "response_ids"}`` per generated example. ``key``
+hashes what determines the samples (``cache_fields``): the teacher (path plus a
+size/mtime fingerprint of its files, or the tiny init plus the seed that makes
+its weights), its dtype, the training data file and format, the vocabulary /
+EOS / pad ids and the decoding settings (temperature, top_p, top_k,
+max_new_tokens). Any change gives a new key, i.e. an empty cache. Lines are
+looked up by example id and used only if the prompt's token ids hash to the
+stored ``prompt_sha`` (an edited example is regenerated). Each rank appends to
+its own part file and every part is read at start-up, so reruns (any world size)
+reuse all of it. The sampling seed is not part of the key: a rerun with another
+``seed`` and a pretrained teacher reuses the samples (the data set stays fixed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Optional
+
+
+from promptkd import distributed as dist
+from promptkd.config import Config
+from promptkd.data import TokenizedExample, collate_prompts
+from promptkd.losses import cross_entropy
+from promptkd.methods.base import (Method, MicroBatch, StepContext, full_batches, global_mean, global_tokens,
+                                   lm_logits, rollout_params, student_backward, to_device)
+from promptkd.rollout import Rollout, generate, teacher_step_fn
+
+log = logging.getLogger(__name__)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fingerprint(path: str) -> list:
+    """(name, size, mtime) of a local model dir's files: a retrained teacher at the same path is a new key."""
+    if not os.path.isdir(path):
+        return []
+    out = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            st = os.stat(full)
+            out.append([name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_fields(cfg: Config, ctx: StepContext) -> dict:
+    """Everything that determines the teacher's samples (hashed into the cache key)."""
+    t = cfg.model.teacher
+    teacher = ({"path": os.path.abspath(t.path) if os.path.exists(t.path) else t.path, "files": _fingerprint(t.path)}
+               if t.path else {"init": dataclasses.asdict(t.init), "seed": cfg.seed})
+    data = cfg.data.train_file
+    return {
+        "teacher": {**teacher, "dtype": t.dtype},
+        "data": {"train_file": os.path.abspath(data) if os.path.exists(data) else data, "format": cfg.data.format},
+        "tokens": {"vocab": ctx.vocab_size, "eos": ctx.eos_id, "pad": ctx.pad_id},
+        "decoding": dataclasses.asdict(rollout_params(cfg)),
+    }
+
+
+class TeacherCache:
+    """Teacher responses by example id, on disk as per-rank JSONL parts."""
+
+    def __init__(self, root: str, fields: dict):
+        self.key = _sha(fields)
+        self.dir = os.path.join(root, self.key)
+        os.makedirs(self.dir, exist_ok=True)
+        meta = os.path.join(self.dir, "meta.json")
+        if dist.is_main() and not os.path.exists(meta):
+            with open(meta + ".tmp", "w") as fh:
+                json.dump(fields, fh, indent=1)
+            os.replace(meta + ".tmp", meta)
+        self.entries: dict[str, tuple[str, list[int]]] = {}
+        for part in sorted(glob.glob(os.path.join(self.dir, "part-r*.jsonl"))):
+            self._read(part)
+        self.path = os.path.join(self.dir, f"part-r{dist.rank()}.jsonl")
+        self._end_partial_line()
+
+    def _end_partial_line(self) -> None:
+        # after a crash mid-write, new lines must not be glued onto the broken one
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, "rb+") as fh:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+
+    def _read(self, part: str) -> None:
+        with open(part) as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                    self.entries[str(row["id"])] = (row["prompt_sha"], list(row["response_ids"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash: regenerated when needed
+
+    @staticmethod
+    def prompt_sha(ex: TokenizedExample) -> str:
+        return _sha(ex.prompt_ids)
+
+    def get(self, ex: TokenizedExample) -> Optional[list[int]]:
+        hit = self.entries.get(ex.id)
+        return hit[1] if hit is not None and hit[0] == self.prompt_sha(ex) else None
+
+    def put(self, items: list[tuple[TokenizedExample, list[int]]]) -> None:
+        lines = []
+        for ex, resp in items:
+            self.entries[ex.id] = (self.prompt_sha(ex), resp)
+            lines.append(json.dumps({"id": ex.id, "prompt_sha": self.prompt_sha(ex), "response_ids": resp}) + "\n")
+        with open(self.path, "a") as fh:
+            fh.writelines(lines)
+
+
+class SeqKD(Method):
+    uses_teacher = True
+
+    def __init__(self, ctx: StepContext):
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        root = cfg.method.seqkd_cache_dir or os.path.join(cfg.output.dir, "seqkd_cache")
+        self.cache = TeacherCache(root, cache_fields(cfg, ctx))
+        self.generate_calls = 0   # teacher decode loops run (a synced no-op row counts too)
+        self.generated = 0        # examples whose response the teacher produced
+        log.info("seqkd: teacher cache %s (%d responses)", self.cache.dir, len(self.cache.entries))
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+        ctx = self.ctx
+        with ctx.timer.phase("teacher_generate"):
+            examples = [self.teacher_examples(mb) for mb in micro_batches]
+        batches = full_batches(ctx, examples)
+        n_global = global_tokens([b["loss_mask"] for b in batches])
+        total = 0.0
+        with ctx.timer.phase("student_step"):
+            for b in batches:
+                logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
+                loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)
+                student_backward(ctx, loss_sum, n_global)
+                total += float(loss_sum.detach())
+        return {"loss/ce": global_mean(total, n_global), "tokens": n_global,
+                "seqkd/generated": float(self.generated), "seqkd/cached": float(len(self.cache.entries))}
+
+    def teacher_examples(self, micro_batch: MicroBatch) -> MicroBatch:
+        """The micro-batch with each response replaced by the teacher's (cached or generated now)."""
+        missing = [ex for ex in micro_batch if self.cache.get(ex) is None]
+        if dist.any_true(bool(missing)):
+            rollout = self._teacher_generate(missing or micro_batch[:1])
+            if missing:
+                self.cache.put(list(zip(missing, _responses(rollout))))
+                self.generated += len(missing)
+        budget = self.ctx.cfg.data.max_length
+        return [dataclasses.replace(ex, response_ids=self.cache.get(ex)[:budget - len(ex.prompt_ids)])
+                for ex in micro_batch]
+
+    def _teacher_generate(self, examples: MicroBatch) -> Rollout:
+        ctx = self.ctx
+        self.generate_calls += 1
+        prompts = to_device(collate_prompts(examples, ctx.pad_id))
+        return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],
+                        prompts["attention_mask"], rollout_params(ctx.cfg), ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                        generator=ctx.generator, sync=True)
+
+
+def _responses(r: Rollout) -> list[list[int]]:
+    p = r.prompt_len
+    return [row[p:][mask[p:].bool()].tolist() for row, mask in zip(r.input_ids, r.loss_mask)]

@@ -1,0 +1,354 @@
+"""A catalogue of bad inputs, each run through the real CLI (issue 6, item 7).
+
+Every case launches ``python launcher/main.py --config base.yaml ...`` (one
+process) and checks the contract of DESIGN.md §2 for bad input:
+
+- exit code 2;
+- the last non-empty stderr line starts with ``error:`` and names the key,
+  file or line at fault (each case lists the substrings it must contain);
+- no ``Traceback`` in stderr (``--debug`` is the one way to get one, tested
+  apart);
+- nothing half-written: no ``export/``, no ``checkpoints/``, and no
+  ``config.yaml`` (a failed start must not make the corrected rerun look like
+  "another run" in the same dir); a dir that already held files is unchanged.
+
+One case needs 2 ranks (world size larger than the dataset); it runs under
+``python -m torch.distributed.run --standalone --nproc_per_node 2``. torchrun
+turns any child failure into its own exit code 1 and prints its own
+``ChildFailedError`` traceback, and it SIGTERMs the surviving rank as soon as
+the first one exits, so only the first-failing rank is sure to print its error.
+That case therefore reads each rank's stderr from the files torchrun writes
+with ``--redirects 3 --log-dir``, checks that the rank(s) that got to print
+printed the clean line and no traceback, and reads the child's real exit code
+(2) from the "Root Cause" entry of torchrun's failure summary.
+
+The cases run in a small thread pool (the machine has 2 cores): config-parsing
+failures take ~1 s, failures after distributed init ~4 s, the 2-rank one ~10 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MAIN = REPO / "launcher" / "main.py"
+CLI_TIMEOUT_S = 180   # outer `timeout` per launch: a hang fails fast
+WORKERS = 4           # concurrent launches (2 shared cores)
+VOCAB = 512           # trained tokenizer; the mismatched teacher has 40
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _env() -> dict[str, str]:
+    env = os.environ.copy()
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)  # a parent's distributed env must not leak into the CLI under test
+    return env
+
+
+def _tail(text: str, n: int = 30) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``root`` (empty when it does not exist)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Case:
+    args: list[str]                  # after ``launcher/main.py``; ``--config`` is added unless given
+    needles: list[str]               # substrings of the final ``error:`` line
+    ranks: int = 1
+    debug: bool = False
+    out_dir: Path = field(default=Path())
+
+
+@dataclass
+class Paths:
+    root: Path
+    base_yaml: Path
+    data: dict[str, str]
+    tokenizer: Path
+    small_vocab_teacher: Path
+    bad: dict[str, Path]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def _base_tree(data: dict[str, str], tokenizer: Path) -> dict:
+    return {
+        "stage": "train",
+        "seed": 0,
+        "deepspeed": "ds_configs/zero0.json",
+        "dist_timeout_s": 60,
+        "tokenizer": {"path": str(tokenizer), "train": False},
+        "data": {"train_file": data["train"], "dev_file": data["dev"], "max_length": 128, "max_prompt_length": 96},
+        "model": {
+            "teacher": {"dtype": "fp32", "init": {"arch": "llama", "layers": 2, "hidden": 32, "heads": 4}},
+            "student": {"init": {"arch": "llama", "layers": 2, "hidden": 32, "heads": 4}},
+        },
+        "train": {"max_steps": 1},
+        "logging": {"progress_bar": False},
+    }
+
+
+def _bad_files(root: Path, data: dict[str, str]) -> dict[str, Path]:
+    bad = root / "files"
+    bad.mkdir()
+    rows = Path(data["train"]).read_text().splitlines()[:6]
+    out = {}
+
+    truncated = list(rows)
+    truncated[2] = truncated[2][: len(truncated[2]) // 2]  # line 3 is cut mid-object
+    out["malformed"] = bad / "malformed.jsonl"
+    out["malformed"].write_text("\n".join(truncated) + "\n")
+
+    no_response = list(rows)
+    record = json.loads(no_response[3])
+    del record["response"]
+    no_response[3] = json.dumps(record)  # line 4 lacks the required field
+    out["missing_field"] = bad / "missing_field.jsonl"
+    out["missing_field"].write_text("\n".join(no_response) + "\n")
+
+    out["empty"] = bad / "empty.jsonl"
+    out["empty"].write_text("\n\n")
+
+    out["one_example"] = bad / "one_example.jsonl"
+    out["one_example"].write_text(rows[0] + "\n")
+
+    out["ds_batch"] = bad / "ds_batch.json"
+    out["ds_batch"].write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 64}))
+    out["ds_stage7"] = bad / "ds_stage7.json"
+    out["ds_stage7"].write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+
+    out["bad_yaml"] = bad / "bad.yaml"
+    out["bad_yaml"].write_text("stage: train\nseed: 0\ntrain:\n  max_steps: [1, 2\nlogging: {}\n")
+
+    # a run dir that already holds another run's resolved config
+    out["other_run"] = root / "out" / "other_run"
+    out["other_run"].mkdir(parents=True)
+    (out["other_run"] / "config.yaml").write_text(yaml.safe_dump({"stage": "train", "seed": 7}))
+    return out
+
+
+def _small_vocab_teacher(root: Path, tokenizer) -> Path:
+    from promptkd.models import build_tiny
+
+    model = build_tiny("llama", 2, 32, 4, vocab_size=40, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = root / "teacher_vocab40"
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> Paths:
+    from promptkd.data import load_examples, make_synthetic_splits, train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    data = make_synthetic_splits(str(root / "data"), 64, 8, 8, seed=0)
+    texts = [e.prompt + " " + e.references[0] for e in load_examples(data["train"])]
+    tokenizer = train_tokenizer(texts, VOCAB, str(root / "tokenizer"))
+    base_yaml = root / "base.yaml"
+    base_yaml.write_text(yaml.safe_dump(_base_tree(data, root / "tokenizer"), sort_keys=False))
+    return Paths(root=root, base_yaml=base_yaml, data=data, tokenizer=root / "tokenizer",
+                 small_vocab_teacher=_small_vocab_teacher(root, tokenizer), bad=_bad_files(root, data))
+
+
+def _cases(p: Paths) -> dict[str, Case]:
+    b = p.bad
+    cases = {
+        # --- command line and config parsing (no process group yet)
+        "unknown_key": Case(["train.bogus_key=1"], ["train.bogus_key", "unknown config key"]),
+        "wrong_type": Case(["train.max_steps=abc"], ["train.max_steps", "expected int", "'abc'"]),
+        "negative_lr": Case(["optim.student.lr=-1e-4"], ["optim.student.lr", "must be > 0"]),
+        "bad_choice": Case(["method.name=foo"], ["method.name", "must be one of", "'foo'"]),
+        "unknown_data_format": Case(["data.format=csv"], ["data.format", "must be one of", "'csv'"]),
+        "prompt_not_shorter_than_length": Case(["data.max_prompt_length=128"],
+                                               ["data.max_prompt_length", "data.max_length"]),
+        "hidden_not_divisible_by_heads": Case(["model.student.init.hidden=30"],
+                                              ["model.student.init.hidden", "model.student.init.heads"]),
+        "empty_eval_seeds": Case(["eval.seeds=[]"], ["eval.seeds", "non-empty"]),
+        "override_without_equals": Case(["train.max_steps"], ["train.max_steps", "key=value"]),
+        "section_given_a_scalar": Case(["train=5"], ["train", "expected a mapping"]),
+        "missing_config_file": Case(["--config", str(p.root / "nope.yaml")],
+                                    ["--config", str(p.root / "nope.yaml"), "not found"]),
+        "invalid_yaml": Case(["--config", str(b["bad_yaml"])], [f"{b['bad_yaml']}:5", "invalid YAML"]),
+        "ds_json_sets_batch_size": Case([f"deepspeed={b['ds_batch']}"],
+                                        [str(b["ds_batch"]), "train_batch_size", "run config"]),
+        "ds_zero_stage_7": Case([f"deepspeed={b['ds_stage7']}"],
+                                [str(b["ds_stage7"]), "zero_optimization.stage", "got 7"]),
+        "ds_json_missing": Case([f"deepspeed={p.root / 'nope.json'}"],
+                                ["deepspeed", str(p.root / "nope.json"), "not found"]),
+        # --- inputs found missing or bad once the stage runs
+        "missing_model_path": Case(["model.student.path=/nonexistent/dir"],
+                                   ["model.student.path", "/nonexistent/dir"]),
+        "missing_data_file": Case([f"data.train_file={p.root / 'nope.jsonl'}"],
+                                  [f"{p.root / 'nope.jsonl'}:0", "file not found"]),
+        "malformed_jsonl_line": Case([f"data.train_file={b['malformed']}"],
+                                     [f"{b['malformed']}:3", "malformed JSON"]),
+        "jsonl_missing_field": Case([f"data.train_file={b['missing_field']}"],
+                                    [f"{b['missing_field']}:4", "missing field 'response'"]),
+        "empty_jsonl": Case([f"data.train_file={b['empty']}"], [f"{b['empty']}:0", "no examples"]),
+        "every_prompt_too_long": Case(["data.max_prompt_length=8"],
+                                      ["data.max_prompt_length", p.data["train"], "every prompt"]),
+        "vocab_mismatch": Case([f"model.teacher.path={p.small_vocab_teacher}"],
+                               ["model.teacher.path", "vocab", "40", str(VOCAB)]),
+        "missing_tokenizer": Case([f"tokenizer.path={p.root / 'no_tokenizer'}"],
+                                  ["tokenizer.path", str(p.root / "no_tokenizer")]),
+        "resume_missing_checkpoint": Case([f"output.resume={p.root / 'no_ckpt'}"],
+                                          ["output.resume", str(p.root / "no_ckpt")]),
+        "eval_missing_model": Case(["stage=eval", f"eval.model_path={p.root / 'no_model'}",
+                                    f"eval.file={p.data['test']}"],
+                                   ["eval.model_path", str(p.root / "no_model")]),
+        "output_dir_holds_another_run": Case([], ["output.dir", str(b["other_run"]), "already holds a run",
+                                                  "output.resume"], out_dir=b["other_run"]),
+        # --- 2 ranks, 1 example
+        "world_size_exceeds_dataset": Case([f"data.train_file={b['one_example']}"],
+                                           ["data.train_file", "1 usable examples", "world_size 2"], ranks=2),
+    }
+    for name, case in cases.items():
+        if case.out_dir == Path():
+            case.out_dir = p.root / "out" / name
+    return cases
+
+
+def _launch(p: Paths, name: str, case: Case) -> SimpleNamespace:
+    args = list(case.args)
+    if "--config" not in args:
+        args = ["--config", str(p.base_yaml), *args]
+    args += [f"output.dir={case.out_dir}"] + (["--debug"] if case.debug else [])
+    log_dir = p.root / "torchrun_logs" / name
+    if case.ranks == 1:
+        cmd = [sys.executable, str(MAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(case.ranks),
+               "--redirects", "3", "--log-dir", str(log_dir), str(MAIN), *args]
+    before = _snapshot(case.out_dir)
+    start = time.monotonic()
+    proc = subprocess.run(["timeout", str(CLI_TIMEOUT_S), *cmd], cwd=REPO, env=_env(), capture_output=True,
+                          text=True)
+    (p.root / "logs").mkdir(exist_ok=True)
+    (p.root / "logs" / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n"
+                                                f"--- stderr\n{proc.stderr}")
+    rank_stderr = {}
+    if case.ranks > 1:  # <log_dir>/<run_id>/attempt_0/<rank>/stderr.log
+        for f in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+            rank_stderr[int(f.parent.name)] = f.read_text()
+    return SimpleNamespace(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, rank_stderr=rank_stderr,
+                           seconds=time.monotonic() - start, before=before, after=_snapshot(case.out_dir))
+
+
+@pytest.fixture(scope="module")
+def results(paths) -> dict[str, tuple[Case, SimpleNamespace]]:
+    """Every case launched once, at most WORKERS at a time; slow (multi-rank) ones first."""
+    cases = _cases(paths)
+    cases["debug_traceback"] = Case([f"data.train_file={paths.root / 'nope.jsonl'}"], ["nope.jsonl"], debug=True,
+                                    out_dir=paths.root / "out" / "debug_traceback")
+    order = sorted(cases, key=lambda n: -cases[n].ranks)
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        futures = {n: pool.submit(_launch, paths, n, cases[n]) for n in order}
+        out = {n: (cases[n], f.result()) for n, f in futures.items()}
+    catalogue = "\n".join(f"{n:34} rc={r.rc} {r.seconds:5.1f}s  {_last_line(r.stderr)}" for n, (_, r) in out.items())
+    (paths.root / "catalogue.txt").write_text(catalogue + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+CASE_NAMES = [
+    "unknown_key", "wrong_type", "negative_lr", "bad_choice", "unknown_data_format",
+    "prompt_not_shorter_than_length", "hidden_not_divisible_by_heads", "empty_eval_seeds",
+    "override_without_equals", "section_given_a_scalar", "missing_config_file", "invalid_yaml",
+    "ds_json_sets_batch_size", "ds_zero_stage_7", "ds_json_missing", "missing_model_path", "missing_data_file",
+    "malformed_jsonl_line", "jsonl_missing_field", "empty_jsonl", "every_prompt_too_long", "vocab_mismatch",
+    "missing_tokenizer", "resume_missing_checkpoint", "eval_missing_model", "output_dir_holds_another_run",
+]
+
+
+def _assert_clean_error(stderr: str, needles: list[str], shown: str) -> None:
+    last = _last_line(stderr)
+    assert last.startswith("error:"), shown
+    missing = [n for n in needles if n not in last]
+    assert not missing, f"{missing} not in {last!r}\n{shown}"
+    assert "Traceback" not in stderr, shown
+
+
+def _assert_nothing_half_written(case: Case, res: SimpleNamespace, shown: str) -> None:
+    assert res.after == res.before, (f"{case.out_dir} changed: before {sorted(res.before)}, "
+                                     f"after {sorted(res.after)}\n{shown}")
+    assert not (case.out_dir / "export").exists(), shown
+    assert not (case.out_dir / "checkpoints").exists(), shown
+
+
+def test_catalogue_is_complete(results):
+    # every launched case is checked by a test below, and the catalogue keeps its size
+    assert set(results) == set(CASE_NAMES) | {"world_size_exceeds_dataset", "debug_traceback"}
+    assert len(results) >= 20
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_is_a_one_line_error(results, name):
+    case, res = results[name]
+    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr)}"
+    assert res.rc == 2, shown
+    _assert_clean_error(res.stderr, case.needles, shown)
+    _assert_nothing_half_written(case, res, shown)
+
+
+def test_world_size_larger_than_dataset_two_ranks(results):
+    """torchrun exits 1 for a failed child; the child's own stderr and exit code are checked (module docstring)."""
+    case, res = results["world_size_exceeds_dataset"]
+    shown = f"rc={res.rc}\n--- torchrun stderr tail\n{_tail(res.stderr)}\n--- ranks {res.rank_stderr}"
+    assert res.rc != 0, shown
+    assert sorted(res.rank_stderr) == [0, 1], shown
+    printed = {r: err for r, err in res.rank_stderr.items() if _last_line(err)}
+    assert printed, shown
+    for rank, stderr in printed.items():
+        _assert_clean_error(stderr, case.needles, f"rank {rank}:\n{_tail(stderr)}")
+    # the first rank to fail exited 2; torchrun SIGTERMs (-15) the other one if it is still running
+    root_cause = res.stderr.split("Root Cause (first observed failure):", 1)[-1]
+    assert re.search(r"exitcode\s*:\s*2\b", root_cause), shown
+    codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", res.stderr)}
+    assert codes <= {2, -15}, shown
+    _assert_nothing_half_written(case, res, shown)
+
+
+def test_debug_shows_the_traceback(results):
+    case, res = results["debug_traceback"]
+    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr)}"
+    assert res.rc == 2, shown
+    assert "Traceback (most recent call last)" in res.stderr, shown
+    last = _last_line(res.stderr)
+    assert last.startswith("error:") and "nope.jsonl" in last, shown
+
+
+def test_config_error_with_debug_shows_the_traceback(paths):
+    res = _launch(paths, "debug_config", Case(["train.bogus_key=1"], [], debug=True,
+                                              out_dir=paths.root / "out" / "debug_config"))
+    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr)}"
+    assert res.rc == 2, shown
+    assert "Traceback (most recent call last)" in res.stderr, shown
+    assert _last_line(res.stderr).startswith("error: train.bogus_key"), shown
