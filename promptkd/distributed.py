@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -36,6 +38,35 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _tasks_on_node(spec: str, node_id: int) -> str:
+    """Entry ``node_id`` of a SLURM tasks-per-node list such as ``2(x3),1``."""
+    counts: list[str] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:  # only sizes CPU thread pools: not worth failing a launch over
+            return "1"
+        counts += [match.group(1)] * int(match.group(2) or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host) if host else ""
+    except OSError:
+        return ""
+
+
+def _slurm_node_addr(node: str) -> str:
+    """The node's ``NodeAddr`` from slurm.conf, for node names that do not resolve (e.g. several slurmd per host)."""
+    try:
+        text = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    match = re.search(r"\bNodeAddr=(\S+)", text)
+    return match.group(1) if match else ""
+
+
 def env_from_slurm(env: dict[str, str]) -> dict[str, str]:
     """Map an ``srun`` task's SLURM variables to the torch.distributed ones.
 
@@ -47,14 +78,12 @@ def env_from_slurm(env: dict[str, str]) -> dict[str, str]:
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+        "LOCAL_WORLD_SIZE": _tasks_on_node(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE")
+                                           or env.get("SLURM_TASKS_PER_NODE", "1"), int(env.get("SLURM_NODEID", 0))),
     }
     if "MASTER_ADDR" not in env:
         host = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        try:
-            out["MASTER_ADDR"] = socket.gethostbyname(host)
-        except OSError:
-            out["MASTER_ADDR"] = host
+        out["MASTER_ADDR"] = _resolve(host) or _resolve(_slurm_node_addr(host)) or host
     if "MASTER_PORT" not in env:
         out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return out
