@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from promptkd import checkpoint

@@ -38,9 +38,8 @@ from typing import Any, Optional
 from promptkd import distributed as dist
 from promptkd.config import Config
 from promptkd.data import TokenizedExample, collate_prompts
-from promptkd.losses import cross_entropy
-from promptkd.methods.base import (Method, MicroBatch, StepContext, full_batches, global_mean, global_tokens,
-                                   lm_logits, rollout_params, student_backward, to_device)
+from promptkd.methods.base import Method, MicroBatch, StepContext, rollout_params, to_device
+from promptkd.methods.sft import ce_step
 from promptkd.rollout import Rollout, generate, teacher_step_fn
 
 log = logging.getLogger(__name__)
@@ -145,16 +144,8 @@ class SeqKD(Method):
         ctx = self.ctx
         with ctx.timer.phase("teacher_generate"):
             examples = [self.teacher_examples(mb) for mb in micro_batches]
-        batches = full_batches(ctx, examples)
-        n_global = global_tokens([b["loss_mask"] for b in batches])
-        total = 0.0
-        with ctx.timer.phase("student_step"):
-            for b in batches:
-                logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
-                loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)
-                student_backward(ctx, loss_sum, n_global)
-                total += float(loss_sum.detach())
-        return {"loss/ce": global_mean(total, n_global), "tokens": n_global,
+        metrics = ce_step(ctx, examples)
+        return {**metrics,
                 "seqkd/generated": float(self.generated), "seqkd/cached": float(len(self.cache.entries))}
 
     def teacher_examples(self, micro_batch: MicroBatch) -> MicroBatch:

@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 from promptkd.losses import cross_entropy
-from promptkd.methods.base import (Method, MicroBatch, full_batches, global_mean, global_tokens, lm_logits,
-                                   student_backward)
+from promptkd.methods.base import (Method, MicroBatch, StepContext, full_batches, global_mean, global_tokens,
+                                   lm_logits, student_backward)
 
 
 class SFT(Method):
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
-        ctx = self.ctx
-        batches = full_batches(ctx, micro_batches)
-        n_global = global_tokens([b["loss_mask"] for b in batches])
-        total = 0.0
-        with ctx.timer.phase("student_step"):
-            for b in batches:
-                logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
-                loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)
-                student_backward(ctx, loss_sum, n_global)
-                total += float(loss_sum.detach())
-        return {"loss/ce": global_mean(total, n_global), "tokens": n_global}
+        return ce_step(self.ctx, micro_batches)
+
+
+def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> dict[str, float]:
+    """Cross-entropy on the micro-batches' responses, normalised by the global token count (SFT, SeqKD)."""
+    batches = full_batches(ctx, micro_batches)
+    n_global = global_tokens([b["loss_mask"] for b in batches])
+    total = 0.0
+    with ctx.timer.phase("student_step"):
+        for b in batches:
+            logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
+            loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)
+            student_backward(ctx, loss_sum, n_global)
+            total += float(loss_sum.detach())
+    return {"loss/ce": global_mean(total, n_global), "tokens": n_global}
