@@ -1,4 +1,4 @@
-"""Teacher activation checkpointing: same prompt gradient, layers really recomputed, dropout off."""
+"""Activation checkpointing (teacher and student): same gradients, layers really recomputed, dropout off."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +44,25 @@ def test_checkpointing_keeps_dropout_off():
     b, _ = teacher(ids, torch.ones_like(ids))
     assert torch.equal(a, b)
     assert all(not m.training for m in base.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_student_checkpointing_option_gives_the_same_gradients(tmp_path):
+    """model.student.gradient_checkpointing=true: same gradients, and the layers really recompute."""
+    from promptkd.builders import build_student_module
+    from promptkd.config import load_config
+    from promptkd.data import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, 300, str(tmp_path / "tok"))
+    grads, calls = {}, {}
+    for flag in (False, True):
+        cfg = load_config(None, ["data.train_file=x", f"model.student.gradient_checkpointing={str(flag).lower()}"])
+        model = build_student_module(cfg, tok, {"zero_optimization": {"stage": 0}})
+        model.train()
+        n = {"calls": 0}
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: n.__setitem__("calls", n["calls"] + 1))
+        ids = torch.randint(0, len(tok), (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[flag] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        calls[flag] = n["calls"]
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert calls == {False: 1, True: 2}
