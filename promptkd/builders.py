@@ -134,6 +134,15 @@ def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> Promp
     return teacher if zero3 else teacher.to(dist.device())
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 name first, the 4.x one otherwise)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def checkpoint_frozen_layers(model: torch.nn.Module) -> None:
     """Activation checkpointing for a model kept in eval mode.
 
@@ -142,7 +151,7 @@ def checkpoint_frozen_layers(model: torch.nn.Module) -> None:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise ConfigError(f"model.teacher.gradient_checkpointing: {type(model).__name__} has no checkpointable layers")
@@ -210,7 +219,7 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     if s.path:
         _check_covers_tokenizer(model, tokenizer, "model.student.path")
     if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
 
 
