@@ -72,10 +72,14 @@ def _output_cache(output: Any) -> Any:
 def hf_step_fn(model: torch.nn.Module) -> StepFn:
     """Step function for a Hugging Face causal LM (a DeepSpeed engine's module too)."""
     kwarg = _cache_kwarg(model)
+    # Only the last position's logits are used: on the prefill step this skips the LM head
+    # for every other prompt position (and a [B, Tp, V] tensor), as HF generate does.
+    # Same logits bit for bit; bench/rollout.py: 1.11x faster rollouts at vocab 32000 on CPU.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
         pos = position_ids(mask)[:, -ids.shape[1]:]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kwarg: past})
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kwarg: past}, **keep)
         return out.logits[:, -1], _output_cache(out)
 
     return step

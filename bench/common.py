@@ -1,0 +1,274 @@
+"""Shared helpers of the benchmarks: machine info, interleaved timing, JSON output, tiny runs.
+
+Every bench script prints ONE JSON line and writes the same object to
+``bench/results/<name>.json`` (and to ``$BENCH_OUT/<name>.json`` when set).
+Ratios are always measured in one process, interleaved (A B A B ...), with
+medians over the repeats, because the machines here are small and shared.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+# BENCH_RESULTS redirects the JSON files (the smoke test writes to a temp dir, not over real results).
+RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(REPO, "bench", "results")
+
+import torch  # noqa: E402
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- machine + output
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gpu_name() -> Optional[str]:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _version(name: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - a missing package is reported as None
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and under which load the numbers were taken."""
+    load = os.getloadavg()
+    with open("/proc/uptime") as fh:
+        up = float(fh.read().split()[0])
+    return {
+        "cpu_model": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_name(),
+        "torch": torch.__version__, "deepspeed": _version("deepspeed"), "transformers": _version("transformers"),
+        "trl": _version("trl"), "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1_5_15": [round(x, 2) for x in load], "uptime_s": round(up),
+    }
+
+
+def emit(name: str, result: dict[str, Any], load_before: Optional[list[float]] = None,
+         write: bool = True) -> dict[str, Any]:
+    """Attach machine info, write ``bench/results/<name>.json``, print one JSON line."""
+    info = machine_info()
+    if load_before is not None:
+        info["load_avg_at_start"] = [round(x, 2) for x in load_before]
+    out = {"bench": name, **result, "machine": info}
+    line = json.dumps(out, default=_jsonable)
+    if write:
+        dirs = [RESULTS] + ([os.environ["BENCH_OUT"]] if os.environ.get("BENCH_OUT") else [])
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"{name}.json"), "w") as fh:
+                fh.write(json.dumps(out, indent=2, default=_jsonable) + "\n")
+    print(line, flush=True)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)
+
+
+def set_threads(n: int) -> int:
+    """Intra-op threads; OMP_NUM_THREADS too, so no library (accelerate, promptkd) resets it."""
+    os.environ["OMP_NUM_THREADS"] = str(max(1, n))
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- timing
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], cpu: Optional[list] = None) -> tuple[float, Any]:
+    """Wall seconds of ``fn()`` (device synced); its process CPU seconds are appended to ``cpu``."""
+    sync()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    sync()
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
+    return time.perf_counter() - start, out
+
+
+def interleave(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+               cpu_times: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
+    """Run the functions A B A B ... ``repeats`` times after ``warmup`` rounds; wall seconds per call.
+
+    ``cpu_times``, if given, receives the process CPU seconds per call: with one thread it is the
+    work done, whatever other tenants of a shared machine do to the wall clock.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            timed(fn)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, None if cpu_times is None else cpu_times.setdefault(name, []))[0])
+    return times
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "q1": q[0], "q3": q[2], "n": len(s)}
+
+
+def ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median of the per-round ratios (pairs taken back to back) and the ratio of medians."""
+    per_round = [a / b for a, b in zip(num, den)]
+    return {"median_of_round_ratios": statistics.median(per_round),
+            "ratio_of_medians": statistics.median(num) / statistics.median(den),
+            "round_ratios": [round(r, 4) for r in per_round]}
+
+
+# ----------------------------------------------------------------------------- tiny PromptKD runs
+
+@dataclass
+class RunSizes:
+    """Models and batch of a benchmark run (defaults: the CPU ≈5x teacher/student pair)."""
+
+    arch: str = "llama"
+    teacher_layers: int = 4
+    teacher_hidden: int = 256
+    teacher_heads: int = 8
+    student_layers: int = 2
+    student_hidden: int = 144
+    student_heads: int = 4
+    teacher_dtype: str = "fp32"      # bf16 matmuls are ~10x slower than fp32 on these CPUs
+    precision: str = "fp32"          # student
+    batch: int = 16
+    max_new_tokens: int = 32
+    max_prompt_length: int = 64
+    max_length: int = 128
+    n_train: int = 400
+    tokenizer_vocab: int = 2000       # what BPE is asked for; the synthetic text gives ~1040
+    max_positions: int = 512
+    loss_chunk_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def make_workspace(sizes: RunSizes, root: Optional[str] = None) -> dict[str, str]:
+    """Synthetic data + a trained BPE tokenizer in a temp dir (no hub needed)."""
+    from promptkd.data import load_examples, make_synthetic_splits, train_tokenizer
+
+    root = root or tempfile.mkdtemp(prefix="pkd_bench_")
+    files = make_synthetic_splits(os.path.join(root, "data"), sizes.n_train, 5, 5, seed=3)
+    tok_dir = os.path.join(root, "tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        texts = [e.prompt + " " + e.references[0] for e in load_examples(files["train"])]
+        train_tokenizer(texts, sizes.tokenizer_vocab, tok_dir)
+    return {"root": root, "train": files["train"], "tokenizer": tok_dir}
+
+
+def make_config(ws: dict[str, str], sizes: RunSizes, method: str, **extra: Any):
+    from promptkd.config import load_config, with_overrides
+
+    s = sizes
+    over = {
+        "stage": "train", "deepspeed": os.path.join(REPO, "ds_configs", "zero0.json"), "seed": 7,
+        "tokenizer.path": ws["tokenizer"], "data.train_file": ws["train"], "data.dev_size": 0,
+        "data.max_length": s.max_length, "data.max_prompt_length": s.max_prompt_length,
+        "model.teacher.dtype": s.teacher_dtype,
+        "model.teacher.init": {"arch": s.arch, "layers": s.teacher_layers, "hidden": s.teacher_hidden,
+                               "heads": s.teacher_heads, "max_positions": s.max_positions},
+        "model.student.init": {"arch": s.arch, "layers": s.student_layers, "hidden": s.student_hidden,
+                               "heads": s.student_heads, "max_positions": s.max_positions},
+        "method.name": method, "method.loss_chunk_size": s.loss_chunk_size,
+        "rollout.max_new_tokens": s.max_new_tokens, "train.micro_batch_size": s.batch, "train.grad_accum": 1,
+        "train.precision": s.precision, "optim.student.warmup_steps": 0, "optim.prompt.warmup_steps": 0,
+        "optim.student.lr": 1e-4, "optim.prompt.lr": 1e-4, "logging.progress_bar": False,
+        "output.dir": os.path.join(ws["root"], f"run_{method}"),
+    }
+    over.update(s.extra)
+    over.update(extra)
+    base = load_config(None, ["stage=train", f"data.train_file={ws['train']}"])
+    return with_overrides(base, over)
+
+
+def build_run(cfg, method_name: str, total_steps: int = 1000, seed: int = 100):
+    """Method + data + tokenizer through the project's builders (as tests/distributed/scenarios.py)."""
+    from promptkd import distributed as dist
+    from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
+                                   load_raw_splits, tokenize_splits, vocab_size)
+    from promptkd.methods import METHODS, StepContext, build_method
+
+    tok = build_tokenizer(cfg, cfg.output.dir)
+    splits = tokenize_splits(cfg, tok, load_raw_splits(cfg))
+    cls = METHODS[method_name]
+    teacher = build_teacher(cfg, tok, use_prompt=cls.trains_prompt) if cls.uses_teacher else None
+    engine, ds = build_student_engine(cfg, tok, total_steps=total_steps)
+    popt = psched = None
+    if teacher is not None and cls.trains_prompt and teacher.prompt_length > 0:
+        popt, psched = build_prompt_optimizer(cfg, teacher, total_steps)
+    ctx = StepContext(cfg=cfg, engine=engine, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                      vocab_size=vocab_size(tok, teacher, engine.module), total_steps=total_steps, teacher=teacher,
+                      prompt_optimizer=popt, prompt_scheduler=psched,
+                      generator=torch.Generator(device=dist.device()).manual_seed(seed),
+                      sync_rollout=ds["zero_optimization"]["stage"] == 3)
+    return build_method(method_name, ctx), splits, tok
+
+
+def batches(splits, batch: int, n: int) -> list[list]:
+    """``n`` micro-batches of ``batch`` training examples (cycled), fixed for the whole bench."""
+    items = splits.train
+    return [[items[(i * batch + j) % len(items)] for j in range(batch)] for i in range(n)]
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def init_dist() -> None:
+    """A world of one through the project's own init (gloo on CPU, nccl on GPU)."""
+    from promptkd import distributed as dist
+
+    if not dist.is_initialized():
+        dist.init(timeout_s=600)
+
+
+def quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("DeepSpeed", "deepspeed", "promptkd", "transformers", "torch.distributed", "trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,100 @@
+"""bench/ does not rot: every bench module imports and its core function runs at toy sizes.
+
+Not a benchmark: sizes are tiny and nothing is timed against a target. The
+benches build DeepSpeed engines and initialise a (world-of-one) process group,
+so the toy runs happen in ONE child process; this pytest process stays clean.
+Results go to a temp dir (BENCH_RESULTS), never over bench/results/.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODULES = ("common", "phases", "promptkd_overhead", "loss_memory", "rollout", "vs_trl", "gpu_bench")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bench_module_imports(name):
+    sys.path.insert(0, REPO)
+    module = importlib.import_module(f"bench.{name}")
+    assert callable(getattr(module, "run", None) or getattr(module, "emit", None))
+
+
+def test_bench_core_functions_run_at_toy_sizes(tmp_path):
+    env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    ph = out["phases"]
+    assert set(ph["seconds_per_phase_median"]) >= {"rollout", "prompt/teacher_bwd", "student/bwd"}
+    assert all(v >= 0 for v in ph["seconds_per_phase_median"].values())
+    assert ph["params"]["teacher"] > ph["params"]["student"] > 0 and ph["response_tokens_per_s"] > 0
+
+    ov = out["overhead"]
+    assert ov["ratio_promptkd_over_rkl"] > 0 and set(ov["iteration_seconds"]) == {"promptkd", "rkl"}
+
+    ro = out["rollout"]
+    assert ro["ratio_ours_over_hf_tokens_per_s"] > 0 and ro["logits_to_keep_effect"]["same_tokens"]
+
+    lm = out["loss_memory"]["configs"]
+    assert {(c["loss"], c["dtype"]) for c in lm} == {("rkl", "fp32"), ("fkl", "fp32"), ("rkl", "bf16"),
+                                                      ("fkl", "bf16")}
+    for c in lm:
+        assert c["value_chunked"] == pytest.approx(c["value_unchunked"], rel=1e-4)
+        # the allocator trace sees at least the gradient of the student logits
+        grad_bytes = 1 * 16 * 64 * (4 if c["dtype"] == "fp32" else 2)
+        assert c["memory"]["unchunked"]["peak_bytes"] >= grad_bytes
+    first = lm[0]["memory"]["unchunked"]
+    assert "rss_peak_bytes" in first or "rss_error" in first
+
+    assert out["vs_trl"] in ("ran", "unavailable")
+    gpu = out["gpu_dryrun"]
+    assert gpu["sections_done"] == ["mfu", "rollout", "phases"] and gpu["mfu"]["tokens_per_s"] > 0
+    assert sorted(os.listdir(tmp_path / "results")) == ["gpu_smoke.json"]  # run() cores do not write; emit does
+
+
+def _toy_runs() -> dict:
+    """Child process: each bench's core function at toy sizes; one JSON line on stdout."""
+    import contextlib
+    import io
+
+    from bench import gpu_bench, loss_memory, phases, promptkd_overhead, rollout, vs_trl
+    from bench.common import RunSizes, make_workspace, set_threads
+
+    set_threads(1)
+    toy = RunSizes(teacher_layers=2, teacher_hidden=32, teacher_heads=4, student_layers=1, student_hidden=16,
+                   student_heads=2, batch=2, max_new_tokens=4, n_train=40)
+    ws = make_workspace(toy)
+    out = {
+        "phases": phases.run(toy, repeats=1, warmup=0, ws=ws),
+        "overhead": promptkd_overhead.run(toy, repeats=1, warmup=0, ws=ws),
+        "rollout": rollout.run(toy, repeats=1, warmup=0, ws=ws),
+        "loss_memory": loss_memory.run(1, 16, 64, chunk=4, repeats=1, warmup=0, rss="first"),
+    }
+    if vs_trl.trl_available():  # only inside bench/.venv-trl
+        vs_trl.run(toy, repeats=1, warmup=0, ws=ws)
+        out["vs_trl"] = "ran"
+    else:
+        assert "setup_trl_venv.sh" in vs_trl.unavailable_reason()
+        out["vs_trl"] = "unavailable"
+    with contextlib.redirect_stdout(io.StringIO()):
+        out["gpu_dryrun"] = gpu_bench.run(dry=True, name="gpu_smoke")
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    result = _toy_runs()
+    print(json.dumps(result, default=str))
+    from promptkd import distributed as dist
+
+    dist.shutdown(0)
