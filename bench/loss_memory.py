@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=0, help="extra warm-up rounds (the profiled calls already warm up)")
-    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--shape", type=int, nargs=3, default=[4, 512, 32000], metavar=("B", "T", "V"))
     p.add_argument("--rss", choices=("first", "all", "none"), default="first",
                    help="RSS cross-check (a subprocess per variant) for the first configuration, all, or none")
