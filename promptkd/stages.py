@@ -121,7 +121,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
     trainer.save()
     summary: dict[str, Any] = {"steps": trainer.state.step}
     if splits.dev:
-        summary["dev_rougeL"] = trainer.run_dev_eval()
+        last = trainer.state.history[-1] if trainer.state.history else None
+        done = last is not None and last["step"] == trainer.state.step  # the loop just scored this step
+        summary["dev_rougeL"] = last["rougeL"] if done else trainer.run_dev_eval()
     if cfg.output.export:
         _export(cfg, run_dir, engine, tokenizer, teacher if prompt_opt is not None else None)
     if splits.test or extra_sets:

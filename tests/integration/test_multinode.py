@@ -1,6 +1,7 @@
 """`torchrun --nnodes 2`: two "nodes" (two torchrun agents) on this machine, one rank each, one launcher."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ def test_torchrun_two_nodes(tmp_path):
     port = _free_port()
     out = tmp_path / "run"
     overrides = ["stage=train", "method.name=promptkd", f"tokenizer.path={tmp_path / 'tok'}", "tokenizer.train=false",
-                 "data.synthetic.enabled=false", f"data.train_file={files['train']}", "data.dev_size=0",
+                 "data.synthetic.enabled=false", f"data.train_file={files['train']}", "data.dev_size=4", "eval.dev_interval=1",
                  "data.max_length=128", "data.max_prompt_length=96", "model.teacher.dtype=fp32",
                  "model.teacher.init={arch: llama, layers: 2, hidden: 32, heads: 4}",
                  "model.student.init={arch: llama, layers: 2, hidden: 32, heads: 4}", "rollout.max_new_tokens=8",
@@ -40,3 +41,7 @@ def test_torchrun_two_nodes(tmp_path):
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "world size 2" in logs[0]
     assert (out / "export" / "config.json").exists() and (out / "checkpoints" / "latest").exists()
+    # dev is scored at every step; the end of training reuses step 2's score instead of logging it twice
+    dev_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if "dev/rougeL" in line]
+    assert dev_steps == [1, 2]
