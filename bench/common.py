@@ -7,6 +7,8 @@ medians over the repeats, because the machines here are small and shared.
 """
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import json
 import os
@@ -272,3 +274,14 @@ def quiet() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+def step_bench_args(description: str) -> argparse.ArgumentParser:
+    """The options every step benchmark takes (phases, promptkd_overhead, vs_trl)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    return p

@@ -11,7 +11,6 @@ engine from the project's builders.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import (RunSizes, batches, build_run, emit, init_dist, interleave, make_config,  # noqa: E402
-                          make_workspace, n_params, quiet, ratio, set_threads, stats, sync)
+                          make_workspace, n_params, quiet, ratio, set_threads, stats, step_bench_args, sync)
 
 PHASES = (
     "rollout",
@@ -146,12 +145,7 @@ def run(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = No
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p = step_bench_args(__doc__.split("\n")[0])
     args = p.parse_args(argv)
     quiet()
     load = list(os.getloadavg())

@@ -22,7 +22,6 @@ alternate A B A B ... The ratio is ours / TRL per step (< 1: ours faster).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -202,12 +201,9 @@ def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_de
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    from bench.common import step_bench_args
+
+    p = step_bench_args(__doc__.split("\n")[0])
     p.add_argument("--trl-defaults", action="store_true",
                    help="keep TRL's default gradient checkpointing (and so generation without KV cache); "
                         "writes vs_trl_defaults.json")
