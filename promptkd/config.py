@@ -99,10 +99,14 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("promptkd", "training method: promptkd | rkl | sft | kd | seqkd | imitkd | gkd | distillm")
+    name: str = _f("promptkd", "training method: promptkd | rkl | sft | kd | seqkd | imitkd | gkd | distillm | "
+                                   "minillm")
     guidance: str = _f("teacher_student", "prompt guidance term: teacher_student = KL(p_T^θ‖p_S) | student_teacher = KL(p_S‖p_T^θ)")
     reg_schedule: str = _f("linear", "regularizer weight w(t): linear = 1 - t/T | constant | off")
     reg_weight: float = _f(1.0, "regularizer scale: w(t) = reg_weight · (1 - t/T) for linear, reg_weight for constant")
+    stale_student_target: bool = _f(False, "promptkd: the student step reuses the prompted teacher's logits from "
+                                           "the prompt step, i.e. from BEFORE the prompt update (one teacher forward "
+                                           "less per step; changes the paper's math, off by default)")
     kd_ce_weight: float = _f(0.0, "kd only: loss = (1-w)·FKL + w·CE on ground truth")
     loss_chunk_size: int = _f(0, "sequence chunk for the fp32 loss math (0 = unchunked)")
     divergence: str = _f("auto", "imitkd/gkd token divergence: auto (imitkd: fkl, gkd: jsd) | fkl | rkl | jsd | tvd "
@@ -123,6 +127,17 @@ class MethodConfig:
                                   "(dev-loss proxy) is not below the previous window's minus distillm_loss_eps")
     distillm_loss_eps: float = _f(0.0, "distillm: improvement a window must make to keep φ unchanged")
     seqkd_cache_dir: str = _f("", "seqkd: cache of teacher generations; empty = <output.dir>/seqkd_cache")
+    minillm_teacher_mix: float = _f(0.2, "minillm: α in [0, 1) of the sampling mixture α·p_T + (1-α)·p_S "
+                                         "(0 = pure student sampling)")
+    minillm_clip_weight: float = _f(3.0, "minillm: upper clip of the importance weight p_S/p_mix (it never "
+                                         "exceeds 1/(1-α), so the clip binds only for α > 1 - 1/clip)")
+    minillm_single_step: bool = _f(True, "minillm: include the single-step term (full-vocabulary reverse KL per "
+                                         "position); false = policy-gradient term only")
+    minillm_length_norm: bool = _f(True, "minillm: the return R_t is the mean of the future rewards; false = "
+                                         "their undiscounted sum")
+    minillm_lm_coef: float = _f(0.0, "minillm: weight of a cross-entropy loss on minillm_lm_data (0 = off)")
+    minillm_lm_data: str = _f("", "minillm: pretraining corpus for the LM loss: .jsonl with a 'text' field, "
+                                  "or plain text, one document per line")
 
 
 @dataclass
@@ -244,7 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.teacher.placement": ("replicated", "zero3"),
     "model.teacher.offload_params": ("", "cpu"),
     "data.format": ("dolly", "prompt_output"),
-    "method.name": ("promptkd", "rkl", "sft", "kd", "seqkd", "imitkd", "gkd", "distillm"),
+    "method.name": ("promptkd", "rkl", "sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "minillm"),
     "method.divergence": ("auto", "fkl", "rkl", "jsd", "tvd", "sfkl", "srkl"),
     "method.distillm_loss": ("srkl", "sfkl"),
     "method.guidance": ("teacher_student", "student_teacher"),
@@ -264,10 +279,11 @@ POSITIVE = (
     "train.micro_batch_size", "train.grad_accum", "rollout.temperature", "rollout.top_p",
     "eval.batch_size", "eval.max_new_tokens", "eval.temperature", "eval.top_p", "exposure.samples",
     "logging.interval", "dist_timeout_s", "pipeline.sft_lr", "method.replay_capacity", "method.distillm_window",
+    "method.minillm_clip_weight",
 )
 NON_NEGATIVE = (
     "model.teacher.prompt_length", "data.dev_size", "method.reg_weight", "method.loss_chunk_size",
-    "method.distillm_loss_eps",
+    "method.distillm_loss_eps", "method.minillm_lm_coef",
     "optim.student.weight_decay", "optim.prompt.weight_decay", "optim.student.warmup_steps",
     "optim.prompt.warmup_steps", "train.epochs", "train.max_steps", "train.grad_clip", "train.max_bad_steps",
     "rollout.top_k", "rollout.max_new_tokens", "eval.top_k", "eval.no_repeat_ngram_size",
@@ -278,7 +294,7 @@ NON_NEGATIVE = (
 # Probabilities and mixing weights: must lie in [0, 1].
 UNIT_INTERVAL = (
     "method.gkd_lambda", "method.gkd_beta", "method.skew_alpha", "method.replay_ratio",
-    "method.distillm_init_prob", "method.distillm_prob_step",
+    "method.distillm_init_prob", "method.distillm_prob_step", "method.minillm_teacher_mix",
 )
 
 
@@ -437,6 +453,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be in [0, 1] (got {get(cfg, key)!r})")
     if cfg.method.skew_alpha >= 1.0:  # alpha = 1 makes the skew KL identically 0
         raise ConfigError(f"method.skew_alpha: must be in [0, 1) (got {cfg.method.skew_alpha!r})")
+    _validate_minillm(cfg)
     for key in ("optim.student.betas", "optim.prompt.betas"):
         betas = get(cfg, key)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
@@ -458,6 +475,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{arch_key}.hidden: must be divisible by {arch_key}.heads ({init.heads})")
     if not cfg.deepspeed:
         raise ConfigError("deepspeed: a ds_configs JSON path is required")
+
+
+def _validate_minillm(cfg: Config) -> None:
+    m = cfg.method
+    if m.minillm_teacher_mix >= 1.0:  # alpha = 1 samples from the teacher alone: the weight p_S/p_mix is meaningless
+        raise ConfigError(f"method.minillm_teacher_mix: must be in [0, 1) (got {m.minillm_teacher_mix!r})")
+    if m.minillm_lm_coef > 0 and not m.minillm_lm_data:
+        raise ConfigError("method.minillm_lm_data: required when method.minillm_lm_coef > 0 (a .jsonl file with a "
+                          "'text' field, or a text file with one document per line)")
+    # checked here, before a run writes its config.yaml; other stages may validate a config on another machine
+    if m.minillm_lm_coef > 0 and cfg.stage in ("train", "pipeline") and not os.path.isfile(m.minillm_lm_data):
+        raise ConfigError(f"method.minillm_lm_data: file not found: {m.minillm_lm_data}")
 
 
 def max_new_tokens(cfg: Config) -> int:

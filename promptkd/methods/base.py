@@ -6,6 +6,8 @@ whole optimizer step on *all* ranks; the trainer never averages per micro-batch.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -83,17 +85,58 @@ def global_tokens(masks: list[torch.Tensor]) -> float:
     return float(dist.all_reduce_sum(local))
 
 
-def lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Next-token logits [B, T-1, V'] of an HF model (V' = tokenizer size)."""
+def response_start(r: Rollout) -> int:
+    """First shifted position any loss on ``r`` reads: the one that predicts the first response token.
+
+    Logits of earlier (prompt) positions are never used, so ``lm_logits``/``teacher_logits``
+    skip the LM head there (``logits_to_keep``): same values, less work, smaller tensors.
+    Pair it with ``shifted_mask(r)``.
+    """
+    return max(r.prompt_len - 1, 0)
+
+
+def shifted_mask(r: Rollout) -> torch.Tensor:
+    """The loss mask [B, T-1-start] aligned with ``lm_logits(..., start=response_start(r))``."""
+    return r.loss_mask[:, response_start(r) + 1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(forward_cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(forward_cls.forward).parameters
+
+
+def _keep_kwargs(model: Any, seq_len: int, start: int) -> dict[str, int]:
+    module = getattr(model, "module", model)  # a DeepSpeed engine forwards kwargs to its module
+    if start <= 0 or not _takes_logits_to_keep(type(module)):
+        return {}
+    return {"logits_to_keep": seq_len - start}
+
+
+def lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int,
+              start: int = 0) -> torch.Tensor:
+    """Next-token logits [B, T-1-start, V'] of an HF model for positions start..T-2 (V' = tokenizer size)."""
+    seq_len = input_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False)
-    return out.logits[:, :-1, :vocab_size]
+                use_cache=False, **_keep_kwargs(model, seq_len, start))
+    return out.logits[:, -(seq_len - start):][:, :-1, :vocab_size]
 
 
 def teacher_logits(teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   vocab_size: int, use_prompt: bool) -> torch.Tensor:
-    logits, _ = teacher(input_ids, attention_mask, use_prompt=use_prompt)
-    return logits[:, :-1, :vocab_size]
+                   vocab_size: int, use_prompt: bool, start: int = 0) -> torch.Tensor:
+    """Like ``lm_logits`` for a PromptedTeacher: [B, T-1-start, V']."""
+    seq_len = input_ids.shape[1]
+    logits, _ = teacher(input_ids, attention_mask, use_prompt=use_prompt, logits_to_keep=seq_len - start)
+    return logits[:, -(seq_len - start):][:, :-1, :vocab_size]
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward in train mode is random (any dropout module or config rate above 0)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = config.to_dict().items() if config is not None and hasattr(config, "to_dict") else []
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in rates)
 
 
 def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: float) -> None:

@@ -13,7 +13,7 @@ import torch
 from promptkd.config import Config
 from promptkd.losses import token_divergence
 from promptkd.methods.base import (MicroBatch, StepContext, full_batches, global_mean, global_tokens, lm_logits,
-                                   student_backward, teacher_logits)
+                                   response_start, shifted_mask, student_backward, teacher_logits)
 from promptkd.rollout import Rollout
 
 # Keeps the shared stream apart from the rollout generators (seeded cfg.seed * 7919 + rank).
@@ -64,11 +64,11 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str) -> di
     total = 0.0
     with ctx.timer.phase("student_step"):
         for s in seqs:
-            mask = s.loss_mask[:, 1:]
+            start, mask = response_start(s), shifted_mask(s)
             with torch.no_grad():
                 t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size,
-                                          use_prompt=False)
-            s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size)
+                                          use_prompt=False, start=start)
+            s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
             loss, _ = token_divergence(divergence, t_logits, s_logits, mask, ctx.chunk,
                                        beta=m.gkd_beta, alpha=m.skew_alpha)
             student_backward(ctx, loss, n_global)

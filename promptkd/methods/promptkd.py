@@ -8,20 +8,27 @@ One iteration, exactly as DESIGN.md §1:
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from typing import Optional
 
 import torch
 
 from promptkd import distributed as dist
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
-from promptkd.methods.base import (Method, MicroBatch, global_mean, global_tokens, lm_logits, lr_of,
-                                   student_backward, student_rollout, teacher_logits)
+from promptkd.methods.base import (Method, MicroBatch, global_mean, global_tokens, has_dropout, lm_logits, lr_of,
+                                   response_start, shifted_mask, student_backward, student_rollout, teacher_logits)
 from promptkd.rollout import Rollout
 
 
 class PromptKD(Method):
     uses_teacher = True
     trains_prompt = True
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.reused: list[Optional[torch.Tensor]] = []
+        self.stale_targets: list[Optional[torch.Tensor]] = []
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
         ctx = self.ctx
@@ -38,6 +45,7 @@ class PromptKD(Method):
             if not math.isfinite(metrics["prompt/grad_norm"]):
                 # identical on every rank (the gradient was all-reduced): skip the whole step
                 self.restore_prompt(snapshot)
+                self.reused = self.stale_targets = []  # drop the kept student graph
                 return {**metrics, "skipped": 1.0}
         skipped_before = ctx.engine.skipped_steps
         with ctx.timer.phase("student_step"):
@@ -71,16 +79,20 @@ class PromptKD(Method):
         opt = ctx.prompt_optimizer
         opt.zero_grad(set_to_none=True)
         sums = {"guidance": 0.0, "regularizer": 0.0, "total": 0.0}
-        for r in rollouts:
-            mask = r.loss_mask[:, 1:]
+        self.reused = [None] * len(rollouts)         # kept student forwards, for student_update
+        self.stale_targets = [None] * len(rollouts)  # stale_student_target only
+        for i, r in enumerate(rollouts):
+            start, mask = response_start(r), shifted_mask(r)
+            s_logits = self.student_logits_for_prompt(r, start, keep=i == 0, index=i)
             with torch.no_grad():
-                s_logits = lm_logits(ctx.engine.module, r.input_ids, r.attention_mask, ctx.vocab_size)
-                base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt=False)
+                base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, False, start)
                         if w > 0 else None)
-            prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt=True)
+            prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, True, start)
             pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
                              reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
             (pl.total / max(n_global, 1.0)).backward()
+            if m.stale_student_target:  # the documented shortcut: p_T^θ from before the update
+                self.stale_targets[i] = prompted.detach()
             for key in sums:
                 sums[key] += float(getattr(pl, key).detach())
         grad_norm = self.reduce_and_step_prompt()
@@ -88,6 +100,29 @@ class PromptKD(Method):
                 "prompt/guidance_kl": global_mean(sums["guidance"], n_global),
                 "prompt/reg_kl": global_mean(sums["regularizer"], n_global),
                 "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": lr_of(opt)}
+
+    def student_logits_for_prompt(self, r: Rollout, start: int, keep: bool, index: int) -> torch.Tensor:
+        """p_S for the guidance term (a constant there).
+
+        Without dropout the student step's own forward (same weights, same sequences) gives
+        the same logits, so for the first micro-batch that forward runs here, with grad, and
+        is kept for ``student_update``: one student forward less per step, bitwise the same
+        result. Only one graph is kept (memory), and it is the first micro-batch's because
+        the student step backs it up before any other student forward+backward: under
+        ZeRO-3 an interleaved forward+backward between a forward and its backward changed
+        the gradients (measured with accumulation 2).
+        """
+        ctx = self.ctx
+        if keep and not self.student_has_dropout:
+            kept = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+            self.reused[index] = kept
+            return kept.detach()
+        with torch.no_grad():
+            return lm_logits(ctx.engine.module, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+
+    @functools.cached_property
+    def student_has_dropout(self) -> bool:
+        return has_dropout(self.ctx.engine.module)
 
     def reduce_and_step_prompt(self) -> float:
         """Sum the (globally normalised) prompt grads over ranks, clip, step."""
@@ -109,15 +144,23 @@ class PromptKD(Method):
     def student_update(self, rollouts: list[Rollout], n_global: float) -> dict[str, float]:
         ctx = self.ctx
         use_prompt = self.uses_prompt()
+        # what prompt_update left for this step (nothing when it did not run)
+        reused, stale = (self.reused, self.stale_targets) if use_prompt else ([], [])
         total = 0.0
-        for r in rollouts:
-            mask = r.loss_mask[:, 1:]
-            with torch.no_grad():
-                t_logits = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt)
-            s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size)
+        for i, r in enumerate(rollouts):
+            start, mask = response_start(r), shifted_mask(r)
+            t_logits = stale[i] if i < len(stale) else None
+            if t_logits is None:
+                with torch.no_grad():
+                    t_logits = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt,
+                                              start)
+            s_logits = reused[i] if i < len(reused) else None
+            if s_logits is None:
+                s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
             rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
             student_backward(ctx, rkl, n_global)
             total += float(rkl.detach())
+        self.reused = self.stale_targets = []
         return {"loss/rkl": global_mean(total, n_global)}
 
 

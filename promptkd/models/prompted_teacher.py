@@ -137,6 +137,7 @@ class PromptedTeacher(nn.Module):
         self.prompt = nn.Parameter(rows)
         params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._takes_keep = "logits_to_keep" in params
 
     @property
     def hidden_size(self) -> int:
@@ -156,13 +157,16 @@ class PromptedTeacher(nn.Module):
         use_prompt: bool = True,
         past_key_values: Any = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, Any]:
         """Logits of the (optionally prompted) teacher for the given tokens.
 
         input_ids: [B, n] new tokens (all tokens when there is no cache).
         attention_mask: [B, seen] over real tokens seen so far *including* the
             n new ones, excluding the prompt (left padding allowed).
-        Returns (logits [B, n, V] for the new tokens only, cache or None).
+        logits_to_keep: > 0 computes the LM head for the last that many positions only
+            (the rest are never read); 0 = every new position.
+        Returns (logits [B, n, V] for the new tokens only, or [B, logits_to_keep, V]; cache or None).
         See the module docstring for the cache protocol.
         """
         prefix = self.prompt_length if use_prompt else 0
@@ -183,6 +187,7 @@ class PromptedTeacher(nn.Module):
             position_ids=positions,
             use_cache=use_cache,
             **{self._cache_kwarg: past_key_values},
+            **self._keep_kwargs(logits_to_keep, n_new),
         )
         return output.logits[:, -n_new:], _output_cache(output)
 
@@ -190,6 +195,11 @@ class PromptedTeacher(nn.Module):
     def base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Plain teacher ``p_T`` logits [B, T, V] (the regularizer's reference)."""
         return self.forward(input_ids, attention_mask, use_prompt=False)[0]
+
+    def _keep_kwargs(self, logits_to_keep: int, n_new: int) -> dict[str, int]:
+        if logits_to_keep <= 0 or logits_to_keep >= n_new or not self._takes_keep:
+            return {}
+        return {"logits_to_keep": logits_to_keep}
 
     @staticmethod
     def _full_mask(attention_mask: torch.Tensor, prefix: int) -> torch.Tensor:

@@ -410,6 +410,26 @@ def scenario_seqkd_zero3() -> dict:
     return out
 
 
+def scenario_minillm_zero3() -> dict:
+    """Teacher-mixed rollouts plus the LM loss; the corpus position survives state_dict."""
+    from promptkd.methods.minillm import MiniLLM
+
+    corpus = os.path.join(SHARED, "minillm_corpus.txt")
+    if dist.is_main():
+        with open(corpus, "w") as fh:
+            fh.writelines(f"pretraining document {i} is about the number {i * 7}\n" for i in range(20))
+    dist.barrier()  # the config checks that the file exists
+    m, _, _, out = baseline_run("minillm", **{"method.minillm_teacher_mix": 0.5, "method.minillm_lm_coef": 0.5,
+                                              "method.minillm_lm_data": corpus})
+    state = m.state_dict()
+    expected = m.corpus.next_indices(3)
+    restored = MiniLLM(m.ctx)  # loads the run's tokenizer itself
+    restored.load_state_dict(state)
+    out.update({"consumed": state["lm_corpus"]["consumed"], "next_lm": expected,
+                "restored_next_lm": restored.corpus.next_indices(3)})
+    return out
+
+
 def scenario_promptkd_ablations() -> dict:
     """The paper's ablations as config: guidance direction, reg schedule, prompt length and init."""
     import dataclasses
@@ -441,6 +461,38 @@ def scenario_promptkd_ablations() -> dict:
                      "prompt_changed": not torch.equal(before, ctx.teacher.prompt.detach()),
                      "student": student_digest(m)}
     hook.remove()
+    return out
+
+
+def count_full_forwards(module: torch.nn.Module, counter: dict, key: str):
+    """Counts forwards over whole sequences (use_cache off), not the rollout's decode steps."""
+
+    def hook(_m, _args, kwargs):
+        if not kwargs.get("use_cache", False):
+            counter[key] = counter.get(key, 0) + 1
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def scenario_promptkd_shortcuts() -> dict:
+    """Issue 7: the reused student forward is exact; the stale-target option saves a teacher forward."""
+    out = {}
+    variants = {"default": {}, "no_reuse": {}, "stale": {"method.stale_student_target": True}}
+    for name, extra in variants.items():
+        cfg = tiny_cfg(ZERO3, **extra)  # grad_accum 2: the kept forward is the last micro-batch's
+        m, splits, tok = build_run(cfg, "promptkd")
+        if name == "no_reuse":
+            m.student_has_dropout = True  # as if dropout were on: a separate no-grad forward
+        calls: dict = {}
+        init = (student_digest(m), digest(m.ctx.teacher.prompt))
+        hooks = [eos_bias_hook(m.ctx.engine.module, tok.eos_token_id),
+                 count_full_forwards(m.ctx.engine.module, calls, "student"),
+                 count_full_forwards(m.ctx.teacher.base, calls, "teacher")]
+        res = run_steps(m, splits, cfg, 2)
+        for h in hooks:
+            h.remove()
+        out[name] = {"init": init, "student": res["student"], "prompt": digest(m.ctx.teacher.prompt), "calls": calls,
+                     "micro_batches": [len(x) for x in res["lengths"]], "metrics": res["metrics"]}
     return out
 
 
