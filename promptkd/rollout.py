@@ -1,9 +1,9 @@
 """Sampling with a KV cache, rank-synchronous stopping, EOS forcing and loss masks.
 
-One decode loop serves student rollouts, teacher sampling and evaluation. The
-model is reached through a *step function* ``(ids, mask, past) -> (logits of
-the last position [B, V], past)``, so plain HF models and the prompted teacher
-share the loop.
+One decode loop serves student rollouts, teacher sampling, MiniLLM's
+teacher-mixed sampling and evaluation. The model is reached through a *step
+function* ``(ids, mask, past) -> (logits of the last position [B, V], past)``,
+so plain HF models, the prompted teacher and mixtures of the two share the loop.
 
 Under ZeRO-3 every forward is a collective: every rank must take the same
 number of decode steps. ``sync=True`` keeps a rank stepping (on padding) until
@@ -12,6 +12,7 @@ an all-reduce says every rank is done; ranks still stop as soon as they all are.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -91,6 +92,32 @@ def teacher_step_fn(teacher: torch.nn.Module, use_prompt: bool) -> StepFn:
     def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
         logits, cache = teacher(ids, mask, use_prompt=use_prompt, past_key_values=past, use_cache=True)
         return logits[:, -1], cache
+
+    return step
+
+
+def mixed_step_fn(student: StepFn, teacher: StepFn, alpha: float, vocab_size: int) -> StepFn:
+    """Step function of p_mix = alpha·p_T + (1-alpha)·p_S (MiniLLM's teacher-mixed sampling).
+
+    Both models decode the same tokens, each with its own cache (``past`` is the
+    pair). The returned "logits" are log p_mix [B, vocab_size] in fp32, so the
+    rollout's temperature / top-k / top-p act on the mixture, not on each model.
+    alpha == 0 returns the student's own logits and skips the teacher: the same
+    tokens as ``hf_step_fn`` alone for the same generator state.
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    log_t, log_s = (math.log(alpha), math.log1p(-alpha)) if alpha > 0 else (0.0, 0.0)
+
+    def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+        s_past, t_past = past if past is not None else (None, None)
+        s_logits, s_past = student(ids, mask, s_past)
+        if alpha == 0.0:
+            return s_logits[:, :vocab_size], (s_past, None)
+        t_logits, t_past = teacher(ids, mask, t_past)
+        s_logp = torch.log_softmax(s_logits[:, :vocab_size].float(), dim=-1)
+        t_logp = torch.log_softmax(t_logits[:, :vocab_size].float(), dim=-1)
+        return torch.logaddexp(t_logp + log_t, s_logp + log_s), (s_past, t_past)
 
     return step
 

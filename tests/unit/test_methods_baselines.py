@@ -27,7 +27,7 @@ def _cfg(*overrides: str):
 
 # ----------------------------------------------------------------------------- config
 
-@pytest.mark.parametrize("name", ["seqkd", "imitkd", "gkd", "distillm"])
+@pytest.mark.parametrize("name", ["seqkd", "imitkd", "gkd", "distillm", "minillm"])
 def test_new_methods_are_registered(name):
     assert _cfg(f"method.name={name}").method.name == name
     assert name in METHODS and METHODS[name].uses_teacher
