@@ -108,7 +108,8 @@ class MethodConfig:
                                            "the prompt step, i.e. from BEFORE the prompt update (one teacher forward "
                                            "less per step; changes the paper's math, off by default)")
     kd_ce_weight: float = _f(0.0, "kd only: loss = (1-w)·FKL + w·CE on ground truth")
-    loss_chunk_size: int = _f(0, "sequence chunk for the fp32 loss math (0 = unchunked)")
+    loss_chunk_size: int = _f(0, "sequence positions per chunk of the fp32 loss math (0 = automatic: "
+                                 "~16 MB pieces for the fused KL/prompt losses, unchunked for the others)")
     divergence: str = _f("auto", "imitkd/gkd token divergence: auto (imitkd: fkl, gkd: jsd) | fkl | rkl | jsd | tvd "
                                  "(0.5·Σ|p_T - p_S|) | sfkl | srkl")
     gkd_lambda: float = _f(0.5, "gkd: on-policy fraction λ, the chance a step trains on student samples (else ground "

@@ -13,10 +13,13 @@ All arithmetic runs in fp32. Only masked-in rows are selected before the
 softmax, so padding rows cost nothing and garbage (even inf/nan) logits at
 masked-out positions cannot leak into values or gradients.
 
-``chunk_size`` bounds peak memory: T is processed in slices of that length and,
-when autograd is recording, each slice runs under non-reentrant activation
-checkpointing, so the fp32 ``B x chunk x V`` intermediates are recomputed in
-backward instead of being kept alive for the whole sequence.
+``chunk_size`` bounds peak memory: T is processed in slices of that length.
+When a gradient is needed, the KL divergences and the prompt loss compute it in
+the forward, slice by slice (``promptkd.losses_fused``; ``chunk_size=None`` then
+picks slices of ~16 MB fp32, so small vocabularies stay one piece); the other
+losses run each slice under non-reentrant activation checkpointing, so the fp32
+``B x chunk x V`` intermediates are recomputed in backward instead of being
+kept alive for the whole sequence.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from promptkd.losses_fused import _FusedChunkedKL, _FusedPromptLoss, auto_chunk
 
 GUIDANCE_CHOICES = ("teacher_student", "student_teacher")
 SCHEDULE_CHOICES = ("linear", "constant", "off")
@@ -114,52 +119,18 @@ def kl_divergence(
     input requires grad; detach at the call site to make one side a constant.
     """
     _check_shapes([p_logits, q_logits], mask)
-    if chunk_size is not None and chunk_size > 0 and torch.is_grad_enabled() \
-            and (p_logits.requires_grad or q_logits.requires_grad):
-        return _FusedChunkedKL.apply(p_logits, q_logits, mask, chunk_size), _n_tokens(mask)
+    if _fused(chunk_size, p_logits, q_logits):
+        chunk = chunk_size or auto_chunk(p_logits)
+        return _FusedChunkedKL.apply(p_logits, q_logits, mask, chunk), _n_tokens(mask)
     loss = _run_chunked(_kl_chunk, [p_logits, q_logits], mask, chunk_size)
     return loss, _n_tokens(mask)
 
 
-class _FusedChunkedKL(torch.autograd.Function):
-    """Chunked KL(p || q) whose gradients are computed in forward, chunk by chunk.
-
-    Slicing a graph per chunk makes autograd build a full-size gradient per slice
-    and sum them (2x the logits in fp32); writing each chunk's analytic gradient
-    into one buffer of the input's dtype keeps the extra memory at 1x of it plus
-    one fp32 chunk. dKL/da = p (log p - log q - KL_row), dKL/db = q - p.
-    Backward may run once (the buffers are scaled in place).
-    """
-
-    @staticmethod
-    def forward(ctx, p_logits, q_logits, mask, chunk_size):  # type: ignore[override]
-        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_p = torch.zeros_like(p_logits) if need_p else None
-        grad_q = torch.zeros_like(q_logits) if need_q else None
-        total = torch.zeros((), dtype=torch.float32, device=p_logits.device)
-        for start in range(0, mask.shape[1], chunk_size):
-            cols = slice(start, start + chunk_size)
-            keep = mask[:, cols].bool()
-            # in-place steps keep at most three fp32 [rows, V] buffers alive per chunk
-            logp = F.log_softmax(_select(p_logits[:, cols], keep), dim=-1)
-            logq = F.log_softmax(_select(q_logits[:, cols], keep), dim=-1)
-            p = logp.exp()
-            diff = logp.sub_(logq)                                   # log p - log q
-            rows = torch.linalg.vecdot(p, diff)                      # KL per row
-            total += rows.sum()
-            if need_p:
-                grad_p[:, cols][keep] = diff.sub_(rows[:, None]).mul_(p).to(grad_p.dtype)
-            if need_q:
-                grad_q[:, cols][keep] = logq.exp_().sub_(p).to(grad_q.dtype)
-        ctx.save_for_backward(*(g for g in (grad_p, grad_q) if g is not None))
-        ctx.has = (need_p, need_q)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved).mul_(grad_out.to(torch.float32)) if has else None for has in ctx.has]
-        return grads[0], grads[1], None, None
+def _fused(chunk_size: int | None, *logits: torch.Tensor) -> bool:
+    """Gradients needed: compute them in the forward (faster than autograd, measured, and less memory)."""
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    return torch.is_grad_enabled() and any(t.requires_grad for t in logits)
 
 
 def forward_kl(
@@ -272,6 +243,12 @@ def prompt_loss(
     # is a shape-compatible stand-in so the chunk driver needs no special case.
     base = student if base_teacher_logits is None or not with_reg else base_teacher_logits.detach()
     _check_shapes([prompted_teacher_logits, student, base], mask)
+    if _fused(chunk_size, prompted_teacher_logits):
+        chunk = chunk_size or auto_chunk(prompted_teacher_logits)
+        total, guide, reg = _FusedPromptLoss.apply(prompted_teacher_logits, student, base, mask, chunk,
+                                                   guidance == "teacher_student", float(reg_weight) if with_reg
+                                                   else 0.0)
+        return PromptLoss(total=total, guidance=guide, regularizer=reg, n_tokens=_n_tokens(mask))
     parts = _run_chunked(
         _make_prompt_chunk(guidance, with_reg),
         [prompted_teacher_logits, student, base],

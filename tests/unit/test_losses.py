@@ -232,31 +232,39 @@ def test_chunked_uses_checkpoint_only_with_grad(monkeypatch: pytest.MonkeyPatch)
 def test_fused_chunked_kl_gradients_match_autograd(dtype: torch.dtype, which: str) -> None:
     """The chunked KL computes its gradients analytically in forward; they must match autograd's,
     scaled by the upstream gradient, for either side or both, in fp32 and bf16."""
+    import promptkd.losses as losses
+
     p, q, m = _logits(21).to(dtype), _logits(22).to(dtype), _mask()
     grads = {}
-    for chunk in (None, 4):
+    for chunk in ("autograd", None, 4):
         a = p.clone().requires_grad_(which in ("p", "both"))
         b = q.clone().requires_grad_(which in ("q", "both"))
-        loss, _ = kl_divergence(a, b, m, chunk_size=chunk)
+        if chunk == "autograd":  # the plain formula, differentiated by autograd
+            loss = losses._run_chunked(losses._kl_chunk, [a, b], m, None)
+        else:
+            loss, _ = kl_divergence(a, b, m, chunk_size=chunk)
         (loss * 0.37).backward()
         grads[chunk] = [t.grad for t in (a, b)]
     # bf16: the gradient is rounded to bf16 before the upstream scale is applied, so allow one ulp (2^-8 rel.)
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2 ** -7, 1e-3)
-    for g_ref, g in zip(grads[None], grads[4]):
+    for g_ref, g in [*zip(grads["autograd"], grads[None]), *zip(grads["autograd"], grads[4])]:
         assert (g_ref is None) == (g is None)
         if g is not None:
             assert g.dtype == dtype and g.abs().max() > 0
             assert torch.allclose(g.float(), g_ref.float(), rtol=rtol, atol=atol), (g.float() - g_ref.float()).abs().max()
 
 
-def test_chunked_keeps_fewer_saved_tensors() -> None:
-    """With checkpointing, autograd keeps no fp32 B x chunk x V intermediates."""
+def test_kl_keeps_no_fp32_intermediates_for_backward() -> None:
+    """The KL's gradient is computed in forward (fused): autograd keeps no fp32 B x T x V tensors,
+    whatever the chunk; the autograd formula it replaces keeps at least two of them."""
+    import promptkd.losses as losses
+
     big_t, vocab = 64, 512
     p = torch.randn(2, big_t, vocab, dtype=torch.bfloat16, requires_grad=True)
     q = torch.randn(2, big_t, vocab, dtype=torch.bfloat16)
     m = torch.ones(2, big_t)
 
-    def saved_fp32_bytes(chunk: int | None) -> int:
+    def saved_fp32_bytes(fn) -> int:
         total = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -266,12 +274,21 @@ def test_chunked_keeps_fewer_saved_tensors() -> None:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            kl_divergence(p, q, m, chunk_size=chunk)
+            fn()
         return total
 
     full_bytes = 2 * big_t * vocab * 4
-    assert saved_fp32_bytes(None) >= full_bytes
-    assert saved_fp32_bytes(8) < full_bytes / 4
+    assert saved_fp32_bytes(lambda: losses._run_chunked(losses._kl_chunk, [p, q], m, None)) >= full_bytes
+    assert saved_fp32_bytes(lambda: kl_divergence(p, q, m, chunk_size=None)) == 0
+    assert saved_fp32_bytes(lambda: kl_divergence(p, q, m, chunk_size=8)) == 0
+
+
+def test_auto_chunk_splits_large_vocabularies_only() -> None:
+    from promptkd.losses_fused import FUSED_CHUNK_ELEMENTS, auto_chunk
+
+    assert auto_chunk(torch.empty(16, 32, 915)) >= 32              # a small vocabulary stays one piece
+    assert auto_chunk(torch.empty(16, 512, 32000)) == FUSED_CHUNK_ELEMENTS // (16 * 32000) == 8
+    assert auto_chunk(torch.empty(64, 8, 200000)) == 1
 
 
 # ---------------------------------------------------------------- dtypes
@@ -346,6 +363,35 @@ def test_prompt_loss_grad_only_reaches_prompted_logits(guidance: str) -> None:
     reg = lpt.exp() * (lpt - lb)
     ((guide + 0.7 * reg).sum(-1) * m.double()).sum().backward()
     assert torch.allclose(pt.grad.double(), ref_pt.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", ["teacher_student", "student_teacher"])
+@pytest.mark.parametrize("reg_weight", [0.0, 0.6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prompt_loss_matches_the_autograd_formula(guidance: str, reg_weight: float,
+                                                        dtype: torch.dtype) -> None:
+    """With a gradient needed the prompt loss runs fused (gradient computed in forward);
+    values and gradient equal the chunked autograd formula it replaces."""
+    import promptkd.losses as losses
+
+    pt, s, bt, m = _logits(41).to(dtype), _logits(42).to(dtype), _logits(43).to(dtype), _mask()
+    fn = losses._make_prompt_chunk(guidance, reg_weight != 0)
+    ref_leaf = pt.clone().requires_grad_(True)
+    parts = losses._run_chunked(fn, [ref_leaf, s, bt], m, None)
+    ref_total = parts[0] + reg_weight * parts[1]
+    (ref_total * 1.7).backward()
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2 ** -7, 1e-3)
+    for chunk in (None, 3):
+        leaf = pt.clone().requires_grad_(True)
+        out = prompt_loss(leaf, s, bt, m, reg_weight=reg_weight, guidance=guidance, chunk_size=chunk)
+        assert out.total.grad_fn is not None and "Fused" in type(out.total.grad_fn).__name__
+        (out.total * 1.7).backward()
+        assert torch.allclose(out.total, ref_total.detach(), rtol=1e-5)
+        assert torch.allclose(out.guidance, parts[0].detach(), rtol=1e-5)
+        assert torch.allclose(out.regularizer, parts[1].detach() if reg_weight else torch.zeros(()), rtol=1e-5)
+        assert leaf.grad.dtype == dtype and leaf.grad.abs().max() > 0
+        assert torch.allclose(leaf.grad.float(), ref_leaf.grad.float(), rtol=rtol, atol=atol), \
+            (leaf.grad.float() - ref_leaf.grad.float()).abs().max()
 
 
 def test_prompt_loss_chunked_equals_unchunked() -> None:
