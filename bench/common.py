@@ -177,6 +177,7 @@ class RunSizes:
     tokenizer_vocab: int = 2000       # what BPE is asked for; the synthetic text gives ~1040
     max_positions: int = 512
     loss_chunk_size: int = 0
+    vocab: int = 0                    # > 0: pad the tokenizer with never-used tokens to this size (e.g. 32000)
     extra: dict = field(default_factory=dict)
 
 
@@ -186,11 +187,26 @@ def make_workspace(sizes: RunSizes, root: Optional[str] = None) -> dict[str, str
 
     root = root or tempfile.mkdtemp(prefix="pkd_bench_")
     files = make_synthetic_splits(os.path.join(root, "data"), sizes.n_train, 5, 5, seed=3)
-    tok_dir = os.path.join(root, "tokenizer")
+    tok_dir = os.path.join(root, f"tokenizer_v{sizes.vocab}" if sizes.vocab else "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         texts = [e.prompt + " " + e.references[0] for e in load_examples(files["train"])]
-        train_tokenizer(texts, sizes.tokenizer_vocab, tok_dir)
+        tok = train_tokenizer(texts, sizes.tokenizer_vocab, tok_dir)
+        if sizes.vocab:
+            pad_vocab(tok, sizes.vocab, tok_dir)
     return {"root": root, "train": files["train"], "tokenizer": tok_dir}
+
+
+def pad_vocab(tok: Any, size: int, out_dir: str) -> None:
+    """Grow the tokenizer to ``size`` with tokens no text contains, as real LMs' 32k-150k vocabularies.
+
+    The synthetic text only supports a ~1k BPE; with a real-size vocabulary the LM head, the
+    sampling and the full-vocabulary losses weigh as they do on real models. Every system in a
+    comparison sees the same padded tokenizer, so the models' heads and losses are equally wide.
+    """
+    if size < len(tok):
+        raise ValueError(f"--vocab {size} is smaller than the trained tokenizer ({len(tok)})")
+    tok.add_tokens([f"<unused_{i}>" for i in range(size - len(tok))])
+    tok.save_pretrained(out_dir)
 
 
 def make_config(ws: dict[str, str], sizes: RunSizes, method: str, **extra: Any):
@@ -284,4 +300,10 @@ def step_bench_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=0,
+                   help="pad the tokenizer to this many tokens (e.g. 32000, like Llama); writes <bench>_vocab<N>.json")
     return p
+
+
+def result_name(bench: str, args: argparse.Namespace) -> str:
+    return f"{bench}_vocab{args.vocab}" if getattr(args, "vocab", 0) else bench

@@ -23,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import (RunSizes, batches, build_run, emit, init_dist, interleave, make_config,  # noqa: E402
-                          make_workspace, n_params, quiet, ratio, set_threads, stats, step_bench_args, sync)
+                          make_workspace, n_params, quiet, ratio, result_name, set_threads, stats, step_bench_args,
+                          sync)
 
 PHASES = (
     "rollout",
-    "prompt/student_fwd_nograd", "prompt/teacher_base_fwd_nograd", "prompt/teacher_prompted_fwd",
+    "prompt/student_fwd", "prompt/teacher_base_fwd_nograd", "prompt/teacher_prompted_fwd",
     "prompt/loss", "prompt/teacher_bwd", "prompt/optimizer",
     "student/teacher_fwd_nograd", "student/fwd", "student/loss", "student/bwd", "student/optimizer",
 )
@@ -49,40 +50,52 @@ class Clock:
 
 
 def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clock) -> float:
-    """One PromptKD iteration (one micro-batch), phase by phase. Returns the response tokens."""
+    """One PromptKD iteration (one micro-batch), phase by phase, as ``PromptKD.train_step`` runs it.
+
+    Returns the response tokens. Without dropout the prompt step's student forward runs with
+    grad and is the student step's forward too (``student/fwd`` is then 0); with
+    ``method.stale_student_target`` the student step reuses the prompt step's teacher logits.
+    """
     from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
-    from promptkd.methods.base import lm_logits, student_rollout, teacher_logits
+    from promptkd.methods.base import lm_logits, response_start, shifted_mask, student_rollout, teacher_logits
 
     ctx, m = method.ctx, method.ctx.cfg.method
     vocab = ctx.vocab_size
     with clock("rollout"):
         r = student_rollout(ctx, micro_batch)
-    mask = r.loss_mask[:, 1:]
+    start, mask = response_start(r), shifted_mask(r)
     n_global = float(mask.sum())
     ids, att = r.input_ids, r.attention_mask
     # ---- prompt update (only theta trains)
     w = regularizer_weight(step, ctx.total_steps, m.reg_schedule, m.reg_weight)
     ctx.prompt_optimizer.zero_grad(set_to_none=True)
-    with clock("prompt/student_fwd_nograd"), torch.no_grad():
-        s_logits = lm_logits(ctx.engine.module, ids, att, vocab)
+    kept = None
+    with clock("prompt/student_fwd"):
+        if not method.student_has_dropout:
+            kept = lm_logits(ctx.engine, ids, att, vocab, start)
+            s_logits = kept.detach()
+        else:
+            with torch.no_grad():
+                s_logits = lm_logits(ctx.engine.module, ids, att, vocab, start)
     with clock("prompt/teacher_base_fwd_nograd"), torch.no_grad():
-        base = teacher_logits(ctx.teacher, ids, att, vocab, use_prompt=False) if w > 0 else None
+        base = teacher_logits(ctx.teacher, ids, att, vocab, False, start) if w > 0 else None
     with clock("prompt/teacher_prompted_fwd"):
-        prompted = teacher_logits(ctx.teacher, ids, att, vocab, use_prompt=True)
+        prompted = teacher_logits(ctx.teacher, ids, att, vocab, True, start)
     with clock("prompt/loss"):
         pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
                          reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
         loss = pl.total / max(n_global, 1.0)
     with clock("prompt/teacher_bwd"):
         loss.backward()
+    stale = prompted.detach() if m.stale_student_target else None
     del s_logits, base, prompted, pl, loss
     with clock("prompt/optimizer"):
         method.reduce_and_step_prompt()
     # ---- student update with the new prompt
     with clock("student/teacher_fwd_nograd"), torch.no_grad():
-        t_logits = teacher_logits(ctx.teacher, ids, att, vocab, use_prompt=True)
+        t_logits = stale if stale is not None else teacher_logits(ctx.teacher, ids, att, vocab, True, start)
     with clock("student/fwd"):
-        s_logits = lm_logits(ctx.engine, ids, att, vocab)
+        s_logits = kept if kept is not None else lm_logits(ctx.engine, ids, att, vocab, start)
     with clock("student/loss"):
         rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
     with clock("student/bwd"):
@@ -151,9 +164,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = list(os.getloadavg())
     init_dist()
     set_threads(args.threads)
-    sizes = RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens)
+    sizes = RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens, vocab=args.vocab)
     res = run(sizes, repeats=args.repeats, warmup=args.warmup)
-    return emit("phases", res, load_before=load)
+    return emit(result_name("phases", args), res, load_before=load)
 
 
 if __name__ == "__main__":

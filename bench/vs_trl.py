@@ -213,17 +213,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if os.path.exists(TRL_PY) and not os.environ.get("PROMPTKD_BENCH_REEXEC"):
             os.environ["PROMPTKD_BENCH_REEXEC"] = "1"
             os.execv(TRL_PY, [TRL_PY, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])])
-        from bench.common import emit
+        from bench.common import emit, result_name
 
-        return emit("vs_trl", {"status": "unavailable", "reason": unavailable_reason()})
-    from bench.common import RunSizes, emit, quiet, set_threads
+        return emit(result_name("vs_trl", args), {"status": "unavailable", "reason": unavailable_reason()})
+    from bench.common import RunSizes, emit, quiet, result_name, set_threads
 
     quiet()
     load = list(os.getloadavg())
     set_threads(args.threads)
-    res = run(RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens), repeats=args.repeats,
+    res = run(RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens, vocab=args.vocab), repeats=args.repeats,
               warmup=args.warmup, trl_defaults=args.trl_defaults)
-    return emit("vs_trl_defaults" if args.trl_defaults else "vs_trl", {"status": "ok", **res}, load_before=load)
+    name = result_name("vs_trl_defaults" if args.trl_defaults else "vs_trl", args)
+    return emit(name, {"status": "ok", **res}, load_before=load)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODULES = ("common", "phases", "promptkd_overhead", "loss_memory", "rollout", "vs_trl", "gpu_bench")
+MODULES = ("common", "phases", "promptkd_overhead", "loss_memory", "rollout", "vs_trl", "gpu_bench", "quality")
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -40,7 +40,8 @@ def test_bench_core_functions_run_at_toy_sizes(tmp_path):
     assert ph["params"]["teacher"] > ph["params"]["student"] > 0 and ph["response_tokens_per_s"] > 0
 
     ov = out["overhead"]
-    assert ov["ratio_promptkd_over_rkl"] > 0 and set(ov["iteration_seconds"]) == {"promptkd", "rkl"}
+    assert ov["ratio_promptkd_over_rkl"] > 0 and set(ov["iteration_seconds"]) == {"promptkd", "rkl", "promptkd-stale"}
+    assert ov["ratio_promptkd_stale_over_rkl"] > 0
 
     ro = out["rollout"]
     assert ro["ratio_ours_over_hf_tokens_per_s"] > 0 and ro["logits_to_keep_effect"]["same_tokens"]
@@ -56,10 +57,41 @@ def test_bench_core_functions_run_at_toy_sizes(tmp_path):
     first = lm[0]["memory"]["unchunked"]
     assert "rss_peak_bytes" in first or "rss_error" in first
 
+    assert out["padded_vocab"] == 1500, "--vocab pads the tokenizer to the asked size"
     assert out["vs_trl"] in ("ran", "unavailable")
     gpu = out["gpu_dryrun"]
     assert gpu["sections_done"] == ["mfu", "rollout", "phases"] and gpu["mfu"]["tokens_per_s"] > 0
     assert sorted(os.listdir(tmp_path / "results")) == ["gpu_smoke.json"]  # run() cores do not write; emit does
+
+
+def test_quality_bench_smoke_runs_every_method(tmp_path):
+    """CI's version of bench/quality.py: toy sizes, 2 steps, every method through the real launcher."""
+    from bench.quality import METHODS
+    from promptkd.data.synthetic import FAMILIES
+
+    env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "quality.py"), "--smoke",
+                           "--work-dir", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["test_rougeL"]) == set(METHODS) == set(out["dev_curves"])
+    for label, row in out["test_rougeL"].items():
+        assert set(row) == {"all", *FAMILIES}, label
+        assert 0.0 <= row["all"]["mean"] <= 100.0
+        assert [step for step, _ in out["dev_curves"][label]["1"]] == [1, 2], label
+    assert set(out["reference"]) == {"teacher (SFT)", "student (SFT)"}
+    assert out["teacher_student_gap"] == pytest.approx(out["reference"]["teacher (SFT)"]["test"]["rougeL"]
+                                                       - out["reference"]["student (SFT)"]["test"]["rougeL"], abs=0.01)
+    results = tmp_path / "results"
+    table = (results / "quality.md").read_text()
+    assert all(f"| {label} |" in table for label in METHODS)
+    assert (results / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun reuses every finished run (same commands): no launcher is started again
+    again = subprocess.run([sys.executable, os.path.join(REPO, "bench", "quality.py"), "--smoke",
+                            "--work-dir", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "[quality] start" not in again.stderr, again.stderr[-2000:]
 
 
 def _toy_runs() -> dict:
@@ -86,6 +118,9 @@ def _toy_runs() -> dict:
     else:
         assert "setup_trl_venv.sh" in vs_trl.unavailable_reason()
         out["vs_trl"] = "unavailable"
+    from promptkd.data import load_tokenizer
+
+    out["padded_vocab"] = len(load_tokenizer(make_workspace(RunSizes(n_train=40, vocab=1500))["tokenizer"]))
     with contextlib.redirect_stdout(io.StringIO()):
         out["gpu_dryrun"] = gpu_bench.run(dry=True, name="gpu_smoke")
     return out
