@@ -71,7 +71,7 @@ def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clo
     ctx.prompt_optimizer.zero_grad(set_to_none=True)
     kept = None
     with clock("prompt/student_fwd"):
-        if not method.student_has_dropout:
+        if m.reuse_student_forward and not method.student_has_dropout:
             kept = lm_logits(ctx.engine, ids, att, vocab, start)
             s_logits = kept.detach()
         else:

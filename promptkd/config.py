@@ -104,6 +104,9 @@ class MethodConfig:
     guidance: str = _f("teacher_student", "prompt guidance term: teacher_student = KL(p_T^θ‖p_S) | student_teacher = KL(p_S‖p_T^θ)")
     reg_schedule: str = _f("linear", "regularizer weight w(t): linear = 1 - t/T | constant | off")
     reg_weight: float = _f(1.0, "regularizer scale: w(t) = reg_weight · (1 - t/T) for linear, reg_weight for constant")
+    reuse_student_forward: bool = _f(True, "promptkd: without dropout, the prompt step's student forward runs with "
+                                           "grad and serves the student step too (bitwise the same; one student "
+                                           "forward less, but its activations stay alive through the prompt step)")
     stale_student_target: bool = _f(False, "promptkd: the student step reuses the prompted teacher's logits from "
                                            "the prompt step, i.e. from BEFORE the prompt update (one teacher forward "
                                            "less per step; changes the paper's math, off by default)")

@@ -113,7 +113,7 @@ class PromptKD(Method):
         the gradients (measured with accumulation 2).
         """
         ctx = self.ctx
-        if keep and not self.student_has_dropout:
+        if keep and ctx.cfg.method.reuse_student_forward and not self.student_has_dropout:
             kept = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
             self.reused[index] = kept
             return kept.detach()

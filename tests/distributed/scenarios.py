@@ -477,11 +477,12 @@ def count_full_forwards(module: torch.nn.Module, counter: dict, key: str):
 def scenario_promptkd_shortcuts() -> dict:
     """Issue 7: the reused student forward is exact; the stale-target option saves a teacher forward."""
     out = {}
-    variants = {"default": {}, "no_reuse": {}, "stale": {"method.stale_student_target": True}}
+    variants = {"default": {}, "no_reuse": {"method.reuse_student_forward": False},
+                "dropout": {}, "stale": {"method.stale_student_target": True}}
     for name, extra in variants.items():
         cfg = tiny_cfg(ZERO3, **extra)  # grad_accum 2: the kept forward is the last micro-batch's
         m, splits, tok = build_run(cfg, "promptkd")
-        if name == "no_reuse":
+        if name == "dropout":
             m.student_has_dropout = True  # as if dropout were on: a separate no-grad forward
         calls: dict = {}
         init = (student_digest(m), digest(m.ctx.teacher.prompt))
