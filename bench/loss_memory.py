@@ -4,7 +4,9 @@
 
 ``promptkd.losses.reverse_kl`` / ``forward_kl`` on [B, T, V] = [4, 512, 32000]
 logits (fp32 and bf16 inputs, every position in the mask), gradient to the
-student side, ``loss.backward()`` included.
+student side, ``loss.backward()`` included. "chunked" is the library's fused
+kernel with ``--chunk`` positions per piece; "unchunked" is the plain KL formula
+over every position, differentiated by autograd.
 
 How peak memory is measured (torch CPU allocations are invisible to tracemalloc):
 
@@ -54,13 +56,16 @@ def make_inputs(b: int, t: int, v: int, dtype: torch.dtype, seed: int = 0):
 
 def fwd_bwd(loss: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
             chunk: Optional[int]) -> float:
-    from promptkd.losses import forward_kl, reverse_kl
+    from promptkd import losses
 
     student.grad = None
-    if loss == "rkl":
-        value, _ = reverse_kl(student, teacher, mask, chunk_size=chunk)
+    p, q = (student, teacher) if loss == "rkl" else (teacher, student)
+    if chunk is None:
+        # the baseline: the plain formula over every position, differentiated by autograd (what the loss
+        # computes without a gradient, and what it computed with one before the fused kernels)
+        value = losses._run_chunked(losses._kl_chunk, [p, q], mask, None)
     else:
-        value, _ = forward_kl(teacher, student, mask, chunk_size=chunk)
+        value, _ = losses.kl_divergence(p, q, mask, chunk_size=chunk)
     value.backward()
     return float(value.detach())
 
