@@ -305,5 +305,18 @@ def step_bench_args(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def step_bench_main(name: str, description: str, run: Callable[..., dict[str, Any]],
+                    argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """The shared ``main`` of phases / promptkd_overhead: parse, pin threads, run, emit."""
+    args = step_bench_args(description).parse_args(argv)
+    quiet()
+    load = list(os.getloadavg())
+    init_dist()
+    set_threads(args.threads)
+    sizes = RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens, vocab=args.vocab)
+    res = run(sizes, repeats=args.repeats, warmup=args.warmup)
+    return emit(result_name(name, args), res, load_before=load)
+
+
 def result_name(bench: str, args: argparse.Namespace) -> str:
     return f"{bench}_vocab{args.vocab}" if getattr(args, "vocab", 0) else bench

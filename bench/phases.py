@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import (RunSizes, batches, build_run, emit, init_dist, interleave, make_config,  # noqa: E402
-                          make_workspace, n_params, quiet, ratio, result_name, set_threads, stats, step_bench_args,
-                          sync)
+from bench.common import (RunSizes, batches, build_run, init_dist, interleave, make_config,  # noqa: E402
+                          make_workspace, n_params, ratio, stats, step_bench_main, sync)
 
 PHASES = (
     "rollout",
@@ -158,15 +157,7 @@ def run(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = No
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = step_bench_args(__doc__.split("\n")[0])
-    args = p.parse_args(argv)
-    quiet()
-    load = list(os.getloadavg())
-    init_dist()
-    set_threads(args.threads)
-    sizes = RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens, vocab=args.vocab)
-    res = run(sizes, repeats=args.repeats, warmup=args.warmup)
-    return emit(result_name("phases", args), res, load_before=load)
+    return step_bench_main("phases", __doc__.split("\n")[0], run, argv)
 
 
 if __name__ == "__main__":

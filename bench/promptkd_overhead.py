@@ -17,9 +17,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (RunSizes, batches, build_run, emit, init_dist, interleave, make_config,  # noqa: E402
-                          make_workspace, n_params, quiet, ratio, result_name, set_threads, stats,
-                          step_bench_args)
+from bench.common import (RunSizes, batches, build_run, init_dist, interleave, make_config,  # noqa: E402
+                          make_workspace, n_params, ratio, stats, step_bench_main)
 
 TARGET, GOAL = 2.0, 1.6
 
@@ -74,15 +73,7 @@ def run(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = No
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = step_bench_args(__doc__.split("\n")[0])
-    args = p.parse_args(argv)
-    quiet()
-    load = list(os.getloadavg())
-    init_dist()
-    set_threads(args.threads)
-    res = run(RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens, vocab=args.vocab), repeats=args.repeats,
-              warmup=args.warmup)
-    return emit(result_name("promptkd_overhead", args), res, load_before=load)
+    return step_bench_main("promptkd_overhead", __doc__.split("\n")[0], run, argv)
 
 
 if __name__ == "__main__":

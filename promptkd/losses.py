@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from promptkd.losses_fused import _FusedChunkedKL, _FusedPromptLoss, auto_chunk
+from promptkd.losses_fused import _FusedChunkedKL, _FusedPromptLoss, _select, auto_chunk
 
 GUIDANCE_CHOICES = ("teacher_student", "student_teacher")
 SCHEDULE_CHOICES = ("linear", "constant", "off")
@@ -88,11 +88,6 @@ def _run_chunked(
         total = out if total is None else total + out
     assert total is not None  # seq_len > 0, so the loop ran at least once
     return total
-
-
-def _select(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[B, T, V] -> [N, V] fp32 rows where ``keep`` is true."""
-    return logits[keep].to(torch.float32)
 
 
 def _kl_rows(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
