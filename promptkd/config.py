@@ -110,6 +110,9 @@ class MethodConfig:
     stale_student_target: bool = _f(False, "promptkd: the student step reuses the prompted teacher's logits from "
                                            "the prompt step, i.e. from BEFORE the prompt update (one teacher forward "
                                            "less per step; changes the paper's math, off by default)")
+    prompt_step_teacher_train: bool = _f(True, "promptkd: the prompted teacher runs in train mode (its dropout on) "
+                                                "while the prompt is tuned, as the official code; the plain "
+                                                "teacher p_T stays in eval mode. false = eval mode")
     kd_ce_weight: float = _f(0.0, "kd only: loss = (1-w)·FKL + w·CE on ground truth")
     loss_chunk_size: int = _f(0, "sequence positions per chunk of the fp32 loss math (0 = automatic: "
                                  "~16 MB pieces for the fused KL/prompt losses, unchunked for the others)")

@@ -6,10 +6,11 @@ whole optimizer step on *all* ranks; the trainer never averages per micro-batch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -158,18 +159,33 @@ def rollout_params(cfg: Config) -> SamplingParams:
                           top_p=r.top_p, top_k=r.top_k)
 
 
+def set_modes(ctx: StepContext, student_train: bool, teacher_train: bool = False) -> None:
+    """Put the student (and the teacher) in train or eval mode: dropout on or off.
+
+    Every phase of a step sets the modes it needs, as the official code does: a model from
+    ``from_pretrained`` starts in eval mode and ``deepspeed.initialize`` keeps it so, and a
+    dev evaluation in the middle of training leaves whatever mode it sets.
+    """
+    ctx.engine.module.train(student_train)
+    if ctx.teacher is not None:
+        ctx.teacher.train(teacher_train)
+
+
+@contextlib.contextmanager
+def student_update_phase(ctx: StepContext) -> Iterator[None]:
+    """The student learns in train mode, for every method; the teacher is a constant in eval mode."""
+    set_modes(ctx, student_train=True)
+    with ctx.timer.phase("student_step"):
+        yield
+
+
 def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
     """Student samples y ~ p_S(.|x) in eval mode, no grad, with the KV cache."""
-    module = ctx.engine.module
-    was_training = module.training
-    module.eval()
+    set_modes(ctx, student_train=False)
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
-    try:
-        return generate(hf_step_fn(module), prompts["input_ids"], prompts["attention_mask"],
-                        rollout_params(ctx.cfg), ctx.eos_id, ctx.pad_id, ctx.vocab_size,
-                        generator=ctx.generator, sync=ctx.sync_rollout)
-    finally:
-        module.train(was_training)
+    return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
+                    rollout_params(ctx.cfg), ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                    generator=ctx.generator, sync=ctx.sync_rollout)
 
 
 def lr_of(optimizer: Optional[torch.optim.Optimizer]) -> float:

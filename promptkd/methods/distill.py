@@ -13,7 +13,8 @@ import torch
 from promptkd.config import Config
 from promptkd.losses import token_divergence
 from promptkd.methods.base import (MicroBatch, StepContext, full_batches, global_mean, global_tokens, lm_logits,
-                                   response_start, shifted_mask, student_backward, teacher_logits)
+                                   response_start, shifted_mask, student_backward, student_update_phase,
+                                   teacher_logits)
 from promptkd.rollout import Rollout
 
 # Keeps the shared stream apart from the rollout generators (seeded cfg.seed * 7919 + rank).
@@ -62,7 +63,7 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str) -> di
     m = ctx.cfg.method
     n_global = global_tokens([s.loss_mask for s in seqs])
     total = 0.0
-    with ctx.timer.phase("student_step"):
+    with student_update_phase(ctx):
         for s in seqs:
             start, mask = response_start(s), shifted_mask(s)
             with torch.no_grad():

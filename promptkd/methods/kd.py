@@ -5,7 +5,7 @@ import torch
 
 from promptkd.losses import cross_entropy, forward_kl
 from promptkd.methods.base import (Method, MicroBatch, full_batches, global_mean, global_tokens, lm_logits,
-                                   student_backward, teacher_logits)
+                                   student_backward, student_update_phase, teacher_logits)
 
 
 class KD(Method):
@@ -17,7 +17,7 @@ class KD(Method):
         batches = full_batches(ctx, micro_batches)
         n_global = global_tokens([b["loss_mask"] for b in batches])
         fkl_total = ce_total = 0.0
-        with ctx.timer.phase("student_step"):
+        with student_update_phase(ctx):
             for b in batches:
                 ids, attn, mask = b["input_ids"], b["attention_mask"], b["loss_mask"][:, 1:]
                 with torch.no_grad():

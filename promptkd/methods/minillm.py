@@ -34,7 +34,8 @@ from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy
 from promptkd.losses_pg import importance_weights, minillm_terms, sampled_logprobs
 from promptkd.methods.base import (Method, MicroBatch, StepContext, global_tokens, lm_logits, response_start,
-                                   rollout_params, shifted_mask, student_backward, teacher_logits, to_device)
+                                   rollout_params, set_modes, shifted_mask, student_backward, student_update_phase,
+                                   teacher_logits, to_device)
 from promptkd.rollout import Rollout, generate, hf_step_fn, mixed_step_fn, teacher_step_fn
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,15 @@ SUMS = ("kl", "pg", "reward", "weight", "lm")
 
 def mixed_rollout(ctx: StepContext, micro_batch: MicroBatch, alpha: float) -> Rollout:
     """Responses sampled from α·p_T + (1-α)·p_S; student in eval mode, no grad."""
+    set_modes(ctx, student_train=False)
     module = ctx.engine.module
-    was_training = module.training
-    module.eval()
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
     teacher_is_collective = alpha > 0 and ctx.cfg.model.teacher.placement == "zero3"
     step = mixed_step_fn(hf_step_fn(module), teacher_step_fn(ctx.teacher, use_prompt=False), alpha,
                          ctx.vocab_size)
-    try:
-        return generate(step, prompts["input_ids"], prompts["attention_mask"], rollout_params(ctx.cfg),
-                        ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,
-                        sync=ctx.sync_rollout or teacher_is_collective)
-    finally:
-        module.train(was_training)
+    return generate(step, prompts["input_ids"], prompts["attention_mask"], rollout_params(ctx.cfg),
+                    ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,
+                    sync=ctx.sync_rollout or teacher_is_collective)
 
 
 def run_tokenizer(cfg: Config) -> Any:
@@ -96,7 +93,7 @@ class MiniLLM(Method):
         n_global = global_tokens([s.loss_mask for s in seqs])
         n_lm = global_tokens([b["attention_mask"] for b in lm]) if lm else 0.0
         sums = dict.fromkeys(SUMS, 0.0)
-        with ctx.timer.phase("student_step"):
+        with student_update_phase(ctx):
             for i, s in enumerate(seqs):
                 loss = self.policy_loss(s, sums) / max(n_global, 1.0)
                 if lm:

@@ -15,9 +15,11 @@ from typing import Optional
 import torch
 
 from promptkd import distributed as dist
+from promptkd.config import ConfigError
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
 from promptkd.methods.base import (Method, MicroBatch, global_mean, global_tokens, has_dropout, lm_logits, lr_of,
-                                   response_start, shifted_mask, student_backward, student_rollout, teacher_logits)
+                                   response_start, set_modes, shifted_mask, student_backward, student_rollout,
+                                   student_update_phase, teacher_logits)
 from promptkd.rollout import Rollout
 
 
@@ -29,6 +31,13 @@ class PromptKD(Method):
         super().__init__(ctx)
         self.reused: list[Optional[torch.Tensor]] = []
         self.stale_targets: list[Optional[torch.Tensor]] = []
+        m = ctx.cfg.method
+        if self.uses_prompt() and m.stale_student_target and m.prompt_step_teacher_train \
+                and has_dropout(ctx.teacher.base):
+            # the kept p_T^θ would carry the prompt step's dropout noise into the student's target
+            raise ConfigError("method.stale_student_target: needs a deterministic prompted-teacher forward in the "
+                              "prompt step, but the teacher has dropout and method.prompt_step_teacher_train=true; "
+                              "set one of them to false")
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
         ctx = self.ctx
@@ -48,7 +57,7 @@ class PromptKD(Method):
                 self.reused = self.stale_targets = []  # drop the kept student graph
                 return {**metrics, "skipped": 1.0}
         skipped_before = ctx.engine.skipped_steps
-        with ctx.timer.phase("student_step"):
+        with student_update_phase(ctx):
             metrics.update(self.student_update(rollouts, n_global))
         if ctx.engine.skipped_steps != skipped_before:
             if snapshot is not None:  # the student step was dropped: so is the prompt's
@@ -83,11 +92,15 @@ class PromptKD(Method):
         self.stale_targets = [None] * len(rollouts)  # stale_student_target only
         for i, r in enumerate(rollouts):
             start, mask = response_start(r), shifted_mask(r)
+            # official modes: p_S and the plain teacher p_T in eval mode, the prompted teacher in train mode
+            set_modes(ctx, student_train=False)
             s_logits = self.student_logits_for_prompt(r, start, keep=i == 0, index=i)
             with torch.no_grad():
                 base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, False, start)
                         if w > 0 else None)
+            ctx.teacher.train(m.prompt_step_teacher_train)
             prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, True, start)
+            ctx.teacher.eval()
             pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
                              reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
             (pl.total / max(n_global, 1.0)).backward()
@@ -102,9 +115,9 @@ class PromptKD(Method):
                 "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": lr_of(opt)}
 
     def student_logits_for_prompt(self, r: Rollout, start: int, keep: bool, index: int) -> torch.Tensor:
-        """p_S for the guidance term (a constant there).
+        """p_S for the guidance term (a constant there), from the student in eval mode.
 
-        Without dropout the student step's own forward (same weights, same sequences) gives
+        Without dropout (train and eval mode then compute the same) the student step's own forward (same weights, same sequences) gives
         the same logits, so for the first micro-batch that forward runs here, with grad, and
         is kept for ``student_update``: one student forward less per step, bitwise the same
         result. Only one graph is kept (memory), and it is the first micro-batch's because

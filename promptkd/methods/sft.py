@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from promptkd.losses import cross_entropy
 from promptkd.methods.base import (Method, MicroBatch, StepContext, full_batches, global_mean, global_tokens,
-                                   lm_logits, student_backward)
+                                   lm_logits, student_backward, student_update_phase)
 
 
 class SFT(Method):
@@ -16,7 +16,7 @@ def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> dict[str, floa
     batches = full_batches(ctx, micro_batches)
     n_global = global_tokens([b["loss_mask"] for b in batches])
     total = 0.0
-    with ctx.timer.phase("student_step"):
+    with student_update_phase(ctx):
         for b in batches:
             logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
             loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)

@@ -1,7 +1,7 @@
 """The frozen teacher with a trainable soft prompt prepended to its input embeddings.
 
 ``PromptedTeacher`` wraps any HF causal LM (Llama, GPT-2, OPT, ...) that accepts
-``inputs_embeds`` and ``position_ids``. The base weights are frozen and kept in
+``inputs_embeds`` and ``position_ids``. The base weights are frozen and start in
 eval mode; the prompt ``theta [P, d]`` is the only trainable parameter and is
 held in fp32 (master weights), cast to the base dtype on every forward so its
 gradient still lands on the fp32 tensor.
@@ -98,7 +98,8 @@ class PromptedTeacher(nn.Module):
     """Frozen teacher ``p_T`` plus soft prompt ``theta``: computes ``p_T^theta``.
 
     Args:
-        base: HF causal LM; cast to ``dtype``, frozen and put in eval mode in place.
+        base: HF causal LM; cast to ``dtype``, frozen and put in eval mode in place
+            (``train()`` switches its dropout on, for the prompt step).
         prompt_length: P (0 allowed: the forward then equals the base model).
         init: "text" (rows of the base input embedding for ``init_text``'s tokens,
             repeated or cut to P) or "random" (normal with the embedding's std,
@@ -144,10 +145,16 @@ class PromptedTeacher(nn.Module):
         return int(self.prompt.shape[1])
 
     def train(self, mode: bool = True) -> "PromptedTeacher":
-        # The teacher never trains its weights, and dropout in it would make the
-        # prompt's target noisy; only the flag on this wrapper follows `mode`.
+        """Dropout follows ``mode``; the weights stay frozen either way.
+
+        The official PromptKD prompt step runs the prompted teacher in train mode. Layers set
+        up for activation checkpointing keep their own ``training`` flag: HF checkpoints only
+        flagged layers, and that flag does not switch dropout (their submodules' flags do).
+        """
         super().train(mode)
-        self.base.eval()
+        for module in self.base.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = True
         return self
 
     def forward(

@@ -497,6 +497,76 @@ def scenario_promptkd_shortcuts() -> dict:
     return out
 
 
+def save_dropout_gpt2(name: str, layers: int, hidden: int, vocab: int) -> str:
+    """A tiny GPT-2 with dropout 0.1 saved as an HF dir: from_pretrained hands it over in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = os.path.join(SHARED, name)
+    if dist.is_main() and not os.path.isdir(path):
+        torch.manual_seed(len(name))
+        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+        GPT2LMHeadModel(cfg).save_pretrained(path)
+    dist.barrier()
+    return path
+
+
+def record_modes(m) -> tuple[list, list, list]:
+    """Hooks that log, per forward, (phase, model.training, dropout on, grad enabled) of student and teacher."""
+    import contextlib
+
+    ctx, current, student, teacher = m.ctx, ["none"], [], []
+    timed = ctx.timer.phase
+
+    @contextlib.contextmanager
+    def phase(name):
+        current.append(name)
+        try:
+            with timed(name):
+                yield
+        finally:
+            current.pop()
+
+    ctx.timer.phase = phase
+
+    def dropout_on(model) -> bool:
+        return any(d.training for d in model.modules() if isinstance(d, torch.nn.Dropout))
+
+    def on_student(module, _args, _kwargs):
+        student.append([current[-1], module.training, dropout_on(module), torch.is_grad_enabled()])
+
+    def on_teacher(module, args, kwargs):
+        prompted = bool(kwargs.get("use_prompt", args[2] if len(args) > 2 else True)) and module.prompt_length > 0
+        teacher.append([current[-1], prompted, module.base.training, dropout_on(module.base),
+                        torch.is_grad_enabled()])
+
+    hooks = [ctx.engine.module.register_forward_pre_hook(on_student, with_kwargs=True)]
+    if ctx.teacher is not None:
+        hooks.append(ctx.teacher.register_forward_pre_hook(on_teacher, with_kwargs=True))
+    return student, teacher, hooks
+
+
+def scenario_train_eval_modes() -> dict:
+    """Issue 11: the official code's train/eval modes, from step 1, with dropout-0.1 GPT-2 models."""
+    tok_vocab = 500
+    paths = {"model.student.path": save_dropout_gpt2("gpt2_student_dropout", 2, 32, tok_vocab),
+             "model.teacher.path": save_dropout_gpt2("gpt2_teacher_dropout", 2, 64, tok_vocab),
+             "data.max_length": 112, "data.max_prompt_length": 96}
+    out = {}
+    for label, method, extra in (("promptkd", "promptkd", {}),
+                                 ("promptkd_teacher_eval", "promptkd", {"method.prompt_step_teacher_train": False}),
+                                 ("imitkd", "imitkd", {})):
+        cfg = tiny_cfg("ds_configs/zero2.json", **{"method.name": method, **paths, **extra})
+        m, splits, tok = build_run(cfg, method)
+        out[label + "_initially_training"] = m.ctx.engine.module.training  # from_pretrained: eval mode
+        student, teacher, hooks = record_modes(m)
+        run_steps(m, splits, cfg, 2)
+        for h in hooks:
+            h.remove()
+        out[label] = {"student": sorted({tuple(x) for x in student}), "teacher": sorted({tuple(x) for x in teacher})}
+    return out
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 

@@ -257,3 +257,28 @@ def test_stale_student_target_saves_a_teacher_forward_and_is_not_the_default(res
     assert r0["stale"]["calls"]["teacher"] == 2 * mbs
     assert r0["stale"]["student"] != r0["default"]["student"], "the shortcut must change the student's target"
     assert r0["stale"]["student"] == r1["stale"]["student"]
+
+
+def test_train_eval_modes_follow_the_official_code(results):
+    """Every phase sets its modes (issue 11), from step 1, although from_pretrained starts in eval mode.
+
+    Rows: [phase, model.training, dropout on, grad enabled] for the student;
+    [phase, prompted, base.training, dropout on, grad enabled] for the teacher.
+    """
+    for r in results("train_eval_modes"):
+        assert r["promptkd_initially_training"] is False and r["imitkd_initially_training"] is False
+        p = r["promptkd"]
+        assert p["student"] == [["prompt_step", False, False, False],   # p_S of the guidance term: eval
+                                ["rollout", False, False, False],       # sampling: eval, no grad
+                                ["student_step", True, True, True]]     # the update: train, dropout on
+        assert p["teacher"] == [["prompt_step", False, False, False, False],  # plain p_T: eval
+                                ["prompt_step", True, True, True, True],      # p_T^θ while θ trains: train
+                                ["student_step", True, False, False, False]]  # the student's target: eval
+        off = r["promptkd_teacher_eval"]
+        assert off["student"] == p["student"]
+        assert off["teacher"] == [["prompt_step", False, False, False, False],
+                                  ["prompt_step", True, False, False, True],
+                                  ["student_step", True, False, False, False]]
+        i = r["imitkd"]
+        assert i["student"] == [["rollout", False, False, False], ["student_step", True, True, True]]
+        assert i["teacher"] == [["student_step", False, False, False, False]]

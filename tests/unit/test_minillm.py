@@ -207,7 +207,7 @@ def test_mixed_rollout_with_alpha_zero_is_the_student_rollout():
     ctx = _ctx(seed=3)
     ctx.engine.module.train()
     mixed = mixed_rollout(ctx, MB, 0.0)
-    assert ctx.engine.module.training  # restored after the eval-mode rollout
+    assert not ctx.engine.module.training  # rollouts set eval mode themselves
     ctx.generator.manual_seed(3)
     plain = student_rollout(ctx, MB)
     assert torch.equal(mixed.input_ids, plain.input_ids) and torch.equal(mixed.loss_mask, plain.loss_mask)

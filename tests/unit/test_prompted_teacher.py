@@ -151,8 +151,8 @@ def test_left_padding_does_not_change_real_token_logits(arch, dtype, tol) -> Non
 @pytest.mark.parametrize("arch", ARCHS)
 def test_only_prompt_gets_gradients(arch: str) -> None:
     teacher = _teacher(arch, prompt_length=3, dtype=torch.bfloat16)
-    teacher.train()
-    assert not teacher.base.training and teacher.training
+    teacher.train()  # the prompt step's mode: dropout may be on, the weights stay frozen
+    assert teacher.base.training and teacher.training
     assert teacher.prompt.dtype == torch.float32
     assert all(not p.requires_grad for p in teacher.base.parameters())
     assert all(p.dtype == torch.bfloat16 for p in teacher.base.parameters())
@@ -188,12 +188,34 @@ def test_base_forward_equals_base_model_without_grad() -> None:
     assert torch.equal(out, teacher.base(input_ids=ids, attention_mask=mask).logits)
 
 
-def test_train_mode_keeps_base_in_eval() -> None:
-    teacher = _teacher("gpt2")
+def test_train_mode_switches_the_base_dropout() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+    teacher = PromptedTeacher(base, prompt_length=3, init="random", dtype=torch.float32)
+    assert not any(m.training for m in teacher.base.modules())  # starts in eval mode
+    ids = _ids(2, 6)
+    mask = torch.ones_like(ids)
+    assert torch.equal(teacher(ids, mask)[0], teacher(ids, mask)[0])
     assert teacher.train() is teacher
-    assert not any(m.training for m in teacher.base.modules())
+    assert all(m.training for m in teacher.base.modules())
+    assert not torch.equal(teacher(ids, mask)[0], teacher(ids, mask)[0])  # dropout is on
     teacher.eval()
-    assert not teacher.training and not teacher.base.training
+    assert not any(m.training for m in teacher.base.modules())
+
+
+def test_checkpointed_layers_stay_flagged_in_eval_mode() -> None:
+    from promptkd.builders import checkpoint_frozen_layers
+
+    teacher = _teacher("llama", prompt_length=2)
+    checkpoint_frozen_layers(teacher.base)
+    teacher.train()
+    teacher.eval()
+    layers = [m for m in teacher.base.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m.training for m in layers)  # HF checkpoints only flagged layers
+    assert not teacher.base.training
 
 
 # ---------------------------------------------------------------- KV cache
