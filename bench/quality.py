@@ -1,35 +1,47 @@
-"""Quality benchmark: every method from the same SFT teacher and SFT student, equal budgets, 3 seeds.
+"""Quality benchmark under the paper's protocol: every method from one converged SFT student, 3 seeds.
 
-One command (``.venv/bin/python bench/quality.py``):
+One command (``.venv/bin/python bench/quality.py``), every run through the real launcher:
 
-1. ``stage=pipeline`` once: synthetic suite, BPE tokenizer, SFT teacher, SFT student (the shared
-   initialization of every run);
-2. ``stage=eval`` of that teacher and student on dev and test (the reference rows and the gap);
-3. ``stage=train`` of each method × seed from the same two checkpoints, with the same number of
-   student updates and the same batch, dev ROUGE-L every ``eval.dev_interval`` steps and greedy
-   test ROUGE-L at the end (per task family);
-4. ``bench/results/quality.{json,md,png}``: the table (method × family, mean ± std over seeds) and
-   dev ROUGE-L against step, one line per method.
+1. data: the bundled synthetic suite, or ``--data DIR`` (Dolly-format ``train.jsonl``, ``dev.jsonl`` or
+   ``valid.jsonl``, ``test.jsonl``; per-category columns come from each record's ``category``);
+2. the SFT teacher (``bench.teacher``, ``bench.teacher_sft_steps``) and its BPE tokenizer;
+3. the SFT student: early stopping on dev ROUGE-L; its best-dev checkpoint is every method's init,
+   the "sft" row included, so continued SFT is a baseline and not a head start;
+4. each method x training seed with the same budget (``bench.steps`` student updates) and its learning
+   rate from ``bench.lr`` (the prompt's lr equals the student's), dev ROUGE-L every ``bench.dev_interval``
+   steps, and best/ (the best-dev checkpoint, the official code's choice) beside the last step;
+5. test evaluation of best/ and of the last step: sampled as the paper (top_p 1, top_k 0, temperature 1,
+   eval seeds 10..50, mean) and greedy as a second view; ExAccErr (``stage=exposure``) for
+   ``bench.exposure_methods``;
+6. ``bench/results/quality.{json,md,png}`` (``bench/quality_report.py``).
 
-Every run goes through the real launcher (``python launcher/main.py``), ``--workers`` at a time
-with one thread each. Runs are kept under ``--work-dir``: a rerun reuses every finished run whose
-command is unchanged (``--fresh`` starts over). ``--smoke`` is the CI version: toy sizes, 2 steps.
+``--search`` runs the learning-rate grid instead (``bench.lr_grid``, training seed 1, every method), picks
+each method's lr on best dev ROUGE-L (never on test) and writes ``quality_lr_search.{json,md}``;
+``--write-config`` also stores the choice in ``bench.lr`` of the config. The headline run's seed-1 runs
+are the same commands as the chosen grid runs, so a search followed by the headline reuses them.
+
+Runs are kept under ``--work-dir``: a rerun reuses every finished job whose command is unchanged
+(``--fresh`` starts over). ``--smoke`` is the CI version: toy sizes, 2 steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import REPO, RESULTS, emit  # noqa: E402
+from bench import quality_report as qr  # noqa: E402
 
 MAIN = os.path.join(REPO, "launcher", "main.py")
 CONFIG = os.path.join(REPO, "configs", "quality.yaml")
@@ -49,22 +61,32 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 # The slowest first, so the last jobs to finish are short ones.
 COST_ORDER = ["promptkd", "promptkd-stale", "minillm", "imitkd", "rkl", "gkd", "distillm", "seqkd", "kd", "sft"]
-SMOKE = {"pipeline.teacher_sft_steps": 2, "pipeline.student_sft_steps": 2, "train.max_steps": 2,
-         "eval.dev_interval": 1, "logging.interval": 1, "data.synthetic.n_train": 96, "data.synthetic.n_dev": 8,
-         "data.synthetic.n_test": 16, "train.micro_batch_size": 4, "rollout.max_new_tokens": 8,
-         "eval.max_new_tokens": 8,
-         "model.teacher.init": "{arch: llama, layers: 2, hidden: 64, heads: 4}",
-         "model.student.init": "{arch: llama, layers: 1, hidden: 32, heads: 2}"}
+SMOKE_BENCH = {"teacher": {"arch": "llama", "layers": 2, "hidden": 64, "heads": 4}, "teacher_sft_steps": 2,
+               "student": {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2}, "student_sft_max_steps": 4,
+               "student_sft_dev_interval": 2, "student_sft_patience": 1, "steps": 2, "dev_interval": 1,
+               "lr_grid": [1.0e-4, 1.0e-3], "exposure_prompts": 4}
+SMOKE_RUN = {"logging.interval": 1, "data.synthetic.n_train": 96, "data.synthetic.n_dev": 8,
+             "data.synthetic.n_test": 16, "train.micro_batch_size": 4, "rollout.max_new_tokens": 8,
+             "eval.max_new_tokens": 8, "eval.seeds": "[10,20]", "exposure.max_tokens": 4}
+BENCH_KEYS = ("teacher", "teacher_sft_steps", "student", "sft_lr", "sft_warmup_steps", "student_sft_max_steps",
+              "student_sft_dev_interval", "student_sft_patience", "steps", "dev_interval", "seeds", "lr_grid", "lr",
+              "methods", "exposure_methods", "exposure_prompts")
+
+
+class BenchError(Exception):
+    """Bad input to the benchmark: one line, exit code 2."""
 
 
 @dataclass
 class Job:
     label: str
-    args: list[str]
+    args: list[str]                  # launcher arguments
     out_dir: str
     group: str = ""                  # jobs of one group never run at the same time (shared caches)
+    after: list["Job"] = field(default_factory=list)  # starts once these have finished
     seconds: Optional[float] = None
     error: str = ""
+    done: bool = False
     proc: Any = field(default=None, repr=False)
     started: float = 0.0
 
@@ -80,7 +102,7 @@ class Job:
         except (OSError, ValueError):
             return False
         if old.get("args") == self.args:
-            self.seconds = old.get("seconds")
+            self.seconds, self.done = old.get("seconds"), True
             return True
         return False
 
@@ -89,242 +111,280 @@ def override_args(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
 def run_jobs(jobs: list[Job], workers: int, log_dir: str) -> None:
     """Run ``workers`` jobs at a time (one torch thread each); failures are recorded, not raised."""
     os.makedirs(log_dir, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    pending = [j for j in jobs if not j.finished_before()]
+    pending: list[Job] = []
+    for job in jobs:  # in dependency order: a job whose input is rebuilt is rebuilt too
+        if any(d in pending for d in job.after) or not job.finished_before():
+            job.done = False
+            pending.append(job)
     running: list[Job] = []
     while pending or running:
+        for job in [j for j in pending if any(d.error for d in j.after)]:
+            pending.remove(job)
+            job.error = "skipped: " + ", ".join(d.label for d in job.after if d.error) + " failed"
         busy = {j.group for j in running if j.group}
         while len(running) < workers:
-            nxt = next((j for j in pending if not j.group or j.group not in busy), None)
+            nxt = next((j for j in pending if (not j.group or j.group not in busy)
+                        and all(d.done for d in j.after)), None)
             if nxt is None:
                 break
             pending.remove(nxt)
-            if os.path.isdir(nxt.out_dir):  # an unfinished or changed run: start it over
-                shutil.rmtree(nxt.out_dir)
-            log = open(os.path.join(log_dir, nxt.label.replace("/", "_") + ".log"), "w")
-            nxt.proc = subprocess.Popen([sys.executable, MAIN, *nxt.args], cwd=REPO, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
-            nxt.started = time.perf_counter()
+            _start(nxt, env, log_dir)
             busy.add(nxt.group)
             running.append(nxt)
-            print(f"[quality] start {nxt.label}", file=sys.stderr, flush=True)
         time.sleep(0.5)
         for job in [j for j in running if j.proc.poll() is not None]:
             running.remove(job)
-            job.seconds = round(time.perf_counter() - job.started, 1)
-            if job.proc.returncode != 0:
-                job.error = f"exit {job.proc.returncode}: see {log_dir}/{job.label.replace('/', '_')}.log"
-            else:
-                with open(job.stamp, "w") as fh:
-                    json.dump({"args": job.args, "seconds": job.seconds}, fh)
-            print(f"[quality] {'FAILED' if job.error else 'done'} {job.label} in {job.seconds} s",
-                  file=sys.stderr, flush=True)
+            _finish(job, log_dir)
 
 
-# ----------------------------------------------------------------------------- reading results
-
-def read_eval(run_dir: str, model: Optional[str] = None) -> dict[str, dict[str, Any]]:
-    """{set: {"rougeL", "by_category"}} of one model in ``run_dir/eval/results.json``."""
-    with open(os.path.join(run_dir, "eval", "results.json")) as fh:
-        models = json.load(fh)["models"]
-    entry = models[model] if model else next(iter(models.values()))
-    return {name: {"rougeL": s["rougeL"], "by_category": s.get("by_category", {})}
-            for name, s in entry["datasets"].items()}
+def _log_path(log_dir: str, job: Job) -> str:
+    return os.path.join(log_dir, job.label.replace("/", "_") + ".log")
 
 
-def read_dev_curve(run_dir: str) -> list[tuple[int, float]]:
-    curve = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            row = json.loads(line)
-            if "dev/rougeL" in row:
-                curve.append((int(row["step"]), float(row["dev/rougeL"])))
-    return curve
+def _start(job: Job, env: dict, log_dir: str) -> None:
+    if os.path.isdir(job.out_dir):
+        shutil.rmtree(job.out_dir)  # an unfinished or changed run: start it over
+    os.makedirs(job.out_dir, exist_ok=True)
+    log = open(_log_path(log_dir, job), "w")
+    log.write(shlex.join([sys.executable, MAIN, *job.args]) + "\n")
+    log.flush()
+    job.proc = subprocess.Popen([sys.executable, MAIN, *job.args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    job.started = time.perf_counter()
+    print(f"[quality] start {job.label}", file=sys.stderr, flush=True)
 
 
-def mean_std(xs: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+def _finish(job: Job, log_dir: str) -> None:
+    job.seconds = round(time.perf_counter() - job.started, 1)
+    if job.proc.returncode != 0:
+        job.error = f"exit {job.proc.returncode}: see {_log_path(log_dir, job)}"
+    else:
+        job.done = True
+        with open(job.stamp, "w") as fh:
+            json.dump({"args": job.args, "seconds": job.seconds}, fh)
+    print(f"[quality] {'FAILED' if job.error else 'done'} {job.label} in {job.seconds} s", file=sys.stderr,
+          flush=True)
 
 
-def summarize(runs: dict[str, dict[int, dict]], families: list[str]) -> dict[str, dict[str, dict]]:
-    """method -> column ('all' + families) -> mean/std over seeds of test ROUGE-L."""
-    out = {}
-    for label, by_seed in runs.items():
-        cols = {"all": mean_std([r["test"]["rougeL"] for r in by_seed.values()])}
-        for fam in families:
-            vals = [r["test"]["by_category"][fam] for r in by_seed.values() if fam in r["test"]["by_category"]]
-            if vals:
-                cols[fam] = mean_std(vals)
-        out[label] = cols
-    return out
+# ----------------------------------------------------------------------------- config and data
+
+def load_bench(path: str, work_dir: str, smoke: bool) -> tuple[dict[str, Any], str]:
+    """(the ``bench:`` section, path of the run config = the file without it, written to work_dir)."""
+    try:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BenchError(f"--config: cannot read {path}: {exc}") from None
+    bench = doc.pop("bench", None)
+    if not isinstance(bench, dict):
+        raise BenchError(f"{path}: no 'bench:' section (the benchmark protocol)")
+    unknown = sorted(set(bench) - set(BENCH_KEYS))
+    if unknown:
+        raise BenchError(f"{path}: unknown key bench.{unknown[0]} (known: {', '.join(BENCH_KEYS)})")
+    missing = [k for k in BENCH_KEYS if k not in bench]
+    if missing:
+        raise BenchError(f"{path}: missing key bench.{missing[0]}")
+    if smoke:
+        bench.update(SMOKE_BENCH)
+    os.makedirs(work_dir, exist_ok=True)
+    run_config = os.path.join(work_dir, "run_config.yaml")
+    with open(run_config, "w") as fh:
+        yaml.safe_dump(doc, fh, sort_keys=False)
+    return bench, run_config
 
 
-def markdown(table: dict, refs: dict[str, dict], families: list[str], meta: dict[str, Any]) -> str:
-    cols = ["all"] + families
-    head = "| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    lines = []
-    for name, ref in refs.items():
-        cells = [f"{ref['test']['rougeL']:.2f}"] + [f"{ref['test']['by_category'].get(f, float('nan')):.2f}"
-                                                      for f in families]
-        lines.append(f"| *{name}* | " + " | ".join(cells) + " |")
-    for label, row in sorted(table.items(), key=lambda kv: -kv[1]["all"]["mean"]):
-        cells = [f"{row[c]['mean']:.2f} ± {row[c]['std']:.2f}" if c in row else "–" for c in cols]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return (f"# Quality benchmark ({meta['when']})\n\n"
-            f"Greedy test ROUGE-L on the bundled synthetic suite ({meta['n_test']} prompts), mean ± std over "
-            f"seeds {meta['seeds']}; every method: {meta['steps']} student updates of {meta['batch']} sequences "
-            f"from the same SFT student. Teacher–student gap (SFT): **{meta['gap']:.2f}** ROUGE-L. "
-            f"Wall time {meta['wall_min']:.1f} min on {meta['machine']}.\n\n" + head + "\n".join(lines) + "\n")
+def data_files(a: argparse.Namespace, cfg: dict[str, Any], base: str, smoke: bool) -> dict[str, str]:
+    """{train, dev, test} JSONL paths: ``--data DIR`` or the synthetic suite written under ``base/data``."""
+    if a.data:
+        files = {"train": os.path.join(a.data, "train.jsonl"), "test": os.path.join(a.data, "test.jsonl")}
+        dev = [os.path.join(a.data, n) for n in ("dev.jsonl", "valid.jsonl")]
+        files["dev"] = next((p for p in dev if os.path.isfile(p)), dev[0])
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                extra = " (or valid.jsonl)" if split == "dev" else ""
+                raise BenchError(f"--data: no {os.path.basename(path)}{extra} in {a.data}")
+        return {k: os.path.abspath(v) for k, v in files.items()}
+    from promptkd.data import make_synthetic_splits
+
+    s = dict((cfg.get("data") or {}).get("synthetic") or {})
+    if smoke:
+        s.update({k.rsplit(".", 1)[1]: v for k, v in SMOKE_RUN.items() if k.startswith("data.synthetic.")})
+    out = os.path.join(base, "data")
+    sizes = (int(s.get("n_train", 6000)), int(s.get("n_dev", 200)), int(s.get("n_test", 400)), int(s.get("seed", 1234)))
+    stamp = os.path.join(out, "sizes.json")
+    if not (os.path.isfile(stamp) and json.load(open(stamp)) == list(sizes)):
+        make_synthetic_splits(out, *sizes)
+        with open(stamp, "w") as fh:
+            json.dump(list(sizes), fh)
+    return {k: os.path.join(out, f"{k}.jsonl") for k in ("train", "dev", "test")}
 
 
-def plot(curves: dict[str, dict[int, list]], refs_dev: dict[str, float], path: str, steps: int) -> None:
-    import matplotlib
+# ----------------------------------------------------------------------------- jobs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@dataclass
+class Plan:
+    teacher: Job
+    student: Job
+    refs: Job
+    runs: dict[tuple[str, int, float], Job]          # (label, seed, lr) -> training job
+    evals: dict[tuple[str, int, float], Job]         # headline only: test evaluation of best/ and last
+    exposure: Optional[Job]
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    start = refs_dev.get("student (SFT)")
-    for label, by_seed in sorted(curves.items()):
-        points: dict[int, list[float]] = {}
-        for curve in by_seed.values():
-            for step, val in curve:
-                points.setdefault(step, []).append(val)
-        xs = sorted(points)
-        means = [statistics.fmean(points[x]) for x in xs]
-        if start is not None:
-            xs, means = [0] + xs, [start] + means
-        ax.plot(xs, means, marker=".", label=label, linestyle="--" if label in ("sft", "kd") else "-")
-    if "teacher (SFT)" in refs_dev:
-        ax.axhline(refs_dev["teacher (SFT)"], color="black", linestyle=":", label="teacher (SFT)")
-    ax.set_xlabel("student update step")
-    ax.set_ylabel("dev ROUGE-L (greedy, mean over seeds)")
-    ax.set_xlim(0, steps)
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    def all_jobs(self) -> list[Job]:
+        return [self.teacher, self.student, self.refs, *self.runs.values(), *self.evals.values(),
+                *([self.exposure] if self.exposure else [])]
+
+
+def sft_args(bench: dict, model: dict, steps: int) -> list[str]:
+    return ["method.name=sft", f"model.student.init={_flow(model)}", f"train.max_steps={steps}",
+            f"optim.student.lr={bench['sft_lr']}", f"optim.student.warmup_steps={bench['sft_warmup_steps']}"]
+
+
+def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict[str, str]) -> Plan:
+    w = a.work_dir
+    base = os.path.join(w, "base")
+    data = [f"data.train_file={files['train']}", f"data.dev_file={files['dev']}", "data.test_file=",
+            "data.synthetic.enabled=false"]
+    tok = os.path.join(base, "teacher", "tokenizer")
+    teacher = Job("base/teacher", [*common, "stage=train", *data, "tokenizer.train=true", "eval.dev_interval=0",
+                                   *sft_args(bench, bench["teacher"], bench["teacher_sft_steps"]),
+                                   f"output.dir={os.path.join(base, 'teacher')}"], os.path.join(base, "teacher"))
+    shared = [*common, *data, "tokenizer.train=false", f"tokenizer.path={tok}"]
+    student = Job("base/student", [*shared, "stage=train", *sft_args(bench, bench["student"],
+                                                                      bench["student_sft_max_steps"]),
+                                   f"eval.dev_interval={bench['student_sft_dev_interval']}",
+                                   f"train.early_stop_patience={bench['student_sft_patience']}",
+                                   f"output.dir={os.path.join(base, 'student')}"], os.path.join(base, "student"),
+                  after=[teacher])
+    teacher_dir, init = os.path.join(base, "teacher", "export"), os.path.join(base, "student", "best")
+    sets = f"eval.sets=[dev={files['dev']},test={files['test']}]"
+    refs = Job("ref", [*shared, "stage=eval", f"eval.models=[teacher={teacher_dir},student={init}]", sets,
+                       f"output.dir={os.path.join(w, 'ref')}"], os.path.join(w, "ref"), after=[student])
+    train = [*shared, "stage=train", f"model.teacher.path={teacher_dir}", f"model.student.path={init}",
+             f"train.max_steps={bench['steps']}", f"eval.dev_interval={bench['dev_interval']}",
+             f"method.seqkd_cache_dir={os.path.join(w, 'seqkd_cache')}"]
+    runs, evals = {}, {}
+    seeds = [1] if a.search else a.seeds
+    for label in sorted(a.methods, key=COST_ORDER.index):
+        lrs = bench["lr_grid"] if a.search else [float(bench["lr"][label.split("-")[0]])]
+        for seed in seeds:
+            for lr in lrs:
+                out = run_dir(w, label, seed, lr)
+                runs[label, seed, lr] = Job(f"{label}/seed_{seed}/lr_{lr:g}", [
+                    *train, *override_args(METHODS[label]), f"seed={seed}", f"optim.student.lr={lr}",
+                    f"optim.prompt.lr={lr}", f"output.dir={out}"], out, group="seqkd" if label == "seqkd" else "",
+                    after=[student])
+                if not a.search:
+                    evals[label, seed, lr] = Job(f"{label}/seed_{seed}/lr_{lr:g}/eval", [
+                        *shared, "stage=eval", f"eval.models=[best={out}/best,last={out}/export]",
+                        f"eval.sets=[test={files['test']}]", f"output.dir={out}/eval_out"],
+                        os.path.join(out, "eval_out"), after=[runs[label, seed, lr]])
+    exposure = None if a.search else exposure_job(a, bench, shared, files, runs, init, teacher_dir)
+    return Plan(teacher, student, refs, runs, evals, exposure)
+
+
+def run_dir(work_dir: str, label: str, seed: int, lr: float) -> str:
+    return os.path.join(work_dir, "runs", label, f"lr_{lr:g}", f"seed_{seed}")
+
+
+def exposure_job(a, bench, shared, files, runs, init, teacher_dir) -> Optional[Job]:
+    """ExAccErr of the SFT init and of the best/ of every seed of ``bench.exposure_methods``."""
+    picked = {k: j for k, j in runs.items() if k[0] in bench["exposure_methods"]}
+    if not picked:
+        return None
+    students = [init] + [os.path.join(j.out_dir, "best") for j in picked.values()]
+    out = os.path.join(a.work_dir, "exposure")
+    return Job("exposure", [*shared, "stage=exposure", f"exposure.teacher_path={teacher_dir}",
+                            f"exposure.students=[{','.join(students)}]", f"eval.file={files['dev']}",
+                            f"eval.max_examples={bench['exposure_prompts']}", f"output.dir={out}"], out,
+               after=list(picked.values()))
 
 
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--config", default=CONFIG, help="the benchmark's config (bench: section + run config)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="default: bench.methods of the config")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: bench.seeds)")
+    p.add_argument("--data", default="", metavar="DIR", help="Dolly-format train/dev (or valid)/test JSONL "
+                                                             "instead of the bundled synthetic suite")
+    p.add_argument("--search", action="store_true", help="run the lr grid (seed 1) and pick each method's lr on dev")
+    p.add_argument("--write-config", action="store_true", help="with --search: store the chosen lrs in bench.lr")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "quality"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="launcher overrides for every run")
     p.add_argument("--smoke", action="store_true", help="toy sizes, 2 steps: checks that it all runs")
     p.add_argument("--fresh", action="store_true", help="delete --work-dir first")
     return p.parse_args(argv)
 
 
-def build_jobs(a: argparse.Namespace, common: list[str], base: str) -> tuple[dict[str, Job], list[Job]]:
-    data = {s: os.path.join(base, "data", f"{s}.jsonl") for s in ("train", "dev", "test")}
-    sets = f"[dev={data['dev']},test={data['test']}]"
-    refs = {name: Job(f"ref/{slug}", [*common, "stage=eval", f"eval.model_path={os.path.join(base, sub, 'export')}",
-                                      f"eval.sets={sets}", f"output.dir={os.path.join(a.work_dir, 'ref', slug)}"],
-                      os.path.join(a.work_dir, "ref", slug))
-            for name, slug, sub in (("teacher (SFT)", "teacher", "teacher_sft"),
-                                    ("student (SFT)", "student", "student_sft"))}
-    shared = [*common, "stage=train", "data.synthetic.enabled=false", "tokenizer.train=false",
-              f"tokenizer.path={os.path.join(base, 'tokenizer')}",
-              f"model.teacher.path={os.path.join(base, 'teacher_sft', 'export')}",
-              f"model.student.path={os.path.join(base, 'student_sft', 'export')}",
-              f"data.train_file={data['train']}", f"data.dev_file={data['dev']}", f"data.test_file={data['test']}",
-              f"method.seqkd_cache_dir={os.path.join(a.work_dir, 'seqkd_cache')}"]
-    runs = []
-    for label in sorted(a.methods, key=COST_ORDER.index):
-        for seed in a.seeds:
-            out = os.path.join(a.work_dir, "runs", label, f"seed_{seed}")
-            runs.append(Job(f"{label}/seed_{seed}", [*shared, *override_args(METHODS[label]), f"seed={seed}",
-                                                      f"output.dir={out}"], out,
-                            group="seqkd" if label == "seqkd" else ""))
-    return refs, runs
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     a = parse_args(argv)
-    if a.smoke and a.seeds == [1, 2, 3]:
-        a.seeds = [1]
+    try:
+        return _main(a)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(a: argparse.Namespace) -> int:
+    if a.write_config and not a.search:
+        raise BenchError("--write-config: only with --search")
     if a.fresh and os.path.isdir(a.work_dir):
         shutil.rmtree(a.work_dir)
-    load_before = list(os.getloadavg())
-    t0 = time.perf_counter()
-    common = ["--config", CONFIG, *(override_args(SMOKE) if a.smoke else []), *a.set]
+    bench, run_config = load_bench(a.config, a.work_dir, a.smoke)
+    a.methods = a.methods or list(bench["methods"])
+    a.seeds = a.seeds or ([1] if a.smoke else list(bench["seeds"]))
+    missing = [m for m in a.methods if m.split("-")[0] not in bench["lr"]] if not a.search else []
+    if missing:
+        raise BenchError(f"{a.config}: bench.lr has no learning rate for {missing[0]} (run --search)")
+    load_before, t0 = list(os.getloadavg()), time.perf_counter()
     base = os.path.join(a.work_dir, "base")
-    base_job = Job("base", [*common, "stage=pipeline", "train.max_steps=1", f"output.dir={base}"], base)
-    run_jobs([base_job], 1, os.path.join(a.work_dir, "logs"))
-    if base_job.error:
-        print(f"quality: the SFT pipeline failed ({base_job.error})", file=sys.stderr)
-        return 1
-    refs, runs = build_jobs(a, common, base)
-    run_jobs(list(refs.values()) + runs, a.workers, os.path.join(a.work_dir, "logs"))
-    failed = [j.label for j in [*refs.values(), *runs] if j.error]
+    files = data_files(a, yaml.safe_load(open(run_config)), base, a.smoke)
+    common = ["--config", run_config, *(override_args(SMOKE_RUN) if a.smoke else []), *a.set]
+    plan = plan_jobs(a, bench, common, files)
+    run_jobs(plan.all_jobs(), a.workers, os.path.join(a.work_dir, "logs"))
+    failed = [j.label for j in plan.all_jobs() if j.error]
     if failed:
-        print(f"quality: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"quality: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    return report(a, refs, runs, base_job, load_before, time.perf_counter() - t0)
-
-
-def report(a: argparse.Namespace, refs: dict[str, Job], runs: list[Job], base_job: Job, load_before: list[float],
-           wall: float) -> int:
-    ref_eval = {name: read_eval(j.out_dir) for name, j in refs.items()}
-    results: dict[str, dict[int, dict]] = {}
-    curves: dict[str, dict[int, list]] = {}
-    for job in runs:
-        label, seed = job.label.split("/seed_")
-        results.setdefault(label, {})[int(seed)] = read_eval(job.out_dir, "student")
-        curves.setdefault(label, {})[int(seed)] = read_dev_curve(job.out_dir)
-    families = sorted(ref_eval["teacher (SFT)"]["test"]["by_category"])
-    table = summarize(results, families)
-    gap = ref_eval["teacher (SFT)"]["test"]["rougeL"] - ref_eval["student (SFT)"]["test"]["rougeL"]
-    job_args = dict(a.__dict__)
-    steps = int(_setting(runs[0].args, "train.max_steps"))
-    meta = {"when": time.strftime("%Y-%m-%d"), "n_test": _count_lines(os.path.join(a.work_dir, "base", "data",
-                                                                                  "test.jsonl")),
-            "seeds": a.seeds, "steps": steps, "batch": int(_setting(runs[0].args, "train.micro_batch_size")), "gap": gap, "wall_min": wall / 60,
-            "machine": f"{os.cpu_count()} CPU cores"}
-    results_dir = RESULTS
-    os.makedirs(results_dir, exist_ok=True)
-    md = markdown(table, {k: v for k, v in ref_eval.items()}, families, meta)
-    with open(os.path.join(results_dir, "quality.md"), "w") as fh:
-        fh.write(md)
-    plot(curves, {k: v["dev"]["rougeL"] for k, v in ref_eval.items()}, os.path.join(results_dir, "quality.png"),
-         steps)
-    out = {"smoke": a.smoke, "methods": a.methods, "seeds": a.seeds, "steps": steps, "batch": meta["batch"],
-           "workers": a.workers, "wall_seconds": round(wall, 1), "meets_60_min": wall <= 3600,
-           "teacher_student_gap": round(gap, 2), "reference": ref_eval, "test_rougeL": table,
-           "per_seed": {label: {s: r["test"]["rougeL"] for s, r in by.items()} for label, by in results.items()},
-           "dev_curves": curves, "run_seconds": {j.label: j.seconds for j in [base_job, *refs.values(), *runs]},
-           "args": {k: v for k, v in job_args.items() if k != "work_dir"}}
+    wall = time.perf_counter() - t0
+    meta = {"when": time.strftime("%Y-%m-%d"), "wall_seconds": round(wall, 1), "machine": f"{os.cpu_count()} CPU cores",
+            "data": a.data or "bundled synthetic suite", "bench": bench, "methods": a.methods, "seeds": a.seeds,
+            "smoke": a.smoke, "workers": a.workers, "load_avg_at_start": load_before,
+            "job_seconds": {j.label: j.seconds for j in plan.all_jobs()}}
+    if a.search:
+        out = qr.search_report(plan, bench, meta, RESULTS)
+        if a.write_config:
+            write_lrs(a.config, {**bench["lr"], **out["chosen_lr"]})
+        emit("quality_lr_search", out, load_before)
+        return 0
+    out = qr.headline_report(plan, bench, meta, RESULTS)
     emit("quality", out, load_before)
-    print(md, file=sys.stderr)
     return 0
 
 
-def _count_lines(path: str) -> int:
+def write_lrs(path: str, chosen: dict[str, float]) -> None:
+    """Replace the one-line ``lr: {...}`` mapping of the bench section, keeping the file's comments."""
     with open(path) as fh:
-        return sum(1 for line in fh if line.strip())
-
-
-def _setting(args: list[str], key: str) -> Any:
-    """The value a run gets for ``key``: its last override, else configs/quality.yaml's."""
-    given = [v.split("=", 1)[1] for v in args if v.startswith(key + "=")]
-    if given:
-        return given[-1]
-    import yaml
-
-    with open(CONFIG) as fh:
-        node = yaml.safe_load(fh)
-    for part in key.split("."):
-        node = node[part]
-    return node
+        text = fh.read()
+    line = "  lr: " + _flow({k: float(v) for k, v in chosen.items()})
+    new, n = re.subn(r"(?m)^  lr: \{.*\}.*$", line + "  # chosen by bench/quality.py --search", text)
+    if n != 1:
+        raise BenchError(f"--write-config: {path} needs exactly one '  lr: {{...}}' line in bench:")
+    with open(path + ".tmp", "w") as fh:
+        fh.write(new)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,8 @@ class TrainConfig:
     precision: str = _f("fp32", "student precision: fp32 | bf16 | fp16")
     grad_clip: float = _f(1.0, "gradient-norm clipping (student and prompt; 0 = off)")
     max_bad_steps: int = _f(10, "abort after this many consecutive steps skipped for NaN/inf (0 = never)")
+    early_stop_patience: int = _f(0, "stop after this many dev evaluations (eval.dev_interval) without a new best "
+                                     "dev ROUGE-L; best/ keeps the best student (0 = never)")
 
 
 @dataclass
@@ -197,6 +199,10 @@ class EvalConfig:
     seeds: list = _f([10, 20, 30, 40, 50], "one generation per seed (scores are mean ± std over seeds)")
     max_examples: int = _f(0, "evaluate only the first N examples (0 = all)")
     dev_interval: int = _f(0, "dev ROUGE-L every N optimizer steps during training (0 = only at the end)")
+    models: list = _f([], "stage=eval: several models in one launch, name=path entries (HF dirs; each "
+                          "evaluated as eval.model_path would be); empty = eval.model_path")
+    greedy_too: bool = _f(False, "also decode greedily (one pass) and write it to <eval dir>/greedy/ beside the "
+                                 "sampled results: the paper's protocol samples, greedy is a second view")
     sets: list = _f([], "test sets: name=path entries and/or dirs written by promptkd.data.prepare; "
                         "empty = eval.file / data.test_file as the set 'test'")
 
@@ -235,6 +241,10 @@ class PipelineConfig:
     student_sft_steps: int = _f(250, "stage=pipeline: SFT steps of the tiny student (its init for distillation)")
     sft_lr: float = _f(1e-3, "stage=pipeline: SFT learning rate")
     sft_warmup_steps: int = _f(30, "stage=pipeline: SFT warm-up steps")
+    student_sft_dev_interval: int = _f(0, "stage=pipeline: dev ROUGE-L every N steps of the student's SFT; > 0 makes "
+                                          "its best-dev checkpoint (best/) the distillation init")
+    student_sft_patience: int = _f(0, "stage=pipeline: early stopping of the student's SFT after N dev "
+                                      "evaluations without a new best (0 = run every step)")
 
 
 @dataclass
@@ -292,10 +302,11 @@ NON_NEGATIVE = (
     "model.teacher.prompt_length", "data.dev_size", "method.reg_weight", "method.loss_chunk_size",
     "method.distillm_loss_eps", "method.minillm_lm_coef",
     "optim.student.weight_decay", "optim.prompt.weight_decay", "optim.student.warmup_steps",
-    "optim.prompt.warmup_steps", "train.epochs", "train.max_steps", "train.grad_clip", "train.max_bad_steps",
+    "optim.prompt.warmup_steps", "train.epochs", "train.max_steps", "train.grad_clip", "train.max_bad_steps", "train.early_stop_patience",
     "rollout.top_k", "rollout.max_new_tokens", "eval.top_k", "eval.no_repeat_ngram_size",
     "eval.max_examples", "eval.dev_interval", "exposure.max_tokens", "output.save_interval", "output.keep_last", "logging.sample_texts",
-    "pipeline.teacher_sft_steps", "pipeline.student_sft_steps", "pipeline.sft_warmup_steps",
+    "pipeline.teacher_sft_steps", "pipeline.student_sft_steps", "pipeline.sft_warmup_steps", "pipeline.student_sft_dev_interval",
+    "pipeline.student_sft_patience",
     "data.synthetic.n_train", "data.synthetic.n_dev", "data.synthetic.n_test",
 )
 # Probabilities and mixing weights: must lie in [0, 1].
@@ -465,6 +476,12 @@ def validate(cfg: Config) -> None:
         betas = get(cfg, key)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"{key}: must be two numbers in [0, 1) (got {betas!r})")
+    if cfg.train.early_stop_patience and not cfg.eval.dev_interval:
+        raise ConfigError("train.early_stop_patience: needs eval.dev_interval > 0 (dev evaluations to count)")
+    for spec in cfg.eval.models:
+        name, sep, path = str(spec).partition("=")
+        if not (sep and name and path):
+            raise ConfigError(f"eval.models: {spec!r} is not name=path")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(f"data.max_prompt_length: must be < data.max_length ({cfg.data.max_length})")
     if not cfg.eval.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.eval.seeds):

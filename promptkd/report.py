@@ -121,3 +121,24 @@ def main_tables(summary: dict[str, Any]) -> str:
     """ROUGE-L and exact-match tables, as printed at the end of an eval."""
     rows = list(summary["models"].items())
     return "\n".join(f"{title}\n{score_table(rows, metric)}" for metric, title in METRICS.items())
+
+
+def protocol_table(sampled: dict[str, Any], greedy: dict[str, Any]) -> str:
+    """The paper's sampled scores (mean ± std over seeds) beside the greedy ones, per model and set."""
+    rows = list(sampled["models"].items())
+    names = dataset_names([m for _, m in rows])
+    n_seeds = len(sampled.get("decoding", {}).get("seeds", [])) or "?"
+    head = ["model"]
+    for metric, title in METRICS.items():
+        for n in names:
+            where = f" ({n})" if len(names) > 1 else ""
+            head += [f"{title}{where}, sampled ({n_seeds} seeds)", f"{title}{where}, greedy"]
+    lines = ["Sampled (the paper's protocol) beside greedy", _row(head), "|" + "---|" * len(head)]
+    for label, m in rows:
+        g = greedy["models"].get(label, {}).get("datasets", {})
+        cells = [label]
+        for metric in METRICS:
+            for n in names:
+                cells += [cell(m["datasets"].get(n), metric), cell(g.get(n), metric)]
+        lines.append(_row(cells))
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -12,7 +13,7 @@ from promptkd import checkpoint
 from promptkd import distributed as dist
 from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
                                example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
-from promptkd.config import Config, ConfigError, to_yaml, with_overrides, zero_stage
+from promptkd.config import Config, ConfigError, EvalConfig, to_yaml, with_overrides, zero_stage
 from promptkd.data import load_tokenizer, make_synthetic_splits
 from promptkd.evaluation import (Generator, evaluate, evaluate_sets, load_sets, resolve_sets, scalars,
                                  write_results)
@@ -21,7 +22,7 @@ from promptkd.methods import METHODS, StepContext, build_method
 from promptkd.metrics import MetricsLogger
 from promptkd.models import PromptedTeacher, load_pretrained, missing_local_dir
 from promptkd.models.prompted_teacher import load_prompt
-from promptkd.report import main_tables
+from promptkd.report import main_tables, protocol_table
 from promptkd.rollout import hf_step_fn, teacher_step_fn
 from promptkd.trainer import Trainer
 
@@ -64,9 +65,14 @@ def student_generator(engine: Any, tokenizer: Any, vocab: int) -> Generator:
     return Generator(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
 
 
+def greedy_eval(ev: EvalConfig) -> EvalConfig:
+    """The same evaluation decoded greedily, once."""
+    return dataclasses.replace(ev, do_sample=False, seeds=ev.seeds[:1])
+
+
 def _dev_eval_fn(cfg: Config, engine: Any, tokenizer: Any, vocab: int, dev: list):
     # Dev selection uses greedy decoding: one deterministic number per check.
-    ev = dataclasses.replace(cfg.eval, do_sample=False, seeds=cfg.eval.seeds[:1])
+    ev = greedy_eval(cfg.eval)
 
     def run(step: int) -> dict[str, float]:
         module = engine.module
@@ -90,6 +96,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg, run_dir, example_texts(raw[0]))
     splits = tokenize_splits(cfg, tokenizer, raw)
     extra_sets, extra_info = _eval_sets(cfg, tokenizer) if cfg.eval.sets else ({}, {})  # checked before training
+    if cfg.train.early_stop_patience and not splits.dev:
+        raise ConfigError("train.early_stop_patience: needs a dev split (data.dev_file or data.dev_size)")
     total = steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
     method_cls = METHODS[cfg.method.name]
     teacher = build_teacher(cfg, tokenizer, use_prompt=method_cls.trains_prompt) if method_cls.uses_teacher else None
@@ -182,37 +190,67 @@ def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: s
 
 
 def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]], tokenizer: Any,
-                    out_dir: str) -> dict[str, Any]:
-    """Evaluate ``{name: (model_dir, prompt_dir, dtype)}`` on every eval set; write results + TensorBoard."""
+                    out_dir: str) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Evaluate ``{name: (model_dir, prompt_dir, dtype)}`` on every eval set; write results + TensorBoard.
+
+    Returns (report, greedy report or None). With ``eval.greedy_too`` (and sampling on) each model
+    loaded once is also decoded greedily, into ``out_dir/greedy`` and the ``eval_greedy/`` scalars.
+    """
     sets, info = _eval_sets(cfg, tokenizer)
-    results = {}
+    views = {"": cfg.eval}
+    if cfg.eval.greedy_too and cfg.eval.do_sample:
+        views["greedy"] = greedy_eval(cfg.eval)
+    results: dict[str, dict] = {view: {} for view in views}
     for name, (path, prompt_dir, dtype) in models.items():
         log.info("eval %s on %s", name, ", ".join(sets))
-        with torch.no_grad():
-            results[name] = evaluate_sets(model_generator(path, tokenizer, dtype, prompt_dir), tokenizer, sets,
-                                          cfg.eval)
-    report = write_results(out_dir, results, sets, cfg.eval, info)
+        gen = model_generator(path, tokenizer, dtype, prompt_dir)
+        for view, ev in views.items():
+            with torch.no_grad():
+                results[view][name] = evaluate_sets(gen, tokenizer, sets, ev)
     logger = MetricsLogger(cfg.output.dir, cfg.logging.tensorboard)
-    logger.scalars(0, scalars(report))
+    reports = {}
+    for view, ev in views.items():
+        reports[view] = write_results(os.path.join(out_dir, view), results[view], sets, ev, info)
+        prefix = f"eval_{view}/" if view else "eval/"
+        logger.scalars(0, {prefix + k[len("eval/"):]: v for k, v in scalars(reports[view]).items()})
     logger.close()
-    return report
+    return reports[""], reports.get("greedy")
+
+
+def print_tables(report: dict[str, Any], greedy: Optional[dict[str, Any]]) -> None:
+    if dist.is_main():
+        text = main_tables(report)
+        if greedy is not None:
+            text += "\n" + protocol_table(report, greedy)
+        print("\n" + text, flush=True)
+
+
+def _models_to_eval(cfg: Config) -> dict[str, str]:
+    """{name: HF dir} from ``eval.models``, else ``eval.model_path``, else the run's export."""
+    if cfg.eval.models:
+        models = dict(str(spec).partition("=")[::2] for spec in cfg.eval.models)
+        key = "eval.models"
+    else:
+        path = cfg.eval.model_path or os.path.join(cfg.output.dir, "export")
+        if not os.path.isdir(path) and not cfg.eval.model_path:
+            raise ConfigError(f"eval.model_path: no model given and no export at {path}")
+        models = {"prompted_teacher" if cfg.eval.prompt_path else "model": path}
+        key = "eval.model_path"
+    for path in models.values():
+        if missing_local_dir(path):
+            raise ConfigError(f"{key}: no such directory: {path}")
+    return models
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:
     _seed_everything(cfg.seed)
-    path = cfg.eval.model_path or os.path.join(cfg.output.dir, "export")
-    if not os.path.isdir(path) and not cfg.eval.model_path:
-        raise ConfigError(f"eval.model_path: no model given and no export at {path}")
-    if missing_local_dir(path):
-        raise ConfigError(f"eval.model_path: no such directory: {path}")
-    tokenizer = load_tokenizer(cfg.tokenizer.path or path)
-    name = "prompted_teacher" if cfg.eval.prompt_path else "model"
+    models = _models_to_eval(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer.path or next(iter(models.values())))
     dtype = torch.float32 if not cfg.eval.prompt_path else {"fp32": torch.float32, "bf16": torch.bfloat16}[
         cfg.model.teacher.dtype]
-    report = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype)}, tokenizer,
-                             os.path.join(cfg.output.dir, "eval"))
-    if dist.is_main():
-        print(main_tables(report), flush=True)
+    report, greedy = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype) for name, path in models.items()},
+                                     tokenizer, os.path.join(cfg.output.dir, "eval"))
+    print_tables(report, greedy)
     return _rouge_by_model(report)
 
 
@@ -251,28 +289,43 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     run_train(with_overrides(base, {**sft, "model.student.init": dataclasses.asdict(cfg.model.teacher.init),
                                     "train.max_steps": p.teacher_sft_steps, "output.dir": teacher_dir}))
     log.info("pipeline 2/4: SFT of the student (its initialization)")
-    run_train(with_overrides(base, {**sft, "train.max_steps": p.student_sft_steps, "output.dir": student_dir}))
+    run_train(with_overrides(base, {**sft, "train.max_steps": p.student_sft_steps, "output.dir": student_dir,
+                                    "eval.dev_interval": p.student_sft_dev_interval,
+                                    "train.early_stop_patience": p.student_sft_patience}))
     log.info("pipeline 3/4: %s distillation", cfg.method.name)
     run_train(with_overrides(base, {"model.teacher.path": os.path.join(teacher_dir, "export"),
-                                    "model.student.path": os.path.join(student_dir, "export"),
+                                    "model.student.path": selected_student(student_dir),
                                     "output.dir": distill_dir}))
     log.info("pipeline 4/4: evaluation")
     return _pipeline_eval(cfg, base, tokenizer, files["test"], teacher_dir, student_dir, distill_dir)
 
 
+def selected_student(run_dir: str) -> str:
+    """The run's best-dev export (best/, the official code's choice) when it kept one, else its last export."""
+    best = os.path.join(run_dir, "best")
+    return best if os.path.isfile(os.path.join(best, "best.json")) else os.path.join(run_dir, "export")
+
+
+def _selected_label(path: str) -> str:
+    meta = os.path.join(path, "best.json")
+    if not os.path.isfile(meta):
+        return "last step"
+    with open(meta) as fh:
+        return f"best dev, step {json.load(fh)['step']}"
+
+
 def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, teacher_dir: str, student_dir: str,
                    distill_dir: str) -> dict[str, Any]:
     t_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.teacher.dtype]
+    init, distilled = selected_student(student_dir), selected_student(distill_dir)
     models = {"teacher (SFT)": (os.path.join(teacher_dir, "export"), "", t_dtype),
-              "student (SFT)": (os.path.join(student_dir, "export"), "", torch.float32),
-              f"student ({cfg.method.name})": (os.path.join(distill_dir, "export"), "", torch.float32)}
+              f"student (SFT, {_selected_label(init)})": (init, "", torch.float32),
+              f"student ({cfg.method.name}, {_selected_label(distilled)})": (distilled, "", torch.float32)}
     if cfg.method.name == "promptkd" and cfg.model.teacher.prompt_length > 0:
-        models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"),
-                                              os.path.join(distill_dir, "export"), t_dtype)
+        models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"), distilled, t_dtype)
     ev_cfg = with_overrides(base, {"eval.file": test_file})
-    report = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))
-    if dist.is_main():
-        print("\n" + main_tables(report), flush=True)
+    report, greedy = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))
+    print_tables(report, greedy)
     return _rouge_by_model(report)
 
 

@@ -34,6 +34,7 @@ class LoopState:
     history: list = field(default_factory=list)
     skipped_steps: int = 0         # non-finite steps skipped so far
     bad_in_a_row: int = 0
+    evals_since_best: int = 0      # dev evaluations since the last new best (early stopping)
 
 
 class MicroBatches:
@@ -83,7 +84,7 @@ class Trainer:
         bar = self._progress_bar()
         fault = configured()
         try:
-            while self.state.step < self.total_steps:
+            while self.state.step < self.total_steps and not self.early_stopped():
                 self._one_step([next(stream) for _ in range(cfg.train.grad_accum)], fault, bar)
                 if cfg.output.save_interval and self.state.step % cfg.output.save_interval == 0 \
                         and self.state.step < self.total_steps:
@@ -174,6 +175,11 @@ class Trainer:
             texts.append(f"**prompt** {prompt.strip()[-200:]}\n\n**response** {answer}")
         self.logger.text(step, "rollout/samples", "\n\n---\n\n".join(texts))
 
+    def early_stopped(self) -> bool:
+        """``train.early_stop_patience`` dev evaluations in a row brought no new best (same on every rank)."""
+        patience = self.cfg.train.early_stop_patience
+        return bool(patience and self.dev_eval is not None and self.state.evals_since_best >= patience)
+
     def _maybe_dev_eval(self) -> None:
         interval = self.cfg.eval.dev_interval
         if self.dev_eval is None or not interval or self.state.step % interval:
@@ -184,13 +190,18 @@ class Trainer:
         result = self.dev_eval(self.state.step)
         self.logger.scalars(self.state.step, {f"dev/{k}": v for k, v in result.items()})
         self.state.history.append({"step": self.state.step, **result})
+        self.state.evals_since_best += 1
         if self.state.best_dev is None or result["rougeL"] > self.state.best_dev:
             self.state.best_dev = result["rougeL"]
+            self.state.evals_since_best = 0
             ctx = self.method.ctx  # best/: the student export + its prompt, beside checkpoints/
             checkpoint.save_best(self.run_dir, self.state.step, result["rougeL"], ctx.engine, self.tokenizer,
                                  ctx.teacher if self.method.trains_prompt and ctx.prompt_optimizer else None,
                                  self.cfg.model.teacher.path or "tiny-from-config")
         log.info("dev @ step %d: %s", self.state.step, format_scalars(result))
+        if self.early_stopped():
+            log.info("early stop at step %d: %d dev evaluations without a new best (best %.2f)", self.state.step,
+                     self.state.evals_since_best, self.state.best_dev)
         return result["rougeL"]
 
     def save(self) -> str:

@@ -274,6 +274,39 @@ def test_single_process_sft(workdir, config_yaml):
     assert "world size 1" in res.text
 
 
+def test_early_stopping_keeps_the_best_dev_student(workdir, config_yaml):
+    """lr ~0: dev ROUGE-L never improves on step 1's, so patience 1 stops the run at step 2 of 30."""
+    out = workdir / "run_early_stop"
+    res = _run_cli(["--config", str(config_yaml), "method.name=sft", "train.max_steps=30", "optim.student.lr=1e-12",
+                    "eval.dev_interval=1", "train.early_stop_patience=1", f"output.dir={out}", "data.test_file=",
+                    "deepspeed=ds_configs/zero0.json"], workdir / "early_stop.log")
+    assert res.rc == 0, _tail(res.text)
+    assert "early stop at step 2" in res.text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 1
+    assert (out / "export" / "config.json").is_file()
+
+
+def test_stage_eval_several_models_sampled_and_greedy(workdir, config_yaml, data, run_dir):
+    out = workdir / "eval_protocol"
+    res = _run_cli(["--config", str(config_yaml), "stage=eval",
+                    f"eval.models=[last={run_dir / 'export'},best={run_dir / 'best'}]", "eval.do_sample=true",
+                    "eval.seeds=[10,20]", "eval.greedy_too=true", f"eval.file={data['test']}", f"output.dir={out}"],
+                   workdir / "eval_protocol.log")
+    assert res.rc == 0, _tail(res.text)
+    sampled = json.loads((out / "eval" / "results.json").read_text())
+    greedy = json.loads((out / "eval" / "greedy" / "results.json").read_text())
+    assert list(sampled["models"]) == ["last", "best"] == list(greedy["models"])
+    assert sampled["decoding"]["do_sample"] and sampled["decoding"]["seeds"] == [10, 20]
+    assert not greedy["decoding"]["do_sample"] and greedy["decoding"]["seeds"] == [10]
+    assert len(sampled["models"]["best"]["datasets"]["test"]["by_seed"]) == 2
+    assert "Sampled (the paper's protocol) beside greedy" in res.stdout
+    bad = _run_cli(["--config", str(config_yaml), "stage=eval", "eval.models=[nameless]", f"output.dir={out}_bad"],
+                   workdir / "eval_bad.log")
+    assert bad.rc == 2 and "eval.models" in bad.stderr and not (out.parent / "eval_protocol_bad").exists()
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _bad_inputs(workdir: Path, data: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:

@@ -64,34 +64,75 @@ def test_bench_core_functions_run_at_toy_sizes(tmp_path):
     assert sorted(os.listdir(tmp_path / "results")) == ["gpu_smoke.json"]  # run() cores do not write; emit does
 
 
-def test_quality_bench_smoke_runs_every_method(tmp_path):
-    """CI's version of bench/quality.py: toy sizes, 2 steps, every method through the real launcher."""
-    from bench.quality import METHODS
-    from promptkd.data.synthetic import FAMILIES
+def _quality(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "quality.py"), "--smoke", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
+
+def test_quality_bench_smoke_on_a_dolly_dir_runs_every_method(tmp_path):
+    """CI's version of bench/quality.py: toy sizes, 2 steps, every method, on a user's Dolly-format split
+    (valid.jsonl as the dev file, one category the suite does not have)."""
+    from bench.quality import METHODS
+    from promptkd.data.synthetic import generate_synthetic
+
+    data = tmp_path / "dolly"
+    data.mkdir()
+    for name, n, seed in (("train", 96, 1), ("valid", 8, 2), ("test", 16, 3)):
+        rows = generate_synthetic(n, seed)
+        rows[0] = {**rows[0], "category": "my_category"}
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "quality.py"), "--smoke",
-                           "--work-dir", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    work = str(tmp_path / "work")
+    proc = _quality(["--data", str(data), "--work-dir", work, "--methods", *METHODS], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(out["test_rougeL"]) == set(METHODS) == set(out["dev_curves"])
+    assert out["data"] == str(data) and set(out["test_rougeL"]) == set(METHODS)
+    families = set(out["reference"]["sampled"]["teacher"]["test"]["by_category"])
+    assert "my_category" in families
     for label, row in out["test_rougeL"].items():
-        assert set(row) == {"all", *FAMILIES}, label
-        assert 0.0 <= row["all"]["mean"] <= 100.0
-        assert [step for step, _ in out["dev_curves"][label]["1"]] == [1, 2], label
-    assert set(out["reference"]) == {"teacher (SFT)", "student (SFT)"}
-    assert out["teacher_student_gap"] == pytest.approx(out["reference"]["teacher (SFT)"]["test"]["rougeL"]
-                                                       - out["reference"]["student (SFT)"]["test"]["rougeL"], abs=0.01)
+        assert set(row) == {"sampled/best", "sampled/last", "greedy/best", "greedy/last"}, label
+        assert all(0.0 <= v["mean"] <= 100.0 for v in row.values())
+        assert set(out["per_family"][label]["sampled/best"]) == families
+        assert [step for step, _ in out["curves"][label]["1"]["dev/rougeL"]] == [1, 2], label
+        assert out["best_step"][label][0] in (1, 2)
+    assert out["curves"]["promptkd"]["1"]["prompt/guidance_kl"] and out["curves"]["promptkd"]["1"]["prompt/reg_kl"]
+    assert set(out["paired"]) >= {"rkl"}  # one training seed: no interval, but the rows exist
+    assert {"sft", "rkl", "promptkd", "student (SFT init)"} <= set(out["exposure"])
+    gap = out["teacher_student_gap"]["sampled"]
+    ref = out["reference"]["sampled"]
+    assert gap == pytest.approx(ref["teacher"]["test"]["rougeL"] - ref["student"]["test"]["rougeL"])
     results = tmp_path / "results"
     table = (results / "quality.md").read_text()
-    assert all(f"| {label} |" in table for label in METHODS)
+    assert table.splitlines()[2].startswith("What was measured:")
+    assert all(f"| {label} |" in table for label in METHODS) and "ExAccErr" in table
     assert (results / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a rerun reuses every finished run (same commands): no launcher is started again
-    again = subprocess.run([sys.executable, os.path.join(REPO, "bench", "quality.py"), "--smoke",
-                            "--work-dir", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+    # a rerun reuses every finished job (same commands): no launcher is started again
+    again = _quality(["--data", str(data), "--work-dir", work, "--methods", *METHODS], env, timeout=300)
     assert again.returncode == 0 and "[quality] start" not in again.stderr, again.stderr[-2000:]
+
+
+def test_quality_lr_search_picks_on_dev_and_writes_the_config(tmp_path):
+    from bench.quality import CONFIG
+
+    cfg = tmp_path / "quality.yaml"
+    cfg.write_text(open(CONFIG).read())
+    env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu")
+    proc = _quality(["--search", "--write-config", "--config", str(cfg), "--work-dir", str(tmp_path / "work"),
+                     "--methods", "sft", "rkl"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for label in ("sft", "rkl"):
+        grid = out["dev_best"][label]
+        assert set(grid) == {"0.0001", "0.001"}  # the smoke grid
+        assert grid[f"{out['chosen_lr'][label]:g}"] == max(grid.values())
+    import yaml
+
+    written = yaml.safe_load(cfg.read_text())["bench"]["lr"]
+    assert written["sft"] == out["chosen_lr"]["sft"] and written["rkl"] == out["chosen_lr"]["rkl"]
+    assert "kd" in written  # the other methods keep their values
+    assert (tmp_path / "results" / "quality_lr_search.md").read_text().count("←") == 2
+    bad = _quality(["--data", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "w2")], env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --data: no train.jsonl")
 
 
 def _toy_runs() -> dict:
