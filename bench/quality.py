@@ -202,6 +202,25 @@ def load_bench(path: str, work_dir: str, smoke: bool) -> tuple[dict[str, Any], s
 
 
 def data_files(a: argparse.Namespace, cfg: dict[str, Any], base: str, smoke: bool) -> dict[str, str]:
+    """{train, dev, test, tokenizer}: the data and a BPE tokenizer trained on its train split."""
+    files = split_files(a, cfg, base, smoke)
+    from promptkd.data import load_examples, train_tokenizer
+
+    vocab = int((cfg.get("tokenizer") or {}).get("vocab_size", 800))
+    out = os.path.join(base, "tokenizer")
+    stamp, key = os.path.join(out, "bench_source.json"), [files["train"], vocab]
+    if not (os.path.isfile(stamp) and json.load(open(stamp)) == key):
+        try:
+            examples = load_examples(files["train"], "dolly", split="train")
+        except Exception as exc:  # noqa: BLE001 - any unreadable split is bad input
+            raise BenchError(f"--data: {exc}") from None
+        train_tokenizer([e.prompt + " " + e.references[0] for e in examples], vocab, out)
+        with open(stamp, "w") as fh:
+            json.dump(key, fh)
+    return {**files, "tokenizer": out}
+
+
+def split_files(a: argparse.Namespace, cfg: dict[str, Any], base: str, smoke: bool) -> dict[str, str]:
     """{train, dev, test} JSONL paths: ``--data DIR`` or the synthetic suite written under ``base/data``."""
     if a.data:
         files = {"train": os.path.join(a.data, "train.jsonl"), "test": os.path.join(a.data, "test.jsonl")}
@@ -218,7 +237,8 @@ def data_files(a: argparse.Namespace, cfg: dict[str, Any], base: str, smoke: boo
     if smoke:
         s.update({k.rsplit(".", 1)[1]: v for k, v in SMOKE_RUN.items() if k.startswith("data.synthetic.")})
     out = os.path.join(base, "data")
-    sizes = (int(s.get("n_train", 6000)), int(s.get("n_dev", 200)), int(s.get("n_test", 400)), int(s.get("seed", 1234)))
+    sizes = (int(s.get("n_train", 6000)), int(s.get("n_dev", 200)), int(s.get("n_test", 400)), int(s.get("seed", 1234)),
+             int(s.get("level", 1)))
     stamp = os.path.join(out, "sizes.json")
     if not (os.path.isfile(stamp) and json.load(open(stamp)) == list(sizes)):
         make_synthetic_splits(out, *sizes)
@@ -253,21 +273,19 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
     base = os.path.join(w, "base")
     data = [f"data.train_file={files['train']}", f"data.dev_file={files['dev']}", "data.test_file=",
             "data.synthetic.enabled=false"]
-    tok = os.path.join(base, "teacher", "tokenizer")
-    teacher = Job("base/teacher", [*common, "stage=train", *data, "tokenizer.train=true", "eval.dev_interval=0",
+    shared = [*common, *data, "tokenizer.train=false", f"tokenizer.path={files['tokenizer']}"]
+    teacher = Job("base/teacher", [*shared, "stage=train", "eval.dev_interval=0",
                                    *sft_args(bench, bench["teacher"], bench["teacher_sft_steps"]),
                                    f"output.dir={os.path.join(base, 'teacher')}"], os.path.join(base, "teacher"))
-    shared = [*common, *data, "tokenizer.train=false", f"tokenizer.path={tok}"]
     student = Job("base/student", [*shared, "stage=train", *sft_args(bench, bench["student"],
                                                                       bench["student_sft_max_steps"]),
                                    f"eval.dev_interval={bench['student_sft_dev_interval']}",
                                    f"train.early_stop_patience={bench['student_sft_patience']}",
-                                   f"output.dir={os.path.join(base, 'student')}"], os.path.join(base, "student"),
-                  after=[teacher])
+                                   f"output.dir={os.path.join(base, 'student')}"], os.path.join(base, "student"))
     teacher_dir, init = os.path.join(base, "teacher", "export"), os.path.join(base, "student", "best")
     sets = f"eval.sets=[dev={files['dev']},test={files['test']}]"
     refs = Job("ref", [*shared, "stage=eval", f"eval.models=[teacher={teacher_dir},student={init}]", sets,
-                       f"output.dir={os.path.join(w, 'ref')}"], os.path.join(w, "ref"), after=[student])
+                       f"output.dir={os.path.join(w, 'ref')}"], os.path.join(w, "ref"), after=[teacher, student])
     train = [*shared, "stage=train", f"model.teacher.path={teacher_dir}", f"model.student.path={init}",
              f"train.max_steps={bench['steps']}", f"eval.dev_interval={bench['dev_interval']}",
              f"method.seqkd_cache_dir={os.path.join(w, 'seqkd_cache')}"]
@@ -281,7 +299,7 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
                 runs[label, seed, lr] = Job(f"{label}/seed_{seed}/lr_{lr:g}", [
                     *train, *override_args(METHODS[label]), f"seed={seed}", f"optim.student.lr={lr}",
                     f"optim.prompt.lr={lr}", f"output.dir={out}"], out, group="seqkd" if label == "seqkd" else "",
-                    after=[student])
+                    after=[teacher, student])
                 if not a.search:
                     evals[label, seed, lr] = Job(f"{label}/seed_{seed}/lr_{lr:g}/eval", [
                         *shared, "stage=eval", f"eval.models=[best={out}/best,last={out}/export]",
@@ -320,6 +338,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                              "instead of the bundled synthetic suite")
     p.add_argument("--search", action="store_true", help="run the lr grid (seed 1) and pick each method's lr on dev")
     p.add_argument("--write-config", action="store_true", help="with --search: store the chosen lrs in bench.lr")
+    p.add_argument("--sizes", nargs="+", default=[], metavar="LxH[:HEADS]",
+                   help="student-size study instead: converge an SFT student of each size (early stopping, as the "
+                        "benchmark's init) and score it and the teacher on dev, e.g. 1x32 2x64:4")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "quality"))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="launcher overrides for every run")
@@ -340,6 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(a: argparse.Namespace) -> int:
     if a.write_config and not a.search:
         raise BenchError("--write-config: only with --search")
+    sizes = [parse_size(x) for x in a.sizes]
     if a.fresh and os.path.isdir(a.work_dir):
         shutil.rmtree(a.work_dir)
     bench, run_config = load_bench(a.config, a.work_dir, a.smoke)
@@ -352,6 +374,8 @@ def _main(a: argparse.Namespace) -> int:
     base = os.path.join(a.work_dir, "base")
     files = data_files(a, yaml.safe_load(open(run_config)), base, a.smoke)
     common = ["--config", run_config, *(override_args(SMOKE_RUN) if a.smoke else []), *a.set]
+    if sizes:
+        return size_study(a, bench, common, files, sizes, load_before, t0)
     plan = plan_jobs(a, bench, common, files)
     run_jobs(plan.all_jobs(), a.workers, os.path.join(a.work_dir, "logs"))
     failed = [j.label for j in plan.all_jobs() if j.error]
@@ -371,6 +395,46 @@ def _main(a: argparse.Namespace) -> int:
         return 0
     out = qr.headline_report(plan, bench, meta, RESULTS)
     emit("quality", out, load_before)
+    return 0
+
+
+def parse_size(text: str) -> dict[str, Any]:
+    """``LxH`` or ``LxH:HEADS`` -> a tiny-model init (heads default: H // 16, at least 2)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?::(\d+))?", text)
+    if not m:
+        raise BenchError(f"--sizes: {text!r} is not LAYERSxHIDDEN[:HEADS]")
+    layers, hidden = int(m[1]), int(m[2])
+    heads = int(m[3]) if m[3] else max(2, hidden // 16)
+    if hidden % heads:
+        raise BenchError(f"--sizes: {text}: hidden {hidden} is not divisible by {heads} heads")
+    return {"arch": "llama", "layers": layers, "hidden": hidden, "heads": heads}
+
+
+def size_study(a, bench, common, files, sizes, load_before, t0) -> int:
+    """Each size's converged SFT student and the teacher, scored on dev only (sampled and greedy)."""
+    plan = plan_jobs(a, bench, common, files)
+    training_only = ("stage", "output.dir", "model.student.init", "train.max_steps", "optim.student.lr",
+                     "optim.student.warmup_steps", "method.name", "eval.dev_interval", "train.early_stop_patience")
+    shared = [x for x in plan.student.args if x.split("=", 1)[0] not in training_only]
+    students = {}
+    for model in sizes:
+        name = f"{model['layers']}x{model['hidden']}"
+        out = os.path.join(a.work_dir, "sizes", name)
+        args = [x for x in plan.student.args if not x.startswith(("output.dir=", "model.student.init="))]
+        students[name] = Job(f"sizes/{name}", [*args, f"model.student.init={_flow(model)}", f"output.dir={out}"], out)
+    teacher_dir = os.path.join(plan.teacher.out_dir, "export")
+    entries = ",".join([f"teacher={teacher_dir}"] + [f"{n}={j.out_dir}/best" for n, j in students.items()])
+    out = os.path.join(a.work_dir, "sizes", "eval")
+    ev = Job("sizes/eval", [*shared, "stage=eval", f"eval.models=[{entries}]", f"eval.sets=[dev={files['dev']}]",
+                            f"output.dir={out}"], out, after=[plan.teacher, *students.values()])
+    jobs = [plan.teacher, *students.values(), ev]
+    run_jobs(jobs, a.workers, os.path.join(a.work_dir, "logs"))
+    failed = [j.label for j in jobs if j.error]
+    if failed:
+        print(f"quality: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    out = qr.size_report(ev.out_dir, students, sizes, bench, time.perf_counter() - t0, RESULTS)
+    emit("quality_sizes", out, load_before)
     return 0
 
 

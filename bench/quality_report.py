@@ -291,3 +291,32 @@ def search_report(plan: Any, bench: dict, meta: dict, results_dir: str) -> dict[
     with open(os.path.join(results_dir, "quality_lr_search.md"), "w") as fh:
         fh.write(md)
     return {**meta, "dev_best": grid, "chosen_lr": chosen}
+
+
+# ----------------------------------------------------------------------------- student sizes
+
+def size_report(eval_dir: str, students: dict, sizes: list[dict], bench: dict, wall: float,
+                results_dir: str) -> dict[str, Any]:
+    """Dev ROUGE-L of the teacher and of each converged SFT student, sampled and greedy, per family."""
+    views = {d: read_view(eval_dir, d) for d in ("sampled", "greedy")}
+    families = sorted(views["sampled"]["teacher"]["dev"].get("by_category", {}))
+    rows, out = [], {"teacher_steps": bench["teacher_sft_steps"], "sizes": {}, "wall_seconds": round(wall, 1)}
+    teacher = views["sampled"]["teacher"]["dev"]["rougeL"]
+    for name in ["teacher", *students]:
+        s, g = views["sampled"][name]["dev"], views["greedy"][name]["dev"]
+        best = (_json(os.path.join(students[name].out_dir, "best", "best.json")) if name in students else {})
+        out["sizes"][name] = {"sampled": s["rougeL"], "sampled_std": s.get("rougeL_std", 0.0), "greedy": g["rougeL"],
+                              "by_category": s.get("by_category", {}), "best_step": best.get("step"),
+                              "gap_sampled": teacher - s["rougeL"]}
+        rows.append([name, f"{s['rougeL']:.2f} ± {s.get('rougeL_std', 0.0):.2f}", f"{g['rougeL']:.2f}",
+                     "" if name == "teacher" else f"{teacher - s['rougeL']:.2f}", str(best.get("step", "")),
+                     *(f"{s.get('by_category', {}).get(f, float('nan')):.1f}" for f in families)])
+    md = ("# Student sizes (dev only)\n\nEach student is SFT'd with early stopping on dev ROUGE-L (greedy), as the "
+          f"benchmark's init; the teacher is the benchmark's ({_arch(bench['teacher'])}, "
+          f"{bench['teacher_sft_steps']} steps). Dev ROUGE-L sampled (the paper's decoding, mean ± std over the eval "
+          "seeds) and greedy; per-family columns are sampled.\n\n"
+          + _table(["model", "sampled", "greedy", "gap to teacher (sampled)", "best-dev step", *families], rows))
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "quality_sizes.md"), "w") as fh:
+        fh.write(md)
+    return out

@@ -83,6 +83,8 @@ class SyntheticConfig:
     n_dev: int = _f(200, "synthetic dev examples")
     n_test: int = _f(300, "synthetic test examples")
     seed: int = _f(1234, "seed of the synthetic generator")
+    level: int = _f(1, "difficulty: 1 = the quickstart's suite; 2 = longer lists and two-digit sums "
+                       "(the quality benchmark)")
 
 
 @dataclass
@@ -293,7 +295,7 @@ POSITIVE = (
     "model.teacher.init.max_positions", "model.student.init.max_positions",
     "tokenizer.vocab_size", "data.max_length", "data.max_prompt_length",
     "optim.student.lr", "optim.prompt.lr", "optim.student.eps", "optim.prompt.eps",
-    "train.micro_batch_size", "train.grad_accum", "rollout.temperature", "rollout.top_p",
+    "train.micro_batch_size", "train.grad_accum", "data.synthetic.level", "rollout.temperature", "rollout.top_p",
     "eval.batch_size", "eval.max_new_tokens", "eval.temperature", "eval.top_p", "exposure.samples",
     "logging.interval", "dist_timeout_s", "pipeline.sft_lr", "method.replay_capacity", "method.distillm_window",
     "method.minillm_clip_weight",
@@ -476,6 +478,8 @@ def validate(cfg: Config) -> None:
         betas = get(cfg, key)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"{key}: must be two numbers in [0, 1) (got {betas!r})")
+    if cfg.data.synthetic.level not in (1, 2):
+        raise ConfigError(f"data.synthetic.level: must be 1 or 2 (got {cfg.data.synthetic.level!r})")
     if cfg.train.early_stop_patience and not cfg.eval.dev_interval:
         raise ConfigError("train.early_stop_patience: needs eval.dev_interval > 0 (dev evaluations to count)")
     for spec in cfg.eval.models:

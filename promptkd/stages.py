@@ -264,7 +264,7 @@ def _prepare_synthetic(cfg: Config, root: str) -> dict[str, str]:
     s = cfg.data.synthetic
     data_dir = os.path.join(root, "data")
     if dist.is_main():
-        make_synthetic_splits(data_dir, s.n_train, s.n_dev, s.n_test, s.seed)
+        make_synthetic_splits(data_dir, s.n_train, s.n_dev, s.n_test, s.seed, s.level)
     dist.barrier()
     return {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "dev", "test")}
 

@@ -104,13 +104,24 @@ def _word_list(rng: random.Random, low: int, high: int) -> list[str]:
     return rng.sample(NOUNS, rng.randint(low, high))
 
 
-def _reverse(rng: random.Random) -> tuple[str, str, str]:
-    words = _word_list(rng, 3, 5)
+# Sizes of the algorithmic families per difficulty level. Level 1 is the quickstart's suite; level 2 has
+# longer lists and two-digit sums, which a 1-2 layer student cannot fully learn from SFT while a 4-layer
+# teacher can (the quality benchmark needs that gap).
+LEVELS: dict[int, dict[str, tuple[int, int]]] = {
+    1: {"reverse": (3, 5), "sort": (3, 5), "sort_max": (30, 30), "add": (0, 20), "repeat": (2, 5),
+        "count": (2, 7), "first_last": (3, 6)},
+    2: {"reverse": (5, 8), "sort": (5, 8), "sort_max": (99, 99), "add": (10, 99), "repeat": (3, 8),
+        "count": (4, 10), "first_last": (4, 9)},
+}
+
+
+def _reverse(rng: random.Random, lv: dict) -> tuple[str, str, str]:
+    words = _word_list(rng, *lv["reverse"])
     return "Reverse the order of these words.", " ".join(words), " ".join(reversed(words))
 
 
-def _sort(rng: random.Random) -> tuple[str, str, str]:
-    nums = rng.sample(range(31), rng.randint(3, 5))
+def _sort(rng: random.Random, lv: dict) -> tuple[str, str, str]:
+    nums = rng.sample(range(lv["sort_max"][0] + 1), rng.randint(*lv["sort"]))
     return (
         "Sort these numbers from smallest to largest.",
         " ".join(map(str, nums)),
@@ -118,34 +129,34 @@ def _sort(rng: random.Random) -> tuple[str, str, str]:
     )
 
 
-def _add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+def _add(rng: random.Random, lv: dict) -> tuple[str, str, str]:
+    a, b = rng.randint(*lv["add"]), rng.randint(*lv["add"])
     return f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."
 
 
-def _uppercase(rng: random.Random) -> tuple[str, str, str]:
+def _uppercase(rng: random.Random, lv: dict) -> tuple[str, str, str]:
     word = rng.choice(NOUNS)
     return f"Write the word {word} in capital letters.", "", word.upper()
 
 
-def _repeat(rng: random.Random) -> tuple[str, str, str]:
-    word, times = rng.choice(NOUNS), rng.randint(2, 5)
+def _repeat(rng: random.Random, lv: dict) -> tuple[str, str, str]:
+    word, times = rng.choice(NOUNS), rng.randint(*lv["repeat"])
     return f"Repeat the word {word} {times} times.", "", " ".join([word] * times)
 
 
-def _count(rng: random.Random) -> tuple[str, str, str]:
-    words = _word_list(rng, 2, 7)
+def _count(rng: random.Random, lv: dict) -> tuple[str, str, str]:
+    words = _word_list(rng, *lv["count"])
     return "How many items are in this list?", ", ".join(words), f"There are {len(words)} items."
 
 
-def _first_last(rng: random.Random) -> tuple[str, str, str]:
-    words = _word_list(rng, 3, 6)
+def _first_last(rng: random.Random, lv: dict) -> tuple[str, str, str]:
+    words = _word_list(rng, *lv["first_last"])
     which = rng.choice(("first", "last"))
     item = words[0] if which == "first" else words[-1]
     return f"What is the {which} item in this list?", ", ".join(words), f"The {which} item is {item}."
 
 
-_ALGORITHMIC: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+_ALGORITHMIC: dict[str, Callable[[random.Random, dict], tuple[str, str, str]]] = {
     "reverse": _reverse,
     "sort": _sort,
     "add": _add,
@@ -161,11 +172,11 @@ _RECALL_FAMILIES = frozenset({"fact"})
 _MAX_DRAWS = 50
 
 
-def _draw(family: str, rng: random.Random, deck: _FactDeck) -> Record:
+def _draw(family: str, rng: random.Random, deck: _FactDeck, level: int = 1) -> Record:
     if family == "fact":
         instruction, context, response = _fact_record(*deck.draw())
     else:
-        instruction, context, response = _ALGORITHMIC[family](rng)
+        instruction, context, response = _ALGORITHMIC[family](rng, LEVELS[level])
     return {"instruction": instruction, "context": context, "response": response, "category": family}
 
 
@@ -173,30 +184,32 @@ def _key(record: Record) -> tuple[str, str]:
     return record["instruction"], record["context"]
 
 
-def _generate(n: int, rng: random.Random, avoid: set[tuple[str, str]] | None) -> list[Record]:
+def _generate(n: int, rng: random.Random, avoid: set[tuple[str, str]] | None, level: int = 1) -> list[Record]:
     """Balanced families in random order; with `avoid`, skip prompts already in it."""
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
+    if level not in LEVELS:
+        raise ValueError(f"level={level}: must be one of {sorted(LEVELS)}")
     families = [FAMILIES[i % len(FAMILIES)] for i in range(n)]
     rng.shuffle(families)
     deck = _FactDeck(rng)
     records = []
     for family in families:
-        record = _draw(family, rng, deck)
+        record = _draw(family, rng, deck, level)
         if avoid is not None and family not in _RECALL_FAMILIES:
             # Bounded retries: a small prompt space (e.g. uppercase) may be exhausted.
             for _ in range(_MAX_DRAWS):
                 if _key(record) not in avoid:
                     break
-                record = _draw(family, rng, deck)
+                record = _draw(family, rng, deck, level)
             avoid.add(_key(record))
         records.append(record)
     return records
 
 
-def generate_synthetic(n: int, seed: int) -> list[Record]:
-    """`n` Dolly-style records (instruction, context, response, category); deterministic per seed."""
-    return _generate(n, random.Random(seed), avoid=None)
+def generate_synthetic(n: int, seed: int, level: int = 1) -> list[Record]:
+    """`n` Dolly-style records (instruction, context, response, category); deterministic per seed and level."""
+    return _generate(n, random.Random(seed), avoid=None, level=level)
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
@@ -217,7 +230,8 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
         raise
 
 
-def make_synthetic_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, seed: int) -> dict[str, str]:
+def make_synthetic_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, seed: int,
+                          level: int = 1) -> dict[str, str]:
     """Write train/dev/test JSONL under `out_dir`; return {split: path}.
 
     Dev and test avoid exact train prompts (and each other's) where the family's
@@ -227,13 +241,13 @@ def make_synthetic_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, s
     for name, size in sizes.items():
         if size < 1:
             raise ValueError(f"n_{name}={size} must be >= 1")
-    train = generate_synthetic(n_train, seed)
+    train = generate_synthetic(n_train, seed, level)
     seen = {_key(r) for r in train}
     # String seeds hash deterministically (sha512) and keep the split streams apart.
     splits = {
         "train": train,
-        "dev": _generate(n_dev, random.Random(f"promptkd-synthetic:{seed}:dev"), seen),
-        "test": _generate(n_test, random.Random(f"promptkd-synthetic:{seed}:test"), seen),
+        "dev": _generate(n_dev, random.Random(f"promptkd-synthetic:{seed}:dev"), seen, level),
+        "test": _generate(n_test, random.Random(f"promptkd-synthetic:{seed}:test"), seen, level),
     }
     paths = {}
     for name, records in splits.items():

@@ -133,6 +133,14 @@ def test_quality_lr_search_picks_on_dev_and_writes_the_config(tmp_path):
     assert (tmp_path / "results" / "quality_lr_search.md").read_text().count("←") == 2
     bad = _quality(["--data", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "w2")], env, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --data: no train.jsonl")
+    # the student-size study reuses the teacher the search built (same command) and scores on dev only
+    sizes = _quality(["--sizes", "1x16:2", "1x32", "--config", str(cfg), "--work-dir", str(tmp_path / "work")], env)
+    assert sizes.returncode == 0, sizes.stderr[-4000:]
+    assert "start base/teacher" not in sizes.stderr
+    study = json.loads(sizes.stdout.strip().splitlines()[-1])["sizes"]
+    assert set(study) == {"teacher", "1x16", "1x32"}
+    assert study["1x32"]["gap_sampled"] == pytest.approx(study["teacher"]["sampled"] - study["1x32"]["sampled"])
+    assert "| 1x16 |" in (tmp_path / "results" / "quality_sizes.md").read_text()
 
 
 def _toy_runs() -> dict:

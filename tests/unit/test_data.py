@@ -214,6 +214,27 @@ def test_synthetic_is_deterministic_balanced_and_dolly_shaped():
     assert any(r["context"] for r in recs) and any(not r["context"] for r in recs)
 
 
+def test_synthetic_level_two_is_harder_and_level_one_unchanged():
+    from promptkd.data.synthetic import LEVELS
+
+    one, default = generate_synthetic(200, seed=4, level=1), generate_synthetic(200, seed=4)
+    assert one == default  # level 1 is the suite the quickstart has always used
+    two = generate_synthetic(400, seed=4, level=2)
+
+    def sizes(rows, family):
+        return [len(r["context"].split()) for r in rows if r["category"] == family]
+
+    for family in ("sort", "reverse"):
+        lo, hi = LEVELS[2][family]
+        assert min(sizes(two, family)) >= lo and max(sizes(two, family)) <= hi
+        assert max(sizes(one, family)) <= LEVELS[1][family][1] < max(sizes(two, family))
+    sums = [int(r["response"].rstrip(".").split()[-1]) for r in two if r["category"] == "add"]
+    assert min(sums) >= 20 and max(sums) > 99  # two-digit operands, three-digit sums appear
+    assert {r["category"] for r in two} == set(FAMILIES)
+    with pytest.raises(ValueError, match="level=3"):
+        generate_synthetic(5, seed=1, level=3)
+
+
 def test_synthetic_facts_are_fixed_and_fully_covered():
     fact_answers: dict[str, set[str]] = {}
     for seed in (1, 2):
