@@ -59,8 +59,19 @@ METHODS: dict[str, dict[str, Any]] = {
     # issue 7's shortcut (off by default): the student step's target from before the prompt update
     "promptkd-stale": {"method.name": "promptkd", "method.stale_student_target": True},
 }
+# `--ablation`: PromptKD's own knobs on dev (seed 1, PromptKD's lr), beside promptkd and rkl themselves.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "promptkd-P3": {"method.name": "promptkd", "model.teacher.prompt_length": 3},
+    "promptkd-P14": {"method.name": "promptkd", "model.teacher.prompt_length": 14},
+    "promptkd-plr0.1": {"method.name": "promptkd"},   # prompt lr = 0.1 x the student's
+    "promptkd-plr10": {"method.name": "promptkd"},    # prompt lr = 10 x the student's
+    "promptkd-regconst": {"method.name": "promptkd", "method.reg_schedule": "constant"},
+    "promptkd-regoff": {"method.name": "promptkd", "method.reg_schedule": "off"},
+}
+PROMPT_LR_SCALE = {"promptkd-plr0.1": 0.1, "promptkd-plr10": 10.0}
+METHODS.update(ABLATIONS)
 # The slowest first, so the last jobs to finish are short ones.
-COST_ORDER = ["promptkd", "promptkd-stale", "minillm", "imitkd", "rkl", "gkd", "distillm", "seqkd", "kd", "sft"]
+COST_ORDER = ["promptkd", "promptkd-stale", *ABLATIONS, "minillm", "imitkd", "rkl", "gkd", "distillm", "seqkd", "kd", "sft"]
 SMOKE_BENCH = {"teacher": {"arch": "llama", "layers": 2, "hidden": 64, "heads": 4}, "teacher_sft_steps": 2,
                "student": {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2}, "student_sft_max_steps": 4,
                "student_sft_dev_interval": 2, "student_sft_patience": 1, "steps": 2, "dev_interval": 1,
@@ -290,7 +301,8 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
              f"train.max_steps={bench['steps']}", f"eval.dev_interval={bench['dev_interval']}",
              f"method.seqkd_cache_dir={os.path.join(w, 'seqkd_cache')}"]
     runs, evals = {}, {}
-    seeds = [1] if a.search else a.seeds
+    dev_only = a.search or a.ablation
+    seeds = [1] if dev_only else a.seeds
     for label in sorted(a.methods, key=COST_ORDER.index):
         lrs = bench["lr_grid"] if a.search else [float(bench["lr"][label.split("-")[0]])]
         for seed in seeds:
@@ -298,14 +310,14 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
                 out = run_dir(w, label, seed, lr)
                 runs[label, seed, lr] = Job(f"{label}/seed_{seed}/lr_{lr:g}", [
                     *train, *override_args(METHODS[label]), f"seed={seed}", f"optim.student.lr={lr}",
-                    f"optim.prompt.lr={lr}", f"output.dir={out}"], out, group="seqkd" if label == "seqkd" else "",
-                    after=[teacher, student])
-                if not a.search:
+                    f"optim.prompt.lr={lr * PROMPT_LR_SCALE.get(label, 1.0):g}", f"output.dir={out}"], out,
+                    group="seqkd" if label == "seqkd" else "", after=[teacher, student])
+                if not dev_only:
                     evals[label, seed, lr] = Job(f"{label}/seed_{seed}/lr_{lr:g}/eval", [
                         *shared, "stage=eval", f"eval.models=[best={out}/best,last={out}/export]",
                         f"eval.sets=[test={files['test']}]", f"output.dir={out}/eval_out"],
                         os.path.join(out, "eval_out"), after=[runs[label, seed, lr]])
-    exposure = None if a.search else exposure_job(a, bench, shared, files, runs, init, teacher_dir)
+    exposure = None if dev_only else exposure_job(a, bench, shared, files, runs, init, teacher_dir)
     return Plan(teacher, student, refs, runs, evals, exposure)
 
 
@@ -338,6 +350,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                              "instead of the bundled synthetic suite")
     p.add_argument("--search", action="store_true", help="run the lr grid (seed 1) and pick each method's lr on dev")
     p.add_argument("--write-config", action="store_true", help="with --search: store the chosen lrs in bench.lr")
+    p.add_argument("--ablation", action="store_true",
+                   help="PromptKD's knobs on dev instead (prompt length, prompt lr ratio, regularizer schedule; "
+                        "seed 1) beside promptkd and rkl")
     p.add_argument("--sizes", nargs="+", default=[], metavar="LxH[:HEADS]",
                    help="student-size study instead: converge an SFT student of each size (early stopping, as the "
                         "benchmark's init) and score it and the teacher on dev, e.g. 1x32 2x64:4")
@@ -365,7 +380,7 @@ def _main(a: argparse.Namespace) -> int:
     if a.fresh and os.path.isdir(a.work_dir):
         shutil.rmtree(a.work_dir)
     bench, run_config = load_bench(a.config, a.work_dir, a.smoke)
-    a.methods = a.methods or list(bench["methods"])
+    a.methods = a.methods or (["rkl", "promptkd", *ABLATIONS] if a.ablation else list(bench["methods"]))
     a.seeds = a.seeds or ([1] if a.smoke else list(bench["seeds"]))
     missing = [m for m in a.methods if m.split("-")[0] not in bench["lr"]] if not a.search else []
     if missing:
@@ -387,6 +402,9 @@ def _main(a: argparse.Namespace) -> int:
             "data": a.data or "bundled synthetic suite", "bench": bench, "methods": a.methods, "seeds": a.seeds,
             "smoke": a.smoke, "workers": a.workers, "load_avg_at_start": load_before,
             "job_seconds": {j.label: j.seconds for j in plan.all_jobs()}}
+    if a.ablation:
+        emit("quality_ablation", qr.ablation_report(plan, bench, meta, RESULTS), load_before)
+        return 0
     if a.search:
         out = qr.search_report(plan, bench, meta, RESULTS)
         if a.write_config:

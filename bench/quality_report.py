@@ -320,3 +320,27 @@ def size_report(eval_dir: str, students: dict, sizes: list[dict], bench: dict, w
     with open(os.path.join(results_dir, "quality_sizes.md"), "w") as fh:
         fh.write(md)
     return out
+
+
+# ----------------------------------------------------------------------------- PromptKD ablation
+
+def ablation_report(plan: Any, bench: dict, meta: dict, results_dir: str) -> dict[str, Any]:
+    """Best dev ROUGE-L (greedy, seed 1) of PromptKD's variants beside promptkd and rkl."""
+    rows, out = [], {}
+    for (label, _seed, lr), job in plan.runs.items():
+        best = _json(os.path.join(job.out_dir, "best", "best.json"))
+        curves = read_metrics(job.out_dir, ("dev/rougeL", "prompt/guidance_kl", "prompt/reg_kl"))
+        last = {k: (v[-1][1] if v else None) for k, v in curves.items()}
+        out[label] = {"best_dev": best["score"], "best_step": best["step"], "lr": lr, "last": last}
+    for label, r in sorted(out.items(), key=lambda kv: -kv[1]["best_dev"]):
+        g, reg = r["last"]["prompt/guidance_kl"], r["last"]["prompt/reg_kl"]
+        rows.append([label, f"{r['best_dev']:.2f}", str(r["best_step"]), f"{r['last']['dev/rougeL']:.2f}",
+                     "–" if g is None else f"{g:.4f}", "–" if reg is None else f"{reg:.4f}"])
+    md = (f"# PromptKD ablation on dev ({meta['when']})\n\nTraining seed 1, {bench['steps']} steps, the chosen "
+          "PromptKD lr for the student; dev ROUGE-L greedy. Test data was not read. P = prompt length; plr = prompt "
+          "lr relative to the student's; reg = regularizer schedule (default linear 1 − t/T).\n\n"
+          + _table(["variant", "best dev", "best step", "dev at the end", "guidance KL (end)", "reg KL (end)"], rows))
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "quality_ablation.md"), "w") as fh:
+        fh.write(md)
+    return {**meta, "variants": out}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -394,6 +395,21 @@ def asdict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are bools, so `reg_schedule: off` stays the word "off"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"{text}: overrides must look like key=value")
@@ -402,7 +418,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"{text}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -431,7 +447,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             raise ConfigError(f"--config: file not found: {path}")
         try:
             with open(path) as fh:
-                loaded = yaml.safe_load(fh)
+                loaded = _load_yaml(fh)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""

@@ -423,3 +423,13 @@ def test_launcher_help_lists_keys():
     assert proc.returncode == 0, proc.stderr
     assert "model.teacher.prompt_length" in proc.stdout
     assert "train.micro_batch_size" in proc.stdout
+
+
+def test_yaml_words_on_off_stay_strings(tmp_path):
+    """YAML 1.1 reads `off` as false; the config reads YAML 1.2 booleans, so choices like `off` work unquoted."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  reg_schedule: off\neval:\n  do_sample: false\n")
+    cfg = load_config(str(path), DATA + ["method.guidance=student_teacher"])
+    assert cfg.method.reg_schedule == "off" and cfg.eval.do_sample is False
+    assert load_config(None, DATA + ["method.reg_schedule=off"]).method.reg_schedule == "off"
+    assert _error(None, DATA + ["eval.do_sample=yes"]).startswith("eval.do_sample: expected bool")
