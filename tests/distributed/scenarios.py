@@ -567,6 +567,22 @@ def scenario_train_eval_modes() -> dict:
     return out
 
 
+def scenario_pinned_numerics() -> dict:
+    """Issue 12: 10 steps of PromptKD (ZeRO-2, ZeRO-3) and ImitKD (ZeRO-3) on 2 ranks, every logged number and
+    the final weights' digests, compared with tests/distributed/pinned_numerics.json."""
+    out = {}
+    for label, ds_json, method in (("promptkd_zero2", "ds_configs/zero2.json", "promptkd"),
+                                   ("promptkd_zero3", ZERO3, "promptkd"), ("imitkd_zero3", ZERO3, "imitkd")):
+        cfg = tiny_cfg(ds_json, **{"method.name": method})
+        m, splits, tok = build_run(cfg, method)
+        hook = eos_bias_hook(m.ctx.engine.module, tok.eos_token_id)
+        res = run_steps(m, splits, cfg, 10)
+        hook.remove()
+        out[label] = {"metrics": res["metrics"], "student": res["student"][-1],
+                      "prompt": digest(m.ctx.teacher.prompt) if method == "promptkd" else None}
+    return out
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
