@@ -103,7 +103,8 @@ def headline_report(plan: Any, bench: dict, meta: dict, results_dir: str) -> dic
     pairs = paired_differences(scores)
     exposure = exposure_rows(plan, scores) if plan.exposure else {}
     gap = {d: ref[d]["teacher"]["test"]["rougeL"] - ref[d]["student"]["test"]["rougeL"] for d in ref}
-    out = {**meta, "reference": ref_summary(ref), "teacher_student_gap": gap, "test_rougeL": table,
+    eval_seeds = _json(os.path.join(plan.refs.out_dir, "eval", "results.json"))["decoding"]["seeds"]
+    out = {**meta, "eval_seeds": eval_seeds, "reference": ref_summary(ref), "teacher_student_gap": gap, "test_rougeL": table,
            "per_family": per_family, "paired": pairs, "exposure": exposure,
            "best_step": {l: [r["best_step"] for r in by.values()] for l, by in scores.items()},
            "per_seed": {l: {s: {v: r[v]["rougeL"] for v in r if "/" in v} for s, r in by.items()}
@@ -217,7 +218,7 @@ def intro(out: dict) -> str:
             f"picked on dev ROUGE-L with seed 1 from {b['lr_grid']} (`--search`); dev ROUGE-L (greedy) every "
             f"{b['dev_interval']} steps selects the best-dev checkpoint, as the official code does; the headline "
             "decodes the test prompts by sampling as the paper (top_p 1, top_k 0, temperature 1, eval seeds "
-            "10/20/30/40/50, mean), with greedy and the last step as second views; no_repeat_ngram_size is 0 "
+            f"{'/'.join(map(str, out['eval_seeds']))}, mean), with greedy and the last step as second views; no_repeat_ngram_size is 0 "
             "because the suite's `repeat` family legitimately repeats words. What it does not show: these are "
             "tiny models on a small, synthetic (or user-given) suite with one teacher and one student size, so a "
             "ranking here is evidence about the methods at this scale, not a reproduction of the paper's GPT-2 / "
