@@ -123,7 +123,7 @@ def override_args(overrides: dict[str, Any]) -> list[str]:
 
 
 def _flow(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()  # one line
 
 
 def run_jobs(jobs: list[Job], workers: int, log_dir: str) -> None:

@@ -18,14 +18,6 @@ from tests.fixtures.eval_workspace import OVERRIDES, build, eval_overrides
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("eval_ws")))

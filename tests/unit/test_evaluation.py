@@ -40,15 +40,6 @@ SENTENCES = [
 ] * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared 2-core box they only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train_tokenizer(SENTENCES, vocab_size=320, out_dir=str(tmp_path_factory.mktemp("tok")))

@@ -17,14 +17,6 @@ PAD, EOS, A, B, S = 0, 1, 2, 3, 4   # S: the one-token prompt
 V = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _logits(probs: dict[int, float]) -> torch.Tensor:
     out = torch.full((V,), float("-inf"))
     for tok, p in probs.items():

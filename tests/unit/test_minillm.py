@@ -23,14 +23,6 @@ VOCAB, PAD, EOS = 64, 0, 1
 BASE = ["data.train_file=train.jsonl", "method.name=minillm"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- loss vs loops
 
 def _logits(seed: int, scale: float = 2.0) -> torch.Tensor:

@@ -33,15 +33,6 @@ def _model(seed: int = 0, arch: str = "llama") -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared 2-core box they only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return _model()
