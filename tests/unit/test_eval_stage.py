@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from promptkd.config import load_config
 from promptkd.stages import STAGES, run_eval
