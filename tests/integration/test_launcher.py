@@ -307,6 +307,28 @@ def test_stage_eval_several_models_sampled_and_greedy(workdir, config_yaml, data
     assert bad.rc == 2 and "eval.models" in bad.stderr and not (out.parent / "eval_protocol_bad").exists()
 
 
+def test_quickstart_pipeline_at_toy_size(workdir):
+    """The quickstart's own config through the launcher, shrunk: best-dev students, sampled beside greedy."""
+    out = workdir / "quickstart_toy"
+    res = _run_cli(["--config", str(REPO / "configs" / "quickstart.yaml"), f"output.dir={out}",
+                    "pipeline.teacher_sft_steps=2", "pipeline.student_sft_steps=3", "pipeline.student_sft_dev_interval=1",
+                    "pipeline.student_sft_patience=1", "train.max_steps=2", "eval.dev_interval=1",
+                    "data.synthetic.n_train=64", "data.synthetic.n_dev=6", "data.synthetic.n_test=8",
+                    "train.micro_batch_size=4", "rollout.max_new_tokens=6", "eval.max_new_tokens=6",
+                    "eval.seeds=[10,20]", "model.teacher.init={arch: llama, layers: 2, hidden: 64, heads: 4}",
+                    "model.student.init={arch: llama, layers: 1, hidden: 32, heads: 2}"], workdir / "quickstart.log")
+    assert res.rc == 0, _tail(res.text)
+    assert "Sampled (the paper's protocol) beside greedy" in res.stdout
+    sampled = json.loads((out / "eval" / "results.json").read_text())["models"]
+    greedy = json.loads((out / "eval" / "greedy" / "results.json").read_text())["models"]
+    assert list(sampled) == list(greedy) and len(sampled) == 4  # teacher, SFT student, PromptKD, prompted teacher
+    distilled = [m for m in sampled if m.startswith("student (promptkd, best dev, step ")]
+    assert distilled and any(m.startswith("student (SFT, best dev, step ") for m in sampled), list(sampled)
+    best = json.loads((out / "distill" / "best" / "best.json").read_text())
+    assert distilled[0].endswith(f"step {best['step']})")
+    assert (out / "distill" / "best" / "teacher_prompt.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _bad_inputs(workdir: Path, data: dict[str, str]) -> dict[str, tuple[list[str], list[str]]]:
