@@ -498,10 +498,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.synthetic.level: must be 1 or 2 (got {cfg.data.synthetic.level!r})")
     if cfg.train.early_stop_patience and not cfg.eval.dev_interval:
         raise ConfigError("train.early_stop_patience: needs eval.dev_interval > 0 (dev evaluations to count)")
+    names = set()
     for spec in cfg.eval.models:
         name, sep, path = str(spec).partition("=")
         if not (sep and name and path):
             raise ConfigError(f"eval.models: {spec!r} is not name=path")
+        if name in names:
+            raise ConfigError(f"eval.models: the name {name!r} is given twice")
+        names.add(name)
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(f"data.max_prompt_length: must be < data.max_length ({cfg.data.max_length})")
     if not cfg.eval.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.eval.seeds):

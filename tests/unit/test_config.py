@@ -154,6 +154,7 @@ def test_override_value_parsing():
     (["train.early_stop_patience=3"], "train.early_stop_patience"),       # no dev evaluations to count
     (["train.early_stop_patience=-1"], "train.early_stop_patience"),
     (["eval.models=[runs/a/export]"], "eval.models"),                    # not name=path
+    (["eval.models=[a=runs/x,a=runs/y]"], "eval.models"),                # one name twice
     (["pipeline.student_sft_patience=-2"], "pipeline.student_sft_patience"),
 ])
 def test_override_errors_name_the_key(overrides, key):
