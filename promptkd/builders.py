@@ -128,7 +128,6 @@ def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> Promp
     length = t.prompt_length if use_prompt else 0
     teacher = PromptedTeacher(base, prompt_length=length, init=t.prompt_init, init_text=t.prompt_init_text,
                               tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
-    teacher.zero3 = zero3
     if t.gradient_checkpointing:
         checkpoint_frozen_layers(teacher.base)
     return teacher if zero3 else teacher.to(dist.device())

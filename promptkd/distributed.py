@@ -111,7 +111,7 @@ def _limit_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
 
 
-def init(timeout_s: int = 1800) -> DistInfo:
+def init(timeout_s: int = 1800) -> None:
     """Initialise the process group (gloo on CPU, nccl on GPU) with a timeout."""
     _prepare_env()
     import deepspeed
@@ -132,7 +132,6 @@ def init(timeout_s: int = 1800) -> DistInfo:
     _limit_cpu_threads(info.local_world_size)
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
-    return info
 
 
 def is_initialized() -> bool:

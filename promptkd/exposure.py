@@ -191,10 +191,11 @@ def exposure_table(rows: list[dict[str, Any]], n_pos: int) -> str:
 
 
 def _load_teacher(cfg: Any, path: str) -> torch.nn.Module:
+    from promptkd.builders import DTYPES
     from promptkd.models import PromptedTeacher, load_pretrained
     from promptkd.models.prompted_teacher import load_prompt
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.teacher.dtype]
+    dtype = DTYPES[cfg.model.teacher.dtype]
     base = load_pretrained(path, dtype)
     prompt = load_prompt(cfg.exposure.prompt_path) if cfg.exposure.prompt_path else None
     teacher = PromptedTeacher(base, prompt_length=0 if prompt is None else prompt.shape[0], init="random",

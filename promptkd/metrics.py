@@ -62,10 +62,6 @@ class MetricsLogger:
         if self.enabled and self._tb is not None:
             self._tb.add_text(self.prefix + tag, text, step)
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -32,18 +32,12 @@ class StopRequest:
     def __init__(self, grace_s: float = 600.0):
         self.requested = False
         self.grace_s = grace_s
-        self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                signal.signal(sig, self._handle)
         return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
     def _handle(self, signum: int, _frame: Optional[object]) -> None:
         if self.requested:

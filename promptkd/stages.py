@@ -11,7 +11,7 @@ import torch
 
 from promptkd import checkpoint
 from promptkd import distributed as dist
-from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
+from promptkd.builders import (DTYPES, build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
                                example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
 from promptkd.config import Config, ConfigError, EvalConfig, to_yaml, with_overrides, zero_stage
 from promptkd.data import load_tokenizer, make_synthetic_splits
@@ -246,8 +246,7 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     _seed_everything(cfg.seed)
     models = _models_to_eval(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer.path or next(iter(models.values())))
-    dtype = torch.float32 if not cfg.eval.prompt_path else {"fp32": torch.float32, "bf16": torch.bfloat16}[
-        cfg.model.teacher.dtype]
+    dtype = DTYPES[cfg.model.teacher.dtype] if cfg.eval.prompt_path else torch.float32
     report, greedy = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype) for name, path in models.items()},
                                      tokenizer, os.path.join(cfg.output.dir, "eval"))
     print_tables(report, greedy)
@@ -316,7 +315,7 @@ def _selected_label(path: str) -> str:
 
 def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, teacher_dir: str, student_dir: str,
                    distill_dir: str) -> dict[str, Any]:
-    t_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.teacher.dtype]
+    t_dtype = DTYPES[cfg.model.teacher.dtype]
     init, distilled = selected_student(student_dir), selected_student(distill_dir)
     models = {"teacher (SFT)": (os.path.join(teacher_dir, "export"), "", t_dtype),
               f"student (SFT, {_selected_label(init)})": (init, "", torch.float32),

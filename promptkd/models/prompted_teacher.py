@@ -129,7 +129,6 @@ class PromptedTeacher(nn.Module):
         self.prompt_length = prompt_length
         self.init = init
         self.init_text = init_text
-        self.compute_dtype = dtype
         embedding = base.get_input_embeddings()
         if prompt_length > 0 and init == "text":
             rows = _text_init(embedding, tokenizer, init_text, prompt_length)
