@@ -219,7 +219,8 @@ def data_files(a: argparse.Namespace, cfg: dict[str, Any], base: str, smoke: boo
 
     vocab = int((cfg.get("tokenizer") or {}).get("vocab_size", 800))
     out = os.path.join(base, "tokenizer")
-    stamp, key = os.path.join(out, "bench_source.json"), [files["train"], vocab]
+    st = os.stat(files["train"])  # a changed file at the same path gets a new tokenizer
+    stamp, key = os.path.join(out, "bench_source.json"), [files["train"], st.st_size, st.st_mtime_ns, vocab]
     if not (os.path.isfile(stamp) and json.load(open(stamp)) == key):
         try:
             examples = load_examples(files["train"], "dolly", split="train")
