@@ -192,16 +192,9 @@ def exposure_table(rows: list[dict[str, Any]], n_pos: int) -> str:
 
 def _load_teacher(cfg: Any, path: str) -> torch.nn.Module:
     from promptkd.builders import DTYPES
-    from promptkd.models import PromptedTeacher, load_pretrained
-    from promptkd.models.prompted_teacher import load_prompt
+    from promptkd.models import load_prompted_teacher
 
-    dtype = DTYPES[cfg.model.teacher.dtype]
-    base = load_pretrained(path, dtype)
-    prompt = load_prompt(cfg.exposure.prompt_path) if cfg.exposure.prompt_path else None
-    teacher = PromptedTeacher(base, prompt_length=0 if prompt is None else prompt.shape[0], init="random",
-                              dtype=dtype)
-    if prompt is not None:
-        teacher.load_prompt_state({"prompt": prompt})
+    teacher = load_prompted_teacher(path, DTYPES[cfg.model.teacher.dtype], cfg.exposure.prompt_path)
     return teacher.to(dist.device()).eval()
 
 

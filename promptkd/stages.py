@@ -20,8 +20,7 @@ from promptkd.evaluation import (Generator, evaluate, evaluate_sets, load_sets, 
 from promptkd.exposure import run_exposure
 from promptkd.methods import METHODS, StepContext, build_method
 from promptkd.metrics import MetricsLogger
-from promptkd.models import PromptedTeacher, load_pretrained, missing_local_dir
-from promptkd.models.prompted_teacher import load_prompt
+from promptkd.models import PromptedTeacher, load_pretrained, load_prompted_teacher, missing_local_dir
 from promptkd.report import main_tables, protocol_table
 from promptkd.rollout import hf_step_fn, teacher_step_fn
 from promptkd.trainer import Trainer
@@ -179,13 +178,11 @@ def _eval_sets(cfg: Config, tokenizer: Any) -> tuple[dict[str, list], dict[str, 
 
 def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Generator:
     """A replicated HF model (optionally with a learned teacher prompt) ready to decode."""
-    base = load_pretrained(path, dtype).to(dist.device()).eval()
     vocab = len(tokenizer)
     if prompt_dir:
-        prompt = load_prompt(prompt_dir)
-        teacher = PromptedTeacher(base, prompt_length=prompt.shape[0], init="random", dtype=dtype)
-        teacher.load_prompt_state({"prompt": prompt})
+        teacher = load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
         return Generator(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+    base = load_pretrained(path, dtype).to(dist.device()).eval()
     return Generator(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
 
 
@@ -320,7 +317,7 @@ def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, te
     models = {"teacher (SFT)": (os.path.join(teacher_dir, "export"), "", t_dtype),
               f"student (SFT, {_selected_label(init)})": (init, "", torch.float32),
               f"student ({cfg.method.name}, {_selected_label(distilled)})": (distilled, "", torch.float32)}
-    if cfg.method.name == "promptkd" and cfg.model.teacher.prompt_length > 0:
+    if METHODS[cfg.method.name].trains_prompt and cfg.model.teacher.prompt_length > 0:
         models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"), distilled, t_dtype)
     ev_cfg = with_overrides(base, {"eval.file": test_file})
     report, greedy = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))

@@ -6,6 +6,7 @@ from promptkd.models.prompted_teacher import (
     PROMPT_WEIGHTS,
     PromptedTeacher,
     load_prompt,
+    load_prompted_teacher,
 )
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "check_vocab",
     "load_pretrained",
     "load_prompt",
+    "load_prompted_teacher",
     "missing_local_dir",
 ]

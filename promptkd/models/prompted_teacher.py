@@ -276,3 +276,15 @@ def load_prompt(path_dir: str) -> torch.Tensor:
                 f"but {PROMPT_META} says {expected}"
             )
     return prompt
+
+
+def load_prompted_teacher(path: str, dtype: torch.dtype, prompt_dir: str = "") -> PromptedTeacher:
+    """An HF model from ``path`` wrapped with the learned prompt in ``prompt_dir`` (none: a zero-length prompt)."""
+    from promptkd.models.loading import load_pretrained
+
+    prompt = load_prompt(prompt_dir) if prompt_dir else None
+    teacher = PromptedTeacher(load_pretrained(path, dtype), prompt_length=0 if prompt is None else prompt.shape[0],
+                              init="random", dtype=dtype)
+    if prompt is not None:
+        teacher.load_prompt_state({"prompt": prompt})
+    return teacher
