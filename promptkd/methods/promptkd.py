@@ -117,8 +117,8 @@ class PromptKD(Method):
     def student_logits_for_prompt(self, r: Rollout, start: int, keep: bool, index: int) -> torch.Tensor:
         """p_S for the guidance term (a constant there), from the student in eval mode.
 
-        Without dropout (train and eval mode then compute the same) the student step's own forward (same weights, same sequences) gives
-        the same logits, so for the first micro-batch that forward runs here, with grad, and
+        Without dropout (train and eval mode then compute the same) the student step's own
+        forward (same weights, same sequences) gives the same logits, so for the first micro-batch that forward runs here, with grad, and
         is kept for ``student_update``: one student forward less per step, bitwise the same
         result. Only one graph is kept (memory), and it is the first micro-batch's because
         the student step backs it up before any other student forward+backward: under
