@@ -235,26 +235,13 @@ def make_config(ws: dict[str, str], sizes: RunSizes, method: str, **extra: Any):
 
 
 def build_run(cfg, method_name: str, total_steps: int = 1000, seed: int = 100):
-    """Method + data + tokenizer through the project's builders (as tests/distributed/scenarios.py)."""
-    from promptkd import distributed as dist
-    from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
-                                   load_raw_splits, tokenize_splits, vocab_size)
-    from promptkd.methods import METHODS, StepContext, build_method
+    """(method, splits, tokenizer) of ``cfg`` through the project's one run builder, without a trainer."""
+    from promptkd.config import with_overrides
+    from promptkd.run import build_run as build
 
-    tok = build_tokenizer(cfg, cfg.output.dir)
-    splits = tokenize_splits(cfg, tok, load_raw_splits(cfg))
-    cls = METHODS[method_name]
-    teacher = build_teacher(cfg, tok, use_prompt=cls.trains_prompt) if cls.uses_teacher else None
-    engine, ds = build_student_engine(cfg, tok, total_steps=total_steps)
-    popt = psched = None
-    if teacher is not None and cls.trains_prompt and teacher.prompt_length > 0:
-        popt, psched = build_prompt_optimizer(cfg, teacher, total_steps)
-    ctx = StepContext(cfg=cfg, engine=engine, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                      vocab_size=vocab_size(tok, teacher, engine.module), total_steps=total_steps, teacher=teacher,
-                      prompt_optimizer=popt, prompt_scheduler=psched,
-                      generator=torch.Generator(device=dist.device()).manual_seed(seed),
-                      sync_rollout=ds["zero_optimization"]["stage"] == 3)
-    return build_method(method_name, ctx), splits, tok
+    run = build(with_overrides(cfg, {"method.name": method_name}), train=False, total_steps=total_steps,
+                rollout_seed=seed)
+    return run.method, run.splits, run.tokenizer
 
 
 def batches(splits, batch: int, n: int) -> list[list]:

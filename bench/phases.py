@@ -53,12 +53,12 @@ def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clo
 
     Returns the response tokens. Without dropout the prompt step's student forward runs with
     grad and is the student step's forward too (``student/fwd`` is then 0); with
-    ``method.stale_student_target`` the student step reuses the prompt step's teacher logits.
+    ``method.promptkd.stale_student_target`` the student step reuses the prompt step's teacher logits.
     """
     from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
     from promptkd.methods.base import lm_logits, response_start, shifted_mask, student_rollout, teacher_logits
 
-    ctx, m = method.ctx, method.ctx.cfg.method
+    ctx, m = method.ctx, method.ctx.opts
     vocab = ctx.vocab_size
     with clock("rollout"):
         r = student_rollout(ctx, micro_batch)
@@ -67,7 +67,7 @@ def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clo
     ids, att = r.input_ids, r.attention_mask
     # ---- prompt update (only theta trains)
     w = regularizer_weight(step, ctx.total_steps, m.reg_schedule, m.reg_weight)
-    ctx.prompt_optimizer.zero_grad(set_to_none=True)
+    method.prompt.zero_grad()
     kept = None
     with clock("prompt/student_fwd"):
         if m.reuse_student_forward and not method.student_has_dropout:
@@ -89,7 +89,7 @@ def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clo
     stale = prompted.detach() if m.stale_student_target else None
     del s_logits, base, prompted, pl, loss
     with clock("prompt/optimizer"):
-        method.reduce_and_step_prompt()
+        method.prompt.step()
     # ---- student update with the new prompt
     with clock("student/teacher_fwd_nograd"), torch.no_grad():
         t_logits = stale if stale is not None else teacher_logits(ctx.teacher, ids, att, vocab, True, start)
@@ -126,7 +126,7 @@ def run(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = No
     def real() -> None:
         mb = mbs[state["i"] % len(mbs)]
         state["i"] += 1
-        metrics = method.train_step([mb], state["i"])
+        metrics = method.step([mb], state["i"]).metrics
         state["tokens_real"].append(metrics["tokens"])
 
     times = interleave({"instrumented": instrumented, "real": real}, repeats=repeats, warmup=warmup)

@@ -26,6 +26,7 @@ Runs are kept under ``--work-dir``: a rerun reuses every finished job whose comm
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -57,7 +59,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "rkl": {"method.name": "rkl"},
     "promptkd": {"method.name": "promptkd"},
     # issue 7's shortcut (off by default): the student step's target from before the prompt update
-    "promptkd-stale": {"method.name": "promptkd", "method.stale_student_target": True},
+    "promptkd-stale": {"method.name": "promptkd", "method.promptkd.stale_student_target": True},
 }
 # `--ablation`: PromptKD's own knobs on dev (seed 1, PromptKD's lr), beside promptkd and rkl themselves.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -65,8 +67,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "promptkd-P14": {"method.name": "promptkd", "model.teacher.prompt_length": 14},
     "promptkd-plr0.1": {"method.name": "promptkd"},   # prompt lr = 0.1 x the student's
     "promptkd-plr10": {"method.name": "promptkd"},    # prompt lr = 10 x the student's
-    "promptkd-regconst": {"method.name": "promptkd", "method.reg_schedule": "constant"},
-    "promptkd-regoff": {"method.name": "promptkd", "method.reg_schedule": "off"},
+    "promptkd-regconst": {"method.name": "promptkd", "method.promptkd.reg_schedule": "constant"},
+    "promptkd-regoff": {"method.name": "promptkd", "method.promptkd.reg_schedule": "off"},
 }
 PROMPT_LR_SCALE = {"promptkd-plr0.1": 0.1, "promptkd-plr10": 10.0}
 METHODS.update(ABLATIONS)
@@ -100,22 +102,31 @@ class Job:
     done: bool = False
     proc: Any = field(default=None, repr=False)
     started: float = 0.0
+    run_id: str = ""                 # names this job's finished output; dependents record it
+
+    def inputs(self) -> dict[str, str]:
+        return {d.label: d.run_id for d in self.after}
 
     @property
     def stamp(self) -> str:
         return os.path.join(self.out_dir, "bench_job.json")
 
     def finished_before(self) -> bool:
-        """Same command already ran to the end (its stamp is written last)."""
+        """The same command already ran to the end (its stamp is written last) on the same inputs.
+
+        Inputs are the outputs of the jobs it runs after, by their run ids: a rebuilt SFT student
+        makes every run that started from the old one stale, in this invocation and in later ones.
+        """
         try:
             with open(self.stamp) as fh:
                 old = json.load(fh)
         except (OSError, ValueError):
             return False
-        if old.get("args") == self.args:
-            self.seconds, self.done = old.get("seconds"), True
-            return True
-        return False
+        if old.get("args") != self.args or old.get("inputs", {}) != self.inputs():
+            return False
+        self.seconds, self.done = old.get("seconds"), True
+        self.run_id = old.get("run_id") or hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+        return True
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
@@ -179,8 +190,9 @@ def _finish(job: Job, log_dir: str) -> None:
         job.error = f"exit {job.proc.returncode}: see {_log_path(log_dir, job)}"
     else:
         job.done = True
+        job.run_id = uuid.uuid4().hex[:16]
         with open(job.stamp, "w") as fh:
-            json.dump({"args": job.args, "seconds": job.seconds}, fh)
+            json.dump({"args": job.args, "seconds": job.seconds, "run_id": job.run_id, "inputs": job.inputs()}, fh)
     print(f"[quality] {'FAILED' if job.error else 'done'} {job.label} in {job.seconds} s", file=sys.stderr,
           flush=True)
 
@@ -300,7 +312,7 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
                        f"output.dir={os.path.join(w, 'ref')}"], os.path.join(w, "ref"), after=[teacher, student])
     train = [*shared, "stage=train", f"model.teacher.path={teacher_dir}", f"model.student.path={init}",
              f"train.max_steps={bench['steps']}", f"eval.dev_interval={bench['dev_interval']}",
-             f"method.seqkd_cache_dir={os.path.join(w, 'seqkd_cache')}"]
+             f"method.seqkd.cache_dir={os.path.join(w, 'seqkd_cache')}"]
     runs, evals = {}, {}
     dev_only = a.search or a.ablation
     seeds = [1] if dev_only else a.seeds

@@ -153,7 +153,7 @@ def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_de
             sync()
             t0 = time.perf_counter()
             ctx.timer.pop()
-            metrics = ours.train_step([mbs[i]], i)
+            metrics = ours.step([mbs[i]], i).metrics
             sync()
             times["ours"].append(time.perf_counter() - t0)
             ours_phases.append(ctx.timer.pop())

@@ -114,7 +114,7 @@ def _build_tiny(init: TinyInit, tokenizer: Any) -> torch.nn.Module:
                       eos_token_id=tokenizer.eos_token_id)
 
 
-def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> PromptedTeacher:
+def build_teacher(cfg: Config, tokenizer: Any, prompt_length: int) -> PromptedTeacher:
     """The frozen teacher wrapped with its soft prompt (fp32, the same on every rank).
 
     placement=replicated: a full copy per rank. placement=zero3: the weights are
@@ -125,8 +125,7 @@ def build_teacher(cfg: Config, tokenizer: Any, use_prompt: bool = True) -> Promp
     dtype = DTYPES[t.dtype]
     zero3 = t.placement == "zero3"
     base = _zero3_teacher(cfg, tokenizer) if zero3 else _plain_teacher(cfg, tokenizer)
-    length = t.prompt_length if use_prompt else 0
-    teacher = PromptedTeacher(base, prompt_length=length, init=t.prompt_init, init_text=t.prompt_init_text,
+    teacher = PromptedTeacher(base, prompt_length=prompt_length, init=t.prompt_init, init_text=t.prompt_init_text,
                               tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
     if t.gradient_checkpointing:
         checkpoint_frozen_layers(teacher.base)
@@ -306,12 +305,6 @@ def build_student_engine(cfg: Config, tokenizer: Any, total_steps: int) -> tuple
     return engine, ds_config
 
 
-def build_prompt_optimizer(cfg: Config, teacher: PromptedTeacher, total_steps: int):
-    opt = adamw([teacher.prompt], cfg.optim.prompt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.optim.prompt, total_steps))
-    return opt, sched
-
-
 def vocab_size(tokenizer: Any, teacher: Optional[PromptedTeacher], student: torch.nn.Module) -> int:
     """Number of logits that are real tokens; a clear error on a vocabulary mismatch."""
     s_vocab = _config_vocab(student)
@@ -333,5 +326,5 @@ def steps_for(cfg: Config, n_train: int, micro_batch_size: int, grad_accum: int)
     return cfg.train.epochs * max(1, math.ceil(micro / grad_accum))
 
 
-__all__ = ["DataError", "Splits", "build_prompt_optimizer", "build_student_engine", "build_teacher",
+__all__ = ["DataError", "Splits", "build_student_engine", "build_teacher",
            "build_tokenizer", "load_raw_splits", "steps_for", "tokenize_splits", "vocab_size"]

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -40,9 +40,12 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(run_dir: str, step: int, engine: Any, trainer_state: dict, prompt_state: Optional[dict] = None,
-         generator: Optional[torch.Generator] = None, keep_last: int = 0, tokenizer: Any = None) -> str:
-    """Save everything needed to resume at ``step``; returns the final dir (all ranks call)."""
+def save(run_dir: str, step: int, engine: Any, trainer_state: dict, generator: Optional[torch.Generator] = None,
+         keep_last: int = 0, tokenizer: Any = None) -> str:
+    """Save everything needed to resume at ``step``; returns the final dir (all ranks call).
+
+    ``trainer_state`` holds the loop's state and, under "method", the method's own (e.g. its prompt).
+    """
     root = os.path.join(run_dir, "checkpoints")
     name = f"step_{step}"
     tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
@@ -54,7 +57,7 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, prompt_state
     rank_state = {"rng": _rng_state(), "generator": generator.get_state() if generator is not None else None}
     torch.save(rank_state, os.path.join(tmp, f"rank_{dist.rank()}.pt"))
     if dist.is_main():
-        torch.save({"trainer": trainer_state, "prompt": prompt_state}, os.path.join(tmp, "state.pt"))
+        torch.save({"trainer": trainer_state}, os.path.join(tmp, "state.pt"))
         # what `python -m promptkd.consolidate` needs to rebuild an HF model offline
         engine.module.config.to_json_file(os.path.join(tmp, "hf_config.json"))
         if tokenizer is not None:
@@ -98,7 +101,11 @@ def latest(run_dir: str) -> Optional[str]:
 
 
 def load(path: str, engine: Any, generator: Optional[torch.Generator] = None) -> dict:
-    """Restore the engine, RNG and generator; returns ``{"trainer": ..., "prompt": ...}``."""
+    """Restore the engine, RNG and generator; returns ``{"trainer": ...}``.
+
+    A checkpoint of an older version kept the prompt beside the trainer state; it is moved
+    into the method's state, where it lives now.
+    """
     if not os.path.exists(os.path.join(path, MARKER)):
         raise ValueError(f"resume: {path} is not a complete checkpoint (no {MARKER} marker)")
     engine.load_checkpoint(path, tag="ds")
@@ -109,12 +116,17 @@ def load(path: str, engine: Any, generator: Optional[torch.Generator] = None) ->
         _set_rng_state(rank_state["rng"])
         if generator is not None and rank_state["generator"] is not None:
             generator.set_state(rank_state["generator"])
+    if state.get("prompt") is not None:
+        state["trainer"].setdefault("method", {}).setdefault("prompt", state.pop("prompt"))
     log.info("resumed from %s (step %s)", path, state["trainer"].get("step"))
     return state
 
 
-def export_student(engine: Any, tokenizer: Any, out_dir: str) -> None:
-    """HF ``save_pretrained`` dir of the student (ZeRO-3 weights gathered first)."""
+def export_student(engine: Any, tokenizer: Any, out_dir: str, extra: Optional[Callable[[str], None]] = None) -> None:
+    """HF ``save_pretrained`` dir of the student (ZeRO-3 weights gathered first); all ranks call.
+
+    ``extra(dir)`` adds the method's files (e.g. its learned prompt) before the dir is swapped in.
+    """
     import deepspeed
 
     module = engine.module
@@ -130,6 +142,8 @@ def export_student(engine: Any, tokenizer: Any, out_dir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     dist.barrier()
@@ -138,18 +152,16 @@ def export_student(engine: Any, tokenizer: Any, out_dir: str) -> None:
 BEST = "best"
 
 
-def save_best(run_dir: str, step: int, score: float, engine: Any, tokenizer: Any, teacher: Any = None,
-              teacher_id: str = "", metric: str = "dev/rougeL") -> str:
-    """Export the student (and the teacher prompt) as ``<run_dir>/best`` with ``best.json``; all ranks call.
+def save_best(run_dir: str, step: int, score: float, engine: Any, tokenizer: Any,
+              extra: Optional[Callable[[str], None]] = None, metric: str = "dev/rougeL") -> str:
+    """Export the student (and the method's files) as ``<run_dir>/best`` with ``best.json``; all ranks call.
 
     The new export is staged next to ``best/`` and swapped in by renames, so ``best/``
     always holds one complete model with its matching prompt and step.
     """
     final, staging = os.path.join(run_dir, BEST), os.path.join(run_dir, f".{BEST}_staging")
-    export_student(engine, tokenizer, staging)
+    export_student(engine, tokenizer, staging, extra)
     if dist.is_main():
-        if teacher is not None:
-            teacher.save_prompt(staging, teacher_id)
         _write_text(os.path.join(staging, "best.json"),
                     json.dumps({"step": step, "metric": metric, "score": score}, indent=2) + "\n")
         old = final + ".old"

@@ -50,8 +50,10 @@ def consolidate(ckpt: str, out_dir: str) -> None:
         for name in os.listdir(os.path.join(ckpt, "tokenizer")):
             shutil.copy(os.path.join(ckpt, "tokenizer", name), tmp)
     state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
-    if state.get("prompt"):
-        save_file({"prompt": state["prompt"]["prompt"]["prompt"].float().contiguous()},
+    # the method's prompt state (older checkpoints kept it beside the trainer state)
+    prompt = state["trainer"].get("method", {}).get("prompt") or state.get("prompt")
+    if prompt:
+        save_file({"prompt": prompt["prompt"]["prompt"].float().contiguous()},
                   os.path.join(tmp, "teacher_prompt.safetensors"))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

@@ -198,14 +198,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shutdown(code: int) -> None:
     """barrier -> destroy -> os._exit: gloo processes otherwise sometimes abort at exit."""
     for stream in (sys.stdout, sys.stderr):

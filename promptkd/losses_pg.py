@@ -142,12 +142,3 @@ def minillm_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                          [student_logits, teacher, targets, weights, returns], mask, chunk_size)
     return MiniLLMTerms(total=parts[0] + parts[1], kl=parts[0].detach(), pg=parts[1].detach(),
                         reward_sum=rewards.sum(), weight_sum=(weights * m).sum(), n_tokens=_n_tokens(mask))
-
-
-def minillm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                 weights: torch.Tensor, mask: torch.Tensor, length_norm: bool = True, single_step: bool = True,
-                 long_term: bool = True, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_sum, n_tokens) of ``minillm_terms``."""
-    terms = minillm_terms(student_logits, teacher_logits, targets, weights, mask, length_norm, single_step,
-                          long_term, chunk_size)
-    return terms.total, terms.n_tokens

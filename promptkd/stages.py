@@ -11,42 +11,19 @@ import torch
 
 from promptkd import checkpoint
 from promptkd import distributed as dist
-from promptkd.builders import (DTYPES, build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
-                               example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
-from promptkd.config import Config, ConfigError, EvalConfig, to_yaml, with_overrides, zero_stage
+from promptkd.builders import DTYPES, build_tokenizer, example_texts, load_raw_splits
+from promptkd.config import Config, ConfigError, with_overrides, zero_stage
 from promptkd.data import load_tokenizer, make_synthetic_splits
-from promptkd.evaluation import (Generator, evaluate, evaluate_sets, load_sets, resolve_sets, scalars,
-                                 write_results)
+from promptkd.evaluation import Generator, evaluate_sets, scalars, write_results
 from promptkd.exposure import run_exposure
-from promptkd.methods import METHODS, StepContext, build_method
+from promptkd.methods import METHODS
 from promptkd.metrics import MetricsLogger
-from promptkd.models import PromptedTeacher, load_pretrained, load_prompted_teacher, missing_local_dir
+from promptkd.models import load_pretrained, load_prompted_teacher, missing_local_dir
 from promptkd.report import main_tables, protocol_table
 from promptkd.rollout import hf_step_fn, teacher_step_fn
-from promptkd.trainer import Trainer
+from promptkd.run import build_run, eval_sets, greedy_eval, write_config
 
 log = logging.getLogger(__name__)
-
-
-def check_output_dir(cfg: Config, run_dir: str) -> None:
-    """Refuse to start fresh over another run's outputs."""
-    existing = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(existing) and not cfg.output.resume and not cfg.output.overwrite:
-        raise ConfigError(f"output.dir: {run_dir} already holds a run (config.yaml); pass output.resume=auto "
-                          "to continue it, output.overwrite=true to start over, or pick another output.dir")
-
-
-def write_config(cfg: Config, run_dir: str) -> None:
-    """Write the resolved config; refuse to start fresh over another run's outputs."""
-    check_output_dir(cfg, run_dir)
-    dist.barrier()  # every rank has checked before rank 0 writes
-    if dist.is_main():
-        os.makedirs(run_dir, exist_ok=True)
-        tmp = os.path.join(run_dir, "config.yaml.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(to_yaml(cfg))
-        os.replace(tmp, os.path.join(run_dir, "config.yaml"))
-    dist.barrier()
 
 
 def _seed_everything(seed: int) -> None:
@@ -59,71 +36,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def student_generator(engine: Any, tokenizer: Any, vocab: int) -> Generator:
-    zero3 = engine.zero_optimization_stage() == 3
-    return Generator(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
-
-
-def greedy_eval(ev: EvalConfig) -> EvalConfig:
-    """The same evaluation decoded greedily, once."""
-    return dataclasses.replace(ev, do_sample=False, seeds=ev.seeds[:1])
-
-
-def _dev_eval_fn(cfg: Config, engine: Any, tokenizer: Any, vocab: int, dev: list):
-    # Dev selection uses greedy decoding: one deterministic number per check.
-    ev = greedy_eval(cfg.eval)
-
-    def run(step: int) -> dict[str, float]:
-        module = engine.module
-        module.eval()
-        try:
-            res = evaluate(student_generator(engine, tokenizer, vocab), tokenizer, dev, ev)
-        finally:
-            module.train()
-        return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
-
-    return run
-
-
 def run_train(cfg: Config) -> dict[str, Any]:
     """Train the student with ``cfg.method``; checkpoint, export, evaluate on the test split."""
     _seed_everything(cfg.seed)
-    run_dir = cfg.output.dir
-    check_output_dir(cfg, run_dir)
-    resume_from = _resume_path(cfg)
-    raw = load_raw_splits(cfg)
-    tokenizer = build_tokenizer(cfg, run_dir, example_texts(raw[0]))
-    splits = tokenize_splits(cfg, tokenizer, raw)
-    extra_sets, extra_info = _eval_sets(cfg, tokenizer) if cfg.eval.sets else ({}, {})  # checked before training
-    if cfg.train.early_stop_patience and not splits.dev:
-        raise ConfigError("train.early_stop_patience: needs a dev split (data.dev_file or data.dev_size)")
-    total = steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
-    method_cls = METHODS[cfg.method.name]
-    teacher = build_teacher(cfg, tokenizer, use_prompt=method_cls.trains_prompt) if method_cls.uses_teacher else None
-    engine, ds_config = build_student_engine(cfg, tokenizer, total)
-    vocab = vocab_size(tokenizer, teacher, engine.module)
-    prompt_opt = prompt_sched = None
-    if teacher is not None and method_cls.trains_prompt and teacher.prompt_length > 0:
-        prompt_opt, prompt_sched = build_prompt_optimizer(cfg, teacher, total)
-    # Only once every input has been checked: a start that fails on bad input leaves no
-    # config.yaml behind, which would make the corrected rerun look like "another run".
-    write_config(cfg, run_dir)
-    ctx = StepContext(cfg=cfg, engine=engine, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                      vocab_size=vocab, total_steps=total, teacher=teacher, prompt_optimizer=prompt_opt,
-                      prompt_scheduler=prompt_sched,
-                      generator=torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank()),
-                      sync_rollout=zero_stage(ds_config) == 3)
-    trainer = Trainer(cfg, run_dir, build_method(cfg.method.name, ctx), splits.train, total, None,
-                      dev_eval=_dev_eval_fn(cfg, engine, tokenizer, vocab, splits.dev) if splits.dev else None,
-                      tokenizer=tokenizer)
-    if resume_from:
-        trainer.restore(resume_from)
-    logger = trainer.logger = MetricsLogger(run_dir, cfg.logging.tensorboard,
-                                            purge_step=trainer.state.step + 1 if resume_from else None)
-    trainer.stop.install()
+    run = build_run(cfg, resume_from=_resume_path(cfg))
+    trainer, splits = run.trainer, run.splits
     log.info("%s: %d train / %d dev / %d test examples, %d optimizer steps, world size %d, ZeRO-%d",
-             cfg.method.name, len(splits.train), len(splits.dev), len(splits.test), total, dist.world_size(),
-             zero_stage(ds_config))
+             cfg.method.name, len(splits.train), len(splits.dev), len(splits.test), run.total_steps,
+             dist.world_size(), zero_stage(run.ds_config))
     trainer.run()
     trainer.save()
     summary: dict[str, Any] = {"steps": trainer.state.step}
@@ -132,15 +52,15 @@ def run_train(cfg: Config) -> dict[str, Any]:
         done = last is not None and last["step"] == trainer.state.step  # the loop just scored this step
         summary["dev_rougeL"] = last["rougeL"] if done else trainer.run_dev_eval()
     if cfg.output.export:
-        _export(cfg, run_dir, engine, tokenizer, teacher if prompt_opt is not None else None)
-    if splits.test or extra_sets:
-        sets = ({"test": splits.test} if splits.test else {}) | extra_sets
-        res = evaluate_sets(student_generator(engine, tokenizer, vocab), tokenizer, sets, cfg.eval)
-        info = ({"test": {"path": cfg.data.test_file, "n": len(splits.test)}} if splits.test else {}) | extra_info
-        report = write_results(os.path.join(run_dir, "eval"), {"student": res}, sets, cfg.eval, info)
-        logger.scalars(trainer.state.step, scalars(report))
+        trainer.export(os.path.join(cfg.output.dir, "export"))
+    if splits.test or run.eval_sets:
+        sets = ({"test": splits.test} if splits.test else {}) | run.eval_sets
+        res = evaluate_sets(run.student_generator(), run.tokenizer, sets, cfg.eval)
+        info = ({"test": {"path": cfg.data.test_file, "n": len(splits.test)}} if splits.test else {}) | run.eval_info
+        report = write_results(os.path.join(cfg.output.dir, "eval"), {"student": res}, sets, cfg.eval, info)
+        trainer.logger.scalars(trainer.state.step, scalars(report))
         summary["test_rougeL"] = {name: r["rougeL"] for name, r in res.items()}
-    logger.close()
+    trainer.logger.close()
     return summary
 
 
@@ -156,25 +76,7 @@ def _resume_path(cfg: Config) -> Optional[str]:
     return path
 
 
-def _export(cfg: Config, run_dir: str, engine: Any, tokenizer: Any, teacher: Optional[PromptedTeacher]) -> None:
-    out = os.path.join(run_dir, "export")
-    checkpoint.export_student(engine, tokenizer, out)
-    if teacher is not None and dist.is_main():
-        teacher.save_prompt(out, cfg.model.teacher.path or "tiny-from-config")
-    dist.barrier()
-    log.info("exported student%s to %s", " and teacher prompt" if teacher is not None else "", out)
-
-
 # ----------------------------------------------------------------------------- eval stage
-
-def _eval_sets(cfg: Config, tokenizer: Any) -> tuple[dict[str, list], dict[str, dict]]:
-    """``eval.sets`` (else eval.file / data.test_file as the set "test"), tokenized: ({set: examples}, {set: info})."""
-    try:
-        paths = resolve_sets(cfg.eval.sets, cfg.eval.file or cfg.data.test_file)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return load_sets(paths, cfg.data.format, tokenizer, cfg.data.max_prompt_length, cfg.data.max_length)
-
 
 def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Generator:
     """A replicated HF model (optionally with a learned teacher prompt) ready to decode."""
@@ -193,7 +95,7 @@ def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]]
     Returns (report, greedy report or None). With ``eval.greedy_too`` (and sampling on) each model
     loaded once is also decoded greedily, into ``out_dir/greedy`` and the ``eval_greedy/`` scalars.
     """
-    sets, info = _eval_sets(cfg, tokenizer)
+    sets, info = eval_sets(cfg, tokenizer)
     views = {"": cfg.eval}
     if cfg.eval.greedy_too and cfg.eval.do_sample:
         views["greedy"] = greedy_eval(cfg.eval)

@@ -67,19 +67,30 @@ DevEval = Callable[[int], dict[str, float]]
 
 @dataclass
 class Trainer:
+    """Complete once constructed: restored from ``resume_from`` (if given), with its metrics logger open."""
+
     cfg: Config
     run_dir: str
     method: Method
     train_data: list[TokenizedExample]
     total_steps: int
-    logger: Optional[MetricsLogger]
     dev_eval: Optional[DevEval] = None
     tokenizer: Any = None              # to log sampled responses as text and export best/
+    resume_from: Optional[str] = None  # a complete checkpoint dir to continue from
+    logger: Optional[MetricsLogger] = None  # default: TensorBoard + metrics.jsonl in run_dir
     state: LoopState = field(default_factory=LoopState)
     stop: StopRequest = field(default_factory=StopRequest)
 
+    def __post_init__(self) -> None:
+        if self.resume_from:
+            self.restore(self.resume_from)
+        if self.logger is None:  # after the restore: a resumed run's event files drop the steps it redoes
+            self.logger = MetricsLogger(self.run_dir, self.cfg.logging.tensorboard,
+                                        purge_step=self.state.step + 1 if self.resume_from else None)
+
     def run(self) -> LoopState:
         cfg = self.cfg
+        self.stop.install()
         stream = iter(MicroBatches(self.train_data, cfg.train.micro_batch_size, cfg.seed, self.state))
         bar = self._progress_bar()
         fault = configured()
@@ -99,22 +110,22 @@ class Trainer:
 
     def _one_step(self, micro: list, fault: Any, bar: Any) -> None:
         ctx = self.method.ctx
-        hook = before_step(fault, self.state.step + 1, ctx.engine.module)
-        skipped_before = ctx.engine.skipped_steps
+        hook = None if fault is None else before_step(fault, self.state.step + 1, ctx.engine.module)
         start = time.perf_counter()
         try:
-            metrics = self.method.train_step(micro, self.state.step)
+            result = self.method.step(micro, self.state.step)
         finally:
             if hook is not None:
                 hook.remove()
         seconds = time.perf_counter() - start
         self.state.step += 1
-        self._count_skips(bool(metrics.pop("skipped", 0.0)) or ctx.engine.skipped_steps != skipped_before)
+        self._count_skips(result.skipped)
+        metrics = result.metrics
         metrics["train/skipped_steps"] = float(self.state.skipped_steps)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
-        self._log(metrics, seconds, ctx.timer.pop())
+        self._log(metrics, seconds, ctx.timer.pop(), result.rollouts)
         self._maybe_dev_eval()
 
     def _count_skips(self, skipped: bool) -> None:
@@ -142,7 +153,7 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method.name, dynamic_ncols=True,
                     mininterval=interval)
 
-    def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float], rollouts: list) -> None:
         step, ctx = self.state.step, self.method.ctx
         if step % self.cfg.logging.interval and step != self.total_steps:
             return
@@ -155,12 +166,11 @@ class Trainer:
         values["perf/tokens_per_second"] = metrics.get("tokens", 0.0) / max(seconds, 1e-9)
         values.update({f"time/{k}": v for k, v in phases.items()})
         self.logger.scalars(step, values)
-        self._log_samples(step)
+        self._log_samples(step, rollouts)
         if not self.cfg.logging.progress_bar:
             log.info("step %d/%d %s", step, self.total_steps, format_scalars(values))
 
-    def _log_samples(self, step: int) -> None:
-        rollouts = getattr(self.method, "last_rollouts", None)
+    def _log_samples(self, step: int, rollouts: list) -> None:
         n = self.cfg.logging.sample_texts
         if not rollouts or not n or not dist.is_main():
             return
@@ -194,26 +204,25 @@ class Trainer:
         if self.state.best_dev is None or result["rougeL"] > self.state.best_dev:
             self.state.best_dev = result["rougeL"]
             self.state.evals_since_best = 0
-            ctx = self.method.ctx  # best/: the student export + its prompt, beside checkpoints/
-            checkpoint.save_best(self.run_dir, self.state.step, result["rougeL"], ctx.engine, self.tokenizer,
-                                 ctx.teacher if self.method.trains_prompt and ctx.prompt_optimizer else None,
-                                 self.cfg.model.teacher.path or "tiny-from-config")
+            # best/: the student export + what the method exports beside it, next to checkpoints/
+            checkpoint.save_best(self.run_dir, self.state.step, result["rougeL"], self.method.ctx.engine,
+                                 self.tokenizer, extra=self.method.export)
         log.info("dev @ step %d: %s", self.state.step, format_scalars(result))
         if self.early_stopped():
             log.info("early stop at step %d: %d dev evaluations without a new best (best %.2f)", self.state.step,
                      self.state.evals_since_best, self.state.best_dev)
         return result["rougeL"]
 
+    def export(self, out_dir: str) -> None:
+        """The student in HF format, and whatever the method exports beside it (e.g. its learned prompt)."""
+        checkpoint.export_student(self.method.ctx.engine, self.tokenizer, out_dir, extra=self.method.export)
+        log.info("exported to %s", out_dir)
+
     def save(self) -> str:
         ctx = self.method.ctx
-        teacher = ctx.teacher
-        prompt_state = None
-        if teacher is not None and self.method.trains_prompt and ctx.prompt_optimizer is not None:
-            prompt_state = {"prompt": teacher.prompt_state(), "optimizer": ctx.prompt_optimizer.state_dict(),
-                            "scheduler": ctx.prompt_scheduler.state_dict()}
         trainer_state = dict(vars(self.state))
         trainer_state["method"] = self.method.state_dict()
-        return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, prompt_state, ctx.generator,
+        return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, ctx.generator,
                                keep_last=self.cfg.output.keep_last, tokenizer=self.tokenizer)
 
     def restore(self, path: str) -> None:
@@ -222,8 +231,3 @@ class Trainer:
         trainer = dict(state["trainer"])
         self.method.load_state_dict(trainer.pop("method", {}))
         self.state = LoopState(**trainer)
-        prompt = state.get("prompt")
-        if prompt is not None and ctx.teacher is not None:
-            ctx.teacher.load_prompt_state(prompt["prompt"])
-            ctx.prompt_optimizer.load_state_dict(prompt["optimizer"])
-            ctx.prompt_scheduler.load_state_dict(prompt["scheduler"])

@@ -1,4 +1,4 @@
-"""A plain-text pretraining corpus for an auxiliary LM loss (MiniLLM's ``minillm_lm_*``).
+"""A plain-text pretraining corpus for an auxiliary LM loss (MiniLLM's ``method.minillm.lm_*``).
 
 Documents: a ``.jsonl`` file with a string ``"text"`` field per line, or any
 other file read as plain text, one document per non-empty line. The texts are

@@ -1,7 +1,8 @@
 """Training methods, one small module each, chosen with ``method.name``."""
 from __future__ import annotations
 
-from promptkd.methods.base import Method, StepContext
+from promptkd.config import Config
+from promptkd.methods.base import Method, StepContext, StepResult, step_context
 from promptkd.methods.distillm import DistiLLM
 from promptkd.methods.gkd import GKD
 from promptkd.methods.imitkd import ImitKD
@@ -15,8 +16,8 @@ METHODS: dict[str, type[Method]] = {"sft": SFT, "kd": KD, "promptkd": PromptKD, 
                                     "imitkd": ImitKD, "gkd": GKD, "distillm": DistiLLM, "minillm": MiniLLM}
 
 
-def build_method(name: str, ctx: StepContext) -> Method:
-    return METHODS[name](ctx)
+def build_method(cfg: Config, ctx: StepContext) -> Method:
+    return METHODS[cfg.method.name].from_config(cfg, ctx)
 
 
-__all__ = ["METHODS", "Method", "StepContext", "build_method"]
+__all__ = ["METHODS", "Method", "StepContext", "StepResult", "build_method", "step_context"]

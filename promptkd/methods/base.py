@@ -25,47 +25,99 @@ MicroBatch = list[TokenizedExample]
 
 @dataclass
 class StepContext:
-    """Everything a method's step needs; built once by the trainer."""
+    """What a method's step needs, and nothing more (not the run config): see ``step_context``."""
 
-    cfg: Config
     engine: Any                      # DeepSpeed engine of the student
     pad_id: int
     eos_id: int
     vocab_size: int                  # tokenizer size: logits beyond it are padding
     total_steps: int
+    sampling: SamplingParams         # the student's rollout decoding (rollout.*)
+    opts: Any = None                 # the method's own config section (cfg.method.<section>), if it has one
     teacher: Optional[torch.nn.Module] = None       # PromptedTeacher
-    prompt_optimizer: Optional[torch.optim.Optimizer] = None
-    prompt_scheduler: Optional[Any] = None
-    generator: Optional[torch.Generator] = None      # rollout sampling
+    tokenizer: Any = None
+    generator: Optional[torch.Generator] = None      # rollout sampling (one stream per rank)
+    seed: int = 0                    # the run's seed: streams that must be equal on every rank
+    chunk: Optional[int] = None      # method.loss_chunk_size (None: automatic)
     sync_rollout: bool = False       # ZeRO-3 student: decode steps must match across ranks
+    teacher_sharded: bool = False    # ZeRO-3 teacher: its forwards are collectives too
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
-    @property
-    def chunk(self) -> Optional[int]:
-        return self.cfg.method.loss_chunk_size or None
 
-    @property
-    def device(self) -> torch.device:
-        return dist.device()
+def step_context(cfg: Config, section: Optional[str], engine: Any, *, pad_id: int, eos_id: int, vocab_size: int,
+                 total_steps: int, teacher: Optional[torch.nn.Module] = None, tokenizer: Any = None,
+                 generator: Optional[torch.Generator] = None, sync_rollout: bool = False) -> StepContext:
+    """The context of ``cfg``'s method: its section of ``method.*`` and what every step reads."""
+    return StepContext(engine=engine, pad_id=pad_id, eos_id=eos_id, vocab_size=vocab_size, total_steps=total_steps,
+                       sampling=rollout_params(cfg), opts=getattr(cfg.method, section) if section else None,
+                       teacher=teacher, tokenizer=tokenizer, generator=generator, seed=cfg.seed,
+                       chunk=cfg.method.loss_chunk_size or None, sync_rollout=sync_rollout,
+                       teacher_sharded=cfg.model.teacher.placement == "zero3")
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step gives the trainer."""
+
+    metrics: dict[str, float]                                # logged scalars
+    rollouts: list[Rollout] = field(default_factory=list)    # the step's student samples (logged as text)
+    skipped: bool = False                                    # nothing was updated (see ``Method.step``)
 
 
 class Method:
-    """Base class: subclasses implement ``train_step``."""
+    """Base class: subclasses implement ``train_step``; the trainer calls ``step``."""
 
     uses_teacher = False
-    trains_prompt = False
+    section: Optional[str] = None    # the method's config section: cfg.method.<section> arrives as ctx.opts
 
     def __init__(self, ctx: StepContext):
         self.ctx = ctx
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+    @classmethod
+    def from_config(cls, cfg: Config, ctx: StepContext) -> "Method":
+        """Build the method; a subclass that needs more of the config than ``ctx.opts`` takes it here."""
+        return cls(ctx)
+
+    @classmethod
+    def teacher_prompt_length(cls, cfg: Config) -> int:
+        """Soft-prompt positions the teacher is built with (only a method that trains a prompt has any)."""
+        return 0
+
+    def step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
+        """One optimizer step under the one rule for skipped steps.
+
+        A step is skipped, on every rank, when any of its gradients is not finite: the
+        student's (the engine drops its update and counts it) or the method's own (its
+        ``train_step`` says so). Then nothing of the step stays: ``undo`` puts back what
+        ``snapshot`` took before it (e.g. the prompt and its optimizer state).
+        """
+        engine = self.ctx.engine
+        skipped_before = engine.skipped_steps
+        snapshot = self.snapshot()
+        result = self.train_step(micro_batches, step)
+        result.skipped = result.skipped or engine.skipped_steps != skipped_before
+        if result.skipped and snapshot is not None:
+            self.undo(snapshot)
+        return result
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         raise NotImplementedError
+
+    def snapshot(self) -> Optional[dict]:
+        """State outside the student engine that a skipped step must not change (None: nothing)."""
+        return None
+
+    def undo(self, snapshot: dict) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def export(self, out_dir: str) -> None:
+        """Files the method adds to an export of the student (rank 0 writes)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -184,12 +236,8 @@ def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
     set_modes(ctx, student_train=False)
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
     return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
-                    rollout_params(ctx.cfg), ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                    ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
                     generator=ctx.generator, sync=ctx.sync_rollout)
-
-
-def lr_of(optimizer: Optional[torch.optim.Optimizer]) -> float:
-    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else 0.0
 
 
 def global_mean(local_sum: float, n_global: float) -> float:

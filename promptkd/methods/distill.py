@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from promptkd.config import Config
 from promptkd.losses import token_divergence
 from promptkd.methods.base import (MicroBatch, StepContext, full_batches, global_mean, global_tokens, lm_logits,
                                    response_start, shifted_mask, student_backward, student_update_phase,
@@ -51,16 +50,13 @@ def ground_truth(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[Roll
             for b in full_batches(ctx, micro_batches)]
 
 
-def resolve_divergence(cfg: Config, default: str) -> str:
-    return default if cfg.method.divergence == "auto" else cfg.method.divergence
-
-
-def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str) -> dict[str, float]:
+def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str, *, alpha: float,
+                   beta: float = 0.5) -> dict[str, float]:
     """Student step on ``divergence(p_T, p_S)`` over the response tokens of ``seqs``.
 
-    The teacher runs without its prompt (these baselines have none) and is a constant.
+    ``alpha`` is the skew of sfkl/srkl, ``beta`` JSD's β (the caller's config section
+    gives both). The teacher runs without its prompt (these baselines have none) and is a constant.
     """
-    m = ctx.cfg.method
     n_global = global_tokens([s.loss_mask for s in seqs])
     total = 0.0
     with student_update_phase(ctx):
@@ -71,7 +67,7 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str) -> di
                                           use_prompt=False, start=start)
             s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
             loss, _ = token_divergence(divergence, t_logits, s_logits, mask, ctx.chunk,
-                                       beta=m.gkd_beta, alpha=m.skew_alpha)
+                                       beta=beta, alpha=alpha)
             student_backward(ctx, loss, n_global)
             total += float(loss.detach())
     return {f"loss/{divergence}": global_mean(total, n_global), "tokens": n_global}

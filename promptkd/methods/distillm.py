@@ -1,6 +1,7 @@
 """DistiLLM (Ko et al. 2024): skew KL with an adaptive off-policy schedule.
 
-Loss (``method.distillm_loss``, α = ``method.skew_alpha``):
+Loss (``method.distillm.loss``, α = ``method.distillm.skew_alpha``; every key below is
+``method.distillm.*``):
 srkl = KL(p_S ‖ α·p_S + (1-α)·p_T), sfkl = KL(p_T ‖ α·p_T + (1-α)·p_S).
 
 Where a step's sequences come from: two draws per step from ``SharedDraws``
@@ -14,12 +15,12 @@ Where a step's sequences come from: two draws per step from ``SharedDraws``
     (synced rollout); they are trained on and pushed into the FIFO buffer
     (``replay_capacity`` items per rank).
 
-The schedule φ starts at ``distillm_init_prob``. DistiLLM raises it when the
+The schedule φ starts at ``init_prob``. DistiLLM raises it when the
 dev loss stops improving; here the dev loss is proxied by the step's global
 mean training loss (identical on every rank, free, and needing no trainer
-hook): every ``distillm_window`` steps the window's mean is compared with the
-previous window's, and unless it dropped by more than ``distillm_loss_eps``,
-φ grows by ``distillm_prob_step`` (capped at 1). The proxy mixes data sources
+hook): every ``window`` steps the window's mean is compared with the
+previous window's, and unless it dropped by more than ``loss_eps``,
+φ grows by ``prob_step`` (capped at 1). The proxy mixes data sources
 (ground truth, replay, fresh), which a held-out dev loss would not.
 
 ``state_dict`` carries the draws, φ, the window and every rank's buffer (it
@@ -34,7 +35,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.data import TokenizedExample
-from promptkd.methods.base import Method, MicroBatch, StepContext, student_rollout
+from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollout
 from promptkd.methods.distill import SharedDraws, distill_update, ground_truth
 from promptkd.rollout import Rollout
 
@@ -79,50 +80,49 @@ class ReplayBuffer:
 
 class DistiLLM(Method):
     uses_teacher = True
+    section = "distillm"
 
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)
-        m = ctx.cfg.method
-        self.draws = SharedDraws(ctx.cfg.seed)
+        m = ctx.opts
+        self.draws = SharedDraws(ctx.seed)
         self.buffer = ReplayBuffer(m.replay_capacity)
-        self.phi = float(m.distillm_init_prob)
+        self.phi = float(m.init_prob)
         self.window: list[float] = []
         self.prev_window: Optional[float] = None
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
-        ctx, m = self.ctx, self.ctx.cfg.method
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
+        ctx, m = self.ctx, self.ctx.opts
         u_student, u_replay = self.draws.draw(2)
         source = GROUND_TRUTH
         if u_student < self.phi:
             replay = u_replay < m.replay_ratio and dist.all_true(len(self.buffer) > 0)
             source = REPLAY if replay else FRESH
-        self.last_rollouts = []
         if source == FRESH:
             with ctx.timer.phase("rollout"):
                 seqs = [student_rollout(ctx, mb) for mb in micro_batches]
             self.buffer.add(seqs, micro_batches)
-            self.last_rollouts = seqs
         elif source == REPLAY:
             seqs = ground_truth(ctx, self.buffer.sample([len(mb) for mb in micro_batches], ctx.generator))
         else:
             seqs = ground_truth(ctx, micro_batches)
-        metrics = distill_update(ctx, seqs, m.distillm_loss)
+        metrics = distill_update(ctx, seqs, m.loss, alpha=m.skew_alpha)
         phi_used = self.phi
-        self._update_schedule(metrics[f"loss/{m.distillm_loss}"])
+        self._update_schedule(metrics[f"loss/{m.loss}"])
         metrics.update({"distillm/source": float(source), "distillm/phi": phi_used,
                         "distillm/buffer_size": float(len(self.buffer))})
-        return metrics
+        return StepResult(metrics, seqs if source == FRESH else [])
 
     def _update_schedule(self, step_loss: float) -> None:
-        m = self.ctx.cfg.method
+        m = self.ctx.opts
         self.window.append(step_loss)
-        if len(self.window) < m.distillm_window:
+        if len(self.window) < m.window:
             return
         mean = sum(self.window) / len(self.window)
-        stalled = self.prev_window is not None and mean >= self.prev_window - m.distillm_loss_eps
+        stalled = self.prev_window is not None and mean >= self.prev_window - m.loss_eps
         # the loss is a global mean (same on every rank); the vote makes φ's equality not hinge on float bits
         if dist.any_true(stalled):
-            self.phi = min(1.0, self.phi + m.distillm_prob_step)
+            self.phi = min(1.0, self.phi + m.prob_step)
         self.prev_window, self.window = mean, []
 
     # ------------------------------------------------------------------ checkpointing

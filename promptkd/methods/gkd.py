@@ -1,40 +1,39 @@
 """GKD (Agarwal et al. 2024): generalized JSD(β) with an on-policy fraction λ.
 
 Each optimizer step draws once from a generator seeded identically on every
-rank (``SharedDraws``): with probability ``method.gkd_lambda`` the whole step
+rank (``SharedDraws``): with probability ``method.gkd.lmbda`` the whole step
 trains on student samples, otherwise on the ground-truth responses. The
 per-rank rollout generator is never used for this choice, so all ranks take
 the same branch (ZeRO-3 rollouts are collectives). The JSD(β) convention
 (β=0 forward KL, β=1 reverse KL) is in ``promptkd.losses.generalized_jsd``;
-``method.divergence`` can replace JSD with fkl | rkl | tvd | sfkl | srkl.
+``method.gkd.divergence`` can replace JSD with fkl | rkl | tvd | sfkl | srkl.
 """
 from __future__ import annotations
 
-from promptkd.methods.base import Method, MicroBatch, StepContext, student_rollout
-from promptkd.methods.distill import SharedDraws, distill_update, ground_truth, resolve_divergence
+from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollout
+from promptkd.methods.distill import SharedDraws, distill_update, ground_truth
 
 
 class GKD(Method):
     uses_teacher = True
-    default_divergence = "jsd"
+    section = "gkd"
 
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)
-        self.draws = SharedDraws(ctx.cfg.seed)
+        self.draws = SharedDraws(ctx.seed)
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
-        on_policy = self.draws.draw()[0] < ctx.cfg.method.gkd_lambda
+        g = ctx.opts
+        on_policy = self.draws.draw()[0] < g.lmbda
         if on_policy:
             with ctx.timer.phase("rollout"):
                 seqs = [student_rollout(ctx, mb) for mb in micro_batches]
-            self.last_rollouts = seqs
         else:
             seqs = ground_truth(ctx, micro_batches)
-            self.last_rollouts = []
-        metrics = distill_update(ctx, seqs, resolve_divergence(ctx.cfg, self.default_divergence))
+        metrics = distill_update(ctx, seqs, g.divergence, beta=g.beta, alpha=g.skew_alpha)
         metrics["gkd/on_policy"] = float(on_policy)
-        return metrics
+        return StepResult(metrics, seqs if on_policy else [])
 
     def state_dict(self) -> dict:
         return {"draws": self.draws.state_dict()}

@@ -4,16 +4,17 @@ from __future__ import annotations
 import torch
 
 from promptkd.losses import cross_entropy, forward_kl
-from promptkd.methods.base import (Method, MicroBatch, full_batches, global_mean, global_tokens, lm_logits,
+from promptkd.methods.base import (Method, MicroBatch, StepResult, full_batches, global_mean, global_tokens, lm_logits,
                                    student_backward, student_update_phase, teacher_logits)
 
 
 class KD(Method):
     uses_teacher = True
+    section = "kd"
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
-        w_ce = ctx.cfg.method.kd_ce_weight
+        w_ce = ctx.opts.ce_weight
         batches = full_batches(ctx, micro_batches)
         n_global = global_tokens([b["loss_mask"] for b in batches])
         fkl_total = ce_total = 0.0
@@ -34,4 +35,4 @@ class KD(Method):
         out = {"loss/fkl": global_mean(fkl_total, n_global), "tokens": n_global}
         if w_ce > 0:
             out["loss/ce"] = global_mean(ce_total, n_global)
-        return out
+        return StepResult(out)

@@ -1,19 +1,19 @@
 """MiniLLM (Gu et al. 2023): reverse KL as a policy-gradient objective.
 
 One optimizer step over the micro-batches:
-1. rollout from p_mix = α·p_T + (1-α)·p_S (α = ``method.minillm_teacher_mix``,
+1. rollout from p_mix = α·p_T + (1-α)·p_S (α = ``method.minillm.teacher_mix``,
    the plain teacher, no soft prompt): the student in eval mode, no grad, both
    models with their own KV cache (``promptkd.rollout.mixed_step_fn``). The
    ``rollout.*`` temperature / top-k / top-p act on the *mixture*; with the
    defaults (1, 0, 1) y ~ p_mix exactly, otherwise the importance weights below
    still use the unfiltered p_S and p_T. α = 0 is the plain student rollout.
 2. on the response tokens: reward r_t = log p_T(y_t) - log p_S(y_t), importance
-   weight w_t = p_S(y_t)/p_mix(y_t) clipped at ``minillm_clip_weight``, return
+   weight w_t = p_S(y_t)/p_mix(y_t) clipped at ``clip_weight``, return
    R_t = mean of the later rewards, and the loss
    Σ w_t · (KL(p_S ‖ p_T)_t - R_t · log p_S(y_t)) (``promptkd.losses_pg``),
    normalised by the step's global number of response tokens;
-3. optionally ``minillm_lm_coef`` × cross-entropy on ``train.micro_batch_size``
-   documents of ``minillm_lm_data`` per micro-batch, normalised by the global
+3. optionally ``lm_coef`` × cross-entropy on ``train.micro_batch_size``
+   documents of ``lm_data`` per micro-batch, normalised by the global
    number of LM tokens of the step. Its data position is in ``state_dict``.
 
 The teacher is the plain one; under teacher placement zero3 its forwards are
@@ -22,19 +22,18 @@ collectives, so a teacher-mixed rollout then stops rank-synchronously too.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import torch
 
 from promptkd import distributed as dist
 from promptkd.config import Config
-from promptkd.data import collate_prompts, load_tokenizer
+from promptkd.data import collate_prompts
 from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy
 from promptkd.losses_pg import importance_weights, minillm_terms, sampled_logprobs
-from promptkd.methods.base import (Method, MicroBatch, StepContext, global_tokens, lm_logits, response_start,
-                                   rollout_params, set_modes, shifted_mask, student_backward, student_update_phase,
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_tokens, lm_logits, response_start,
+                                   set_modes, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits, to_device)
 from promptkd.rollout import Rollout, generate, hf_step_fn, mixed_step_fn, teacher_step_fn
 
@@ -48,47 +47,43 @@ def mixed_rollout(ctx: StepContext, micro_batch: MicroBatch, alpha: float) -> Ro
     set_modes(ctx, student_train=False)
     module = ctx.engine.module
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
-    teacher_is_collective = alpha > 0 and ctx.cfg.model.teacher.placement == "zero3"
+    teacher_is_collective = alpha > 0 and ctx.teacher_sharded
     step = mixed_step_fn(hf_step_fn(module), teacher_step_fn(ctx.teacher, use_prompt=False), alpha,
                          ctx.vocab_size)
-    return generate(step, prompts["input_ids"], prompts["attention_mask"], rollout_params(ctx.cfg),
+    return generate(step, prompts["input_ids"], prompts["attention_mask"], ctx.sampling,
                     ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,
                     sync=ctx.sync_rollout or teacher_is_collective)
-
-
-def run_tokenizer(cfg: Config) -> Any:
-    """The run's tokenizer, as ``builders.build_tokenizer`` left it (StepContext carries none)."""
-    path = cfg.tokenizer.path or cfg.model.student.path
-    if cfg.tokenizer.train or not path:
-        path = os.path.join(cfg.output.dir, "tokenizer")
-    return load_tokenizer(path)
 
 
 def build_lm_corpus(cfg: Config, tokenizer: Any) -> LMCorpus:
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    corpus = LMCorpus(read_texts(cfg.method.minillm_lm_data), encode, tokenizer.eos_token_id,
+    corpus = LMCorpus(read_texts(cfg.method.minillm.lm_data), encode, tokenizer.eos_token_id,
                       cfg.data.max_length, cfg.seed, dist.rank(), dist.world_size())
-    log.info("minillm: LM loss on %d documents of %s (coef %g)", len(corpus), cfg.method.minillm_lm_data,
-             cfg.method.minillm_lm_coef)
+    log.info("minillm: LM loss on %d documents of %s (coef %g)", len(corpus), cfg.method.minillm.lm_data,
+             cfg.method.minillm.lm_coef)
     return corpus
 
 
 class MiniLLM(Method):
     uses_teacher = True
+    section = "minillm"
 
-    def __init__(self, ctx: StepContext, tokenizer: Optional[Any] = None):
+    def __init__(self, ctx: StepContext, corpus: Optional[LMCorpus] = None, lm_batch_size: int = 0):
         super().__init__(ctx)
-        self.corpus: Optional[LMCorpus] = None
-        if ctx.cfg.method.minillm_lm_coef > 0:
-            self.corpus = build_lm_corpus(ctx.cfg, tokenizer if tokenizer is not None else run_tokenizer(ctx.cfg))
+        self.corpus = corpus               # the LM loss's documents (None: no LM loss)
+        self.lm_batch_size = lm_batch_size  # documents per micro-batch
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+    @classmethod
+    def from_config(cls, cfg: Config, ctx: StepContext) -> "MiniLLM":
+        corpus = build_lm_corpus(cfg, ctx.tokenizer) if ctx.opts.lm_coef > 0 else None
+        return cls(ctx, corpus, cfg.train.micro_batch_size)
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
         with ctx.timer.phase("rollout"):
-            seqs = [mixed_rollout(ctx, mb, ctx.cfg.method.minillm_teacher_mix) for mb in micro_batches]
-        self.last_rollouts = seqs
+            seqs = [mixed_rollout(ctx, mb, ctx.opts.teacher_mix) for mb in micro_batches]
         lm = self.lm_batches(len(seqs))
         n_global = global_tokens([s.loss_mask for s in seqs])
         n_lm = global_tokens([b["attention_mask"] for b in lm]) if lm else 0.0
@@ -97,22 +92,22 @@ class MiniLLM(Method):
             for i, s in enumerate(seqs):
                 loss = self.policy_loss(s, sums) / max(n_global, 1.0)
                 if lm:
-                    loss = loss + ctx.cfg.method.minillm_lm_coef * self.lm_loss(lm[i], sums) / max(n_lm, 1.0)
+                    loss = loss + ctx.opts.lm_coef * self.lm_loss(lm[i], sums) / max(n_lm, 1.0)
                 student_backward(ctx, loss, 1.0)  # already divided by the global counts
-        return self.metrics(sums, n_global, n_lm)
+        return StepResult(self.metrics(sums, n_global, n_lm), seqs)
 
     def policy_loss(self, s: Rollout, sums: dict[str, float]) -> torch.Tensor:
         """Σ over this micro-batch's response tokens of the MiniLLM objective (a sum, not a mean)."""
-        ctx, m = self.ctx, self.ctx.cfg.method
+        ctx, m = self.ctx, self.ctx.opts
         start = response_start(s)  # no LM head on prompt positions
         mask, targets = shifted_mask(s), s.input_ids[:, start + 1:]
         with torch.no_grad():
             t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size, False, start)
         s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
         logprobs = sampled_logprobs(s_logits, t_logits, targets, mask, ctx.chunk)
-        weights = importance_weights(*logprobs, mask, m.minillm_teacher_mix, m.minillm_clip_weight)
-        terms = minillm_terms(s_logits, t_logits, targets, weights, mask, length_norm=m.minillm_length_norm,
-                              single_step=m.minillm_single_step, chunk_size=ctx.chunk, logprobs=logprobs)
+        weights = importance_weights(*logprobs, mask, m.teacher_mix, m.clip_weight)
+        terms = minillm_terms(s_logits, t_logits, targets, weights, mask, length_norm=m.length_norm,
+                              single_step=m.single_step, chunk_size=ctx.chunk, logprobs=logprobs)
         for key, value in (("kl", terms.kl), ("pg", terms.pg), ("reward", terms.reward_sum),
                            ("weight", terms.weight_sum)):
             sums[key] += float(value)
@@ -121,7 +116,7 @@ class MiniLLM(Method):
     def lm_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
         if self.corpus is None:
             return []
-        size, pad = self.ctx.cfg.train.micro_batch_size, self.ctx.pad_id
+        size, pad = self.lm_batch_size, self.ctx.pad_id
         return [to_device(collate_lm(self.corpus.draw(size), pad)) for _ in range(n)]
 
     def lm_loss(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> torch.Tensor:

@@ -7,94 +7,115 @@ One iteration, exactly as DESIGN.md §1:
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import ConfigError
+from promptkd.config import Config, ConfigError
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
-from promptkd.methods.base import (Method, MicroBatch, global_mean, global_tokens, has_dropout, lm_logits, lr_of,
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_mean, global_tokens, has_dropout, lm_logits,
                                    response_start, set_modes, shifted_mask, student_backward, student_rollout,
                                    student_update_phase, teacher_logits)
+from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.rollout import Rollout
+
+
+@dataclass
+class Kept:
+    """What the prompt step hands the student step, per micro-batch (None: compute it there)."""
+
+    student: list[Optional[torch.Tensor]]   # the student forward run with grad in the prompt step
+    targets: list[Optional[torch.Tensor]]   # stale_student_target: p_T^θ from before the prompt update
+
+    @staticmethod
+    def nothing(n: int) -> "Kept":
+        return Kept([None] * n, [None] * n)
 
 
 class PromptKD(Method):
     uses_teacher = True
-    trains_prompt = True
+    section = "promptkd"  # RKL too: it is PromptKD without a prompt
+    trains_prompt = True  # False: the zero-prompt ablation (RKL)
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx: StepContext, prompt: Optional[SoftPrompt] = None) -> None:
         super().__init__(ctx)
-        self.reused: list[Optional[torch.Tensor]] = []
-        self.stale_targets: list[Optional[torch.Tensor]] = []
-        m = ctx.cfg.method
+        self.prompt = prompt  # owns θ: optimizer, schedule, step, undo, state, export (None: no prompt)
+        m = ctx.opts
         if self.uses_prompt() and m.stale_student_target and m.prompt_step_teacher_train \
                 and has_dropout(ctx.teacher.base):
             # the kept p_T^θ would carry the prompt step's dropout noise into the student's target
-            raise ConfigError("method.stale_student_target: needs a deterministic prompted-teacher forward in the "
-                              "prompt step, but the teacher has dropout and method.prompt_step_teacher_train=true; "
-                              "set one of them to false")
+            raise ConfigError("method.promptkd.stale_student_target: needs a deterministic prompted-teacher forward "
+                              "in the prompt step, but the teacher has dropout and "
+                              "method.promptkd.prompt_step_teacher_train=true; set one of them to false")
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
         with ctx.timer.phase("rollout"):
             rollouts = [student_rollout(ctx, mb) for mb in micro_batches]
         n_global = global_tokens([r.loss_mask for r in rollouts])
         metrics = {"tokens": n_global, "rollout/mean_response_len": n_global / max(1.0, float(
             dist.all_reduce_sum(sum(r.input_ids.shape[0] for r in rollouts))))}
-        self.last_rollouts = rollouts
-        snapshot = self.prompt_snapshot() if self.uses_prompt() else None
-        if self.uses_prompt():
+        kept = Kept.nothing(len(rollouts))
+        if self.prompt is not None:
             with ctx.timer.phase("prompt_step"):
-                metrics.update(self.prompt_update(rollouts, n_global, step))
+                prompt_metrics, kept = self.prompt_update(rollouts, n_global, step)
+            metrics.update(prompt_metrics)
             if not math.isfinite(metrics["prompt/grad_norm"]):
-                # identical on every rank (the gradient was all-reduced): skip the whole step
-                self.restore_prompt(snapshot)
-                self.reused = self.stale_targets = []  # drop the kept student graph
-                return {**metrics, "skipped": 1.0}
-        skipped_before = ctx.engine.skipped_steps
+                # identical on every rank (the gradient was all-reduced): the whole step is skipped,
+                # and the kept student graph goes with ``kept``
+                return StepResult(metrics, rollouts, skipped=True)
         with student_update_phase(ctx):
-            metrics.update(self.student_update(rollouts, n_global))
-        if ctx.engine.skipped_steps != skipped_before:
-            if snapshot is not None:  # the student step was dropped: so is the prompt's
-                self.restore_prompt(snapshot)
-            metrics["skipped"] = 1.0
-        return metrics
+            metrics.update(self.student_update(rollouts, n_global, kept))
+        return StepResult(metrics, rollouts)
 
-    def prompt_snapshot(self) -> dict:
-        """Prompt + its optimizer/scheduler state (small: P x d) to undo a skipped step."""
-        ctx = self.ctx
-        return copy.deepcopy({"prompt": ctx.teacher.prompt_state(), "opt": ctx.prompt_optimizer.state_dict(),
-                              "sched": ctx.prompt_scheduler.state_dict() if ctx.prompt_scheduler else None})
+    @classmethod
+    def from_config(cls, cfg: Config, ctx: StepContext) -> "PromptKD":
+        prompt = None
+        if ctx.teacher is not None and ctx.teacher.prompt_length > 0:
+            prompt = SoftPrompt(ctx.teacher, cfg.optim.prompt, ctx.total_steps, cfg.train.grad_clip,
+                                cfg.model.teacher.path or "tiny-from-config")
+        return cls(ctx, prompt)
 
-    def restore_prompt(self, snap: dict) -> None:
-        ctx = self.ctx
-        ctx.teacher.load_prompt_state(snap["prompt"])
-        ctx.prompt_optimizer.load_state_dict(snap["opt"])
-        if ctx.prompt_scheduler is not None:
-            ctx.prompt_scheduler.load_state_dict(snap["sched"])
+    @classmethod
+    def teacher_prompt_length(cls, cfg: Config) -> int:
+        return cfg.model.teacher.prompt_length if cls.trains_prompt else 0
 
     def uses_prompt(self) -> bool:
-        return self.ctx.teacher is not None and self.ctx.teacher.prompt_length > 0
+        return self.prompt is not None
+
+    def snapshot(self) -> Optional[dict]:
+        return self.prompt.snapshot() if self.prompt is not None else None
+
+    def undo(self, snapshot: dict) -> None:
+        self.prompt.load_state_dict(snapshot)
+
+    def state_dict(self) -> dict:
+        return {"prompt": self.prompt.state_dict()} if self.prompt is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.prompt is not None and state.get("prompt") is not None:
+            self.prompt.load_state_dict(state["prompt"])
+
+    def export(self, out_dir: str) -> None:
+        if self.prompt is not None:
+            self.prompt.export(out_dir)
 
     # ------------------------------------------------------------------ phase 2
-    def prompt_update(self, rollouts: list[Rollout], n_global: float, step: int) -> dict[str, float]:
-        ctx, m = self.ctx, self.ctx.cfg.method
+    def prompt_update(self, rollouts: list[Rollout], n_global: float, step: int) -> tuple[dict[str, float], Kept]:
+        ctx, m = self.ctx, self.ctx.opts
         w = regularizer_weight(step, ctx.total_steps, m.reg_schedule, m.reg_weight)
-        opt = ctx.prompt_optimizer
-        opt.zero_grad(set_to_none=True)
+        self.prompt.zero_grad()
         sums = {"guidance": 0.0, "regularizer": 0.0, "total": 0.0}
-        self.reused = [None] * len(rollouts)         # kept student forwards, for student_update
-        self.stale_targets = [None] * len(rollouts)  # stale_student_target only
+        kept = Kept.nothing(len(rollouts))
         for i, r in enumerate(rollouts):
             start, mask = response_start(r), shifted_mask(r)
             # official modes: p_S and the plain teacher p_T in eval mode, the prompted teacher in train mode
             set_modes(ctx, student_train=False)
-            s_logits = self.student_logits_for_prompt(r, start, keep=i == 0, index=i)
+            s_logits = self.student_logits_for_prompt(r, start, kept if i == 0 else None, i)
             with torch.no_grad():
                 base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, False, start)
                         if w > 0 else None)
@@ -105,31 +126,31 @@ class PromptKD(Method):
                              reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
             (pl.total / max(n_global, 1.0)).backward()
             if m.stale_student_target:  # the documented shortcut: p_T^θ from before the update
-                self.stale_targets[i] = prompted.detach()
+                kept.targets[i] = prompted.detach()
             for key in sums:
                 sums[key] += float(getattr(pl, key).detach())
-        grad_norm = self.reduce_and_step_prompt()
+        grad_norm = self.prompt.step()
         return {"prompt/loss": global_mean(sums["total"], n_global),
                 "prompt/guidance_kl": global_mean(sums["guidance"], n_global),
                 "prompt/reg_kl": global_mean(sums["regularizer"], n_global),
-                "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": lr_of(opt)}
+                "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": self.prompt.lr}, kept
 
-    def student_logits_for_prompt(self, r: Rollout, start: int, keep: bool, index: int) -> torch.Tensor:
+    def student_logits_for_prompt(self, r: Rollout, start: int, kept: Optional[Kept], index: int) -> torch.Tensor:
         """p_S for the guidance term (a constant there), from the student in eval mode.
 
         Without dropout (train and eval mode then compute the same) the student step's own
         forward (same weights, same sequences) gives the same logits, so for the first micro-batch that forward runs here, with grad, and
-        is kept for ``student_update``: one student forward less per step, bitwise the same
+        is kept (in ``kept``) for ``student_update``: one student forward less per step, bitwise the same
         result. Only one graph is kept (memory), and it is the first micro-batch's because
         the student step backs it up before any other student forward+backward: under
         ZeRO-3 an interleaved forward+backward between a forward and its backward changed
         the gradients (measured with accumulation 2).
         """
         ctx = self.ctx
-        if keep and ctx.cfg.method.reuse_student_forward and not self.student_has_dropout:
-            kept = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
-            self.reused[index] = kept
-            return kept.detach()
+        if kept is not None and ctx.opts.reuse_student_forward and not self.student_has_dropout:
+            logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+            kept.student[index] = logits
+            return logits.detach()
         with torch.no_grad():
             return lm_logits(ctx.engine.module, r.input_ids, r.attention_mask, ctx.vocab_size, start)
 
@@ -137,43 +158,24 @@ class PromptKD(Method):
     def student_has_dropout(self) -> bool:
         return has_dropout(self.ctx.engine.module)
 
-    def reduce_and_step_prompt(self) -> float:
-        """Sum the (globally normalised) prompt grads over ranks, clip, step."""
-        ctx = self.ctx
-        prompt = ctx.teacher.prompt
-        if prompt.grad is None:
-            prompt.grad = torch.zeros_like(prompt)
-        dist.all_reduce_tensors_([prompt.grad])
-        clip = ctx.cfg.train.grad_clip
-        norm = float(torch.nn.utils.clip_grad_norm_([prompt], clip if clip > 0 else float("inf")))
-        if math.isfinite(norm):  # identical on every rank after the all-reduce
-            ctx.prompt_optimizer.step()
-            if ctx.prompt_scheduler is not None:
-                ctx.prompt_scheduler.step()
-        ctx.prompt_optimizer.zero_grad(set_to_none=True)
-        return norm
-
     # ------------------------------------------------------------------ phase 3
-    def student_update(self, rollouts: list[Rollout], n_global: float) -> dict[str, float]:
+    def student_update(self, rollouts: list[Rollout], n_global: float, kept: Kept) -> dict[str, float]:
         ctx = self.ctx
         use_prompt = self.uses_prompt()
-        # what prompt_update left for this step (nothing when it did not run)
-        reused, stale = (self.reused, self.stale_targets) if use_prompt else ([], [])
         total = 0.0
         for i, r in enumerate(rollouts):
             start, mask = response_start(r), shifted_mask(r)
-            t_logits = stale[i] if i < len(stale) else None
+            t_logits = kept.targets[i]
             if t_logits is None:
                 with torch.no_grad():
                     t_logits = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt,
                                               start)
-            s_logits = reused[i] if i < len(reused) else None
+            s_logits = kept.student[i]
             if s_logits is None:
                 s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
             rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
             student_backward(ctx, rkl, n_global)
             total += float(rkl.detach())
-        self.reused = self.stale_targets = []
         return {"loss/rkl": global_mean(total, n_global)}
 
 
@@ -181,6 +183,3 @@ class RKL(PromptKD):
     """Plain on-policy reverse KL: PromptKD with no prompt (the ablation)."""
 
     trains_prompt = False
-
-    def uses_prompt(self) -> bool:
-        return False

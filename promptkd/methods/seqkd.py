@@ -11,7 +11,7 @@ any rank does, every rank decodes with synced stopping (a rank with nothing
 missing decodes one row and drops it), so a ZeRO-3 partitioned teacher, whose
 forwards are collectives, works as well as a replicated one.
 
-Cache: ``<method.seqkd_cache_dir or output.dir/seqkd_cache>/<key>/part-r<rank>.jsonl``,
+Cache: ``<method.seqkd.cache_dir or output.dir/seqkd_cache>/<key>/part-r<rank>.jsonl``,
 one line ``{"id", "prompt_sha", "response_ids"}`` per generated example. ``key``
 hashes what determines the samples (``cache_fields``): the teacher (path plus a
 size/mtime fingerprint of its files, or the tiny init plus the seed that makes
@@ -38,7 +38,7 @@ from typing import Any, Optional
 from promptkd import distributed as dist
 from promptkd.config import Config
 from promptkd.data import TokenizedExample, collate_prompts
-from promptkd.methods.base import Method, MicroBatch, StepContext, rollout_params, to_device
+from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, to_device
 from promptkd.methods.sft import ce_step
 from promptkd.rollout import Rollout, generate, teacher_step_fn
 
@@ -72,7 +72,7 @@ def cache_fields(cfg: Config, ctx: StepContext) -> dict:
         "teacher": {**teacher, "dtype": t.dtype},
         "data": {"train_file": os.path.abspath(data) if os.path.exists(data) else data, "format": cfg.data.format},
         "tokens": {"vocab": ctx.vocab_size, "eos": ctx.eos_id, "pad": ctx.pad_id},
-        "decoding": dataclasses.asdict(rollout_params(cfg)),
+        "decoding": dataclasses.asdict(ctx.sampling),
     }
 
 
@@ -130,23 +130,27 @@ class TeacherCache:
 
 class SeqKD(Method):
     uses_teacher = True
+    section = "seqkd"
 
-    def __init__(self, ctx: StepContext):
+    def __init__(self, ctx: StepContext, cache: "TeacherCache", max_length: int):
         super().__init__(ctx)
-        cfg = ctx.cfg
-        root = cfg.method.seqkd_cache_dir or os.path.join(cfg.output.dir, "seqkd_cache")
-        self.cache = TeacherCache(root, cache_fields(cfg, ctx))
-        self.generate_calls = 0   # teacher decode loops run (a synced no-op row counts too)
+        self.cache = cache
+        self.max_length = max_length  # data.max_length: a teacher response is cut to fit beside its prompt
         self.generated = 0        # examples whose response the teacher produced
         log.info("seqkd: teacher cache %s (%d responses)", self.cache.dir, len(self.cache.entries))
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
+    @classmethod
+    def from_config(cls, cfg: Config, ctx: StepContext) -> "SeqKD":
+        root = ctx.opts.cache_dir or os.path.join(cfg.output.dir, "seqkd_cache")
+        return cls(ctx, TeacherCache(root, cache_fields(cfg, ctx)), cfg.data.max_length)
+
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
         with ctx.timer.phase("teacher_generate"):
             examples = [self.teacher_examples(mb) for mb in micro_batches]
         metrics = ce_step(ctx, examples)
-        return {**metrics,
-                "seqkd/generated": float(self.generated), "seqkd/cached": float(len(self.cache.entries))}
+        return StepResult({**metrics, "seqkd/generated": float(self.generated),
+                           "seqkd/cached": float(len(self.cache.entries))})
 
     def teacher_examples(self, micro_batch: MicroBatch) -> MicroBatch:
         """The micro-batch with each response replaced by the teacher's (cached or generated now)."""
@@ -156,16 +160,15 @@ class SeqKD(Method):
             if missing:
                 self.cache.put(list(zip(missing, _responses(rollout))))
                 self.generated += len(missing)
-        budget = self.ctx.cfg.data.max_length
+        budget = self.max_length
         return [dataclasses.replace(ex, response_ids=self.cache.get(ex)[:budget - len(ex.prompt_ids)])
                 for ex in micro_batch]
 
     def _teacher_generate(self, examples: MicroBatch) -> Rollout:
         ctx = self.ctx
-        self.generate_calls += 1
         prompts = to_device(collate_prompts(examples, ctx.pad_id))
         return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],
-                        prompts["attention_mask"], rollout_params(ctx.cfg), ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                        prompts["attention_mask"], ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
                         generator=ctx.generator, sync=True)
 
 

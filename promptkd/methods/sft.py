@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from promptkd.losses import cross_entropy
-from promptkd.methods.base import (Method, MicroBatch, StepContext, full_batches, global_mean, global_tokens,
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, full_batches, global_mean, global_tokens,
                                    lm_logits, student_backward, student_update_phase)
 
 
 class SFT(Method):
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> dict[str, float]:
-        return ce_step(self.ctx, micro_batches)
+    def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
+        return StepResult(ce_step(self.ctx, micro_batches))
 
 
 def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> dict[str, float]:

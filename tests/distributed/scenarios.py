@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from promptkd import distributed as dist  # noqa: E402
 from promptkd.config import build_ds_config, load_config, with_overrides  # noqa: E402
+from tests.fixtures.calls import CallCounter  # noqa: E402
 
 OUT = ""
 SHARED = ""
@@ -55,6 +56,14 @@ def prepare_shared() -> None:
     dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a test helper: the library never broadcasts objects)."""
+    box = [obj]
+    if dist.world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -81,24 +90,11 @@ def eos_bias_hook(module: torch.nn.Module, eos_id: int, bias: float = 5.0):
 
 
 def build_run(cfg, method_name: str):
-    from promptkd.builders import (build_prompt_optimizer, build_student_engine, build_teacher, build_tokenizer,
-                                   load_raw_splits, tokenize_splits, vocab_size)
-    from promptkd.methods import METHODS, StepContext, build_method
+    """(method, splits, tokenizer) through the project's run builder: 10 steps, rollout seed 100 + rank."""
+    from promptkd.run import build_run as build
 
-    tok = build_tokenizer(cfg, OUT)
-    splits = tokenize_splits(cfg, tok, load_raw_splits(cfg))
-    cls = METHODS[method_name]
-    teacher = build_teacher(cfg, tok, use_prompt=cls.trains_prompt) if cls.uses_teacher else None
-    engine, ds = build_student_engine(cfg, tok, total_steps=10)
-    popt = psched = None
-    if teacher is not None and cls.trains_prompt:
-        popt, psched = build_prompt_optimizer(cfg, teacher, 10)
-    ctx = StepContext(cfg=cfg, engine=engine, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                      vocab_size=vocab_size(tok, teacher, engine.module), total_steps=10, teacher=teacher,
-                      prompt_optimizer=popt, prompt_scheduler=psched,
-                      generator=torch.Generator().manual_seed(100 + dist.rank()),
-                      sync_rollout=ds["zero_optimization"]["stage"] == 3)
-    return build_method(method_name, ctx), splits, tok
+    run = build(with_overrides(cfg, {"method.name": method_name}), train=False, total_steps=10, rollout_seed=100)
+    return run.method, run.splits, run.tokenizer
 
 
 def rank_batches(splits, step: int, cfg) -> list:
@@ -118,9 +114,9 @@ def promptkd_steps(ds_json: str, method: str = "promptkd", steps: int = 3, **ext
     hook = eos_bias_hook(m.ctx.engine.module, tok.eos_token_id)
     out = {"lengths": [], "metrics": [], "prompt": [], "student": []}
     for step in range(steps):
-        metrics = m.train_step(rank_batches(splits, step, cfg), step)
-        out["metrics"].append(metrics)
-        out["lengths"].append([r.response_lengths.tolist() for r in m.last_rollouts])
+        result = m.step(rank_batches(splits, step, cfg), step)
+        out["metrics"].append(result.metrics)
+        out["lengths"].append([r.response_lengths.tolist() for r in result.rollouts])
         if m.ctx.teacher is not None and m.ctx.teacher.prompt_length > 0:
             out["prompt"].append(digest(m.ctx.teacher.prompt))
         out["student"].append(digest(torch.cat([v.flatten() for v in full_state(m.ctx.engine.module).values()])))
@@ -144,9 +140,9 @@ def scenario_rkl_zero3() -> dict:
 def scenario_kd_sft_zero3() -> dict:
     out = {}
     for name in ("sft", "kd"):
-        cfg = tiny_cfg("ds_configs/zero3_tiny_test.json", **{"method.name": name, "method.kd_ce_weight": 0.5})
+        cfg = tiny_cfg("ds_configs/zero3_tiny_test.json", **{"method.name": name, "method.kd.ce_weight": 0.5})
         m, splits, _ = build_run(cfg, name)
-        metrics = [m.train_step(rank_batches(splits, s, cfg), s) for s in range(2)]
+        metrics = [m.step(rank_batches(splits, s, cfg), s).metrics for s in range(2)]
         out[name] = {"metrics": metrics,
                      "student": digest(torch.cat([v.flatten() for v in full_state(m.ctx.engine.module).values()]))}
     return out
@@ -173,8 +169,8 @@ def scenario_normalization() -> dict:
     ds["zero_allow_untested_optimizer"] = True
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=ds)
     ctx.engine = engine
-    ctx.prompt_optimizer = torch.optim.SGD([ctx.teacher.prompt], lr=1.0)
-    ctx.prompt_scheduler = None
+    m.prompt.optimizer = torch.optim.SGD([ctx.teacher.prompt], lr=1.0)
+    m.prompt.scheduler = torch.optim.lr_scheduler.LambdaLR(m.prompt.optimizer, lambda _: 1.0)
     ref_prompt = ctx.teacher.prompt.detach().clone()
 
     def as_rollout(batch) -> Rollout:
@@ -185,8 +181,8 @@ def scenario_normalization() -> dict:
     rollouts = [as_rollout(mine[:2]), as_rollout(mine[2:])]
     n_global = float(dist.all_reduce_sum(sum(float(r.loss_mask[:, 1:].sum()) for r in rollouts)))
     w = 0.5
-    m.prompt_update(rollouts, n_global, step=5)  # linear schedule at step 5 of 10: w = 0.5
-    m.student_update(rollouts, n_global)
+    _, kept = m.prompt_update(rollouts, n_global, step=5)  # linear schedule at step 5 of 10: w = 0.5
+    m.student_update(rollouts, n_global, kept)
     prompt_delta = (ctx.teacher.prompt.detach() - ref_prompt)
     student_after = full_state(engine.module)
 
@@ -284,11 +280,11 @@ def scenario_export_zero3() -> dict:
 
     cfg = tiny_cfg("ds_configs/zero3_tiny_test.json")
     m, splits, tok = build_run(cfg, "promptkd")
-    m.train_step(rank_batches(splits, 0, cfg), 0)
+    m.step(rank_batches(splits, 0, cfg), 0)
     out = os.path.join(SHARED, "export_zero3")
     export_student(m.ctx.engine, tok, out)
     batch = _fixed_rollouts(splits, tok, step=1)[0]
-    batch = dist.broadcast_object((batch.input_ids, batch.attention_mask))  # the same input everywhere
+    batch = broadcast_object((batch.input_ids, batch.attention_mask))  # the same input everywhere
     engine = m.ctx.engine
     engine.module.eval()
     with torch.no_grad():
@@ -310,10 +306,10 @@ def student_digest(m) -> str:
 def run_steps(m, splits, cfg, steps: int, first: int = 0) -> dict:
     out = {"metrics": [], "student": [], "lengths": []}
     for step in range(first, first + steps):
-        out["metrics"].append(m.train_step(rank_batches(splits, step, cfg), step))
+        result = m.step(rank_batches(splits, step, cfg), step)
+        out["metrics"].append(result.metrics)
         out["student"].append(student_digest(m))
-        rollouts = getattr(m, "last_rollouts", None) or []
-        out["lengths"].append([r.response_lengths.tolist() for r in rollouts])
+        out["lengths"].append([r.response_lengths.tolist() for r in result.rollouts])
     return out
 
 
@@ -332,7 +328,7 @@ def scenario_imitkd_tvd_zero3() -> dict:
 
     m, splits, cfg, imitkd = baseline_run("imitkd")
     # same engine, continued: only the divergence (and chunking) change
-    m.ctx.cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, divergence="tvd", loss_chunk_size=8))
+    m.ctx.opts, m.ctx.chunk = dataclasses.replace(m.ctx.opts, divergence="tvd"), 8
     hook = eos_bias_hook(m.ctx.engine.module, m.ctx.eos_id)
     tvd = run_steps(m, splits, cfg, 2, first=2)
     hook.remove()
@@ -341,7 +337,7 @@ def scenario_imitkd_tvd_zero3() -> dict:
 
 def scenario_gkd_zero3() -> dict:
     # seed 7's shared draws are 0.813, 0.943: with lambda 0.9 step 0 is on-policy, step 1 ground truth
-    m, _, _, out = baseline_run("gkd", **{"method.gkd_lambda": 0.9, "method.gkd_beta": 0.3})
+    m, _, _, out = baseline_run("gkd", **{"method.gkd.lmbda": 0.9, "method.gkd.beta": 0.3})
     out["rollout_generator"] = digest(m.ctx.generator.get_state())  # differs per rank
     return out
 
@@ -353,8 +349,8 @@ def scenario_distillm_zero3() -> dict:
 
     # seed 44's draws (u_student, u_replay): (.14, .52) fresh, (.09, .28) replay, (.97, .93) ground truth
     m, _, _, out = baseline_run("distillm", steps=3, seed=44, **{
-        "method.distillm_init_prob": 0.5, "method.replay_ratio": 0.5, "method.distillm_window": 1,
-        "method.distillm_prob_step": 0.1, "method.replay_capacity": 4, "method.distillm_loss": "sfkl"})
+        "method.distillm.init_prob": 0.5, "method.distillm.replay_ratio": 0.5, "method.distillm.window": 1,
+        "method.distillm.prob_step": 0.1, "method.distillm.replay_capacity": 4, "method.distillm.loss": "sfkl"})
     buffer = list(m.buffer.items)
     state = m.state_dict()
     expected_draws = peek_draws(m)
@@ -392,19 +388,22 @@ def scenario_seqkd_zero3() -> dict:
     from promptkd.methods.seqkd import SeqKD
 
     cache_dir = os.path.join(SHARED, "seqkd_cache")
-    cfg = tiny_cfg(ZERO3, **{"method.name": "seqkd", "method.seqkd_cache_dir": cache_dir})
+    cfg = tiny_cfg(ZERO3, **{"method.name": "seqkd", "method.seqkd.cache_dir": cache_dir})
     m, splits, tok = build_run(cfg, "seqkd")
     hook = eos_bias_hook(m.ctx.teacher.base, tok.eos_token_id)  # teacher answers of different lengths
-    out = {"first": run_steps(m, splits, cfg, 2), "first_calls": m.generate_calls, "first_generated": m.generated}
+    calls = CallCounter(m, "_teacher_generate")  # teacher decode loops (a synced no-op row counts too)
+    out = {"first": run_steps(m, splits, cfg, 2), "first_calls": calls.n, "first_generated": m.generated}
     dist.barrier()
-    rerun = SeqKD(m.ctx)  # same settings: everything comes from disk
+    rerun = SeqKD.from_config(cfg, m.ctx)  # same settings: everything comes from disk
+    calls = CallCounter(rerun, "_teacher_generate")
     out["rerun"] = run_steps(rerun, splits, cfg, 2)
-    out["rerun_calls"] = rerun.generate_calls
+    out["rerun_calls"] = calls.n
     # rank 0 replays its cached step 0 while rank 1 needs new examples: rank 0 must decode along
-    partial = SeqKD(m.ctx)
+    partial = SeqKD.from_config(cfg, m.ctx)
+    calls = CallCounter(partial, "_teacher_generate")
     batches = rank_batches(splits, 0 if dist.rank() == 0 else 2, cfg)
-    out["partial_metrics"] = partial.train_step(batches, 2)
-    out["partial_calls"], out["partial_generated"] = partial.generate_calls, partial.generated
+    out["partial_metrics"] = partial.step(batches, 2).metrics
+    out["partial_calls"], out["partial_generated"] = calls.n, partial.generated
     out["student"] = student_digest(partial)
     hook.remove()
     return out
@@ -419,11 +418,11 @@ def scenario_minillm_zero3() -> dict:
         with open(corpus, "w") as fh:
             fh.writelines(f"pretraining document {i} is about the number {i * 7}\n" for i in range(20))
     dist.barrier()  # the config checks that the file exists
-    m, _, _, out = baseline_run("minillm", **{"method.minillm_teacher_mix": 0.5, "method.minillm_lm_coef": 0.5,
-                                              "method.minillm_lm_data": corpus})
+    m, _, m_cfg, out = baseline_run("minillm", **{"method.minillm.teacher_mix": 0.5,
+                                                  "method.minillm.lm_coef": 0.5, "method.minillm.lm_data": corpus})
     state = m.state_dict()
     expected = m.corpus.next_indices(3)
-    restored = MiniLLM(m.ctx)  # loads the run's tokenizer itself
+    restored = MiniLLM.from_config(m_cfg, m.ctx)
     restored.load_state_dict(state)
     out.update({"consumed": state["lm_corpus"]["consumed"], "next_lm": expected,
                 "restored_next_lm": restored.corpus.next_indices(3)})
@@ -434,7 +433,8 @@ def scenario_promptkd_ablations() -> dict:
     """The paper's ablations as config: guidance direction, reg schedule, prompt length and init."""
     import dataclasses
 
-    from promptkd.builders import build_prompt_optimizer, build_teacher
+    from promptkd.builders import build_teacher
+    from promptkd.methods.soft_prompt import SoftPrompt
 
     base = tiny_cfg(ZERO3, **{"train.grad_accum": 1, "rollout.max_new_tokens": 8})
     m, splits, tok = build_run(base, "promptkd")
@@ -447,15 +447,15 @@ def scenario_promptkd_ablations() -> dict:
     out = {}
     for i, (name, change) in enumerate(variants.items()):
         teacher_change = change.pop("teacher", None)
-        cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, **change))
+        cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, promptkd=dataclasses.replace(base.method.promptkd, **change)))
         if teacher_change:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, teacher=dataclasses.replace(cfg.model.teacher, **teacher_change)))
-            ctx.teacher = build_teacher(cfg, tok)
-            ctx.prompt_optimizer, ctx.prompt_scheduler = build_prompt_optimizer(cfg, ctx.teacher, 10)
-        ctx.cfg = cfg
+            ctx.teacher = build_teacher(cfg, tok, cfg.model.teacher.prompt_length)
+            m.prompt = SoftPrompt(ctx.teacher, cfg.optim.prompt, 10, cfg.train.grad_clip, "tiny")
+        ctx.opts = cfg.method.promptkd
         before = ctx.teacher.prompt.detach().clone()
-        metrics = m.train_step(rank_batches(splits, i, cfg), 5)
+        metrics = m.step(rank_batches(splits, i, cfg), 5).metrics
         out[name] = {"metrics": metrics, "prompt_shape": list(ctx.teacher.prompt.shape),
                      "init": digest(before), "prompt": digest(ctx.teacher.prompt),
                      "prompt_changed": not torch.equal(before, ctx.teacher.prompt.detach()),
@@ -477,8 +477,8 @@ def count_full_forwards(module: torch.nn.Module, counter: dict, key: str):
 def scenario_promptkd_shortcuts() -> dict:
     """Issue 7: the reused student forward is exact; the stale-target option saves a teacher forward."""
     out = {}
-    variants = {"default": {}, "no_reuse": {"method.reuse_student_forward": False},
-                "dropout": {}, "stale": {"method.stale_student_target": True}}
+    variants = {"default": {}, "no_reuse": {"method.promptkd.reuse_student_forward": False},
+                "dropout": {}, "stale": {"method.promptkd.stale_student_target": True}}
     for name, extra in variants.items():
         cfg = tiny_cfg(ZERO3, **extra)  # grad_accum 2: the kept forward is the last micro-batch's
         m, splits, tok = build_run(cfg, "promptkd")
@@ -554,7 +554,7 @@ def scenario_train_eval_modes() -> dict:
              "data.max_length": 112, "data.max_prompt_length": 96}
     out = {}
     for label, method, extra in (("promptkd", "promptkd", {}),
-                                 ("promptkd_teacher_eval", "promptkd", {"method.prompt_step_teacher_train": False}),
+                                 ("promptkd_teacher_eval", "promptkd", {"method.promptkd.prompt_step_teacher_train": False}),
                                  ("imitkd", "imitkd", {})):
         cfg = tiny_cfg("ds_configs/zero2.json", **{"method.name": method, **paths, **extra})
         m, splits, tok = build_run(cfg, method)
@@ -594,7 +594,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT = args.out
     dist.init(timeout_s=60)
-    SHARED = dist.broadcast_object(tempfile.mkdtemp(prefix="pkd_shared_") if dist.is_main() else None)
+    SHARED = broadcast_object(tempfile.mkdtemp(prefix="pkd_shared_") if dist.is_main() else None)
     prepare_shared()
     names = [n for n in SCENARIOS if not args.only or n in args.only.split(",")]
     for name in names:

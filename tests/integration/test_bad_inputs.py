@@ -28,7 +28,6 @@ failures take ~1 s, failures after distributed init ~4 s, the 2-rank one ~10 s.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -41,6 +40,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from promptkd.config import MOVED
+from tests.fixtures.cli import cli_env, last_line, tail
+
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
 CLI_TIMEOUT_S = 180   # outer `timeout` per launch: a hang fails fast
@@ -49,25 +51,6 @@ VOCAB = 512           # trained tokenizer; the mismatched teacher has 40
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _env() -> dict[str, str]:
-    env = os.environ.copy()
-    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "CUDA_VISIBLE_DEVICES"):
-        env.pop(key, None)  # a parent's distributed env must not leak into the CLI under test
-    return env
-
-
-def _tail(text: str, n: int = 30) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every file under ``root`` (empty when it does not exist)."""
@@ -177,6 +160,10 @@ def paths(tmp_path_factory) -> Paths:
                  small_vocab_teacher=_small_vocab_teacher(root, tokenizer), bad=_bad_files(root, data))
 
 
+# the flat key of earlier versions that is now method.gkd.lmbda
+OLD_LAMBDA = next(k for k, v in MOVED.items() if v == "method.gkd.lmbda")
+
+
 def _cases(p: Paths) -> dict[str, Case]:
     b = p.bad
     cases = {
@@ -185,6 +172,10 @@ def _cases(p: Paths) -> dict[str, Case]:
         "wrong_type": Case(["train.max_steps=abc"], ["train.max_steps", "expected int", "'abc'"]),
         "negative_lr": Case(["optim.student.lr=-1e-4"], ["optim.student.lr", "must be > 0"]),
         "bad_choice": Case(["method.name=foo"], ["method.name", "must be one of", "'foo'"]),
+        # a flat method key of earlier versions says where it moved; a key in the wrong section is unknown
+        "old_flat_method_key": Case([f"{OLD_LAMBDA}=0.3"], [OLD_LAMBDA, "unknown config key", "method.gkd.lmbda"]),
+        "misplaced_method_key": Case(["method.kd.lmbda=0.3"], ["method.kd.lmbda", "unknown config key"]),
+        "bad_nested_method_value": Case(["method.gkd.lmbda=1.5"], ["method.gkd.lmbda", "must be in [0, 1]", "1.5"]),
         "unknown_data_format": Case(["data.format=csv"], ["data.format", "must be one of", "'csv'"]),
         "prompt_not_shorter_than_length": Case(["data.max_prompt_length=128"],
                                                ["data.max_prompt_length", "data.max_length"]),
@@ -248,7 +239,7 @@ def _launch(p: Paths, name: str, case: Case) -> SimpleNamespace:
                "--redirects", "3", "--log-dir", str(log_dir), str(MAIN), *args]
     before = _snapshot(case.out_dir)
     start = time.monotonic()
-    proc = subprocess.run(["timeout", str(CLI_TIMEOUT_S), *cmd], cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run(["timeout", str(CLI_TIMEOUT_S), *cmd], cwd=REPO, env=cli_env(), capture_output=True,
                           text=True)
     (p.root / "logs").mkdir(exist_ok=True)
     (p.root / "logs" / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n"
@@ -271,7 +262,7 @@ def results(paths) -> dict[str, tuple[Case, SimpleNamespace]]:
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         futures = {n: pool.submit(_launch, paths, n, cases[n]) for n in order}
         out = {n: (cases[n], f.result()) for n, f in futures.items()}
-    catalogue = "\n".join(f"{n:34} rc={r.rc} {r.seconds:5.1f}s  {_last_line(r.stderr)}" for n, (_, r) in out.items())
+    catalogue = "\n".join(f"{n:34} rc={r.rc} {r.seconds:5.1f}s  {last_line(r.stderr)}" for n, (_, r) in out.items())
     (paths.root / "catalogue.txt").write_text(catalogue + "\n")
     return out
 
@@ -279,7 +270,8 @@ def results(paths) -> dict[str, tuple[Case, SimpleNamespace]]:
 # ----------------------------------------------------------------------------- checks
 
 CASE_NAMES = [
-    "unknown_key", "wrong_type", "negative_lr", "bad_choice", "unknown_data_format",
+    "unknown_key", "wrong_type", "negative_lr", "bad_choice", "old_flat_method_key", "misplaced_method_key",
+    "bad_nested_method_value", "unknown_data_format",
     "prompt_not_shorter_than_length", "hidden_not_divisible_by_heads", "empty_eval_seeds",
     "override_without_equals", "section_given_a_scalar", "missing_config_file", "invalid_yaml",
     "ds_json_sets_batch_size", "ds_zero_stage_7", "ds_json_missing", "missing_model_path", "missing_data_file",
@@ -289,7 +281,7 @@ CASE_NAMES = [
 
 
 def _assert_clean_error(stderr: str, needles: list[str], shown: str) -> None:
-    last = _last_line(stderr)
+    last = last_line(stderr)
     assert last.startswith("error:"), shown
     missing = [n for n in needles if n not in last]
     assert not missing, f"{missing} not in {last!r}\n{shown}"
@@ -312,7 +304,7 @@ def test_catalogue_is_complete(results):
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_bad_input_is_a_one_line_error(results, name):
     case, res = results[name]
-    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr)}"
+    shown = f"rc={res.rc}\n--- stderr tail\n{tail(res.stderr)}"
     assert res.rc == 2, shown
     _assert_clean_error(res.stderr, case.needles, shown)
     _assert_nothing_half_written(case, res, shown)
@@ -321,13 +313,13 @@ def test_bad_input_is_a_one_line_error(results, name):
 def test_world_size_larger_than_dataset_two_ranks(results):
     """torchrun exits 1 for a failed child; the child's own stderr and exit code are checked (module docstring)."""
     case, res = results["world_size_exceeds_dataset"]
-    shown = f"rc={res.rc}\n--- torchrun stderr tail\n{_tail(res.stderr)}\n--- ranks {res.rank_stderr}"
+    shown = f"rc={res.rc}\n--- torchrun stderr tail\n{tail(res.stderr)}\n--- ranks {res.rank_stderr}"
     assert res.rc != 0, shown
     assert sorted(res.rank_stderr) == [0, 1], shown
-    printed = {r: err for r, err in res.rank_stderr.items() if _last_line(err)}
+    printed = {r: err for r, err in res.rank_stderr.items() if last_line(err)}
     assert printed, shown
     for rank, stderr in printed.items():
-        _assert_clean_error(stderr, case.needles, f"rank {rank}:\n{_tail(stderr)}")
+        _assert_clean_error(stderr, case.needles, f"rank {rank}:\n{tail(stderr)}")
     # the first rank to fail exited 2; torchrun SIGTERMs (-15) the other one if it is still running
     root_cause = res.stderr.split("Root Cause (first observed failure):", 1)[-1]
     assert re.search(r"exitcode\s*:\s*2\b", root_cause), shown
@@ -338,17 +330,17 @@ def test_world_size_larger_than_dataset_two_ranks(results):
 
 def test_debug_shows_the_traceback(results):
     case, res = results["debug_traceback"]
-    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr)}"
+    shown = f"rc={res.rc}\n--- stderr tail\n{tail(res.stderr)}"
     assert res.rc == 2, shown
     assert "Traceback (most recent call last)" in res.stderr, shown
-    last = _last_line(res.stderr)
+    last = last_line(res.stderr)
     assert last.startswith("error:") and "nope.jsonl" in last, shown
 
 
 def test_config_error_with_debug_shows_the_traceback(paths):
     res = _launch(paths, "debug_config", Case(["train.bogus_key=1"], [], debug=True,
                                               out_dir=paths.root / "out" / "debug_config"))
-    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr)}"
+    shown = f"rc={res.rc}\n--- stderr tail\n{tail(res.stderr)}"
     assert res.rc == 2, shown
     assert "Traceback (most recent call last)" in res.stderr, shown
-    assert _last_line(res.stderr).startswith("error: train.bogus_key"), shown
+    assert last_line(res.stderr).startswith("error: train.bogus_key"), shown

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.cli import cli_env
 from tests.fixtures.eval_workspace import OVERRIDES, RAW, build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,16 +19,8 @@ TIMEOUT_S = 240
 PREPARE = {"dolly": ["--test-size", "3", "--dev-size", "2"], "selfinst": [], "vicuna": [], "sni": [], "unni": []}
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
-        env.pop(key, None)
-    return env
-
-
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["timeout", str(TIMEOUT_S), sys.executable, *args], cwd=REPO, env=_env(),
+    return subprocess.run(["timeout", str(TIMEOUT_S), sys.executable, *args], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True)
 
 
@@ -37,7 +29,7 @@ def prepared(tmp_path_factory) -> Path:
     """All five sets converted by five concurrent ``python -m promptkd.data.prepare`` processes."""
     root = tmp_path_factory.mktemp("prepared")
     procs = {name: subprocess.Popen([sys.executable, "-m", "promptkd.data.prepare", name, "--source", str(RAW / name),
-                                     "--out", str(root), *extra], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                     "--out", str(root), *extra], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
              for name, extra in PREPARE.items()}
     for name, proc in procs.items():

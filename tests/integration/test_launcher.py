@@ -11,7 +11,6 @@ as devices, so ``--num_gpus 2`` is what makes the launcher start 2 local ranks
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import yaml
 
 from promptkd.config import load_config
 from promptkd.data import make_synthetic_splits
+from tests.fixtures.cli import cli_env, tail
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
@@ -49,29 +49,15 @@ SCALAR_TAGS = (
 
 # ----------------------------------------------------------------------------- helpers
 
-def _env() -> dict[str, str]:
-    env = os.environ.copy()
-    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "CUDA_VISIBLE_DEVICES"):
-        env.pop(key, None)  # a parent's distributed env must not leak into the CLI under test
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _tail(text: str, n: int = TAIL) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
 def _run_cli(args: list[str], log: Path, timeout: int = CLI_TIMEOUT_S) -> SimpleNamespace:
     """Single-process ``python launcher/main.py ...``; stdout+stderr kept apart and logged."""
-    proc = subprocess.run(["timeout", str(timeout), sys.executable, str(MAIN), *args], cwd=REPO, env=_env(),
+    proc = subprocess.run(["timeout", str(timeout), sys.executable, str(MAIN), *args], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True)
     log.write_text(f"$ {' '.join(args)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return SimpleNamespace(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
@@ -132,7 +118,7 @@ def ds_run(workdir, config_yaml) -> SimpleNamespace:
     cmd = ["timeout", str(LAUNCH_TIMEOUT_S), str(DEEPSPEED), "--num_gpus", "2",
            "--master_port", str(_free_port()), str(MAIN), "--config", str(config_yaml), *overrides]
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT)
     return SimpleNamespace(rc=proc.returncode, run_dir=run_dir, log=log.read_text(),
                            cfg=load_config(str(config_yaml), overrides))
 
@@ -140,7 +126,7 @@ def ds_run(workdir, config_yaml) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def run_dir(ds_run) -> Path:
     """The launch's run dir; every dependent test fails (with the log tail) if the launch did."""
-    assert ds_run.rc == 0, f"deepspeed launch exited {ds_run.rc}; log tail:\n{_tail(ds_run.log)}"
+    assert ds_run.rc == 0, f"deepspeed launch exited {ds_run.rc}; log tail:\n{tail(ds_run.log, TAIL)}"
     return ds_run.run_dir
 
 
@@ -156,10 +142,10 @@ def tb(run_dir):
 # ----------------------------------------------------------------------------- 2-rank happy path
 
 def test_launch_exits_zero_with_two_ranks(ds_run):
-    assert ds_run.rc == 0, f"deepspeed launch exited {ds_run.rc}; log tail:\n{_tail(ds_run.log)}"
+    assert ds_run.rc == 0, f"deepspeed launch exited {ds_run.rc}; log tail:\n{tail(ds_run.log, TAIL)}"
     # both ranks really ran: the training log reports world size 2
-    assert "world size 2" in ds_run.log, _tail(ds_run.log)
-    assert "Traceback" not in ds_run.log, _tail(ds_run.log)
+    assert "world size 2" in ds_run.log, tail(ds_run.log, TAIL)
+    assert "Traceback" not in ds_run.log, tail(ds_run.log, TAIL)
 
 
 def test_resolved_config_round_trips(ds_run, run_dir):
@@ -254,7 +240,7 @@ def test_stage_eval_on_export(workdir, config_yaml, data, run_dir):
     out = workdir / "eval_only"
     res = _run_cli(["--config", str(config_yaml), "stage=eval", f"eval.model_path={run_dir / 'export'}",
                     f"eval.file={data['test']}", f"output.dir={out}"], workdir / "eval_only.log")
-    assert res.rc == 0, _tail(res.text)
+    assert res.rc == 0, tail(res.text, TAIL)
     table = (out / "eval" / "results.md").read_text()
     assert "| model | test |" in table  # models x datasets (one of each here)
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -267,7 +253,7 @@ def test_single_process_sft(workdir, config_yaml):
     out = workdir / "run_sft"
     res = _run_cli(["--config", str(config_yaml), "method.name=sft", "train.max_steps=2", f"output.dir={out}",
                     "deepspeed=ds_configs/zero0.json"], workdir / "sft.log")
-    assert res.rc == 0, _tail(res.text)
+    assert res.rc == 0, tail(res.text, TAIL)
     assert (out / "export" / "config.json").is_file()
     assert not (out / "export" / "teacher_prompt.safetensors").exists()
     assert not (out / "export" / "teacher_prompt.json").exists()
@@ -280,7 +266,7 @@ def test_early_stopping_keeps_the_best_dev_student(workdir, config_yaml):
     res = _run_cli(["--config", str(config_yaml), "method.name=sft", "train.max_steps=30", "optim.student.lr=1e-12",
                     "eval.dev_interval=1", "train.early_stop_patience=1", f"output.dir={out}", "data.test_file=",
                     "deepspeed=ds_configs/zero0.json"], workdir / "early_stop.log")
-    assert res.rc == 0, _tail(res.text)
+    assert res.rc == 0, tail(res.text, TAIL)
     assert "early stop at step 2" in res.text
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
@@ -294,7 +280,7 @@ def test_stage_eval_several_models_sampled_and_greedy(workdir, config_yaml, data
                     f"eval.models=[last={run_dir / 'export'},best={run_dir / 'best'}]", "eval.do_sample=true",
                     "eval.seeds=[10,20]", "eval.greedy_too=true", f"eval.file={data['test']}", f"output.dir={out}"],
                    workdir / "eval_protocol.log")
-    assert res.rc == 0, _tail(res.text)
+    assert res.rc == 0, tail(res.text, TAIL)
     sampled = json.loads((out / "eval" / "results.json").read_text())
     greedy = json.loads((out / "eval" / "greedy" / "results.json").read_text())
     assert list(sampled["models"]) == ["last", "best"] == list(greedy["models"])
@@ -317,7 +303,7 @@ def test_quickstart_pipeline_at_toy_size(workdir):
                     "train.micro_batch_size=4", "rollout.max_new_tokens=6", "eval.max_new_tokens=6",
                     "eval.seeds=[10,20]", "model.teacher.init={arch: llama, layers: 2, hidden: 64, heads: 4}",
                     "model.student.init={arch: llama, layers: 1, hidden: 32, heads: 2}"], workdir / "quickstart.log")
-    assert res.rc == 0, _tail(res.text)
+    assert res.rc == 0, tail(res.text, TAIL)
     assert "Sampled (the paper's protocol) beside greedy" in res.stdout
     sampled = json.loads((out / "eval" / "results.json").read_text())["models"]
     greedy = json.loads((out / "eval" / "greedy" / "results.json").read_text())["models"]
@@ -361,7 +347,7 @@ def bad_runs(workdir, config_yaml, data) -> dict[str, tuple[SimpleNamespace, lis
     for name, (overrides, _) in cases.items():
         args = ["--config", str(config_yaml), f"output.dir={workdir / 'bad' / name}", *overrides]
         procs[name] = subprocess.Popen(["timeout", str(CLI_TIMEOUT_S), sys.executable, str(MAIN), *args],
-                                       cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
     out = {}
     for name, proc in procs.items():
@@ -374,7 +360,7 @@ def bad_runs(workdir, config_yaml, data) -> dict[str, tuple[SimpleNamespace, lis
                                   "ds_zero_stage_7"])
 def test_bad_input_is_a_one_line_error(bad_runs, case):
     res, needles = bad_runs[case]
-    shown = f"rc={res.rc}\n--- stderr tail\n{_tail(res.stderr, 30)}"
+    shown = f"rc={res.rc}\n--- stderr tail\n{tail(res.stderr, 30)}"
     assert res.rc == 2, shown
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert lines, shown

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from promptkd.data import load_examples, make_synthetic_splits, train_tokenizer  # noqa: E402
+from tests.fixtures.cli import cli_env  # noqa: E402
+from tests.fixtures.tiny_run import write_tiny_run  # noqa: E402
 from promptkd.signals import EXIT_PREEMPTED  # noqa: E402
 
 STEPS = 6
@@ -28,32 +29,11 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    files = make_synthetic_splits(str(root / "data"), 96, 8, 8, seed=1)
-    texts = [e.prompt + " " + e.references[0] for e in load_examples(files["train"])]
-    train_tokenizer(texts, 512, str(root / "tok"))
-    cfg = root / "tiny.yaml"
-    cfg.write_text(f"""
-stage: train
-seed: 5
-dist_timeout_s: 60
-tokenizer: {{path: {root / 'tok'}}}
-data: {{train_file: {files['train']}, dev_size: 0, max_length: 128, max_prompt_length: 96}}
-model:
-  teacher: {{dtype: fp32, init: {{arch: llama, layers: 2, hidden: 64, heads: 4}}}}
-  student: {{init: {{arch: llama, layers: 2, hidden: 32, heads: 4}}}}
-rollout: {{max_new_tokens: 12}}
-optim:
-  student: {{lr: 1.0e-3, warmup_steps: 2}}
-  prompt: {{lr: 1.0e-3, warmup_steps: 2}}
-train: {{max_steps: {STEPS}, micro_batch_size: 3, grad_accum: 2}}
-output: {{save_interval: 1, keep_last: 0}}
-logging: {{interval: 1, progress_bar: false}}
-""")
-    return root, cfg
+    return root, write_tiny_run(root, STEPS, save_interval=1)
 
 
 def env(**extra: str) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
+    return cli_env(**extra)
 
 
 def torchrun(cfg, *overrides: str, nproc: int = 2) -> list[str]:
@@ -205,7 +185,8 @@ def test_a_failing_rank_ends_every_rank_quickly(setup):
 
 def _model_states(ckpt) -> dict[str, torch.Tensor]:
     states = torch.load(os.path.join(ckpt, "ds", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-    prompt = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["prompt"]
+    method = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["trainer"]["method"]
+    prompt = method.get("prompt")  # the SoftPrompt's state, kept in the method's state
     return {**states, "prompt": prompt["prompt"]["prompt"]} if prompt else dict(states)
 
 

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from promptkd import checkpoint  # noqa: E402
-from promptkd.data import load_examples, make_synthetic_splits, train_tokenizer  # noqa: E402
+from tests.fixtures.tiny_run import write_tiny_run  # noqa: E402
 from promptkd.signals import EXIT_PREEMPTED  # noqa: E402
 
 STEPS = 24
@@ -211,27 +211,7 @@ def cluster(tmp_path_factory):
 def tiny(tmp_path_factory):
     """Tokenizer, data and a tiny PromptKD config (2 ranks on CPU, a few seconds of training)."""
     root = tmp_path_factory.mktemp("slurm_runs")
-    files = make_synthetic_splits(str(root / "data"), 96, 8, 8, seed=1)
-    texts = [e.prompt + " " + e.references[0] for e in load_examples(files["train"])]
-    train_tokenizer(texts, 512, str(root / "tok"))
-    cfg = root / "tiny.yaml"
-    cfg.write_text(f"""
-stage: train
-seed: 5
-dist_timeout_s: 60
-tokenizer: {{path: {root / 'tok'}}}
-data: {{train_file: {files['train']}, dev_size: 0, max_length: 128, max_prompt_length: 96}}
-model:
-  teacher: {{dtype: fp32, init: {{arch: llama, layers: 2, hidden: 64, heads: 4}}}}
-  student: {{init: {{arch: llama, layers: 2, hidden: 32, heads: 4}}}}
-rollout: {{max_new_tokens: 12}}
-optim:
-  student: {{lr: 1.0e-3, warmup_steps: 2}}
-  prompt: {{lr: 1.0e-3, warmup_steps: 2}}
-train: {{max_steps: {STEPS}, micro_batch_size: 3, grad_accum: 2}}
-output: {{save_interval: {SAVE_INTERVAL}, keep_last: 0}}
-logging: {{interval: 1, progress_bar: false}}
-""")
+    cfg = write_tiny_run(root, STEPS, SAVE_INTERVAL)
     return root, cfg
 
 

@@ -183,3 +183,31 @@ if __name__ == "__main__":
     from promptkd import distributed as dist
 
     dist.shutdown(0)
+
+
+def test_quality_job_reuse_follows_its_inputs(tmp_path):
+    """A finished run is reused only while the runs it started from are the same outputs."""
+    from types import SimpleNamespace
+
+    from bench.quality import Job, _finish
+
+    def job(label, after=()):
+        return Job(label, [f"output.dir={tmp_path / label}"], str(tmp_path / label), after=list(after))
+
+    def finish(j):
+        os.makedirs(j.out_dir, exist_ok=True)
+        j.proc, j.started = SimpleNamespace(returncode=0), 0.0
+        _finish(j, str(tmp_path / "logs"))
+
+    student = job("student")
+    run = job("run", after=[student])
+    finish(student)
+    finish(run)
+    again_student = job("student")
+    assert again_student.finished_before() and again_student.run_id == student.run_id
+    assert job("run", after=[again_student]).finished_before()      # same inputs: reused
+    rebuilt = job("student")
+    finish(rebuilt)                                                  # e.g. a new student size
+    assert rebuilt.run_id != student.run_id
+    assert not job("run", after=[rebuilt]).finished_before()        # stale: it started from the old one
+    assert not Job("run", ["output.dir=elsewhere"], run.out_dir, after=[rebuilt]).finished_before()

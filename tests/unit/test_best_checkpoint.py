@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from promptkd import checkpoint
-from promptkd.config import load_config
+from promptkd.config import OptimConfig, load_config
 from promptkd.data import train_tokenizer
+from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.models import PromptedTeacher, build_tiny
 from promptkd.trainer import Trainer
 
@@ -38,9 +39,10 @@ def _trainer(tmp_path, tokenizer, with_prompt: bool):
     student = build_tiny("llama", 1, 16, 2, vocab_size=len(tokenizer))
     teacher = PromptedTeacher(build_tiny("llama", 1, 16, 2, vocab_size=len(tokenizer)), prompt_length=3,
                               init="random", dtype=torch.float32) if with_prompt else None
-    ctx = SimpleNamespace(engine=SimpleNamespace(module=student), teacher=teacher,
-                          prompt_optimizer=object() if with_prompt else None)
-    method = SimpleNamespace(ctx=ctx, trains_prompt=with_prompt)
+    ctx = SimpleNamespace(engine=SimpleNamespace(module=student), teacher=teacher)
+    # the method's export files: its SoftPrompt's (the one owner of the prompt), or none
+    prompt = SoftPrompt(teacher, OptimConfig(), 10, 1.0, "tiny-from-config") if with_prompt else None
+    method = SimpleNamespace(ctx=ctx, export=prompt.export if prompt is not None else lambda out_dir: None)
 
     def dev_eval(step):
         # "training" changed the weights: stamp the step into the student and the prompt
@@ -51,7 +53,8 @@ def _trainer(tmp_path, tokenizer, with_prompt: bool):
         return {"rougeL": SCORES[step - 1], "exact_match": 0.0}
 
     cfg = load_config(None, ["data.train_file=unused.jsonl"])
-    trainer = Trainer(cfg, str(tmp_path), method, [], len(SCORES), Recorder(), dev_eval=dev_eval, tokenizer=tokenizer)
+    trainer = Trainer(cfg, str(tmp_path), method, [], len(SCORES), dev_eval=dev_eval, tokenizer=tokenizer,
+                      logger=Recorder())
     return trainer, student
 
 

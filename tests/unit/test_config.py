@@ -14,6 +14,7 @@ import pytest
 
 from promptkd import config as C
 from promptkd.config import (
+    MOVED,
     Config,
     ConfigError,
     build_ds_config,
@@ -136,7 +137,7 @@ def test_override_value_parsing():
     (["train.micro_batch_size=true"], "train.micro_batch_size"),
     (["train.micro_batch_size=1.5"], "train.micro_batch_size"),
     (["train.micro_batch_size={a: 1}"], "train.micro_batch_size"),
-    (["method.reg_weight=true"], "method.reg_weight"),
+    (["method.promptkd.reg_weight=true"], "method.promptkd.reg_weight"),
     (["optim.student.lr=abc"], "optim.student.lr"),
     (["optim.student.lr=-1e-4"], "optim.student.lr"),
     (["optim.prompt.lr=0"], "optim.prompt.lr"),
@@ -219,6 +220,101 @@ def test_override_without_equals():
 def test_override_through_a_leaf_is_rejected():
     msg = _error(None, DATA + ["train.micro_batch_size.x=1"])
     assert msg.startswith("train.micro_batch_size.x:")
+
+
+# ----------------------------------------------------------------------------- method sections
+
+def test_method_sections_load_from_yaml_and_overrides(tmp_path):
+    path = _yaml(tmp_path, """
+data: {train_file: a.jsonl}
+method:
+  name: gkd
+  gkd: {lmbda: 0.3, divergence: tvd}
+  promptkd:
+    reg_schedule: constant
+""")
+    cfg = load_config(path, ["method.gkd.beta=0.2", "method.distillm.window=4", "method.promptkd.reg_weight=0.5"])
+    m = cfg.method
+    assert (m.name, m.gkd.lmbda, m.gkd.divergence, m.gkd.beta) == ("gkd", 0.3, "tvd", 0.2)
+    assert m.gkd.skew_alpha == 0.1                         # a key the partial mapping leaves out keeps its default
+    assert (m.promptkd.reg_schedule, m.promptkd.reg_weight, m.promptkd.guidance) == ("constant", 0.5,
+                                                                                     "teacher_student")
+    assert m.distillm.window == 4 and m.imitkd == Config().method.imitkd
+    assert with_overrides(cfg, {"method.minillm.clip_weight": 5}).method.minillm.clip_weight == 5.0
+    assert load_config(_yaml(tmp_path, C.to_yaml(cfg), "again.yaml")) == cfg
+
+
+def test_sections_of_two_configs_share_nothing():
+    a = Config()
+    a.method.gkd.lmbda = 0.9
+    a.model.teacher.init.layers = 9
+    assert Config().method.gkd.lmbda == 0.5 and Config().model.teacher.init.layers == 4
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_flat_method_key_says_where_it_moved(old, tmp_path):
+    want = f"{old}: unknown config key; it is now {MOVED[old]}"
+    assert _error(None, DATA + [f"{old}=1"]) == want
+    leaf = old.split(".", 1)[1]
+    assert _error(_yaml(tmp_path, f"data: {{train_file: a.jsonl}}\nmethod: {{{leaf}: 1}}\n")) == want
+    with pytest.raises(ConfigError) as info:
+        with_overrides(load_config(None, DATA), {old: 1})
+    assert str(info.value) == want
+    # the hint names keys that exist
+    for new in MOVED[old].replace(",", " ").split():
+        if new.startswith("method."):
+            C.get(Config(), new)
+
+
+@pytest.mark.parametrize("key", ["method.kd.lmbda", "method.gkd.clip_weight", "method.promptkd.loss",
+                                 "method.minillm.divergence"])
+def test_misplaced_method_key_is_unknown_and_named(key, tmp_path):
+    msg = _error(None, DATA + [f"{key}=1"])
+    assert msg == f"{key}: unknown config key", msg
+    section, leaf = key.split(".")[1:]
+    msg = _error(_yaml(tmp_path, f"data: {{train_file: a.jsonl}}\nmethod: {{{section}: {{{leaf}: 1}}}}\n"))
+    assert msg.startswith(f"{key}: unknown config key (known: ") and "\n" not in msg
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": unknown config key$"):
+        with_overrides(load_config(None, DATA), {key: 1})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.imitkd.divergence=auto", "method.imitkd.divergence: must be one of fkl, rkl, jsd, tvd, sfkl, srkl "
+                                      "(got 'auto')"),
+    ("method.minillm.clip_weight=0", "method.minillm.clip_weight: must be > 0 (got 0.0)"),
+    ("method.distillm.replay_capacity=-3", "method.distillm.replay_capacity: must be > 0 (got -3)"),
+    ("method.minillm.lm_coef=-0.5", "method.minillm.lm_coef: must be >= 0 (got -0.5)"),
+    ("method.loss_chunk_size=-1", "method.loss_chunk_size: must be >= 0 (got -1)"),
+    ("method.gkd.lmbda=1.01", "method.gkd.lmbda: must be in [0, 1] (got 1.01)"),
+    ("method.minillm.teacher_mix=1", "method.minillm.teacher_mix: must be in [0, 1) (got 1.0)"),
+    ("method.minillm.teacher_mix=1.5", "method.minillm.teacher_mix: must be in [0, 1] (got 1.5)"),
+    ("eval.top_p=0", "eval.top_p: must be > 0 (got 0.0)"),
+    ("eval.top_p=1.2", "eval.top_p: must be in (0, 1] (got 1.2)"),
+    ("optim.prompt.betas=[0.9, 1.0]", "optim.prompt.betas: must be two numbers in [0, 1) (got [0.9, 1.0])"),
+    ("data.synthetic.level=3", "data.synthetic.level: must be 1 or 2 (got 3)"),
+])
+def test_constraint_messages(override, message):
+    assert _error(None, DATA + [override]) == message
+
+
+def test_cross_field_checks_name_the_nested_key(tmp_path):
+    assert _error(None, DATA + ["method.minillm.lm_coef=0.5"]).startswith(
+        "method.minillm.lm_data: required when method.minillm.lm_coef > 0")
+    missing = str(tmp_path / "corpus.txt")
+    assert _error(None, DATA + ["method.minillm.lm_coef=0.5", f"method.minillm.lm_data={missing}"]) \
+        == f"method.minillm.lm_data: file not found: {missing}"
+    # another stage may validate the config on a machine without the corpus
+    load_config(None, DATA + ["stage=eval", "method.minillm.lm_coef=0.5", f"method.minillm.lm_data={missing}"])
+
+
+def test_config_package_imports_only_stdlib_and_yaml():
+    code = ("import sys, promptkd.config; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr
+    heavy = {"torch", "numpy", "transformers", "deepspeed", "datasets"}
+    assert not heavy & set(eval(out.stdout)), out.stdout
 
 
 # ----------------------------------------------------------------------------- deepspeed merge
@@ -424,13 +520,23 @@ def test_launcher_help_lists_keys():
     assert proc.returncode == 0, proc.stderr
     assert "model.teacher.prompt_length" in proc.stdout
     assert "train.micro_batch_size" in proc.stdout
+    assert "method.gkd.lmbda" in proc.stdout and "method.promptkd.reg_schedule" in proc.stdout
+
+
+def test_launcher_old_method_key_exits_2_with_the_new_key():
+    old = next(k for k, v in MOVED.items() if v == "method.gkd.lmbda")  # the flat key of earlier versions
+    proc = _launch(f"{old}=0.3")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].endswith(f"{old}: unknown config key; it is now method.gkd.lmbda"), lines[0]
 
 
 def test_yaml_words_on_off_stay_strings(tmp_path):
     """YAML 1.1 reads `off` as false; the config reads YAML 1.2 booleans, so choices like `off` work unquoted."""
     path = tmp_path / "c.yaml"
-    path.write_text("method:\n  reg_schedule: off\neval:\n  do_sample: false\n")
-    cfg = load_config(str(path), DATA + ["method.guidance=student_teacher"])
-    assert cfg.method.reg_schedule == "off" and cfg.eval.do_sample is False
-    assert load_config(None, DATA + ["method.reg_schedule=off"]).method.reg_schedule == "off"
+    path.write_text("method:\n  promptkd:\n    reg_schedule: off\neval:\n  do_sample: false\n")
+    cfg = load_config(str(path), DATA + ["method.promptkd.guidance=student_teacher"])
+    assert cfg.method.promptkd.reg_schedule == "off" and cfg.eval.do_sample is False
+    assert load_config(None, DATA + ["method.promptkd.reg_schedule=off"]).method.promptkd.reg_schedule == "off"
     assert _error(None, DATA + ["eval.do_sample=yes"]).startswith("eval.do_sample: expected bool")

@@ -17,20 +17,9 @@ from promptkd.losses import (
     regularizer_weight,
     reverse_kl,
 )
+from tests.fixtures.tensors import random_logits, random_mask
 
 B, T, V = 3, 7, 11
-
-
-def _logits(seed: int, scale: float = 2.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, T, V, generator=g, dtype=torch.float64).float() * scale
-
-
-def _mask(seed: int = 99) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    m = (torch.rand(B, T, generator=g) > 0.35).float()
-    m[0, 0] = 1.0  # never all-zero
-    return m
 
 
 def _kl_loops(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> float:
@@ -66,7 +55,7 @@ def _ce_loops(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
 
 
 def test_kl_matches_loops_and_torch_kl_div() -> None:
-    p, q, m = _logits(0), _logits(1), _mask()
+    p, q, m = random_logits(0), random_logits(1), random_mask()
     loss, n = kl_divergence(p, q, m)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert n.item() == m.sum().item()
@@ -79,7 +68,7 @@ def test_kl_matches_loops_and_torch_kl_div() -> None:
 
 
 def test_forward_and_reverse_kl_are_the_right_directions() -> None:
-    t, s, m = _logits(2), _logits(3), _mask()
+    t, s, m = random_logits(2), random_logits(3), random_mask()
     fkl, _ = forward_kl(t, s, m)
     rkl, _ = reverse_kl(s, t, m)
     assert fkl.item() == pytest.approx(_kl_loops(t, s, m), rel=1e-5)
@@ -88,19 +77,19 @@ def test_forward_and_reverse_kl_are_the_right_directions() -> None:
 
 
 def test_kl_zero_for_equal_inputs_and_nonnegative() -> None:
-    p, m = _logits(4), _mask()
+    p, m = random_logits(4), random_mask()
     zero, _ = kl_divergence(p, p.clone(), m)
     assert abs(zero.item()) < 1e-5
     # Softmax is shift invariant: adding a per-row constant changes nothing.
     shifted, _ = kl_divergence(p, p + 3.0, m)
     assert abs(shifted.item()) < 1e-4
     for seed in range(5):
-        val, _ = kl_divergence(_logits(10 + seed), _logits(20 + seed), m)
+        val, _ = kl_divergence(random_logits(10 + seed), random_logits(20 + seed), m)
         assert val.item() >= 0
 
 
 def test_kl_gradient_matches_formula_on_each_side() -> None:
-    p, q, m = _logits(5), _logits(6), _mask()
+    p, q, m = random_logits(5), random_logits(6), random_mask()
     p_ref = p.double().requires_grad_(True)
     q_ref = q.double().requires_grad_(True)
     lp, lq = F.log_softmax(p_ref, -1), F.log_softmax(q_ref, -1)
@@ -121,7 +110,7 @@ def test_kl_gradient_matches_formula_on_each_side() -> None:
 
 
 def test_cross_entropy_matches_loops_and_torch() -> None:
-    logits, m = _logits(7), _mask()
+    logits, m = random_logits(7), random_mask()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
     loss, n = cross_entropy(logits, targets, m)
     assert loss.dtype == torch.float32
@@ -133,7 +122,7 @@ def test_cross_entropy_matches_loops_and_torch() -> None:
 
 
 def test_cross_entropy_ignores_targets_at_masked_positions() -> None:
-    logits, m = _logits(8), _mask()
+    logits, m = random_logits(8), random_mask()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
     bad = targets.masked_fill(m == 0, -100)  # would be out of range if gathered
     assert torch.equal(cross_entropy(logits, targets, m)[0], cross_entropy(logits, bad, m)[0])
@@ -144,7 +133,7 @@ def test_cross_entropy_ignores_targets_at_masked_positions() -> None:
 
 @pytest.mark.parametrize("garbage", [1e4, float("inf"), float("nan")])
 def test_masked_positions_do_not_affect_values_or_grads(garbage: float) -> None:
-    p, q, m = _logits(9), _logits(10), _mask()
+    p, q, m = random_logits(9), random_logits(10), random_mask()
     p_bad, q_bad = p.clone(), q.clone()
     hidden = m == 0
     p_bad[hidden] = garbage
@@ -163,7 +152,7 @@ def test_masked_positions_do_not_affect_values_or_grads(garbage: float) -> None:
 
 
 def test_mask_dtype_does_not_matter() -> None:
-    p, q, m = _logits(11), _logits(12), _mask()
+    p, q, m = random_logits(11), random_logits(12), random_mask()
     ref = kl_divergence(p, q, m)[0]
     for dtype in (torch.bool, torch.long, torch.bfloat16):
         val, n = kl_divergence(p, q, m.to(dtype))
@@ -172,7 +161,7 @@ def test_mask_dtype_does_not_matter() -> None:
 
 
 def test_all_masked_gives_zero() -> None:
-    p, q = _logits(13), _logits(14)
+    p, q = random_logits(13), random_logits(14)
     val, n = kl_divergence(p, q, torch.zeros(B, T))
     assert val.item() == 0.0 and n.item() == 0.0
 
@@ -189,7 +178,7 @@ def _grads_of(fn, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 100])
 def test_chunked_equals_unchunked_kl(chunk: int) -> None:
-    p, q, m = _logits(15), _logits(16), _mask()
+    p, q, m = random_logits(15), random_logits(16), random_mask()
     ref, ref_grads = _grads_of(lambda a, b: kl_divergence(a, b, m)[0], [p, q])
     val, grads = _grads_of(lambda a, b: kl_divergence(a, b, m, chunk_size=chunk)[0], [p, q])
     assert torch.allclose(val, ref, rtol=1e-5)
@@ -199,7 +188,7 @@ def test_chunked_equals_unchunked_kl(chunk: int) -> None:
 
 @pytest.mark.parametrize("chunk", [2, 3])
 def test_chunked_equals_unchunked_cross_entropy(chunk: int) -> None:
-    logits, m = _logits(17), _mask()
+    logits, m = random_logits(17), random_mask()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
     ref, (rg,) = _grads_of(lambda a: cross_entropy(a, targets, m)[0], [logits])
     val, (g,) = _grads_of(lambda a: cross_entropy(a, targets, m, chunk_size=chunk)[0], [logits])
@@ -219,7 +208,7 @@ def test_chunked_uses_checkpoint_only_with_grad(monkeypatch: pytest.MonkeyPatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(losses, "checkpoint", spy)
-    logits, m = _logits(18), _mask()
+    logits, m = random_logits(18), random_mask()
     targets = torch.randint(0, logits.shape[-1], m.shape, generator=torch.Generator().manual_seed(0))
     cross_entropy(logits, targets, m, chunk_size=3)
     assert calls == []  # no grad needed: plain loop
@@ -234,7 +223,7 @@ def test_fused_chunked_kl_gradients_match_autograd(dtype: torch.dtype, which: st
     scaled by the upstream gradient, for either side or both, in fp32 and bf16."""
     import promptkd.losses as losses
 
-    p, q, m = _logits(21).to(dtype), _logits(22).to(dtype), _mask()
+    p, q, m = random_logits(21).to(dtype), random_logits(22).to(dtype), random_mask()
     grads = {}
     for chunk in ("autograd", None, 4):
         a = p.clone().requires_grad_(which in ("p", "both"))
@@ -295,7 +284,7 @@ def test_auto_chunk_splits_large_vocabularies_only() -> None:
 
 
 def test_bf16_inputs_are_computed_in_fp32() -> None:
-    p, q, m = _logits(20), _logits(21), _mask()
+    p, q, m = random_logits(20), random_logits(21), random_mask()
     pb, qb = p.bfloat16(), q.bfloat16()
     val, n = kl_divergence(pb, qb, m)
     assert val.dtype == torch.float32 and n.dtype == torch.float32
@@ -313,7 +302,7 @@ def test_bf16_inputs_are_computed_in_fp32() -> None:
 
 
 def test_prompt_loss_components() -> None:
-    pt, s, bt, m = _logits(30), _logits(31), _logits(32), _mask()
+    pt, s, bt, m = random_logits(30), random_logits(31), random_logits(32), random_mask()
     out = prompt_loss(pt, s, bt, m, reg_weight=0.3)
     assert isinstance(out, PromptLoss)
     assert out.guidance.item() == pytest.approx(_kl_loops(pt, s, m), rel=1e-5)
@@ -329,7 +318,7 @@ def test_prompt_loss_components() -> None:
 
 
 def test_prompt_loss_zero_weight_skips_regularizer() -> None:
-    pt, s, m = _logits(33), _logits(34), _mask()
+    pt, s, m = random_logits(33), random_logits(34), random_mask()
     out = prompt_loss(pt, s, None, m, reg_weight=0.0)
     assert out.regularizer.item() == 0.0
     assert torch.allclose(out.total, kl_divergence(pt, s, m)[0], rtol=1e-6)
@@ -341,10 +330,10 @@ def test_prompt_loss_zero_weight_skips_regularizer() -> None:
 
 @pytest.mark.parametrize("guidance", ["teacher_student", "student_teacher"])
 def test_prompt_loss_grad_only_reaches_prompted_logits(guidance: str) -> None:
-    pt = _logits(35).requires_grad_(True)
-    s = _logits(36).requires_grad_(True)
-    bt = _logits(37).requires_grad_(True)
-    m = _mask()
+    pt = random_logits(35).requires_grad_(True)
+    s = random_logits(36).requires_grad_(True)
+    bt = random_logits(37).requires_grad_(True)
+    m = random_mask()
     out = prompt_loss(pt, s, bt, m, reg_weight=0.7, guidance=guidance)
     out.total.backward()
     assert s.grad is None and bt.grad is None
@@ -374,7 +363,7 @@ def test_fused_prompt_loss_matches_the_autograd_formula(guidance: str, reg_weigh
     values and gradient equal the chunked autograd formula it replaces."""
     import promptkd.losses as losses
 
-    pt, s, bt, m = _logits(41).to(dtype), _logits(42).to(dtype), _logits(43).to(dtype), _mask()
+    pt, s, bt, m = random_logits(41).to(dtype), random_logits(42).to(dtype), random_logits(43).to(dtype), random_mask()
     fn = losses._make_prompt_chunk(guidance, reg_weight != 0)
     ref_leaf = pt.clone().requires_grad_(True)
     parts = losses._run_chunked(fn, [ref_leaf, s, bt], m, None)
@@ -395,7 +384,7 @@ def test_fused_prompt_loss_matches_the_autograd_formula(guidance: str, reg_weigh
 
 
 def test_prompt_loss_chunked_equals_unchunked() -> None:
-    pt, s, bt, m = _logits(38), _logits(39), _logits(40), _mask()
+    pt, s, bt, m = random_logits(38), random_logits(39), random_logits(40), random_mask()
     results = []
     for chunk in (None, 4):
         leaf = pt.clone().requires_grad_(True)
@@ -426,7 +415,7 @@ def test_regularizer_weight_schedules() -> None:
 
 
 def test_shape_errors_are_clear() -> None:
-    p = _logits(41)
+    p = random_logits(41)
     with pytest.raises(ValueError, match="mask"):
         kl_divergence(p, p, torch.ones(B, T + 1))
     with pytest.raises(ValueError, match="shapes differ"):

@@ -19,20 +19,9 @@ from promptkd.losses import (
     token_divergence,
     total_variation,
 )
+from tests.fixtures.tensors import random_logits, random_mask
 
 B, T, V = 3, 7, 11
-
-
-def _logits(seed: int, scale: float = 2.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, T, V, generator=g, dtype=torch.float64).float() * scale
-
-
-def _mask(seed: int = 99) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    m = (torch.rand(B, T, generator=g) > 0.35).float()
-    m[0, 0] = 1.0
-    return m
 
 
 def _probs(row: torch.Tensor) -> list[float]:
@@ -73,7 +62,7 @@ def _tvd(p: list[float], q: list[float]) -> float:
 
 @pytest.fixture
 def pair():
-    return _logits(1), _logits(2), _mask()
+    return random_logits(1), random_logits(2), random_mask()
 
 
 # ----------------------------------------------------------------------------- formulas

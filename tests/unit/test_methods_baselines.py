@@ -8,14 +8,15 @@ import os
 import pytest
 import torch
 
-from promptkd.config import CHOICES, ConfigError, help_lines, load_config
+from promptkd.config import METHOD_NAMES, Config, ConfigError, help_lines, load_config
 from promptkd.data import TokenizedExample
-from promptkd.methods import METHODS, StepContext
+from promptkd.methods import METHODS, StepContext, step_context
 from promptkd.methods.distill import SharedDraws
 from promptkd.methods.distillm import DistiLLM, ReplayBuffer
 from promptkd.methods.seqkd import SeqKD
 from promptkd.models import PromptedTeacher, build_tiny
 from promptkd.rollout import Rollout
+from tests.fixtures.calls import CallCounter
 
 VOCAB, PAD, EOS = 64, 0, 1
 BASE = ["data.train_file=train.jsonl"]
@@ -31,41 +32,60 @@ def _cfg(*overrides: str):
 def test_new_methods_are_registered(name):
     assert _cfg(f"method.name={name}").method.name == name
     assert name in METHODS and METHODS[name].uses_teacher
-    assert set(METHODS) == set(CHOICES["method.name"])
+    assert set(METHODS) == set(METHOD_NAMES)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("method.gkd_lambda=1.5", "method.gkd_lambda"),
-    ("method.gkd_beta=-0.1", "method.gkd_beta"),
-    ("method.skew_alpha=1.0", "method.skew_alpha"),
-    ("method.replay_ratio=2", "method.replay_ratio"),
-    ("method.distillm_init_prob=1.1", "method.distillm_init_prob"),
-    ("method.replay_capacity=0", "method.replay_capacity"),
-    ("method.distillm_window=0", "method.distillm_window"),
-    ("method.distillm_loss_eps=-1", "method.distillm_loss_eps"),
-    ("method.divergence=hellinger", "method.divergence"),
-    ("method.distillm_loss=jsd", "method.distillm_loss"),
+@pytest.mark.parametrize("override, key, shape", [
+    ("method.gkd.lmbda=1.5", "method.gkd.lmbda", "must be in [0, 1] (got 1.5)"),
+    ("method.gkd.beta=-0.1", "method.gkd.beta", "must be in [0, 1] (got -0.1)"),
+    ("method.imitkd.beta=2", "method.imitkd.beta", "must be in [0, 1] (got 2.0)"),
+    ("method.distillm.skew_alpha=1.0", "method.distillm.skew_alpha", "must be in [0, 1) (got 1.0)"),
+    ("method.gkd.skew_alpha=1.0", "method.gkd.skew_alpha", "must be in [0, 1) (got 1.0)"),
+    ("method.imitkd.skew_alpha=-0.5", "method.imitkd.skew_alpha", "must be in [0, 1] (got -0.5)"),
+    ("method.distillm.replay_ratio=2", "method.distillm.replay_ratio", "must be in [0, 1] (got 2.0)"),
+    ("method.distillm.init_prob=1.1", "method.distillm.init_prob", "must be in [0, 1] (got 1.1)"),
+    ("method.distillm.replay_capacity=0", "method.distillm.replay_capacity", "must be > 0 (got 0)"),
+    ("method.distillm.window=0", "method.distillm.window", "must be > 0 (got 0)"),
+    ("method.distillm.loss_eps=-1", "method.distillm.loss_eps", "must be >= 0 (got -1.0)"),
+    ("method.imitkd.divergence=hellinger", "method.imitkd.divergence",
+     "must be one of fkl, rkl, jsd, tvd, sfkl, srkl (got 'hellinger')"),
+    ("method.gkd.divergence=auto", "method.gkd.divergence",
+     "must be one of fkl, rkl, jsd, tvd, sfkl, srkl (got 'auto')"),
+    ("method.distillm.loss=jsd", "method.distillm.loss", "must be one of srkl, sfkl (got 'jsd')"),
+    ("method.promptkd.reg_weight=-1", "method.promptkd.reg_weight", "must be >= 0 (got -1.0)"),
+    ("method.promptkd.guidance=both", "method.promptkd.guidance",
+     "must be one of teacher_student, student_teacher (got 'both')"),
 ])
-def test_bad_baseline_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+def test_bad_baseline_values_name_the_key(override, key, shape):
+    with pytest.raises(ConfigError) as info:
         _cfg(override)
+    assert str(info.value) == f"{key}: {shape}"
 
 
 def test_endpoints_are_valid():
-    cfg = _cfg("method.gkd_lambda=0", "method.gkd_beta=1", "method.skew_alpha=0", "method.divergence=tvd")
-    assert (cfg.method.gkd_lambda, cfg.method.gkd_beta, cfg.method.skew_alpha) == (0.0, 1.0, 0.0)
+    cfg = _cfg("method.gkd.lmbda=0", "method.gkd.beta=1", "method.gkd.skew_alpha=0", "method.gkd.divergence=tvd")
+    g = cfg.method.gkd
+    assert (g.lmbda, g.beta, g.skew_alpha, g.divergence) == (0.0, 1.0, 0.0, "tvd")
+    assert cfg.method.imitkd == Config().method.imitkd  # a sibling section is untouched
+
+
+def test_each_method_has_its_own_divergence_default():
+    m = _cfg().method
+    assert (m.imitkd.divergence, m.gkd.divergence, m.distillm.loss) == ("fkl", "jsd", "srkl")
+    assert m.imitkd.beta == m.gkd.beta == 0.5 and m.imitkd.skew_alpha == m.distillm.skew_alpha == 0.1
 
 
 def test_help_documents_baselines_and_promptkd_ablations():
     text = "\n".join(help_lines())
-    for key in ("method.divergence", "method.gkd_lambda", "method.gkd_beta", "method.skew_alpha",
-                "method.distillm_loss", "method.replay_capacity", "method.seqkd_cache_dir",
+    for key in ("method.imitkd.divergence", "method.gkd.divergence", "method.gkd.lmbda", "method.gkd.beta",
+                "method.distillm.skew_alpha", "method.distillm.loss", "method.distillm.replay_capacity",
+                "method.seqkd.cache_dir", "method.kd.ce_weight",
                 # the paper's PromptKD ablations
-                "method.guidance", "method.reg_schedule", "method.reg_weight", "model.teacher.prompt_length",
-                "model.teacher.prompt_init ", "model.teacher.prompt_init_text"):
+                "method.promptkd.guidance", "method.promptkd.reg_schedule", "method.promptkd.reg_weight",
+                "model.teacher.prompt_length", "model.teacher.prompt_init ", "model.teacher.prompt_init_text"):
         assert key in text, key
     line = next(l for l in help_lines() if l.strip().startswith("method.name "))
-    for name in CHOICES["method.name"]:
+    for name in METHOD_NAMES:
         assert name in line
 
 
@@ -88,13 +108,13 @@ def test_shared_draws_ignore_global_rng_and_resume_exactly():
 # ----------------------------------------------------------------------------- distillm
 
 def _ctx(cfg, teacher=None, seed: int = 0) -> StepContext:
-    return StepContext(cfg=cfg, engine=None, pad_id=PAD, eos_id=EOS, vocab_size=VOCAB, total_steps=10,
-                       teacher=teacher, generator=torch.Generator().manual_seed(seed))
+    return step_context(cfg, METHODS[cfg.method.name].section, None, pad_id=PAD, eos_id=EOS, vocab_size=VOCAB,
+                        total_steps=10, teacher=teacher, generator=torch.Generator().manual_seed(seed))
 
 
 def test_distillm_prob_grows_only_when_the_window_loss_stalls():
-    m = DistiLLM(_ctx(_cfg("method.name=distillm", "method.distillm_window=2", "method.distillm_init_prob=0.2",
-                           "method.distillm_prob_step=0.25", "method.distillm_loss_eps=0.1")))
+    m = DistiLLM(_ctx(_cfg("method.name=distillm", "method.distillm.window=2", "method.distillm.init_prob=0.2",
+                           "method.distillm.prob_step=0.25", "method.distillm.loss_eps=0.1")))
     for loss in (5.0, 5.0):       # first window: nothing to compare with
         m._update_schedule(loss)
     assert m.phi == 0.2 and m.prev_window == 5.0
@@ -135,7 +155,7 @@ def test_replay_buffer_keeps_samples_fifo_and_samples_sizes():
 
 
 def test_distillm_state_round_trip():
-    cfg = _cfg("method.name=distillm", "method.distillm_init_prob=0.3")
+    cfg = _cfg("method.name=distillm", "method.distillm.init_prob=0.3")
     m = DistiLLM(_ctx(cfg))
     m.buffer.add([_rollout()], [[_ex("a", [7, 8]), _ex("b", [5, 6, 9])]])
     m.phi, m.window, m.prev_window = 0.7, [1.5], 2.0
@@ -159,8 +179,10 @@ def teacher() -> PromptedTeacher:
 
 
 def _seqkd(tmp_path, teacher, *extra: str) -> SeqKD:
-    cfg = _cfg("method.name=seqkd", f"method.seqkd_cache_dir={tmp_path}", "rollout.max_new_tokens=6", *extra)
-    return SeqKD(_ctx(cfg, teacher))
+    cfg = _cfg("method.name=seqkd", f"method.seqkd.cache_dir={tmp_path}", "rollout.max_new_tokens=6", *extra)
+    m = SeqKD.from_config(cfg, _ctx(cfg, teacher))
+    m.calls = CallCounter(m, "_teacher_generate")  # teacher decode loops run
+    return m
 
 
 MB = [_ex("a", [5, 9, 13]), _ex("b", [33, 21]), _ex("c", [8, 8, 50, 3])]
@@ -169,26 +191,26 @@ MB = [_ex("a", [5, 9, 13]), _ex("b", [33, 21]), _ex("c", [8, 8, 50, 3])]
 def test_seqkd_cache_is_reused_and_invalidated(tmp_path, teacher):
     first = _seqkd(tmp_path, teacher)
     out1 = first.teacher_examples(MB)
-    assert (first.generate_calls, first.generated) == (1, 3)
+    assert (first.calls.n, first.generated) == (1, 3)
     assert [ex.prompt_ids for ex in out1] == [ex.prompt_ids for ex in MB]
     assert all(ex.response_ids and len(ex.response_ids) <= 6 for ex in out1)
     assert all(ex.response_ids[-1] == EOS for ex in out1)  # forced EOS
-    assert first.teacher_examples(MB) == out1 and first.generate_calls == 1  # in-memory hits
+    assert first.teacher_examples(MB) == out1 and first.calls.n == 1  # in-memory hits
 
     again = _seqkd(tmp_path, teacher)  # a rerun: everything from disk, no teacher call
     assert again.teacher_examples(MB) == out1
-    assert (again.generate_calls, again.generated) == (0, 0)
+    assert (again.calls.n, again.generated) == (0, 0)
     assert again.cache.dir == first.cache.dir
 
     edited = [MB[0], _ex("b", [33, 22]), MB[2]]  # same id, different prompt: regenerated alone
     assert again.teacher_examples(edited)[0] == out1[0]
-    assert (again.generate_calls, again.generated) == (1, 1)
+    assert (again.calls.n, again.generated) == (1, 1)
 
     for change in ("rollout.temperature=0.7", "rollout.top_k=5", "rollout.max_new_tokens=5", "rollout.top_p=0.9"):
         other = _seqkd(tmp_path, teacher, change)
         assert other.cache.dir != first.cache.dir, change
         other.teacher_examples(MB)
-        assert (other.generate_calls, other.generated) == (1, 3), change
+        assert (other.calls.n, other.generated) == (1, 3), change
     meta = json.loads(open(os.path.join(first.cache.dir, "meta.json")).read())
     assert meta["decoding"]["max_new_tokens"] == 6 and meta["teacher"]["init"]["layers"] == 4
 
@@ -208,6 +230,6 @@ def test_seqkd_skips_a_truncated_cache_line(tmp_path, teacher):
         fh.write('{"id": "z", "prompt_sha": ')  # a crash mid-write
     again = _seqkd(tmp_path, teacher)
     again.teacher_examples(MB)
-    assert again.generate_calls == 0 and "z" not in again.cache.entries
+    assert again.calls.n == 0 and "z" not in again.cache.entries
     again.teacher_examples([_ex("y", [4, 4])])  # appended on a fresh line, so readable next time
     assert "y" in _seqkd(tmp_path, teacher).cache.entries

@@ -12,8 +12,8 @@ from promptkd.config import ConfigError, help_lines, load_config
 from promptkd.data import DataError, TokenizedExample
 from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy, reverse_kl
-from promptkd.losses_pg import future_returns, importance_weights, minillm_loss, minillm_terms, sampled_logprobs
-from promptkd.methods import METHODS, StepContext
+from promptkd.losses_pg import future_returns, importance_weights, minillm_terms, sampled_logprobs
+from promptkd.methods import METHODS, StepContext, step_context
 from promptkd.methods.base import lm_logits, student_rollout, teacher_logits
 from promptkd.methods.minillm import MiniLLM, mixed_rollout
 from promptkd.models import PromptedTeacher, build_tiny
@@ -179,14 +179,28 @@ class FakeEngine:
         pass
 
 
-def _ctx(*overrides: str, seed: int = 0, teacher_bias: float = 0.0) -> StepContext:
+def _ctx(*overrides: str, seed: int = 0, teacher_bias: float = 0.0, tokenizer=None) -> StepContext:
+    return _cfg_ctx(*overrides, seed=seed, teacher_bias=teacher_bias, tokenizer=tokenizer)[1]
+
+
+def _cfg_ctx(*overrides: str, seed: int = 0, teacher_bias: float = 0.0, tokenizer=None):
     cfg = load_config(None, BASE + ["rollout.max_new_tokens=12", *overrides])
     base = _tiny(1)
     if teacher_bias:  # the teacher puts (almost) all its mass on token 7
         base.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + _bias(out, 7, teacher_bias))
     teacher = PromptedTeacher(base, prompt_length=0, dtype=torch.float32)
-    return StepContext(cfg=cfg, engine=FakeEngine(_tiny(0)), pad_id=PAD, eos_id=EOS, vocab_size=VOCAB,
-                       total_steps=10, teacher=teacher, generator=torch.Generator().manual_seed(seed))
+    ctx = step_context(cfg, "minillm", FakeEngine(_tiny(0)), pad_id=PAD, eos_id=EOS, vocab_size=VOCAB,
+                       total_steps=10, teacher=teacher, tokenizer=tokenizer,
+                       generator=torch.Generator().manual_seed(seed))
+    return cfg, ctx
+
+
+def minillm_loss(student_logits, teacher_logits, targets, weights, mask, length_norm=True, single_step=True,
+                 long_term=True, chunk_size=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, n_tokens) of ``minillm_terms``, the house's pure-loss form."""
+    terms = minillm_terms(student_logits, teacher_logits, targets, weights, mask, length_norm, single_step,
+                          long_term, chunk_size)
+    return terms.total, terms.n_tokens
 
 
 def _bias(out: torch.Tensor, token: int, value: float) -> torch.Tensor:
@@ -278,13 +292,14 @@ def test_collate_lm_right_pads():
 
 def test_train_step_normalises_and_lm_position_resumes(tmp_path):
     data = _corpus_file(tmp_path)
-    overrides = ("method.minillm_lm_coef=0.5", f"method.minillm_lm_data={data}", "train.micro_batch_size=2",
-                 "method.minillm_teacher_mix=0.3")
-    ctx = _ctx(*overrides, seed=1)
-    m = MiniLLM(ctx, tokenizer=FakeTokenizer())
+    overrides = ("method.minillm.lm_coef=0.5", f"method.minillm.lm_data={data}", "train.micro_batch_size=2",
+                 "method.minillm.teacher_mix=0.3")
+    cfg, ctx = _cfg_ctx(*overrides, seed=1, tokenizer=FakeTokenizer())
+    m = MiniLLM.from_config(cfg, ctx)
     start = m.state_dict()
     mbs = [MB[:2], MB[2:]]
-    metrics = m.train_step(mbs, 0)
+    result = m.train_step(mbs, 0)
+    metrics = result.metrics
     assert m.corpus.consumed == 4 and ctx.engine.backward_calls == 2
     assert set(metrics) >= {"loss/minillm_kl", "loss/minillm_pg", "minillm/mean_weight", "minillm/mean_reward",
                             "tokens", "loss/lm"}
@@ -295,13 +310,13 @@ def test_train_step_normalises_and_lm_position_resumes(tmp_path):
     # by hand: the same sequences and LM documents, global (here: whole-step) token counts
     module = ctx.engine.module
     module.zero_grad()
-    replay = MiniLLM(ctx, tokenizer=FakeTokenizer())
+    replay = MiniLLM.from_config(cfg, ctx)
     replay.load_state_dict(start)
     lm = replay.lm_batches(2)
-    n = sum(float(r.loss_mask[:, 1:].sum()) for r in m.last_rollouts)
+    n = sum(float(r.loss_mask[:, 1:].sum()) for r in result.rollouts)
     n_lm = sum(float(b["attention_mask"][:, 1:].sum()) for b in lm)
     total = 0.0
-    for r, b in zip(m.last_rollouts, lm):
+    for r, b in zip(result.rollouts, lm):
         mask, y = r.loss_mask[:, 1:], r.input_ids[:, 1:]
         with torch.no_grad():
             t = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, VOCAB, use_prompt=False)
@@ -317,9 +332,9 @@ def test_train_step_normalises_and_lm_position_resumes(tmp_path):
 
 
 def test_alpha_zero_weights_are_one_and_no_lm_state():
-    ctx = _ctx("method.minillm_teacher_mix=0")
-    m = MiniLLM(ctx)
-    metrics = m.train_step([MB], 0)
+    cfg, ctx = _cfg_ctx("method.minillm.teacher_mix=0")
+    m = MiniLLM.from_config(cfg, ctx)
+    metrics = m.train_step([MB], 0).metrics
     assert metrics["minillm/mean_weight"] == 1.0
     assert "loss/lm" not in metrics and m.state_dict() == {}
 
@@ -329,31 +344,32 @@ def test_alpha_zero_weights_are_one_and_no_lm_state():
 def test_minillm_is_registered_and_documented():
     cfg = load_config(None, BASE)
     assert cfg.method.name == "minillm" and METHODS["minillm"].uses_teacher
-    assert not METHODS["minillm"].trains_prompt
-    m = cfg.method
-    assert (m.minillm_teacher_mix, m.minillm_clip_weight, m.minillm_lm_coef) == (0.2, 3.0, 0.0)
-    assert m.minillm_single_step and m.minillm_length_norm
+    assert METHODS["minillm"].teacher_prompt_length(cfg) == 0  # the plain teacher: no soft prompt
+    m = cfg.method.minillm
+    assert (m.teacher_mix, m.clip_weight, m.lm_coef) == (0.2, 3.0, 0.0)
+    assert m.single_step and m.length_norm
     text = "\n".join(help_lines())
-    for key in ("method.minillm_teacher_mix", "method.minillm_clip_weight", "method.minillm_single_step",
-                "method.minillm_length_norm", "method.minillm_lm_coef", "method.minillm_lm_data"):
+    for key in ("method.minillm.teacher_mix", "method.minillm.clip_weight", "method.minillm.single_step",
+                "method.minillm.length_norm", "method.minillm.lm_coef", "method.minillm.lm_data"):
         assert key in text, key
 
 
 @pytest.mark.parametrize("override, key", [
-    ("method.minillm_teacher_mix=1.5", "method.minillm_teacher_mix"),
-    ("method.minillm_teacher_mix=1.0", "method.minillm_teacher_mix"),
-    ("method.minillm_teacher_mix=-0.1", "method.minillm_teacher_mix"),
-    ("method.minillm_clip_weight=0", "method.minillm_clip_weight"),
-    ("method.minillm_lm_coef=-1", "method.minillm_lm_coef"),
-    ("method.minillm_lm_coef=0.5", "method.minillm_lm_data"),
-    ("method.minillm_lm_coef=0.5 method.minillm_lm_data=/nonexistent/c.txt", "method.minillm_lm_data"),
+    ("method.minillm.teacher_mix=1.5", "method.minillm.teacher_mix"),
+    ("method.minillm.teacher_mix=1.0", "method.minillm.teacher_mix"),
+    ("method.minillm.teacher_mix=-0.1", "method.minillm.teacher_mix"),
+    ("method.minillm.clip_weight=0", "method.minillm.clip_weight"),
+    ("method.minillm.lm_coef=-1", "method.minillm.lm_coef"),
+    ("method.minillm.lm_coef=0.5", "method.minillm.lm_data"),
+    ("method.minillm.lm_coef=0.5 method.minillm.lm_data=/nonexistent/c.txt", "method.minillm.lm_data"),
 ])
 def test_bad_minillm_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": ") as info:
         load_config(None, BASE + override.split())
+    assert "\n" not in str(info.value)
 
 
 def test_lm_data_file_is_accepted(tmp_path):
     data = _corpus_file(tmp_path)
-    cfg = load_config(None, BASE + ["method.minillm_lm_coef=1", f"method.minillm_lm_data={data}"])
-    assert cfg.method.minillm_lm_data == data
+    cfg = load_config(None, BASE + ["method.minillm.lm_coef=1", f"method.minillm.lm_data={data}"])
+    assert cfg.method.minillm.lm_data == data

@@ -1,0 +1,264 @@
+"""The run config: one dataclass tree, the paper's defaults (DESIGN.md §1).
+
+Constraints on single fields sit beside them (``_f(..., positive=True)``); rules over
+several fields are the sections' ``check(prefix, cfg)`` hooks, run by ``validate``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from promptkd.config.fields import ConfigError, _f
+from promptkd.config.methods import MethodConfig
+
+
+@dataclass
+class TinyInit:
+    arch: str = _f("llama", "architecture built from config: llama | gpt2", choices=("llama", "gpt2"))
+    layers: int = _f(2, "number of transformer layers", positive=True)
+    hidden: int = _f(64, "hidden size", positive=True)
+    heads: int = _f(4, "attention heads", positive=True)
+    intermediate: int = _f(0, "MLP size (0 = 4 x hidden)")
+    max_positions: int = _f(512, "maximum sequence length", positive=True)
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if self.hidden % self.heads:
+            raise ConfigError(f"{prefix}hidden: must be divisible by {prefix}heads ({self.heads})")
+
+
+@dataclass
+class TeacherConfig:
+    path: str = _f("", "HF dir or hub id of the (SFT'd) teacher; empty = build from `init`")
+    init: TinyInit = _f(TinyInit(layers=4, hidden=256, heads=8), "tiny teacher built from config when path is empty")
+    dtype: str = _f("bf16", "teacher weight dtype: bf16 | fp32 (frozen; the prompt is always fp32)",
+                    choices=("bf16", "fp32"))
+    prompt_length: int = _f(7, "soft prompt length P (0 = no prompt, i.e. plain on-policy RKL)", min=0)
+    prompt_init: str = _f("text", "prompt init: text | random", choices=("text", "random"))
+    prompt_init_text: str = _f("Suppose you are a student.", "text whose token embeddings initialise the prompt")
+    placement: str = _f("replicated", "replicated (a full copy per rank) | zero3 (weights partitioned across ranks)",
+                        choices=("replicated", "zero3"))
+    deepspeed: str = _f("ds_configs/teacher_zero3.json",
+                        "placement=zero3: the teacher's DeepSpeed JSON (ZeRO-3 settings)")
+    offload_params: str = _f("", "placement=zero3: '' | cpu (keep the teacher's partitions in CPU memory)",
+                             choices=("", "cpu"))
+    gradient_checkpointing: bool = _f(False, "activation checkpointing in the teacher (the prompt's backward "
+                                             "runs through all of it); dropout stays off")
+
+
+@dataclass
+class StudentConfig:
+    path: str = _f("", "HF dir or hub id of the (SFT'd) student; empty = build from `init`")
+    init: TinyInit = _f(TinyInit(layers=2, hidden=64, heads=4), "tiny student built from config when path is empty")
+    gradient_checkpointing: bool = _f(False, "activation checkpointing in the student")
+
+
+@dataclass
+class ModelConfig:
+    teacher: TeacherConfig = _f(TeacherConfig(), "teacher")
+    student: StudentConfig = _f(StudentConfig(), "student")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = _f("", "tokenizer dir or hub id; empty = the student's path, or train one when `train` is set")
+    train: bool = _f(False, "train a BPE tokenizer on the training text (quickstart / tests)")
+    vocab_size: int = _f(800, "vocabulary size of a trained tokenizer", positive=True)
+
+
+@dataclass
+class SyntheticConfig:
+    enabled: bool = _f(False, "generate the bundled synthetic instruction suite into <output.dir>/data")
+    n_train: int = _f(6000, "synthetic training examples", min=0)
+    n_dev: int = _f(200, "synthetic dev examples", min=0)
+    n_test: int = _f(300, "synthetic test examples", min=0)
+    seed: int = _f(1234, "seed of the synthetic generator")
+    level: int = _f(1, "difficulty: 1 = the quickstart's suite; 2 = longer lists and two-digit sums "
+                       "(the quality benchmark)", positive=True)
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if self.level not in (1, 2):
+            raise ConfigError(f"{prefix}level: must be 1 or 2 (got {self.level!r})")
+
+
+@dataclass
+class DataConfig:
+    train_file: str = _f("", "training data: JSONL path or `datasets` hub id")
+    format: str = _f("dolly", "data format: dolly | prompt_output", choices=("dolly", "prompt_output"))
+    dev_file: str = _f("", "dev data; empty = carve `dev_size` examples out of train")
+    dev_size: int = _f(200, "dev examples carved from train when dev_file is empty", min=0)
+    test_file: str = _f("", "test data evaluated at the end / by stage=eval")
+    max_length: int = _f(512, "max prompt+response tokens (longer sequences are truncated)", positive=True)
+    max_prompt_length: int = _f(256, "prompts longer than this are dropped (and counted)", positive=True)
+    synthetic: SyntheticConfig = _f(SyntheticConfig(), "bundled synthetic data")
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"{prefix}max_prompt_length: must be < {prefix}max_length ({self.max_length})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(5e-5, "peak learning rate", positive=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay", min=0)
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW eps", positive=True)
+    warmup_steps: int = _f(100, "linear warm-up steps", min=0)
+    schedule: str = _f("constant", "lr schedule after warm-up: constant | linear | cosine",
+                       choices=("constant", "linear", "cosine"))
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        b = self.betas
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            raise ConfigError(f"{prefix}betas: must be two numbers in [0, 1) (got {b!r})")
+
+
+@dataclass
+class OptimizersConfig:
+    student: OptimConfig = _f(OptimConfig(), "student AdamW")
+    prompt: OptimConfig = _f(OptimConfig(), "soft-prompt AdamW (the paper uses the student's lr)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, "passes over the training data (ignored when max_steps > 0)", min=0)
+    max_steps: int = _f(0, "optimizer steps (0 = run `epochs`)", min=0)
+    micro_batch_size: int = _f(2, "sequences per rank per micro-batch", positive=True)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", positive=True)
+    precision: str = _f("fp32", "student precision: fp32 | bf16 | fp16", choices=("fp32", "bf16", "fp16"))
+    grad_clip: float = _f(1.0, "gradient-norm clipping (student and prompt; 0 = off)", min=0)
+    max_bad_steps: int = _f(10, "abort after this many consecutive steps skipped for NaN/inf (0 = never)", min=0)
+    early_stop_patience: int = _f(0, "stop after this many dev evaluations (eval.dev_interval) without a new best "
+                                     "dev ROUGE-L; best/ keeps the best student (0 = never)", min=0)
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if self.early_stop_patience and not cfg.eval.dev_interval:
+            raise ConfigError(f"{prefix}early_stop_patience: needs eval.dev_interval > 0 (dev evaluations to count)")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ConfigError(f"{prefix}max_steps: set max_steps > 0 or {prefix}epochs > 0")
+
+
+@dataclass
+class RolloutConfig:
+    top_p: float = _f(1.0, "nucleus sampling threshold", positive=True, at_most_one=True)
+    top_k: int = _f(0, "top-k sampling (0 = off)", min=0)
+    temperature: float = _f(1.0, "sampling temperature", positive=True)
+    max_new_tokens: int = _f(0, "0 = max_length - max_prompt_length", min=0)
+
+
+@dataclass
+class EvalConfig:
+    file: str = _f("", "data to evaluate; empty = data.test_file")
+    model_path: str = _f("", "stage=eval: HF dir of the model to evaluate; empty = the run's export")
+    prompt_path: str = _f("", "stage=eval: dir with teacher_prompt.safetensors to evaluate a prompted teacher")
+    batch_size: int = _f(16, "prompts per generation batch", positive=True)
+    max_new_tokens: int = _f(256, "generated tokens per answer", positive=True)
+    do_sample: bool = _f(True, "sample (true) or greedy (false)")
+    temperature: float = _f(1.0, "sampling temperature", positive=True)
+    top_p: float = _f(1.0, "sampling top_p", positive=True, at_most_one=True)
+    top_k: int = _f(0, "sampling top_k", min=0)
+    no_repeat_ngram_size: int = _f(6, "forbid repeating n-grams of this size (0 = off)", min=0)
+    seeds: list = _f([10, 20, 30, 40, 50], "one generation per seed (scores are mean ± std over seeds)")
+    max_examples: int = _f(0, "evaluate only the first N examples (0 = all)", min=0)
+    dev_interval: int = _f(0, "dev ROUGE-L every N optimizer steps during training (0 = only at the end)", min=0)
+    models: list = _f([], "stage=eval: several models in one launch, name=path entries (HF dirs; each "
+                          "evaluated as eval.model_path would be); empty = eval.model_path")
+    greedy_too: bool = _f(False, "also decode greedily (one pass) and write it to <eval dir>/greedy/ beside the "
+                                 "sampled results: the paper's protocol samples, greedy is a second view")
+    sets: list = _f([], "test sets: name=path entries and/or dirs written by promptkd.data.prepare; "
+                        "empty = eval.file / data.test_file as the set 'test'")
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        names = set()
+        for spec in self.models:
+            name, sep, path = str(spec).partition("=")
+            if not (sep and name and path):
+                raise ConfigError(f"{prefix}models: {spec!r} is not name=path")
+            if name in names:
+                raise ConfigError(f"{prefix}models: the name {name!r} is given twice")
+            names.add(name)
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ConfigError(f"{prefix}seeds: must be a non-empty list of integers (got {self.seeds!r})")
+        _check_strings(prefix + "sets", self.sets)
+
+
+@dataclass
+class ExposureConfig:
+    students: list = _f([], "stage=exposure: student HF dirs (e.g. exports of several checkpoints); "
+                            "empty = eval.model_path or the run's export")
+    teacher_path: str = _f("", "stage=exposure: teacher HF dir; empty = model.teacher.path")
+    prompt_path: str = _f("", "stage=exposure: dir with a learned teacher_prompt.safetensors (empty = plain teacher)")
+    samples: int = _f(1, "stage=exposure: samples per prompt from each of student and teacher (k)", positive=True)
+    max_tokens: int = _f(0, "stage=exposure: positions accumulated (N); 0 = data.max_length - "
+                            "data.max_prompt_length", min=0)
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        _check_strings(prefix + "students", self.students)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/default", "run directory")
+    save_interval: int = _f(0, "checkpoint every N optimizer steps (0 = only at the end)", min=0)
+    export: bool = _f(True, "export the student (HF format) and the prompt at the end")
+    resume: str = _f("", "resume from: '' (start fresh) | auto (latest complete checkpoint in dir) | "
+                         "a checkpoint path")
+    keep_last: int = _f(2, "checkpoints kept (the newest K; best/ is kept apart); 0 = keep all", min=0)
+    overwrite: bool = _f(False, "allow starting fresh in a dir that already holds a run")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = _f(10, "log scalars every N optimizer steps", positive=True)
+    tensorboard: bool = _f(True, "write TensorBoard events to <output.dir>/tb")
+    sample_texts: int = _f(2, "sampled responses logged as text at each log step", min=0)
+    progress_bar: bool = _f(True, "tqdm progress bar on rank 0")
+
+
+@dataclass
+class PipelineConfig:
+    teacher_sft_steps: int = _f(700, "stage=pipeline: SFT steps of the tiny teacher", min=0)
+    student_sft_steps: int = _f(250, "stage=pipeline: SFT steps of the tiny student (its init for distillation)",
+                                min=0)
+    sft_lr: float = _f(1e-3, "stage=pipeline: SFT learning rate", positive=True)
+    sft_warmup_steps: int = _f(30, "stage=pipeline: SFT warm-up steps", min=0)
+    student_sft_dev_interval: int = _f(0, "stage=pipeline: dev ROUGE-L every N steps of the student's SFT; > 0 makes "
+                                          "its best-dev checkpoint (best/) the distillation init", min=0)
+    student_sft_patience: int = _f(0, "stage=pipeline: early stopping of the student's SFT after N dev "
+                                      "evaluations without a new best (0 = run every step)", min=0)
+
+
+@dataclass
+class Config:
+    stage: str = _f("train", "what to run: pipeline (quickstart: SFT teacher, SFT student, distill, eval) | train | "
+                             "eval", choices=("pipeline", "train", "eval", "exposure"))
+    seed: int = _f(42, "global seed")
+    deepspeed: str = _f("ds_configs/zero0.json", "DeepSpeed JSON with ZeRO/offload settings only")
+    dist_timeout_s: int = _f(1800, "timeout of every collective, seconds", positive=True)
+    model: ModelConfig = _f(ModelConfig(), "models")
+    tokenizer: TokenizerConfig = _f(TokenizerConfig(), "tokenizer")
+    data: DataConfig = _f(DataConfig(), "data")
+    method: MethodConfig = _f(MethodConfig(), "method and its parameters")
+    optim: OptimizersConfig = _f(OptimizersConfig(), "optimizers and schedules")
+    train: TrainConfig = _f(TrainConfig(), "training loop")
+    rollout: RolloutConfig = _f(RolloutConfig(), "student sampling")
+    eval: EvalConfig = _f(EvalConfig(), "evaluation")
+    exposure: ExposureConfig = _f(ExposureConfig(), "exposure-bias metric ExAccErr (stage=exposure)")
+    output: OutputConfig = _f(OutputConfig(), "outputs")
+    logging: LoggingConfig = _f(LoggingConfig(), "logging")
+    pipeline: PipelineConfig = _f(PipelineConfig(), "quickstart pipeline")
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if self.stage == "train" and not self.data.train_file and not self.data.synthetic.enabled:
+            raise ConfigError("data.train_file: required for stage=train (or set data.synthetic.enabled=true)")
+        if not self.deepspeed:
+            raise ConfigError("deepspeed: a ds_configs JSON path is required")
+
+
+def _check_strings(key: str, values: list) -> None:
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{key}: must be a list of non-empty strings (got {values!r})")
+
+
+def max_new_tokens(cfg: Config) -> int:
+    """Rollout length: the paper's max_length - max_prompt_length unless set."""
+    return cfg.rollout.max_new_tokens or (cfg.data.max_length - cfg.data.max_prompt_length)

@@ -1,0 +1,148 @@
+"""The one place that builds a run: tokenizer, data, teacher, student engine, method, trainer.
+
+``build_run`` is called by the ``train`` stage, by the step benchmarks in ``bench/`` and
+by the multi-rank test scenarios, so all of them train exactly what a user's launch trains.
+Inputs are checked before anything is written: a start that fails on bad input leaves no
+``config.yaml`` behind (the corrected rerun would look like "another run" otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from promptkd import distributed as dist
+from promptkd.builders import (Splits, build_student_engine, build_teacher, build_tokenizer, example_texts,
+                               load_raw_splits, steps_for, tokenize_splits, vocab_size)
+from promptkd.config import Config, ConfigError, EvalConfig, to_yaml, zero_stage
+from promptkd.evaluation import Generator, evaluate, load_sets, resolve_sets
+from promptkd.methods import METHODS, Method, build_method, step_context
+from promptkd.models import PromptedTeacher
+from promptkd.rollout import hf_step_fn
+from promptkd.trainer import DevEval, Trainer
+
+log = logging.getLogger(__name__)
+
+# The rollout generator of rank r starts at ROLLOUT_SEED_FACTOR * seed + r (a separate stream per rank).
+ROLLOUT_SEED_FACTOR = 7919
+
+
+@dataclass
+class Run:
+    """A built run: everything a training launch holds."""
+
+    cfg: Config
+    tokenizer: Any
+    splits: Splits
+    eval_sets: dict[str, list]           # eval.sets, tokenized (checked before training starts)
+    eval_info: dict[str, dict]
+    total_steps: int
+    engine: Any                          # the student's DeepSpeed engine
+    ds_config: dict
+    teacher: Optional[PromptedTeacher]
+    vocab_size: int
+    method: Method
+    trainer: Optional[Trainer] = None    # only when built with train=True
+
+    def student_generator(self) -> Generator:
+        return student_generator(self.engine, self.tokenizer, self.vocab_size)
+
+
+def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = None,
+              total_steps: Optional[int] = None, rollout_seed: Optional[int] = None) -> Run:
+    """Build the run ``cfg`` describes.
+
+    train=True also writes ``config.yaml`` into ``output.dir`` (refusing another run's dir)
+    and builds the trainer, restored from ``resume_from`` when given. total_steps replaces the
+    step count the data and ``train.*`` give (benchmarks, tests); rollout_seed the base seed
+    of the per-rank rollout generators (default ``ROLLOUT_SEED_FACTOR * cfg.seed``).
+    """
+    run_dir = cfg.output.dir
+    if train:
+        check_output_dir(cfg, run_dir)
+    raw = load_raw_splits(cfg)
+    tokenizer = build_tokenizer(cfg, run_dir, example_texts(raw[0]))
+    splits = tokenize_splits(cfg, tokenizer, raw)
+    sets, info = eval_sets(cfg, tokenizer) if cfg.eval.sets else ({}, {})
+    if cfg.train.early_stop_patience and not splits.dev:
+        raise ConfigError("train.early_stop_patience: needs a dev split (data.dev_file or data.dev_size)")
+    total = total_steps or steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
+    method_cls = METHODS[cfg.method.name]
+    teacher = (build_teacher(cfg, tokenizer, method_cls.teacher_prompt_length(cfg)) if method_cls.uses_teacher
+               else None)
+    engine, ds_config = build_student_engine(cfg, tokenizer, total)
+    vocab = vocab_size(tokenizer, teacher, engine.module)
+    seed = ROLLOUT_SEED_FACTOR * cfg.seed if rollout_seed is None else rollout_seed
+    ctx = step_context(cfg, method_cls.section, engine, pad_id=tokenizer.pad_token_id,
+                       eos_id=tokenizer.eos_token_id, vocab_size=vocab, total_steps=total, teacher=teacher,
+                       tokenizer=tokenizer,
+                       generator=torch.Generator(device=dist.device()).manual_seed(seed + dist.rank()),
+                       sync_rollout=zero_stage(ds_config) == 3)
+    method = build_method(cfg, ctx)
+    run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, method)
+    if train:
+        write_config(cfg, run_dir)
+        dev = dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev) if splits.dev else None
+        run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer,
+                              resume_from=resume_from)
+    return run
+
+
+# ----------------------------------------------------------------------------- output dir
+
+def check_output_dir(cfg: Config, run_dir: str) -> None:
+    """Refuse to start fresh over another run's outputs."""
+    existing = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(existing) and not cfg.output.resume and not cfg.output.overwrite:
+        raise ConfigError(f"output.dir: {run_dir} already holds a run (config.yaml); pass output.resume=auto "
+                          "to continue it, output.overwrite=true to start over, or pick another output.dir")
+
+
+def write_config(cfg: Config, run_dir: str) -> None:
+    """Write the resolved config; refuse to start fresh over another run's outputs."""
+    check_output_dir(cfg, run_dir)
+    dist.barrier()  # every rank has checked before rank 0 writes
+    if dist.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = os.path.join(run_dir, "config.yaml.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(to_yaml(cfg))
+        os.replace(tmp, os.path.join(run_dir, "config.yaml"))
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- evaluation pieces
+
+def eval_sets(cfg: Config, tokenizer: Any) -> tuple[dict[str, list], dict[str, dict]]:
+    """``eval.sets`` (else eval.file / data.test_file as the set "test"), tokenized: ({set: examples}, {set: info})."""
+    try:
+        paths = resolve_sets(cfg.eval.sets, cfg.eval.file or cfg.data.test_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return load_sets(paths, cfg.data.format, tokenizer, cfg.data.max_prompt_length, cfg.data.max_length)
+
+
+def student_generator(engine: Any, tokenizer: Any, vocab: int) -> Generator:
+    zero3 = engine.zero_optimization_stage() == 3
+    return Generator(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
+
+
+def greedy_eval(ev: EvalConfig) -> EvalConfig:
+    """The same evaluation decoded greedily, once."""
+    return dataclasses.replace(ev, do_sample=False, seeds=ev.seeds[:1])
+
+
+def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: list) -> DevEval:
+    """Dev ROUGE-L of the student, decoded greedily: one deterministic number per check."""
+    greedy = greedy_eval(ev)
+
+    def run(step: int) -> dict[str, float]:
+        engine.module.eval()
+        res = evaluate(student_generator(engine, tokenizer, vocab), tokenizer, dev, greedy)
+        return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
+
+    return run
