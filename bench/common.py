@@ -237,7 +237,7 @@ def make_config(ws: dict[str, str], sizes: RunSizes, method: str, **extra: Any):
 def build_run(cfg, method_name: str, total_steps: int = 1000, seed: int = 100):
     """(method, splits, tokenizer) of ``cfg`` through the project's one run builder, without a trainer."""
     from promptkd.config import with_overrides
-    from promptkd.run import build_run as build
+    from promptkd.training.run import build_run as build
 
     run = build(with_overrides(cfg, {"method.name": method_name}), train=False, total_steps=total_steps,
                 rollout_seed=seed)

@@ -87,7 +87,7 @@ class VocabShim:
 
 
 def mfu_section(ws: dict, p: dict, matmul_peak: float) -> dict[str, Any]:
-    from promptkd.builders import build_student_engine
+    from promptkd.training.builders import build_student_engine
     from promptkd.losses import reverse_kl
     from promptkd.methods.base import lm_logits
 

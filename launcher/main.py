@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 def run(cfg, debug: bool) -> int:
     from promptkd.data import DataError
     from promptkd.metrics import setup_logging
-    from promptkd.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, TrainingAborted
+    from promptkd.training.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, TrainingAborted
     from promptkd.stages import STAGES
 
     setup_logging()

@@ -9,19 +9,19 @@ from typing import Any, Optional
 
 import torch
 
-from promptkd import checkpoint
 from promptkd import distributed as dist
-from promptkd.builders import DTYPES, build_tokenizer, example_texts, load_raw_splits
 from promptkd.config import Config, ConfigError, with_overrides, zero_stage
 from promptkd.data import load_tokenizer, make_synthetic_splits
-from promptkd.evaluation import Generator, evaluate_sets, scalars, write_results
-from promptkd.exposure import run_exposure
+from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
+from promptkd.evaluation.exposure import run_exposure
+from promptkd.evaluation.report import main_tables, protocol_table
 from promptkd.methods import METHODS
 from promptkd.metrics import MetricsLogger
-from promptkd.models import load_pretrained, load_prompted_teacher, missing_local_dir
-from promptkd.report import main_tables, protocol_table
+from promptkd.models import DTYPES, load_pretrained, load_prompted_teacher, missing_local_dir
 from promptkd.rollout import hf_step_fn, teacher_step_fn
-from promptkd.run import build_run, eval_sets, greedy_eval, write_config
+from promptkd.training import checkpoint
+from promptkd.training.builders import build_tokenizer, example_texts, load_raw_splits
+from promptkd.training.run import build_run, eval_sets, greedy_eval, write_config
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         trainer.export(os.path.join(cfg.output.dir, "export"))
     if splits.test or run.eval_sets:
         sets = ({"test": splits.test} if splits.test else {}) | run.eval_sets
-        res = evaluate_sets(run.student_generator(), run.tokenizer, sets, cfg.eval)
+        res = evaluate_sets(run.student_decoder(), run.tokenizer, sets, cfg.eval)
         info = ({"test": {"path": cfg.data.test_file, "n": len(splits.test)}} if splits.test else {}) | run.eval_info
         report = write_results(os.path.join(cfg.output.dir, "eval"), {"student": res}, sets, cfg.eval, info)
         trainer.logger.scalars(trainer.state.step, scalars(report))
@@ -78,14 +78,14 @@ def _resume_path(cfg: Config) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- eval stage
 
-def model_generator(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Generator:
+def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Decoder:
     """A replicated HF model (optionally with a learned teacher prompt) ready to decode."""
     vocab = len(tokenizer)
     if prompt_dir:
         teacher = load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
-        return Generator(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+        return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
     base = load_pretrained(path, dtype).to(dist.device()).eval()
-    return Generator(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+    return Decoder(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
 
 
 def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]], tokenizer: Any,
@@ -102,7 +102,7 @@ def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]]
     results: dict[str, dict] = {view: {} for view in views}
     for name, (path, prompt_dir, dtype) in models.items():
         log.info("eval %s on %s", name, ", ".join(sets))
-        gen = model_generator(path, tokenizer, dtype, prompt_dir)
+        gen = model_decoder(path, tokenizer, dtype, prompt_dir)
         for view, ev in views.items():
             with torch.no_grad():
                 results[view][name] = evaluate_sets(gen, tokenizer, sets, ev)

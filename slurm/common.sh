@@ -4,7 +4,7 @@
 #   sbatch [sbatch options] slurm/X.sbatch --config FILE [key=value ...]
 #   NODES=2 GPUS_PER_NODE=4 slurm/X.sbatch --config FILE [key=value ...]   (submits itself, see below)
 
-EXIT_PREEMPTED=75   # promptkd/signals.py: checkpoint written, resume with output.resume=auto
+EXIT_PREEMPTED=75   # promptkd/training/signals.py: checkpoint written, resume with output.resume=auto
 
 # Outside a job: submit the calling script with its size taken from the environment.
 #   NODES (1), GPUS_PER_NODE (8; 0 = CPU-only tasks), TASKS_PER_NODE (GPUS_PER_NODE, or 1 without GPUs).

@@ -36,7 +36,7 @@ import torch
 from promptkd import distributed as dist
 from promptkd.data import TokenizedExample
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollout
-from promptkd.methods.distill import SharedDraws, distill_update, ground_truth
+from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 from promptkd.rollout import Rollout
 
 GROUND_TRUTH, FRESH, REPLAY = 0, 1, 2

@@ -11,7 +11,7 @@ the same branch (ZeRO-3 rollouts are collectives). The JSD(β) convention
 from __future__ import annotations
 
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollout
-from promptkd.methods.distill import SharedDraws, distill_update, ground_truth
+from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 
 
 class GKD(Method):

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from promptkd.methods.base import Method, MicroBatch, StepResult, student_rollout
-from promptkd.methods.distill import distill_update
+from promptkd.methods.token_kd import distill_update
 
 
 class ImitKD(Method):

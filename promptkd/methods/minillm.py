@@ -10,7 +10,7 @@ One optimizer step over the micro-batches:
 2. on the response tokens: reward r_t = log p_T(y_t) - log p_S(y_t), importance
    weight w_t = p_S(y_t)/p_mix(y_t) clipped at ``clip_weight``, return
    R_t = mean of the later rewards, and the loss
-   Σ w_t · (KL(p_S ‖ p_T)_t - R_t · log p_S(y_t)) (``promptkd.losses_pg``),
+   Σ w_t · (KL(p_S ‖ p_T)_t - R_t · log p_S(y_t)) (``promptkd.losses.pg``),
    normalised by the step's global number of response tokens;
 3. optionally ``lm_coef`` × cross-entropy on ``train.micro_batch_size``
    documents of ``lm_data`` per micro-batch, normalised by the global
@@ -31,9 +31,9 @@ from promptkd.config import Config
 from promptkd.data import collate_prompts
 from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy
-from promptkd.losses_pg import importance_weights, minillm_terms, sampled_logprobs
-from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_tokens, lm_logits, response_start,
-                                   set_modes, shifted_mask, student_backward, student_update_phase,
+from promptkd.losses.pg import importance_weights, minillm_terms, sampled_logprobs
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_tokens, lm_logits,
+                                   response_start, set_modes, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits, to_device)
 from promptkd.rollout import Rollout, generate, hf_step_fn, mixed_step_fn, teacher_step_fn
 

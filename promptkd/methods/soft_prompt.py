@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from promptkd import distributed as dist
-from promptkd.builders import adamw, lr_factor
 from promptkd.config import OptimConfig
 from promptkd.models import PromptedTeacher
+from promptkd.optim import adamw, lr_factor
 
 
 class SoftPrompt:

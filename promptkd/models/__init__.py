@@ -1,6 +1,6 @@
 """Model construction and the prompted teacher."""
 
-from promptkd.models.loading import build_tiny, check_vocab, load_pretrained, missing_local_dir
+from promptkd.models.loading import DTYPES, build_tiny, check_vocab, load_pretrained, missing_local_dir
 from promptkd.models.prompted_teacher import (
     PROMPT_META,
     PROMPT_WEIGHTS,
@@ -10,6 +10,7 @@ from promptkd.models.prompted_teacher import (
 )
 
 __all__ = [
+    "DTYPES",
     "PROMPT_META",
     "PROMPT_WEIGHTS",
     "PromptedTeacher",

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 logger = logging.getLogger(__name__)
 
 TINY_ARCHS = ("llama", "gpt2")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names -> torch
 
 
 def _llama_config(

@@ -91,7 +91,7 @@ def eos_bias_hook(module: torch.nn.Module, eos_id: int, bias: float = 5.0):
 
 def build_run(cfg, method_name: str):
     """(method, splits, tokenizer) through the project's run builder: 10 steps, rollout seed 100 + rank."""
-    from promptkd.run import build_run as build
+    from promptkd.training.run import build_run as build
 
     run = build(with_overrides(cfg, {"method.name": method_name}), train=False, total_steps=10, rollout_seed=100)
     return run.method, run.splits, run.tokenizer
@@ -275,7 +275,7 @@ def scenario_export_zero3() -> dict:
     """The export of a ZeRO-3 student loads with from_pretrained and matches the live engine."""
     from transformers import AutoModelForCausalLM
 
-    from promptkd.checkpoint import export_student
+    from promptkd.training.checkpoint import export_student
     from promptkd.methods.base import lm_logits
 
     cfg = tiny_cfg("ds_configs/zero3_tiny_test.json")
@@ -344,7 +344,7 @@ def scenario_gkd_zero3() -> dict:
 
 def scenario_distillm_zero3() -> dict:
     """Fresh, replay and ground-truth steps; buffer survives state_dict and a real checkpoint."""
-    from promptkd import checkpoint
+    from promptkd.training import checkpoint
     from promptkd.methods.distillm import DistiLLM
 
     # seed 44's draws (u_student, u_replay): (.14, .52) fresh, (.09, .28) replay, (.97, .93) ground truth
@@ -433,7 +433,7 @@ def scenario_promptkd_ablations() -> dict:
     """The paper's ablations as config: guidance direction, reg schedule, prompt length and init."""
     import dataclasses
 
-    from promptkd.builders import build_teacher
+    from promptkd.training.builders import build_teacher
     from promptkd.methods.soft_prompt import SoftPrompt
 
     base = tiny_cfg(ZERO3, **{"train.grad_accum": 1, "rollout.max_new_tokens": 8})
@@ -447,7 +447,8 @@ def scenario_promptkd_ablations() -> dict:
     out = {}
     for i, (name, change) in enumerate(variants.items()):
         teacher_change = change.pop("teacher", None)
-        cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, promptkd=dataclasses.replace(base.method.promptkd, **change)))
+        section = dataclasses.replace(base.method.promptkd, **change)
+        cfg = dataclasses.replace(base, method=dataclasses.replace(base.method, promptkd=section))
         if teacher_change:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, teacher=dataclasses.replace(cfg.model.teacher, **teacher_change)))
@@ -553,8 +554,8 @@ def scenario_train_eval_modes() -> dict:
              "model.teacher.path": save_dropout_gpt2("gpt2_teacher_dropout", 2, 64, tok_vocab),
              "data.max_length": 112, "data.max_prompt_length": 96}
     out = {}
-    for label, method, extra in (("promptkd", "promptkd", {}),
-                                 ("promptkd_teacher_eval", "promptkd", {"method.promptkd.prompt_step_teacher_train": False}),
+    teacher_eval = {"method.promptkd.prompt_step_teacher_train": False}
+    for label, method, extra in (("promptkd", "promptkd", {}), ("promptkd_teacher_eval", "promptkd", teacher_eval),
                                  ("imitkd", "imitkd", {})):
         cfg = tiny_cfg("ds_configs/zero2.json", **{"method.name": method, **paths, **extra})
         m, splits, tok = build_run(cfg, method)

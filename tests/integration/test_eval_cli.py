@@ -63,7 +63,7 @@ def test_one_eval_command_over_all_sets_then_compare(prepared, ws, tmp_path):
     ids = [json.loads(line)["id"] for line in (out / "eval" / "answers" / "model" / "sni.jsonl").read_text().splitlines()]
     assert ids == ["task1356-aaa1", "task1356-aaa3", "task102-bbb1"]
     assert list((out / "tb").iterdir()), "no TensorBoard events"
-    cmp = _run(["-m", "promptkd.compare", str(out / "eval" / "results.json"), str(out / "eval" / "results.json"),
+    cmp = _run(["-m", "promptkd.evaluation.compare", str(out / "eval" / "results.json"), str(out / "eval" / "results.json"),
                 "--labels", "first", "again", "--metric", "rougeL"])
     assert cmp.returncode == 0, cmp.stderr
     rows = [line for line in cmp.stdout.splitlines() if line.startswith("| first") or line.startswith("| again")]

@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)
 
 from tests.fixtures.cli import cli_env  # noqa: E402
 from tests.fixtures.tiny_run import write_tiny_run  # noqa: E402
-from promptkd.signals import EXIT_PREEMPTED  # noqa: E402
+from promptkd.training.signals import EXIT_PREEMPTED  # noqa: E402
 
 STEPS = 6
 
@@ -120,8 +120,7 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
 def check_offline_consolidation(out, reference: dict) -> None:
     """`python -m promptkd.consolidate` rebuilds the exported student from the last checkpoint alone."""
     target = out / "consolidated"
-    proc = subprocess.run([sys.executable, "-m", "promptkd.consolidate", str(out / "checkpoints" / f"step_{STEPS}"),
-                           str(target)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "promptkd.consolidate", str(out / "checkpoints" / f"step_{STEPS}"), str(target)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     ok(proc)
     merged = load_file(str(target / "model.safetensors"))
     merged["prompt"] = load_file(str(target / "teacher_prompt.safetensors"))["prompt"]
@@ -132,7 +131,7 @@ def check_offline_consolidation(out, reference: dict) -> None:
 
 
 def test_torn_checkpoint_is_skipped(setup, tmp_path):
-    from promptkd import checkpoint
+    from promptkd.training import checkpoint
 
     ckpts = tmp_path / "checkpoints"
     for name, complete in (("step_2", True), ("step_4", False), (".tmp_step_5", False)):

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from promptkd import checkpoint  # noqa: E402
+from promptkd.training import checkpoint  # noqa: E402
 from tests.fixtures.tiny_run import write_tiny_run  # noqa: E402
-from promptkd.signals import EXIT_PREEMPTED  # noqa: E402
+from promptkd.training.signals import EXIT_PREEMPTED  # noqa: E402
 
 STEPS = 24
 SAVE_INTERVAL = 4

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from promptkd.builders import checkpoint_frozen_layers
+from promptkd.training.builders import checkpoint_frozen_layers
 from promptkd.models import PromptedTeacher, build_tiny
 
 
@@ -48,7 +48,7 @@ def test_checkpointing_keeps_dropout_off():
 
 def test_student_checkpointing_option_gives_the_same_gradients(tmp_path):
     """model.student.gradient_checkpointing=true: same gradients, and the layers really recompute."""
-    from promptkd.builders import build_student_module
+    from promptkd.training.builders import build_student_module
     from promptkd.config import load_config
     from promptkd.data import train_tokenizer
 

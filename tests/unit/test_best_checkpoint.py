@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptkd import checkpoint
+from promptkd.training import checkpoint
 from promptkd.config import OptimConfig, load_config
 from promptkd.data import train_tokenizer
 from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.models import PromptedTeacher, build_tiny
-from promptkd.trainer import Trainer
+from promptkd.training.trainer import Trainer
 
 SCORES = [10.0, 30.0, 20.0, 30.0, 25.0, 5.0]   # steps 1..6: the first 30 (step 2) wins, the tie does not replace
 

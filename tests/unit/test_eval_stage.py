@@ -1,5 +1,5 @@
 """stage=eval over several prepared sets (one process, tiny saved models): results.json / results.md,
-answers per model and set keyed by id, TensorBoard scalars; ``promptkd.compare``; stage=exposure."""
+answers per model and set keyed by id, TensorBoard scalars; ``promptkd.evaluation.compare``; stage=exposure."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_prompted_teacher_and_sampling_seeds(ws, tmp_path):
 
 
 def test_compare_prints_runs_side_by_side(greedy_run, tmp_path, capsys):
-    from promptkd.compare import main
+    from promptkd.evaluation.compare import main
 
     legacy = tmp_path / "old" / "eval" / "results.json"
     legacy.parent.mkdir(parents=True)
@@ -96,8 +96,8 @@ def test_compare_prints_runs_side_by_side(greedy_run, tmp_path, capsys):
 
 
 def test_compare_cli_entry_point(greedy_run):
-    proc = subprocess.run([sys.executable, "-m", "promptkd.compare", str(greedy_run / "eval" / "results.json"),
-                           "--labels", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "promptkd.compare", str(greedy_run / "eval" / "results.json"), "--labels",
+                           "tiny"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "| tiny: model |" in proc.stdout and "Exact match" in proc.stdout
 

@@ -12,7 +12,7 @@ from promptkd.config import EvalConfig
 from promptkd.data import TokenizedExample, train_tokenizer
 from promptkd.data.formats import sniff_format
 from promptkd.evaluation import (
-    Generator,
+    Decoder,
     evaluate,
     exact_match,
     generate_answers,
@@ -26,7 +26,7 @@ from promptkd.evaluation import (
     summarize,
     write_results,
 )
-from promptkd.report import results_markdown
+from promptkd.evaluation.report import results_markdown
 from promptkd.models import build_tiny
 from promptkd.rollout import SamplingParams, hf_step_fn
 
@@ -311,8 +311,8 @@ class EchoLastToken:
         return logits, {"tok": past["tok"], "step": past["step"] + 1}
 
 
-def _gen_stub(tokenizer) -> Generator:
-    return Generator(step_fn=EchoLastToken(len(tokenizer), tokenizer.eos_token_id), pad_id=tokenizer.pad_token_id,
+def _gen_stub(tokenizer) -> Decoder:
+    return Decoder(step_fn=EchoLastToken(len(tokenizer), tokenizer.eos_token_id), pad_id=tokenizer.pad_token_id,
                      eos_id=tokenizer.eos_token_id, vocab_size=len(tokenizer))
 
 
@@ -327,10 +327,10 @@ def test_generate_answers_in_dataset_order_stub(tokenizer, batch_size):
 
 
 @pytest.fixture(scope="module")
-def tiny_gen(tokenizer) -> Generator:
+def tiny_gen(tokenizer) -> Decoder:
     torch.manual_seed(0)
     model = build_tiny("llama", 2, 32, 4, vocab_size=len(tokenizer)).eval()
-    return Generator(step_fn=hf_step_fn(model), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+    return Decoder(step_fn=hf_step_fn(model), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                      vocab_size=len(tokenizer))
 
 

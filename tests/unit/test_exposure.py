@@ -1,4 +1,4 @@
-"""promptkd.exposure: ExAccErr on stub models whose value is worked out by hand, its delta-method SE,
+"""promptkd.evaluation.exposure: ExAccErr on stub models whose value is worked out by hand, its delta-method SE,
 the alive-sample convention, and the tiny-HF-model path."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from promptkd.data import TokenizedExample
-from promptkd.exposure import (LM, bootstrap_se, exacc_stats, exposure_table, hf_lm, per_prompt_curve, prompt_curves,
-                               report_positions, teacher_lm, token_kl)
+from promptkd.evaluation.exposure import (LM, bootstrap_se, exacc_stats, exposure_table, hf_lm, per_prompt_curve,
+                                          prompt_curves, report_positions, teacher_lm, token_kl)
 
 PAD, EOS, A, B, S = 0, 1, 2, 3, 4   # S: the one-token prompt
 V = 5

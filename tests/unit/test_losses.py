@@ -197,7 +197,7 @@ def test_chunked_equals_unchunked_cross_entropy(chunk: int) -> None:
 
 
 def test_chunked_uses_checkpoint_only_with_grad(monkeypatch: pytest.MonkeyPatch) -> None:
-    import promptkd.losses as losses
+    import promptkd.losses.core as losses
 
     calls: list[int] = []
     real = losses.checkpoint
@@ -221,7 +221,7 @@ def test_chunked_uses_checkpoint_only_with_grad(monkeypatch: pytest.MonkeyPatch)
 def test_fused_chunked_kl_gradients_match_autograd(dtype: torch.dtype, which: str) -> None:
     """The chunked KL computes its gradients analytically in forward; they must match autograd's,
     scaled by the upstream gradient, for either side or both, in fp32 and bf16."""
-    import promptkd.losses as losses
+    import promptkd.losses.core as losses
 
     p, q, m = random_logits(21).to(dtype), random_logits(22).to(dtype), random_mask()
     grads = {}
@@ -246,7 +246,7 @@ def test_fused_chunked_kl_gradients_match_autograd(dtype: torch.dtype, which: st
 def test_kl_keeps_no_fp32_intermediates_for_backward() -> None:
     """The KL's gradient is computed in forward (fused): autograd keeps no fp32 B x T x V tensors,
     whatever the chunk; the autograd formula it replaces keeps at least two of them."""
-    import promptkd.losses as losses
+    import promptkd.losses.core as losses
 
     big_t, vocab = 64, 512
     p = torch.randn(2, big_t, vocab, dtype=torch.bfloat16, requires_grad=True)
@@ -273,7 +273,7 @@ def test_kl_keeps_no_fp32_intermediates_for_backward() -> None:
 
 
 def test_auto_chunk_splits_large_vocabularies_only() -> None:
-    from promptkd.losses_fused import FUSED_CHUNK_ELEMENTS, auto_chunk
+    from promptkd.losses.fused import FUSED_CHUNK_ELEMENTS, auto_chunk
 
     assert auto_chunk(torch.empty(16, 32, 915)) >= 32              # a small vocabulary stays one piece
     assert auto_chunk(torch.empty(16, 512, 32000)) == FUSED_CHUNK_ELEMENTS // (16 * 32000) == 8
@@ -361,7 +361,7 @@ def test_fused_prompt_loss_matches_the_autograd_formula(guidance: str, reg_weigh
                                                         dtype: torch.dtype) -> None:
     """With a gradient needed the prompt loss runs fused (gradient computed in forward);
     values and gradient equal the chunked autograd formula it replaces."""
-    import promptkd.losses as losses
+    import promptkd.losses.core as losses
 
     pt, s, bt, m = random_logits(41).to(dtype), random_logits(42).to(dtype), random_logits(43).to(dtype), random_mask()
     fn = losses._make_prompt_chunk(guidance, reg_weight != 0)

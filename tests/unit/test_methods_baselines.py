@@ -11,7 +11,7 @@ import torch
 from promptkd.config import METHOD_NAMES, Config, ConfigError, help_lines, load_config
 from promptkd.data import TokenizedExample
 from promptkd.methods import METHODS, StepContext, step_context
-from promptkd.methods.distill import SharedDraws
+from promptkd.methods.token_kd import SharedDraws
 from promptkd.methods.distillm import DistiLLM, ReplayBuffer
 from promptkd.methods.seqkd import SeqKD
 from promptkd.models import PromptedTeacher, build_tiny

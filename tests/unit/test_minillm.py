@@ -12,7 +12,7 @@ from promptkd.config import ConfigError, help_lines, load_config
 from promptkd.data import DataError, TokenizedExample
 from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy, reverse_kl
-from promptkd.losses_pg import future_returns, importance_weights, minillm_terms, sampled_logprobs
+from promptkd.losses.pg import future_returns, importance_weights, minillm_terms, sampled_logprobs
 from promptkd.methods import METHODS, StepContext, step_context
 from promptkd.methods.base import lm_logits, student_rollout, teacher_logits
 from promptkd.methods.minillm import MiniLLM, mixed_rollout

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from bench.quality_report import T95, paired
-from promptkd.report import protocol_table
+from promptkd.evaluation.report import protocol_table
 
 
 def test_paired_difference_is_the_t_interval_of_per_seed_differences():

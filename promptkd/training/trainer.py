@@ -11,14 +11,14 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from promptkd import checkpoint
 from promptkd import distributed as dist
 from promptkd.config import Config
 from promptkd.data import ListDataset, TokenizedExample
 from promptkd.methods import Method
-from promptkd.faults import before_step, configured
 from promptkd.metrics import MetricsLogger, format_scalars
-from promptkd.signals import Preempted, StopRequest, TrainingAborted
+from promptkd.training import checkpoint
+from promptkd.training.faults import before_step, configured
+from promptkd.training.signals import Preempted, StopRequest, TrainingAborted
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ collectives); the gather drops the padding and restores dataset order, so
 greedy answers and scores do not depend on the world size.
 
 Results: ``{model: {set: evaluate(...)}}`` -> ``summarize`` -> results.json,
-results.md (promptkd.report), answers/<model>/<set>.jsonl and TensorBoard scalars.
+results.md (promptkd.evaluation.report), answers/<model>/<set>.jsonl and TensorBoard scalars.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ import torch
 from promptkd import distributed as dist
 from promptkd.config import EvalConfig
 from promptkd.data import TokenizedExample, collate_prompts, load_examples, sniff_format, tokenize_examples
-from promptkd.report import AVERAGE, METRICS, results_markdown
+from promptkd.evaluation.report import AVERAGE, METRICS, results_markdown
 from promptkd.rollout import SamplingParams, StepFn, generate
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Generator:
+class Decoder:
     """What evaluation needs to decode with one model."""
 
     step_fn: StepFn
@@ -60,7 +60,7 @@ def _decode(tokenizer: Any, ids: list[int], eos_id: int) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_answers(gen: Generator, tokenizer: Any, examples: list[TokenizedExample], params: SamplingParams,
+def generate_answers(gen: Decoder, tokenizer: Any, examples: list[TokenizedExample], params: SamplingParams,
                      batch_size: int, seed: int) -> list[str]:
     """One answer per example, in dataset order, identical on every rank."""
     slots = shard_indices(len(examples), dist.rank(), dist.world_size())
@@ -119,7 +119,7 @@ def per_category(predictions: list[str], examples: list[TokenizedExample]) -> di
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def evaluate(gen: Generator, tokenizer: Any, examples: list[TokenizedExample], ev: EvalConfig,
+def evaluate(gen: Decoder, tokenizer: Any, examples: list[TokenizedExample], ev: EvalConfig,
              seeds: Optional[list[int]] = None) -> dict[str, Any]:
     """Scores over seeds: mean and std of ROUGE-L / EM, per-category ROUGE-L, and the answers."""
     if ev.max_examples:
@@ -145,7 +145,7 @@ def _mean_std(runs: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def evaluate_sets(gen: Generator, tokenizer: Any, sets: dict[str, list[TokenizedExample]],
+def evaluate_sets(gen: Decoder, tokenizer: Any, sets: dict[str, list[TokenizedExample]],
                   ev: EvalConfig) -> dict[str, dict[str, Any]]:
     """``evaluate`` on every named set with the same model; {set: result}."""
     out = {}
@@ -238,7 +238,7 @@ def _average(per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def summarize(results: dict[str, dict[str, dict[str, Any]]], ev: Optional[EvalConfig] = None,
               sets: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
-    """``{model: {set: evaluate(...)}}`` -> the JSON-able summary (see promptkd.report)."""
+    """``{model: {set: evaluate(...)}}`` -> the JSON-able summary (see promptkd.evaluation.report)."""
     models = {}
     for name, per_set in results.items():
         models[name] = {"datasets": {d: _stats(r) for d, r in per_set.items()}}

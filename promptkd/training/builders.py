@@ -16,15 +16,13 @@ import torch
 import torch._dynamo  # noqa: F401  (must be imported before any zero.Init block)
 
 from promptkd import distributed as dist
-from promptkd.config import Config, ConfigError, OptimConfig, TinyInit, build_ds_config, zero_stage
+from promptkd.config import Config, ConfigError, TinyInit, build_ds_config, zero_stage
 from promptkd.data import (DataError, Example, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
                            tokenize_examples, train_tokenizer)
-from promptkd.models import PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
+from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
+from promptkd.optim import adamw, lr_factor
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # ----------------------------------------------------------------------------- tokenizer + data
 
@@ -235,59 +233,6 @@ def _unset_hf_ds_config() -> None:
         unset_hf_deepspeed_config()
     except ImportError:  # pragma: no cover - older transformers
         pass
-
-
-# ----------------------------------------------------------------------------- optimizers
-
-def lr_factor(opt: OptimConfig, total_steps: int):
-    """Warm-up then constant / linear / cosine; a function of the 0-based step."""
-
-    def factor(step: int) -> float:
-        if opt.warmup_steps and step < opt.warmup_steps:
-            return (step + 1) / opt.warmup_steps
-        if opt.schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - opt.warmup_steps)
-        progress = min(1.0, (step - opt.warmup_steps) / span)
-        if opt.schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips a step whose gradients are not finite on some rank.
-
-    DeepSpeed's ZeRO optimizers already skip such steps; without ZeRO the client
-    optimizer steps directly, so this guard sets ``overflow``, which the engine
-    reads to count the step as skipped (and not advance the lr schedule).
-    """
-
-    overflow = False
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        local_bad = any(not bool(torch.isfinite(g).all()) for g in grads)
-        self.overflow = dist.any_true(local_bad)
-        if self.overflow:
-            return None
-        return super().step(closure)
-
-
-def adamw(params: list[torch.nn.Parameter], opt: OptimConfig, named: Optional[list[tuple[str, Any]]] = None,
-          guarded: bool = False):
-    """AdamW; with ``named`` params, biases and norm weights get no weight decay."""
-    if named is None:
-        groups = [{"params": params, "weight_decay": opt.weight_decay}]
-    else:
-        decay = [p for n, p in named if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in named if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": opt.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-    cls = GuardedAdamW if guarded else torch.optim.AdamW
-    return cls(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 def build_student_engine(cfg: Config, tokenizer: Any, total_steps: int) -> tuple[Any, dict]:

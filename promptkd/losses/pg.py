@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from promptkd.losses import _check_shapes, _n_tokens, _run_chunked, _select
+from promptkd.losses.core import _check_shapes, _n_tokens, _run_chunked, _select
 
 
 def _check_targets(targets: torch.Tensor, mask: torch.Tensor, name: str = "targets") -> None:

@@ -40,7 +40,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.data import TokenizedExample, collate_prompts
-from promptkd.evaluation import shard_indices
+from promptkd.evaluation.core import shard_indices
 from promptkd.rollout import SamplingParams, StepFn, generate, hf_step_fn, position_ids, teacher_step_fn
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,7 @@ def exposure_table(rows: list[dict[str, Any]], n_pos: int) -> str:
 
 
 def _load_teacher(cfg: Any, path: str) -> torch.nn.Module:
-    from promptkd.builders import DTYPES
-    from promptkd.models import load_prompted_teacher
+    from promptkd.models import DTYPES, load_prompted_teacher
 
     teacher = load_prompted_teacher(path, DTYPES[cfg.model.teacher.dtype], cfg.exposure.prompt_path)
     return teacher.to(dist.device()).eval()
@@ -202,7 +201,7 @@ def run_exposure(cfg: Any) -> dict[str, Any]:
     """ExAccErr of each student in ``exposure.students`` against the teacher; writes <output.dir>/exposure/."""
     from promptkd.config import ConfigError
     from promptkd.data import load_tokenizer
-    from promptkd.evaluation import load_sets
+    from promptkd.evaluation.core import load_sets
     from promptkd.models import load_pretrained
 
     ex = cfg.exposure

@@ -15,7 +15,7 @@ masked-out positions cannot leak into values or gradients.
 
 ``chunk_size`` bounds peak memory: T is processed in slices of that length.
 When a gradient is needed, the KL divergences and the prompt loss compute it in
-the forward, slice by slice (``promptkd.losses_fused``; ``chunk_size=None`` then
+the forward, slice by slice (``promptkd.losses.fused``; ``chunk_size=None`` then
 picks slices of ~16 MB fp32, so small vocabularies stay one piece); the other
 losses run each slice under non-reentrant activation checkpointing, so the fp32
 ``B x chunk x V`` intermediates are recomputed in backward instead of being
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from promptkd.losses_fused import _FusedChunkedKL, _FusedPromptLoss, _select, auto_chunk
+from promptkd.losses.fused import _FusedChunkedKL, _FusedPromptLoss, _select, auto_chunk
 
 GUIDANCE_CHOICES = ("teacher_student", "student_teacher")
 SCHEDULE_CHOICES = ("linear", "constant", "off")

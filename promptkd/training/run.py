@@ -16,14 +16,14 @@ from typing import Any, Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.builders import (Splits, build_student_engine, build_teacher, build_tokenizer, example_texts,
-                               load_raw_splits, steps_for, tokenize_splits, vocab_size)
 from promptkd.config import Config, ConfigError, EvalConfig, to_yaml, zero_stage
-from promptkd.evaluation import Generator, evaluate, load_sets, resolve_sets
+from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
 from promptkd.methods import METHODS, Method, build_method, step_context
 from promptkd.models import PromptedTeacher
 from promptkd.rollout import hf_step_fn
-from promptkd.trainer import DevEval, Trainer
+from promptkd.training.builders import (Splits, build_student_engine, build_teacher, build_tokenizer,
+                                        example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
+from promptkd.training.trainer import DevEval, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class Run:
     method: Method
     trainer: Optional[Trainer] = None    # only when built with train=True
 
-    def student_generator(self) -> Generator:
-        return student_generator(self.engine, self.tokenizer, self.vocab_size)
+    def student_decoder(self) -> Decoder:
+        return student_decoder(self.engine, self.tokenizer, self.vocab_size)
 
 
 def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = None,
@@ -126,9 +126,9 @@ def eval_sets(cfg: Config, tokenizer: Any) -> tuple[dict[str, list], dict[str, d
     return load_sets(paths, cfg.data.format, tokenizer, cfg.data.max_prompt_length, cfg.data.max_length)
 
 
-def student_generator(engine: Any, tokenizer: Any, vocab: int) -> Generator:
+def student_decoder(engine: Any, tokenizer: Any, vocab: int) -> Decoder:
     zero3 = engine.zero_optimization_stage() == 3
-    return Generator(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
+    return Decoder(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
 
 
 def greedy_eval(ev: EvalConfig) -> EvalConfig:
@@ -142,7 +142,7 @@ def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: li
 
     def run(step: int) -> dict[str, float]:
         engine.module.eval()
-        res = evaluate(student_generator(engine, tokenizer, vocab), tokenizer, dev, greedy)
+        res = evaluate(student_decoder(engine, tokenizer, vocab), tokenizer, dev, greedy)
         return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
 
     return run
