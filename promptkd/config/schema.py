@@ -149,7 +149,7 @@ class RolloutConfig:
 class EvalConfig:
     file: str = _f("", "data to evaluate; empty = data.test_file")
     model_path: str = _f("", "stage=eval: HF dir of the model to evaluate; empty = the run's export")
-    prompt_path: str = _f("", "stage=eval: dir with teacher_prompt.safetensors to evaluate a prompted teacher")
+    prompt_path: str = _f("", "stage=eval: a run's export (or best/) or a dir with teacher_prompt.safetensors: evaluate the prompted teacher")
     batch_size: int = _f(16, "prompts per generation batch", positive=True)
     max_new_tokens: int = _f(256, "generated tokens per answer", positive=True)
     do_sample: bool = _f(True, "sample (true) or greedy (false)")
@@ -186,7 +186,7 @@ class ExposureConfig:
     students: list = _f([], "stage=exposure: student HF dirs (e.g. exports of several checkpoints); "
                             "empty = eval.model_path or the run's export")
     teacher_path: str = _f("", "stage=exposure: teacher HF dir; empty = model.teacher.path")
-    prompt_path: str = _f("", "stage=exposure: dir with a learned teacher_prompt.safetensors (empty = plain teacher)")
+    prompt_path: str = _f("", "stage=exposure: a run's export or a dir with a learned teacher_prompt.safetensors (empty = plain teacher)")
     samples: int = _f(1, "stage=exposure: samples per prompt from each of student and teacher (k)", positive=True)
     max_tokens: int = _f(0, "stage=exposure: positions accumulated (N); 0 = data.max_length - "
                             "data.max_prompt_length", min=0)

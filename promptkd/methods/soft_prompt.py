@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any
 
 import torch
 
 from promptkd import distributed as dist
 from promptkd.config import OptimConfig
-from promptkd.models import PromptedTeacher
+from promptkd.models import PROMPT_DIR, PromptedTeacher
 from promptkd.optim import adamw, lr_factor
 
 
@@ -68,6 +69,9 @@ class SoftPrompt:
         return copy.deepcopy(self.state_dict())
 
     def export(self, out_dir: str) -> None:
-        """teacher_prompt.safetensors + teacher_prompt.json into ``out_dir`` (rank 0 writes)."""
+        """teacher_prompt.safetensors + teacher_prompt.json into ``out_dir/teacher_prompt/`` (rank 0 writes).
+
+        Beside the student, not among its files: an HF model dir must hold the model only.
+        """
         if dist.is_main():
-            self.teacher.save_prompt(out_dir, self.teacher_id)
+            self.teacher.save_prompt(os.path.join(out_dir, PROMPT_DIR), self.teacher_id)

@@ -2,6 +2,7 @@
 
 from promptkd.models.loading import DTYPES, build_tiny, check_vocab, load_pretrained, missing_local_dir
 from promptkd.models.prompted_teacher import (
+    PROMPT_DIR,
     PROMPT_META,
     PROMPT_WEIGHTS,
     PromptedTeacher,
@@ -11,6 +12,7 @@ from promptkd.models.prompted_teacher import (
 
 __all__ = [
     "DTYPES",
+    "PROMPT_DIR",
     "PROMPT_META",
     "PROMPT_WEIGHTS",
     "PromptedTeacher",

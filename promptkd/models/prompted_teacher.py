@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 PROMPT_WEIGHTS = "teacher_prompt.safetensors"
 PROMPT_META = "teacher_prompt.json"
+# In an export (export/, best/) the prompt files sit in this subdir: the top level holds the HF student only, and
+# loaders that read every *.safetensors of a model dir (vLLM) would otherwise take the prompt for a weight.
+PROMPT_DIR = "teacher_prompt"
 INIT_CHOICES = ("text", "random")
 
 
@@ -259,8 +262,15 @@ class PromptedTeacher(nn.Module):
         os.replace(meta_path + ".tmp", meta_path)
 
 
+def prompt_files_dir(path_dir: str) -> str:
+    """Where the prompt files of ``path_dir`` are: its ``teacher_prompt/`` subdir (an export), else the dir itself."""
+    sub = os.path.join(path_dir, PROMPT_DIR)
+    return sub if os.path.isfile(os.path.join(sub, PROMPT_WEIGHTS)) else path_dir
+
+
 def load_prompt(path_dir: str) -> torch.Tensor:
-    """Read the fp32 prompt [P, d] written by ``PromptedTeacher.save_prompt``."""
+    """Read the fp32 prompt [P, d] written by ``PromptedTeacher.save_prompt`` (an export dir or the prompt dir)."""
+    path_dir = prompt_files_dir(path_dir)
     weights = os.path.join(path_dir, PROMPT_WEIGHTS)
     if not os.path.isfile(weights):
         raise ValueError(f"no {PROMPT_WEIGHTS} in '{path_dir}'")

@@ -4,7 +4,7 @@
 
 Runs in one process without GPUs or a process group: ZeRO partitions are merged
 from the checkpoint files. The teacher prompt, when the run trained one, is
-written beside the model as teacher_prompt.safetensors.
+written beside the model as teacher_prompt/teacher_prompt.safetensors, as an export has it.
 """
 from __future__ import annotations
 
@@ -53,8 +53,11 @@ def consolidate(ckpt: str, out_dir: str) -> None:
     # the method's prompt state (older checkpoints kept it beside the trainer state)
     prompt = state["trainer"].get("method", {}).get("prompt") or state.get("prompt")
     if prompt:
+        from promptkd.models import PROMPT_DIR, PROMPT_WEIGHTS
+
+        os.makedirs(os.path.join(tmp, PROMPT_DIR))
         save_file({"prompt": prompt["prompt"]["prompt"].float().contiguous()},
-                  os.path.join(tmp, "teacher_prompt.safetensors"))
+                  os.path.join(tmp, PROMPT_DIR, PROMPT_WEIGHTS))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 

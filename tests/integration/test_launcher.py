@@ -197,9 +197,11 @@ def test_export_loads_with_transformers(run_dir):
     ids = tokenizer("### Instruction:\nhello", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert model(ids).logits.shape[-1] == model.config.vocab_size
-    meta = json.loads((export / "teacher_prompt.json").read_text())
+    # the HF dir holds the student only (vLLM loads every *.safetensors of it); the prompt sits in a subdir
+    assert sorted(p.name for p in export.glob("*.safetensors")) == ["model.safetensors"]
+    meta = json.loads((export / "teacher_prompt" / "teacher_prompt.json").read_text())
     assert meta["prompt_length"] == PROMPT_LENGTH
-    prompt = load_file(str(export / "teacher_prompt.safetensors"))["prompt"]
+    prompt = load_file(str(export / "teacher_prompt" / "teacher_prompt.safetensors"))["prompt"]
     assert list(prompt.shape) == [PROMPT_LENGTH, TEACHER_HIDDEN]
     assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all()
 
@@ -217,7 +219,8 @@ def test_best_export_beside_checkpoints(run_dir):
     best = run_dir / "best"
     meta = json.loads((best / "best.json").read_text())
     assert meta["step"] == TRAIN_STEPS and meta["metric"] == "dev/rougeL"  # the only dev eval: at the end
-    assert (best / "config.json").is_file() and (best / "teacher_prompt.safetensors").is_file()
+    assert (best / "config.json").is_file() and (best / "teacher_prompt" / "teacher_prompt.safetensors").is_file()
+    assert sorted(p.name for p in best.glob("*.safetensors")) == ["model.safetensors"]
 
 
 def test_metrics_jsonl_one_line_per_logged_step(run_dir):
@@ -255,8 +258,7 @@ def test_single_process_sft(workdir, config_yaml):
                     "deepspeed=ds_configs/zero0.json"], workdir / "sft.log")
     assert res.rc == 0, tail(res.text, TAIL)
     assert (out / "export" / "config.json").is_file()
-    assert not (out / "export" / "teacher_prompt.safetensors").exists()
-    assert not (out / "export" / "teacher_prompt.json").exists()
+    assert not (out / "export" / "teacher_prompt").exists()
     assert "world size 1" in res.text
 
 
@@ -312,7 +314,7 @@ def test_quickstart_pipeline_at_toy_size(workdir):
     assert distilled and any(m.startswith("student (SFT, best dev, step ") for m in sampled), list(sampled)
     best = json.loads((out / "distill" / "best" / "best.json").read_text())
     assert distilled[0].endswith(f"step {best['step']})")
-    assert (out / "distill" / "best" / "teacher_prompt.safetensors").is_file()
+    assert (out / "distill" / "best" / "teacher_prompt" / "teacher_prompt.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- bad inputs

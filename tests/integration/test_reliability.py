@@ -55,7 +55,7 @@ def ok(proc: subprocess.CompletedProcess) -> None:
 
 def final_weights(out) -> dict[str, torch.Tensor]:
     w = load_file(os.path.join(out, "export", "model.safetensors"))
-    w.update({"prompt": load_file(os.path.join(out, "export", "teacher_prompt.safetensors"))["prompt"]})
+    w.update({"prompt": load_file(os.path.join(out, "export", "teacher_prompt", "teacher_prompt.safetensors"))["prompt"]})
     return w
 
 
@@ -123,7 +123,7 @@ def check_offline_consolidation(out, reference: dict) -> None:
     proc = subprocess.run([sys.executable, "-m", "promptkd.consolidate", str(out / "checkpoints" / f"step_{STEPS}"), str(target)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     ok(proc)
     merged = load_file(str(target / "model.safetensors"))
-    merged["prompt"] = load_file(str(target / "teacher_prompt.safetensors"))["prompt"]
+    merged["prompt"] = load_file(str(target / "teacher_prompt" / "teacher_prompt.safetensors"))["prompt"]
     assert merged.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(tensor.float(), merged[name].float()), name

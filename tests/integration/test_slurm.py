@@ -221,7 +221,7 @@ def _steps_logged(out) -> list[int]:
 
 def _export(out) -> dict[str, torch.Tensor]:
     weights = load_file(str(out / "export" / "model.safetensors"))
-    weights["prompt"] = load_file(str(out / "export" / "teacher_prompt.safetensors"))["prompt"]
+    weights["prompt"] = load_file(str(out / "export" / "teacher_prompt" / "teacher_prompt.safetensors"))["prompt"]
     return weights
 
 
@@ -251,7 +251,7 @@ def test_distill_sbatch_runs_two_nodes(cluster, uninterrupted):
     assert "2 task(s) on n[1-2]" in text, text[-3000:]
     assert re.search(r"world size 2\b", text), text[-3000:]
     assert "output.resume=auto" in text  # always passed, so a requeue resumes on its own
-    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "teacher_prompt.safetensors").is_file()
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "teacher_prompt" / "teacher_prompt.safetensors").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
     assert _steps_logged(out) == list(range(1, STEPS + 1))
 

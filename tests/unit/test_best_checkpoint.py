@@ -76,11 +76,11 @@ def test_best_holds_the_argmax_step(tmp_path, tokenizer, with_prompt):
     assert torch.all(model.lm_head.weight == 2.0)         # the weights of step 2, not the last step's
     assert len(AutoTokenizer.from_pretrained(str(best))) == len(tokenizer)
     if with_prompt:
-        prompt = load_file(str(best / "teacher_prompt.safetensors"))["prompt"]
+        prompt = load_file(str(best / "teacher_prompt" / "teacher_prompt.safetensors"))["prompt"]
         assert prompt.shape == (3, 16) and torch.all(prompt == 2.0)
-        assert json.loads((best / "teacher_prompt.json").read_text())["teacher"] == "tiny-from-config"
+        assert json.loads((best / "teacher_prompt" / "teacher_prompt.json").read_text())["teacher"] == "tiny-from-config"
     else:
-        assert not (best / "teacher_prompt.safetensors").exists()
+        assert not (best / "teacher_prompt").exists()
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == ["best"], leftovers               # no staging or .old dirs survive
     assert [s for s, _ in trainer.logger.rows] == list(range(1, 7))

@@ -13,6 +13,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 from promptkd.models import (
+    PROMPT_DIR,
     PROMPT_META,
     PROMPT_WEIGHTS,
     PromptedTeacher,
@@ -314,3 +315,12 @@ def test_save_and_load_prompt_round_trip(tmp_path) -> None:
         _teacher("gpt2", prompt_length=3).load_prompt_state(state)
     with pytest.raises(ValueError, match=PROMPT_WEIGHTS):
         load_prompt(str(tmp_path / "missing"))
+
+
+def test_load_prompt_reads_an_export_dir(tmp_path) -> None:
+    """An export keeps the prompt in teacher_prompt/; the export dir itself is accepted."""
+    teacher = _teacher("gpt2", prompt_length=4)
+    teacher.save_prompt(str(tmp_path / PROMPT_DIR), teacher_id="tiny/gpt2")
+    (tmp_path / "model.safetensors").write_bytes(b"")   # the student's weights sit beside it, alone
+    assert torch.equal(load_prompt(str(tmp_path)), teacher.prompt.detach())
+    assert torch.equal(load_prompt(str(tmp_path / PROMPT_DIR)), teacher.prompt.detach())

@@ -65,7 +65,7 @@ def test_snapshot_and_state_dict_restore_exactly(tmp_path):
     q.step()
     assert torch.equal(again, q.teacher.prompt)          # a restored owner continues bitwise the same
     p.export(str(tmp_path))
-    assert torch.equal(load_file(str(tmp_path / "teacher_prompt.safetensors"))["prompt"], again)
+    assert torch.equal(load_file(str(tmp_path / "teacher_prompt" / "teacher_prompt.safetensors"))["prompt"], again)
 
 
 class _Toy(Method):
