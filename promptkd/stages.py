@@ -15,9 +15,8 @@ from promptkd.data import load_tokenizer, make_synthetic_splits
 from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
 from promptkd.evaluation.exposure import run_exposure
 from promptkd.evaluation.report import main_tables, protocol_table
-from promptkd.methods import METHODS
 from promptkd.metrics import MetricsLogger
-from promptkd.models import DTYPES, load_pretrained, load_prompted_teacher, missing_local_dir
+from promptkd.models import DTYPES, PROMPT_DIR, load_pretrained, load_prompted_teacher, missing_local_dir
 from promptkd.rollout import hf_step_fn, teacher_step_fn
 from promptkd.training import checkpoint
 from promptkd.training.builders import build_tokenizer, example_texts, load_raw_splits
@@ -219,7 +218,7 @@ def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, te
     models = {"teacher (SFT)": (os.path.join(teacher_dir, "export"), "", t_dtype),
               f"student (SFT, {_selected_label(init)})": (init, "", torch.float32),
               f"student ({cfg.method.name}, {_selected_label(distilled)})": (distilled, "", torch.float32)}
-    if METHODS[cfg.method.name].trains_prompt and cfg.model.teacher.prompt_length > 0:
+    if os.path.isdir(os.path.join(distilled, PROMPT_DIR)):  # the distillation exported a learned prompt
         models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"), distilled, t_dtype)
     ev_cfg = with_overrides(base, {"eval.file": test_file})
     report, greedy = evaluate_models(ev_cfg, models, tokenizer, os.path.join(cfg.output.dir, "eval"))

@@ -200,11 +200,6 @@ class PromptedTeacher(nn.Module):
         )
         return output.logits[:, -n_new:], _output_cache(output)
 
-    @torch.no_grad()
-    def base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Plain teacher ``p_T`` logits [B, T, V] (the regularizer's reference)."""
-        return self.forward(input_ids, attention_mask, use_prompt=False)[0]
-
     def _keep_kwargs(self, logits_to_keep: int, n_new: int) -> dict[str, int]:
         if logits_to_keep <= 0 or logits_to_keep >= n_new or not self._takes_keep:
             return {}

@@ -180,12 +180,12 @@ def test_adamw_step_moves_prompt_only() -> None:
     assert not torch.equal(prompt_before, teacher.prompt.detach())
 
 
-def test_base_forward_equals_base_model_without_grad() -> None:
+def test_unprompted_forward_equals_the_base_model() -> None:
     teacher = _teacher("gpt2", prompt_length=4)
     ids = _ids(2, 6)
     mask = torch.ones_like(ids)
-    out = teacher.base_forward(ids, mask)
-    assert not out.requires_grad
+    with torch.no_grad():
+        out, _ = teacher(ids, mask, use_prompt=False)
     assert torch.equal(out, teacher.base(input_ids=ids, attention_mask=mask).logits)
 
 
