@@ -40,7 +40,7 @@ def load_prompts(ws: dict, batch: int, max_prompt_length: int, device: torch.dev
 
 def full_logits_step_fn(model: torch.nn.Module):
     """hf_step_fn as it was before logits_to_keep: the LM head runs on every prefill position."""
-    from promptkd.rollout import _cache_kwarg, _output_cache, position_ids
+    from promptkd.rollout.core import _cache_kwarg, _output_cache, position_ids
 
     kwarg = _cache_kwarg(model)
 

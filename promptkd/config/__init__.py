@@ -23,13 +23,14 @@ from promptkd.config.methods import (DIVERGENCES, METHOD_NAMES, MOVED, DistiLLMC
 from promptkd.config.schema import (Config, DataConfig, EvalConfig, ExposureConfig, LoggingConfig, ModelConfig,
                                     OptimConfig, OptimizersConfig, OutputConfig, PipelineConfig, RolloutConfig,
                                     StudentConfig, SyntheticConfig, TeacherConfig, TinyInit, TokenizerConfig,
-                                    TrainConfig, max_new_tokens)
+                                    TrainConfig, VLLM_INSTALL, VLLMConfig, max_new_tokens)
 
 __all__ = [
     "ConfigError", "validate", "get",
     "Config", "TinyInit", "TeacherConfig", "StudentConfig", "ModelConfig", "TokenizerConfig", "SyntheticConfig",
     "DataConfig", "OptimConfig", "OptimizersConfig", "TrainConfig", "RolloutConfig", "EvalConfig",
-    "ExposureConfig", "OutputConfig", "LoggingConfig", "PipelineConfig", "max_new_tokens",
+    "ExposureConfig", "OutputConfig", "LoggingConfig", "PipelineConfig", "max_new_tokens", "VLLMConfig",
+    "VLLM_INSTALL",
     "MethodConfig", "PromptKDConfig", "KDConfig", "DivergenceConfig", "ImitKDConfig", "GKDConfig",
     "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "DIVERGENCES", "MOVED",
     "load_config", "with_overrides", "parse_override", "asdict", "to_yaml", "help_lines",

@@ -137,12 +137,41 @@ class TrainConfig:
             raise ConfigError(f"{prefix}max_steps: set max_steps > 0 or {prefix}epochs > 0")
 
 
+VLLM_INSTALL = ("install it with `bash scripts/install.sh --vllm` (a second venv, .venv-vllm, with vLLM's CPU "
+                "build) or, on a GPU machine, `pip install vllm`")
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = _f(0.3, "share of the GPU's memory vLLM may take (its weights + KV cache); the "
+                                            "student trains beside it", positive=True, at_most_one=True)
+    dtype: str = _f("auto", "vLLM's copy of the student: auto (the student's dtype) | float32 | bfloat16 | float16",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    max_model_len: int = _f(0, "longest prompt + response vLLM serves (0 = data.max_length)", min=0)
+    sleep: bool = _f(False, "release vLLM's KV cache while the student trains (vLLM sleep mode; GPU only)")
+
+
 @dataclass
 class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling threshold", positive=True, at_most_one=True)
     top_k: int = _f(0, "top-k sampling (0 = off)", min=0)
     temperature: float = _f(1.0, "sampling temperature", positive=True)
     max_new_tokens: int = _f(0, "0 = max_length - max_prompt_length", min=0)
+    engine: str = _f("hf", "what samples the student's rollouts: hf (our KV-cache loop on the training engine) | "
+                           "vllm (one colocated vLLM engine per rank, weights synced after every optimizer step)",
+                     choices=("hf", "vllm"))
+    vllm: VLLMConfig = _f(VLLMConfig(), "rollout.engine=vllm settings")
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if self.engine == "vllm" and cfg.method.name == "minillm":
+            raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
+                              "use rollout.engine=hf with method.name=minillm")
+        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm") \
+                and cfg.stage in ("train", "pipeline"):
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ConfigError(f"{prefix}engine=vllm: vLLM is not installed in this environment; {VLLM_INSTALL}")
 
 
 @dataclass

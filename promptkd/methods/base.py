@@ -41,6 +41,7 @@ class StepContext:
     chunk: Optional[int] = None      # method.loss_chunk_size (None: automatic)
     sync_rollout: bool = False       # ZeRO-3 student: decode steps must match across ranks
     teacher_sharded: bool = False    # ZeRO-3 teacher: its forwards are collectives too
+    vllm: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (None: our decode loop)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
@@ -68,6 +69,7 @@ class Method:
     """Base class: subclasses implement ``train_step``; the trainer calls ``step``."""
 
     uses_teacher = False
+    samples_student = False          # draws student rollouts (student_rollouts): rollout.engine applies
     section: Optional[str] = None    # the method's config section: cfg.method.<section> arrives as ctx.opts
 
     def __init__(self, ctx: StepContext):
@@ -238,6 +240,35 @@ def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
     return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
                     ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
                     generator=ctx.generator, sync=ctx.sync_rollout)
+
+
+def student_rollouts(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[Rollout]:
+    """One Rollout per micro-batch: our decode loop per micro-batch, or one vLLM call for the whole step.
+
+    vLLM first takes the student's weights when an optimizer step changed them since its last sync.
+    """
+    if ctx.vllm is None:
+        return [student_rollout(ctx, mb) for mb in micro_batches]
+    version = int(ctx.engine.global_steps)
+    ctx.vllm.sync(ctx.engine.module, version)
+    merged = to_device(collate_prompts([ex for mb in micro_batches for ex in mb], ctx.pad_id))
+    whole = ctx.vllm.generate(merged["input_ids"], merged["attention_mask"], ctx.sampling, ctx.eos_id, ctx.pad_id,
+                              step=version)
+    out, start = [], 0
+    for mb in micro_batches:
+        out.append(rows_of(whole, start, len(mb), ctx.pad_id))
+        start += len(mb)
+    return out
+
+
+def rows_of(r: Rollout, start: int, n: int, pad_id: int) -> Rollout:
+    """Rows start..start+n of ``r`` with the padding columns only they need removed (as if decoded alone)."""
+    ids, att, loss = (t[start:start + n] for t in (r.input_ids, r.attention_mask, r.loss_mask))
+    prompt_att, resp_att = att[:, :r.prompt_len], att[:, r.prompt_len:]
+    left = int((prompt_att.sum(0) == 0).long().cumprod(0).sum())       # all-padding prompt columns on the left
+    width = int(resp_att.sum(-1).max()) if resp_att.numel() else 0     # the longest response of these rows
+    keep = list(range(left, r.prompt_len)) + list(range(r.prompt_len, r.prompt_len + width))
+    return Rollout(ids[:, keep], att[:, keep], loss[:, keep], r.prompt_len - left)
 
 
 def global_mean(local_sum: float, n_global: float) -> float:

@@ -35,7 +35,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.data import TokenizedExample
-from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollout
+from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollouts
 from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 from promptkd.rollout import Rollout
 
@@ -80,6 +80,7 @@ class ReplayBuffer:
 
 class DistiLLM(Method):
     uses_teacher = True
+    samples_student = True
     section = "distillm"
 
     def __init__(self, ctx: StepContext):
@@ -100,7 +101,7 @@ class DistiLLM(Method):
             source = REPLAY if replay else FRESH
         if source == FRESH:
             with ctx.timer.phase("rollout"):
-                seqs = [student_rollout(ctx, mb) for mb in micro_batches]
+                seqs = student_rollouts(ctx, micro_batches)
             self.buffer.add(seqs, micro_batches)
         elif source == REPLAY:
             seqs = ground_truth(ctx, self.buffer.sample([len(mb) for mb in micro_batches], ctx.generator))

@@ -10,12 +10,13 @@ the same branch (ZeRO-3 rollouts are collectives). The JSD(β) convention
 """
 from __future__ import annotations
 
-from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollout
+from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollouts
 from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 
 
 class GKD(Method):
     uses_teacher = True
+    samples_student = True
     section = "gkd"
 
     def __init__(self, ctx: StepContext):
@@ -28,7 +29,7 @@ class GKD(Method):
         on_policy = self.draws.draw()[0] < g.lmbda
         if on_policy:
             with ctx.timer.phase("rollout"):
-                seqs = [student_rollout(ctx, mb) for mb in micro_batches]
+                seqs = student_rollouts(ctx, micro_batches)
         else:
             seqs = ground_truth(ctx, micro_batches)
         metrics = distill_update(ctx, seqs, g.divergence, beta=g.beta, alpha=g.skew_alpha)

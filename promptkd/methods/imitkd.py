@@ -4,17 +4,18 @@
 """
 from __future__ import annotations
 
-from promptkd.methods.base import Method, MicroBatch, StepResult, student_rollout
+from promptkd.methods.base import Method, MicroBatch, StepResult, student_rollouts
 from promptkd.methods.token_kd import distill_update
 
 
 class ImitKD(Method):
     uses_teacher = True
+    samples_student = True
     section = "imitkd"
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
         with ctx.timer.phase("rollout"):
-            rollouts = [student_rollout(ctx, mb) for mb in micro_batches]
+            rollouts = student_rollouts(ctx, micro_batches)
         d = ctx.opts
         return StepResult(distill_update(ctx, rollouts, d.divergence, beta=d.beta, alpha=d.skew_alpha), rollouts)

@@ -18,7 +18,7 @@ from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
 from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_mean, global_tokens, has_dropout, lm_logits,
-                                   response_start, set_modes, shifted_mask, student_backward, student_rollout,
+                                   response_start, set_modes, shifted_mask, student_backward, student_rollouts,
                                    student_update_phase, teacher_logits)
 from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.rollout import Rollout
@@ -38,6 +38,7 @@ class Kept:
 
 class PromptKD(Method):
     uses_teacher = True
+    samples_student = True
     section = "promptkd"  # RKL too: it is PromptKD without a prompt
     trains_prompt = True  # False: the zero-prompt ablation (RKL)
 
@@ -55,7 +56,7 @@ class PromptKD(Method):
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
         with ctx.timer.phase("rollout"):
-            rollouts = [student_rollout(ctx, mb) for mb in micro_batches]
+            rollouts = student_rollouts(ctx, micro_batches)
         n_global = global_tokens([r.loss_mask for r in rollouts])
         metrics = {"tokens": n_global, "rollout/mean_response_len": n_global / max(1.0, float(
             dist.all_reduce_sum(sum(r.input_ids.shape[0] for r in rollouts))))}

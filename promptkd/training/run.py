@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -82,6 +83,8 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
                        tokenizer=tokenizer,
                        generator=torch.Generator(device=dist.device()).manual_seed(seed + dist.rank()),
                        sync_rollout=zero_stage(ds_config) == 3)
+    if cfg.rollout.engine == "vllm" and method_cls.samples_student:
+        ctx.vllm = vllm_rollouts(cfg, engine, tokenizer, vocab)
     method = build_method(cfg, ctx)
     run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, method)
     if train:
@@ -90,6 +93,16 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
         run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer,
                               resume_from=resume_from)
     return run
+
+
+def vllm_rollouts(cfg: Config, engine: Any, tokenizer: Any, vocab: int) -> Any:
+    """The rank's colocated vLLM engine for the student's rollouts (rollout.engine=vllm)."""
+    from promptkd.rollout.vllm import VLLMRollouts
+
+    log.info("rollout.engine=vllm: starting a colocated vLLM engine on rank %d", dist.rank())
+    work_dir = tempfile.mkdtemp(prefix="promptkd_vllm_")  # the student's config + tokenizer, for vLLM to start from
+    return VLLMRollouts(engine.module, tokenizer, vocab, cfg.rollout.vllm, cfg.data.max_length,
+                        seed=ROLLOUT_SEED_FACTOR * cfg.seed, work_dir=work_dir)
 
 
 # ----------------------------------------------------------------------------- output dir

@@ -540,3 +540,19 @@ def test_yaml_words_on_off_stay_strings(tmp_path):
     assert cfg.method.promptkd.reg_schedule == "off" and cfg.eval.do_sample is False
     assert load_config(None, DATA + ["method.promptkd.reg_schedule=off"]).method.promptkd.reg_schedule == "off"
     assert _error(None, DATA + ["eval.do_sample=yes"]).startswith("eval.do_sample: expected bool")
+
+
+def test_rollout_engine_vllm_needs_vllm_and_no_minillm(monkeypatch):
+    import importlib.util
+
+    base = ["data.train_file=x.jsonl", "rollout.engine=vllm"]
+    with pytest.raises(ConfigError, match=r"^rollout\.engine: vllm cannot sample minillm's teacher-student mixture"):
+        load_config(None, base + ["method.name=minillm"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^rollout\.engine=vllm: vLLM is not installed.*install\.sh --vllm"):
+        load_config(None, base)
+    cfg = load_config(None, base + ["method.name=sft"])  # no student rollouts: the engine does not matter
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.gpu_memory_utilization == 0.3
+    with pytest.raises(ConfigError, match=r"^rollout\.vllm\.dtype: must be one of"):
+        load_config(None, ["data.train_file=x.jsonl", "rollout.vllm.dtype=fp8"])

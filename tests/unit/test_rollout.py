@@ -14,6 +14,7 @@ from promptkd.rollout import (
     generate,
     hf_step_fn,
     position_ids,
+    rollout_from_responses,
     teacher_step_fn,
 )
 
@@ -328,3 +329,41 @@ def test_teacher_step_fn_matches_full_forward_greedy():
                      SamplingParams(max_new_tokens=n_new, do_sample=False), eos_id=NO_EOS, pad_id=PAD,
                      vocab_size=VOCAB, force_eos=False)
     assert not torch.equal(plain.response_ids, out.response_ids)
+
+
+# ----------------------------------------------------------------------------- responses from another engine
+
+def _equal(a, b) -> bool:
+    return (a.prompt_len == b.prompt_len and torch.equal(a.input_ids, b.input_ids)
+            and torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.loss_mask, b.loss_mask))
+
+
+@pytest.mark.parametrize("force_eos", [True, False])
+def test_responses_from_another_engine_match_the_loop(force_eos):
+    """vLLM hands back token lists; the Rollout built from them is the one our loop builds for the same tokens."""
+    eos = 3
+    ids, mask = _left_pad([[11, 12, 13], [14, 15]])
+    stub = ScriptedStep([[20, 21, eos, 22, 23], [30, 31, 32, 33, 34]])
+    params = SamplingParams(max_new_tokens=5, do_sample=False)
+    ours = generate(stub, ids, mask, params, eos_id=eos, pad_id=PAD, vocab_size=VOCAB, force_eos=force_eos)
+    # an engine that keeps the stop token, and one that drops it
+    for responses in ([[20, 21, eos], [30, 31, 32, 33, 34]], [[20, 21], [30, 31, 32, 33, 34]]):
+        got = rollout_from_responses(ids, mask, responses, eos, PAD, max_new_tokens=5, force_eos=force_eos)
+        assert _equal(got, ours), (responses, got)
+
+
+def test_rows_of_a_merged_batch_equal_each_micro_batch_alone():
+    """One vLLM call for the whole step, split back: each piece as if its micro-batch had been decoded alone."""
+    from promptkd.methods.base import rows_of
+
+    eos = 3
+    prompts = [[11, 12, 13, 14], [15, 16], [17], [18, 19]]
+    scripts = [[20, eos], [21, 22, 23, eos], [24, eos], [25, 26, eos]]
+    params = SamplingParams(max_new_tokens=6, do_sample=False)
+    ids, mask = _left_pad(prompts)
+    merged = generate(ScriptedStep(scripts), ids, mask, params, eos_id=eos, pad_id=PAD, vocab_size=VOCAB)
+    for start, n in ((0, 2), (2, 2), (1, 3)):
+        alone_ids, alone_mask = _left_pad(prompts[start:start + n])
+        alone = generate(ScriptedStep(scripts[start:start + n]), alone_ids, alone_mask, params, eos_id=eos,
+                         pad_id=PAD, vocab_size=VOCAB)
+        assert _equal(rows_of(merged, start, n, PAD), alone), (start, n)

@@ -198,6 +198,31 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
     return _assemble(input_ids, attention_mask, tokens, keep, finished, eos_id, prompt_len, force_eos)
 
 
+def rollout_from_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: list[list[int]],
+                           eos_id: int, pad_id: int, max_new_tokens: int, force_eos: bool = True) -> Rollout:
+    """The ``generate`` layout for responses decoded elsewhere (e.g. by vLLM), one token list per row.
+
+    A response is cut after its first EOS; one shorter than ``max_new_tokens`` without an EOS stopped on it
+    (an engine that leaves the stop token out), so the EOS is put back; a full-length one is unfinished.
+    """
+    rows, ended = [], []
+    for resp in responses:
+        resp = list(resp)
+        if eos_id in resp:
+            resp = resp[:resp.index(eos_id) + 1]
+        elif len(resp) < max_new_tokens:
+            resp.append(eos_id)
+        rows.append(resp[:max_new_tokens])
+        ended.append(bool(rows[-1]) and rows[-1][-1] == eos_id)
+    device = input_ids.device
+    width = max((len(r) for r in rows), default=0)
+    tokens = [torch.tensor([r[t] if t < len(r) else pad_id for r in rows], dtype=torch.long, device=device)
+              for t in range(width)]
+    keep = [torch.tensor([int(t < len(r)) for r in rows], dtype=torch.long, device=device) for t in range(width)]
+    finished = torch.tensor(ended, dtype=torch.bool, device=device)
+    return _assemble(input_ids, attention_mask, tokens, keep, finished, eos_id, input_ids.shape[1], force_eos)
+
+
 def _assemble(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: list[torch.Tensor],
               keep: list[torch.Tensor], finished: torch.Tensor, eos_id: int, prompt_len: int,
               force_eos: bool) -> Rollout:

@@ -1,0 +1,128 @@
+"""vLLM as the student's rollout engine: one colocated, in-process engine per rank.
+
+The engine holds its own copy of the student. It starts from the student's config and
+tokenizer with placeholder weights, and ``sync`` pushes the training weights into it,
+one parameter at a time through a generator that vLLM consumes (under ZeRO-3 each one
+gathered, copied, released), so no rank holds a second full copy of the student beside vLLM's. A rollout syncs first whenever
+the student has taken an optimizer step since the last sync.
+
+The output has the same meaning as ``promptkd.rollout.generate``'s: left-padded prompts,
+right-padded responses, the loss mask up to and including the first EOS, an unfinished
+response ending on a forced EOS. Sampling maps the paper's settings onto vLLM's (top_k 0 =
+off, top_p, temperature, max_new_tokens, EOS as the stop token); each request gets its
+own seed derived from (seed, step, rank, index), so a resumed run draws what an
+uninterrupted one draws.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Iterator, Optional
+
+import torch
+
+from promptkd import distributed as dist
+from promptkd.config import VLLM_INSTALL, ConfigError, VLLMConfig
+from promptkd.rollout.core import Rollout, SamplingParams, rollout_from_responses
+
+log = logging.getLogger(__name__)
+
+def require_vllm(key: str) -> None:
+    """A one-line ConfigError naming ``key`` when vLLM cannot be imported."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"{key}=vllm: vLLM cannot be imported here ({exc}); {VLLM_INSTALL}") from None
+
+
+def request_seed(seed: int, step: int, rank: int, index: int) -> int:
+    """A per-request sampling seed that depends only on where the request sits in the run."""
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def vllm_sampling(params: SamplingParams, eos_id: int, vocab_size: int, model_vocab: int, seed: Optional[int]):
+    from vllm import SamplingParams as VSP
+
+    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stop_token_ids": [eos_id], "seed": seed,
+                              "skip_special_tokens": False, "detokenize": False}
+    if params.do_sample:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p,
+                      top_k=params.top_k if params.top_k > 0 else -1)
+    else:
+        kwargs.update(temperature=0.0)
+    if vocab_size < model_vocab:  # padded model vocabularies: sample among the tokenizer's tokens only
+        kwargs["allowed_token_ids"] = list(range(vocab_size))
+    return VSP(**kwargs)
+
+
+def _parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full fp32/bf16 copy) of every parameter, gathered one at a time under ZeRO-3."""
+    import deepspeed
+
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.detach().clone()
+        else:
+            yield name, param.detach()
+
+
+class VLLMRollouts:
+    """The rank's vLLM engine and the bookkeeping that keeps its weights equal to the student's."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer: Any, vocab_size: int, opts: VLLMConfig,
+                 max_length: int, seed: int, work_dir: str):
+        require_vllm("rollout.engine")
+        if opts.sleep and not torch.cuda.is_available():
+            raise ConfigError("rollout.vllm.sleep: vLLM's sleep mode frees GPU memory and needs a GPU; set it to "
+                              "false here")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs in this process
+        from vllm import LLM
+
+        self.vocab_size, self.seed = vocab_size, seed
+        model_dir = os.path.join(work_dir, f"vllm_student_rank{dist.rank()}")
+        os.makedirs(model_dir, exist_ok=True)
+        module.config.save_pretrained(model_dir)  # the architecture only: the weights come through sync()
+        tokenizer.save_pretrained(model_dir)
+        self.model_vocab = int(module.config.vocab_size)
+        self.opts = opts
+        dtype = opts.dtype if opts.dtype != "auto" else str(next(module.parameters()).dtype).removeprefix("torch.")
+        self.llm = LLM(model=model_dir, load_format="dummy", dtype=dtype,
+                       max_model_len=opts.max_model_len or max_length, enforce_eager=True, seed=seed,
+                       gpu_memory_utilization=opts.gpu_memory_utilization, enable_sleep_mode=opts.sleep)
+        self.synced: Optional[int] = None  # the student version (optimizer steps) vLLM holds
+        self.asleep = False
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sync(self, module: torch.nn.Module, version: int) -> None:
+        """Push the student's weights, parameter by parameter (all ranks call: ZeRO-3 gathers are collective)."""
+        self._wake()
+        if self.synced == version:
+            return
+        # one reload with a generator: vLLM consumes the parameters as they are gathered, one at a time
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _parameters(module)})
+        self.synced = version
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, eos_id: int,
+                 pad_id: int, step: int, force_eos: bool = True) -> Rollout:
+        """One call for every prompt of the step (rows of the left-padded [B, Tp] batch)."""
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(input_ids, attention_mask)]
+        sampling = [vllm_sampling(params, eos_id, self.vocab_size, self.model_vocab,
+                                  request_seed(self.seed, step, dist.rank(), i) if params.do_sample else None)
+                    for i in range(len(prompts))]
+        self._wake()
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        if self.opts.sleep:  # the KV cache goes while the student trains; weights are synced on waking
+            self.llm.sleep(level=1)
+            self.asleep = True
+        responses = [list(out.outputs[0].token_ids) for out in outputs]
+        return rollout_from_responses(input_ids, attention_mask, responses, eos_id, pad_id, params.max_new_tokens,
+                                      force_eos)
