@@ -50,7 +50,7 @@ def hf_greedy(ctx, micro_batches):
     for mb in micro_batches:
         p = to_device(collate_prompts(mb, ctx.pad_id))
         out.append(generate(hf_step_fn(ctx.engine.module), p["input_ids"], p["attention_mask"], greedy, ctx.eos_id,
-                            ctx.pad_id, ctx.vocab_size))
+                            ctx.pad_id, ctx.vocab_size, sync=ctx.sync_rollout))
     return out
 
 
@@ -130,6 +130,23 @@ def main(out_dir: str) -> None:
     print(json.dumps(res))
 
 
+def main_zero3(out_dir: str) -> None:
+    """2 ranks, ZeRO-3 student: each rank's vLLM engine decodes as the sharded student does, before and after a step."""
+    dist.init(timeout_s=600)
+    r = dist.rank()
+    run = tiny_run(os.path.join(out_dir, f"rank{r}"), deepspeed="ds_configs/zero3_tiny_test.json")
+    ctx = run.method.ctx
+    batches = [run.splits.train[6 * r:6 * r + 3], run.splits.train[6 * r + 3:6 * r + 6]]  # other prompts per rank
+    res = {"zero3_initial_greedy_equal": same(vllm_greedy(ctx, batches), hf_greedy(ctx, batches))}
+    run.method.step(batches, 0)
+    res["zero3_after_step_greedy_equal"] = same(vllm_greedy(ctx, batches), hf_greedy(ctx, batches))
+    with open(os.path.join(out_dir, f"vllm_zero3.rank{r}.json"), "w") as fh:
+        json.dump(res, fh)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--zero3":
+        main_zero3(sys.argv[2])
+    else:
+        main(sys.argv[1])
     dist.shutdown(0)
