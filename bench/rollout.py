@@ -1,6 +1,7 @@
 """Rollout tokens/s: ``promptkd.rollout.generate`` (+ ``hf_step_fn``) vs Hugging Face ``model.generate``.
 
     .venv/bin/python bench/rollout.py     # -> bench/results/rollout.json
+    .venv-vllm/bin/python bench/rollout.py --engine vllm    # -> bench/results/rollout_vllm.json
 
 Same model, same left-padded prompts, same max_new_tokens, same sampling
 (do_sample, temperature 1, top_p 1, top_k 0 -- HF's default top_k=50 is
@@ -123,6 +124,64 @@ def run(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = No
     }
 
 
+def run_vllm(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None) -> dict[str, Any]:
+    """rollout.engine=vllm's engine against our loop at equal work: same weights, prompts, sampling, length.
+
+    The student is 2 layers d=128, 4 heads (vLLM's CPU attention needs head_dim >= 32). EOS is ignored on the vLLM
+    side and never sampled on ours, so both decode batch x max_new_tokens tokens. On CPU this checks correctness
+    and cost, it is not a speed claim.
+    """
+    import tempfile
+
+    from promptkd.models import build_tiny
+    from promptkd.rollout import SamplingParams, generate, hf_step_fn
+    from promptkd.rollout.vllm import eval_llm, release
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    ws = ws or make_workspace(sizes)
+    tok, ids, mask = load_prompts(ws, sizes.batch, sizes.max_prompt_length, device)
+    torch.manual_seed(0)
+    model = build_tiny("llama", 2, 128, 4, vocab_size=len(tok), max_positions=sizes.max_positions,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id).to(device).eval()
+    model_dir = tempfile.mkdtemp(prefix="bench_vllm_")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    llm = eval_llm(model_dir, "float32", sizes.max_prompt_length + sizes.max_new_tokens + 8, 0.3)
+    from vllm import SamplingParams as VSP
+    from vllm.inputs import TokensPrompt
+
+    n_new, vocab = sizes.max_new_tokens, model.config.vocab_size
+    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+    vsp = VSP(max_tokens=n_new, temperature=1.0, top_p=1.0, top_k=-1, ignore_eos=True, seed=1, detokenize=False)
+    params = SamplingParams(max_new_tokens=n_new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    gen = torch.Generator(device=device).manual_seed(1)
+    lengths: dict[str, list[int]] = {"ours": [], "vllm": []}
+
+    def ours() -> None:
+        r = generate(hf_step_fn(model), ids, mask, params, eos_id=vocab + 1000, pad_id=tok.pad_token_id,
+                     vocab_size=vocab, generator=gen, force_eos=False)
+        lengths["ours"].append(r.input_ids.shape[1] - ids.shape[1])
+
+    def vllm() -> None:
+        outs = llm.generate(prompts, vsp, use_tqdm=False)
+        lengths["vllm"].extend({len(o.outputs[0].token_ids) for o in outs})
+
+    times = interleave({"ours": ours, "vllm": vllm}, repeats=repeats, warmup=warmup)
+    release(llm)
+    assert set(lengths["ours"]) == {n_new} and set(lengths["vllm"]) == {n_new}, lengths
+    tokens = sizes.batch * n_new
+    r = ratio(times["ours"], times["vllm"])  # time_ours / time_vllm == tokens/s vllm / tokens/s ours
+    return {"model": {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "params": n_params(model),
+                      "dtype": "float32", "vocab": vocab},
+            "batch": sizes.batch, "max_new_tokens": n_new,
+            "tokens_per_s": {k: stats([tokens / t for t in v]) for k, v in times.items()},
+            "seconds": {k: stats(v) for k, v in times.items()},
+            "ratio_vllm_over_ours_tokens_per_s": r["median_of_round_ratios"], "ratio_detail": r,
+            "note": "CPU: a correctness-and-cost check of rollout.engine=vllm, not a speed claim",
+            "repeats": repeats, "warmup": warmup}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -132,10 +191,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--model-vocab", type=int, default=0,
                    help="model vocabulary (default: the tokenizer's ~1k); writes rollout_vocab<N>.json")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="vllm: rollout.engine=vllm's engine against our loop (needs .venv-vllm); writes rollout_vllm.json")
     args = p.parse_args(argv)
     quiet()
     load = list(os.getloadavg())
     set_threads(args.threads)
+    if args.engine == "vllm":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        res = run_vllm(RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens), repeats=args.repeats,
+                       warmup=args.warmup)
+        return emit("rollout_vllm", res, load_before=load)
     res = run(RunSizes(batch=args.batch, max_new_tokens=args.max_new_tokens), repeats=args.repeats,
               warmup=args.warmup, model_vocab=args.model_vocab)
     return emit(f"rollout_vocab{args.model_vocab}" if args.model_vocab else "rollout", res, load_before=load)

@@ -60,6 +60,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         trainer.logger.scalars(trainer.state.step, scalars(report))
         summary["test_rougeL"] = {name: r["rougeL"] for name, r in res.items()}
     trainer.logger.close()
+    run.close()
     return summary
 
 
@@ -77,9 +78,24 @@ def _resume_path(cfg: Config) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- eval stage
 
-def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "") -> Decoder:
-    """A replicated HF model (optionally with a learned teacher prompt) ready to decode."""
+def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "",
+                  cfg: Optional[Config] = None) -> Decoder:
+    """A replicated HF model (optionally with a learned teacher prompt) ready to decode.
+
+    With ``eval.engine=vllm`` a plain HF dir is decoded by vLLM; a prompted teacher stays on our loop: its soft
+    prompt is a sequence of embeddings, not tokens, and this engine takes token-id requests only.
+    """
     vocab = len(tokenizer)
+    if cfg is not None and cfg.eval.engine == "vllm":
+        if prompt_dir:
+            log.info("eval.engine=vllm: %s carries a learned soft prompt, decoded with the hf engine", path)
+        else:
+            from promptkd.rollout.vllm import eval_llm
+
+            v = cfg.rollout.vllm
+            llm = eval_llm(path, str(dtype).removeprefix("torch."), v.max_model_len or cfg.data.max_length,
+                           v.gpu_memory_utilization)
+            return Decoder(None, tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, vllm=llm)
     if prompt_dir:
         teacher = load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
         return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
@@ -101,10 +117,14 @@ def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]]
     results: dict[str, dict] = {view: {} for view in views}
     for name, (path, prompt_dir, dtype) in models.items():
         log.info("eval %s on %s", name, ", ".join(sets))
-        gen = model_decoder(path, tokenizer, dtype, prompt_dir)
+        gen = model_decoder(path, tokenizer, dtype, prompt_dir, cfg)
         for view, ev in views.items():
             with torch.no_grad():
                 results[view][name] = evaluate_sets(gen, tokenizer, sets, ev)
+        if gen.vllm is not None:  # before the next model's engine starts
+            from promptkd.rollout.vllm import release
+
+            release(gen.vllm)
     logger = MetricsLogger(cfg.output.dir, cfg.logging.tensorboard)
     reports = {}
     for view, ev in views.items():

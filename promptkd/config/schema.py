@@ -141,6 +141,14 @@ VLLM_INSTALL = ("install it with `bash scripts/install.sh --vllm` (a second venv
                 "build) or, on a GPU machine, `pip install vllm`")
 
 
+def _require_vllm(key: str, cfg: Any) -> None:
+    """engine=vllm where it would run (a stage that decodes) needs vLLM installed."""
+    import importlib.util
+
+    if cfg.stage in ("train", "pipeline", "eval") and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{key}=vllm: vLLM is not installed in this environment; {VLLM_INSTALL}")
+
+
 @dataclass
 class VLLMConfig:
     gpu_memory_utilization: float = _f(0.3, "share of the GPU's memory vLLM may take (its weights + KV cache); the "
@@ -166,19 +174,16 @@ class RolloutConfig:
         if self.engine == "vllm" and cfg.method.name == "minillm":
             raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
                               "use rollout.engine=hf with method.name=minillm")
-        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm") \
-                and cfg.stage in ("train", "pipeline"):
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                raise ConfigError(f"{prefix}engine=vllm: vLLM is not installed in this environment; {VLLM_INSTALL}")
+        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm"):
+            _require_vllm(prefix + "engine", cfg)
 
 
 @dataclass
 class EvalConfig:
     file: str = _f("", "data to evaluate; empty = data.test_file")
     model_path: str = _f("", "stage=eval: HF dir of the model to evaluate; empty = the run's export")
-    prompt_path: str = _f("", "stage=eval: a run's export (or best/) or a dir with teacher_prompt.safetensors: evaluate the prompted teacher")
+    prompt_path: str = _f("", "stage=eval: a run's export (or best/) or a dir with teacher_prompt.safetensors: "
+                              "evaluate the prompted teacher")
     batch_size: int = _f(16, "prompts per generation batch", positive=True)
     max_new_tokens: int = _f(256, "generated tokens per answer", positive=True)
     do_sample: bool = _f(True, "sample (true) or greedy (false)")
@@ -195,8 +200,15 @@ class EvalConfig:
                                  "sampled results: the paper's protocol samples, greedy is a second view")
     sets: list = _f([], "test sets: name=path entries and/or dirs written by promptkd.data.prepare; "
                         "empty = eval.file / data.test_file as the set 'test'")
+    engine: str = _f("hf", "what decodes stage=eval and the pipeline's evaluation: hf | vllm (HF model dirs; the "
+                           "prompted teacher stays on hf)", choices=("hf", "vllm"))
 
     def check(self, prefix: str, cfg: Any) -> None:
+        if self.engine == "vllm":
+            if self.no_repeat_ngram_size:
+                raise ConfigError(f"{prefix}engine: vllm has no no_repeat_ngram_size; set "
+                                  f"{prefix}no_repeat_ngram_size=0 or {prefix}engine=hf")
+            _require_vllm(prefix + "engine", cfg)
         names = set()
         for spec in self.models:
             name, sep, path = str(spec).partition("=")
@@ -215,7 +227,8 @@ class ExposureConfig:
     students: list = _f([], "stage=exposure: student HF dirs (e.g. exports of several checkpoints); "
                             "empty = eval.model_path or the run's export")
     teacher_path: str = _f("", "stage=exposure: teacher HF dir; empty = model.teacher.path")
-    prompt_path: str = _f("", "stage=exposure: a run's export or a dir with a learned teacher_prompt.safetensors (empty = plain teacher)")
+    prompt_path: str = _f("", "stage=exposure: a run's export or a dir with a learned teacher_prompt.safetensors "
+                              "(empty = plain teacher)")
     samples: int = _f(1, "stage=exposure: samples per prompt from each of student and teacher (k)", positive=True)
     max_tokens: int = _f(0, "stage=exposure: positions accumulated (N); 0 = data.max_length - "
                             "data.max_prompt_length", min=0)

@@ -27,6 +27,7 @@ from promptkd.config import EvalConfig
 from promptkd.data import TokenizedExample, collate_prompts, load_examples, sniff_format, tokenize_examples
 from promptkd.evaluation.report import AVERAGE, METRICS, results_markdown
 from promptkd.rollout import SamplingParams, StepFn, generate
+from promptkd.rollout.vllm import vllm_answers
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Decoder:
     eos_id: int
     vocab_size: int
     sync: bool = False   # True when the model is ZeRO-3 partitioned
+    vllm: Any = None     # eval.engine=vllm: a vllm.LLM on the model dir (step_fn unused)
 
 
 def sampling_params(ev: EvalConfig) -> SamplingParams:
@@ -69,7 +71,12 @@ def generate_answers(gen: Decoder, tokenizer: Any, examples: list[TokenizedExamp
     local.sort(key=lambda item: len(item[1].prompt_ids))  # batch by prompt length
     g = torch.Generator().manual_seed(seed * 1000 + dist.rank())
     results: list[tuple[int, str]] = []
-    for start in range(0, len(local), batch_size):
+    if gen.vllm is not None:
+        local = [(i, ex) for i, ex in local if i >= 0]
+        rows = vllm_answers(gen.vllm, [ex.prompt_ids for _, ex in local], [i for i, _ in local], params, gen.eos_id,
+                            gen.vocab_size, seed)
+        results = [(i, _decode(tokenizer, row, gen.eos_id)) for (i, _), row in zip(local, rows)]
+    for start in range(0, len(local) if gen.vllm is None else 0, batch_size):
         chunk = local[start:start + batch_size]
         batch = collate_prompts([ex for _, ex in chunk], gen.pad_id)
         batch = {k: v.to(dist.device()) for k, v in batch.items()}

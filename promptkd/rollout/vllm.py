@@ -3,8 +3,9 @@
 The engine holds its own copy of the student. It starts from the student's config and
 tokenizer with placeholder weights, and ``sync`` pushes the training weights into it,
 one parameter at a time through a generator that vLLM consumes (under ZeRO-3 each one
-gathered, copied, released), so no rank holds a second full copy of the student beside vLLM's. A rollout syncs first whenever
-the student has taken an optimizer step since the last sync.
+gathered, copied, released), so no rank holds a second full copy of the student beside
+vLLM's. A rollout syncs first whenever the student has taken an optimizer step since the
+last sync.
 
 The output has the same meaning as ``promptkd.rollout.generate``'s: left-padded prompts,
 right-padded responses, the loss mask up to and including the first EOS, an unfinished
@@ -69,6 +70,45 @@ def _parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, param.detach()
 
 
+def eval_llm(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float) -> Any:
+    """A vLLM engine on an HF model dir, for evaluation (eval.engine=vllm)."""
+    require_vllm("eval.engine")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    return LLM(model=path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+               gpu_memory_utilization=gpu_memory_utilization)
+
+
+def release(llm: Any) -> None:
+    """Shut an engine down before the next one starts (vLLM keeps its parallel groups in global state).
+
+    The process group of torch.distributed is ours and stays.
+    """
+    import gc
+
+    from vllm.distributed.parallel_state import destroy_model_parallel
+
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+    destroy_model_parallel()
+
+
+def vllm_answers(llm: Any, prompts: list[list[int]], indices: list[int], params: SamplingParams, eos_id: int,
+                 vocab_size: int, seed: int) -> list[list[int]]:
+    """Token ids of each prompt's answer; request i's seed depends on (seed, its example index) only."""
+    from vllm.inputs import TokensPrompt
+
+    model_vocab = int(llm.llm_engine.model_config.get_vocab_size())
+    sampling = [vllm_sampling(params, eos_id, vocab_size, model_vocab,
+                              request_seed(seed, 0, 0, i) if params.do_sample else None) for i in indices]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
 class VLLMRollouts:
     """The rank's vLLM engine and the bookkeeping that keeps its weights equal to the student's."""
 
@@ -94,6 +134,10 @@ class VLLMRollouts:
                        gpu_memory_utilization=opts.gpu_memory_utilization, enable_sleep_mode=opts.sleep)
         self.synced: Optional[int] = None  # the student version (optimizer steps) vLLM holds
         self.asleep = False
+
+    def close(self) -> None:
+        release(self.llm)
+        self.llm = None
 
     def _wake(self) -> None:
         if self.asleep:

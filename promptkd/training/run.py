@@ -52,6 +52,12 @@ class Run:
     def student_decoder(self) -> Decoder:
         return student_decoder(self.engine, self.tokenizer, self.vocab_size)
 
+    def close(self) -> None:
+        """Shut down what holds resources beyond this run (the rollout engine's vLLM)."""
+        if self.method.ctx.vllm is not None:
+            self.method.ctx.vllm.close()
+            self.method.ctx.vllm = None
+
 
 def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = None,
               total_steps: Optional[int] = None, rollout_seed: Optional[int] = None) -> Run:

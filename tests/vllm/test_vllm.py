@@ -29,7 +29,9 @@ def checks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key", ["initial_greedy_equal", "after_step_greedy_equal", "sampled_masks_ok",
-                                 "sampled_repeatable", "prompt_len_like_hf", "student_moved", "export_loads"])
+                                 "sampled_repeatable", "prompt_len_like_hf", "student_moved", "export_loads",
+                                 "eval_greedy_answers_equal", "eval_greedy_rouge_equal", "eval_sampled_repeatable",
+                                 "eval_sampled_seeds_differ"])
 def test_vllm_engine(checks, key):
     assert checks[key] is True, checks
 
@@ -71,3 +73,25 @@ def test_kill_and_resume_with_vllm_is_exact(tmp_path):
     a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quickstart_pipeline_with_vllm_engines(tmp_path):
+    """The quickstart at toy size with rollout.engine=vllm eval.engine=vllm (head_dim 32 for vLLM's CPU kernels)."""
+    from tests.fixtures.cli import MAIN, REPO
+
+    out = tmp_path / "qs"
+    env = cli_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([
+        sys.executable, str(MAIN), "--config", str(REPO / "configs" / "quickstart.yaml"), f"output.dir={out}",
+        "rollout.engine=vllm", "eval.engine=vllm", "eval.no_repeat_ngram_size=0",
+        "pipeline.teacher_sft_steps=2", "pipeline.student_sft_steps=3", "train.max_steps=2", "eval.dev_interval=1",
+        "data.synthetic.n_train=64", "data.synthetic.n_dev=6", "data.synthetic.n_test=8", "train.micro_batch_size=4",
+        "rollout.max_new_tokens=6", "eval.max_new_tokens=6", "eval.seeds=[10,20]",
+        "model.teacher.init={arch: llama, layers: 2, hidden: 64, heads: 2}",
+        "model.student.init={arch: llama, layers: 1, hidden: 32, heads: 1}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    sampled = json.loads((out / "eval" / "results.json").read_text())["models"]
+    assert len(sampled) == 4 and "teacher + learned prompt" in sampled  # the prompted teacher: on the hf engine
+    assert "starting a colocated vLLM engine" in proc.stdout + proc.stderr
+    assert (out / "distill" / "export" / "teacher_prompt" / "teacher_prompt.safetensors").is_file()

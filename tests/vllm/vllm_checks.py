@@ -107,6 +107,31 @@ def export_loads(run, out_dir: str) -> bool:
     return prompt_ok and got == want
 
 
+def eval_engines_agree(run, out_dir: str) -> dict:
+    """stage=eval's decoding: greedy answers through vLLM equal ours; sampled ones repeat per seed."""
+    import dataclasses
+
+    from promptkd.evaluation import evaluate
+    from promptkd.stages import model_decoder
+    from promptkd.training.checkpoint import export_student
+
+    export = os.path.join(out_dir, "eval_export")
+    export_student(run.engine, run.tokenizer, export)
+    ev = dataclasses.replace(run.cfg.eval, do_sample=False, seeds=[10], max_new_tokens=16, no_repeat_ngram_size=0,
+                             max_examples=6)
+    examples = run.splits.train[:6]
+    hf = evaluate(model_decoder(export, run.tokenizer, torch.float32), run.tokenizer, examples, ev)
+    vcfg = with_overrides(run.cfg, {"eval.engine": "vllm", "eval.no_repeat_ngram_size": 0})
+    gen = model_decoder(export, run.tokenizer, torch.float32, "", vcfg)
+    vl = evaluate(gen, run.tokenizer, examples, ev)
+    sampled = dataclasses.replace(ev, do_sample=True, seeds=[10, 20])
+    s1, s2 = evaluate(gen, run.tokenizer, examples, sampled), evaluate(gen, run.tokenizer, examples, sampled)
+    return {"eval_greedy_answers_equal": hf["seeds"][0]["answers"] == vl["seeds"][0]["answers"],
+            "eval_greedy_rouge_equal": hf["rougeL"] == vl["rougeL"],
+            "eval_sampled_repeatable": [r["answers"] for r in s1["seeds"]] == [r["answers"] for r in s2["seeds"]],
+            "eval_sampled_seeds_differ": s1["seeds"][0]["answers"] != s1["seeds"][1]["answers"]}
+
+
 def main(out_dir: str) -> None:
     dist.init(timeout_s=600)
     torch.manual_seed(0)
@@ -125,6 +150,7 @@ def main(out_dir: str) -> None:
     hf = [student_rollout(ctx, mb) for mb in batches]
     res["prompt_len_like_hf"] = [r.prompt_len for r in sampled] == [r.prompt_len for r in hf]
     res["export_loads"] = export_loads(run, out_dir)
+    res.update(eval_engines_agree(run, out_dir))
     with open(os.path.join(out_dir, "vllm_checks.json"), "w") as fh:
         json.dump(res, fh, indent=2)
     print(json.dumps(res))
