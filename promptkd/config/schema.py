@@ -165,7 +165,7 @@ class RolloutConfig:
     top_k: int = _f(0, "top-k sampling (0 = off)", min=0)
     temperature: float = _f(1.0, "sampling temperature", positive=True)
     max_new_tokens: int = _f(0, "0 = max_length - max_prompt_length", min=0)
-    engine: str = _f("hf", "what samples the student's rollouts: hf (our KV-cache loop on the training engine) | "
+    engine: str = _f("hf", "what samples the student's rollouts (and SeqKD's teacher): hf (our KV-cache loop) | "
                            "vllm (one colocated vLLM engine per rank, weights synced after every optimizer step)",
                      choices=("hf", "vllm"))
     vllm: VLLMConfig = _f(VLLMConfig(), "rollout.engine=vllm settings")
@@ -174,7 +174,7 @@ class RolloutConfig:
         if self.engine == "vllm" and cfg.method.name == "minillm":
             raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
                               "use rollout.engine=hf with method.name=minillm")
-        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm"):
+        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm", "seqkd"):
             _require_vllm(prefix + "engine", cfg)
 
 

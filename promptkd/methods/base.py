@@ -121,6 +121,9 @@ class Method:
     def export(self, out_dir: str) -> None:
         """Files the method adds to an export of the student (rank 0 writes)."""
 
+    def close(self) -> None:
+        """Release what the method started beyond the run's engines (e.g. a vLLM engine of its own)."""
+
 
 # ----------------------------------------------------------------------------- helpers
 

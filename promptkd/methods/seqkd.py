@@ -27,16 +27,17 @@ reuse all of it. The sampling seed is not part of the key: a rerun with another
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 from promptkd import distributed as dist
-from promptkd.config import Config
+from promptkd.config import Config, ConfigError
 from promptkd.data import TokenizedExample, collate_prompts
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, to_device
 from promptkd.methods.sft import ce_step
@@ -132,17 +133,25 @@ class SeqKD(Method):
     uses_teacher = True
     section = "seqkd"
 
-    def __init__(self, ctx: StepContext, cache: "TeacherCache", max_length: int):
+    def __init__(self, ctx: StepContext, cache: "TeacherCache", max_length: int,
+                 teacher_llm: Optional[Callable[[], Any]] = None):
         super().__init__(ctx)
         self.cache = cache
         self.max_length = max_length  # data.max_length: a teacher response is cut to fit beside its prompt
         self.generated = 0        # examples whose response the teacher produced
+        self.make_teacher_llm = teacher_llm  # rollout.engine=vllm: starts a vLLM engine on the teacher (lazily)
+        self.teacher_llm: Any = None
         log.info("seqkd: teacher cache %s (%d responses)", self.cache.dir, len(self.cache.entries))
 
     @classmethod
     def from_config(cls, cfg: Config, ctx: StepContext) -> "SeqKD":
         root = ctx.opts.cache_dir or os.path.join(cfg.output.dir, "seqkd_cache")
-        return cls(ctx, TeacherCache(root, cache_fields(cfg, ctx)), cfg.data.max_length)
+        fields = cache_fields(cfg, ctx)
+        make_llm = None
+        if cfg.rollout.engine == "vllm":
+            fields["engine"] = "vllm"  # its samples are not our loop's: a cache of their own
+            make_llm = functools.partial(teacher_vllm, cfg, ctx)
+        return cls(ctx, TeacherCache(root, fields), cfg.data.max_length, make_llm)
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx
@@ -164,12 +173,51 @@ class SeqKD(Method):
         return [dataclasses.replace(ex, response_ids=self.cache.get(ex)[:budget - len(ex.prompt_ids)])
                 for ex in micro_batch]
 
+    def close(self) -> None:
+        if self.teacher_llm is not None:
+            from promptkd.rollout.vllm import release
+
+            release(self.teacher_llm)
+            self.teacher_llm = None
+
     def _teacher_generate(self, examples: MicroBatch) -> Rollout:
         ctx = self.ctx
         prompts = to_device(collate_prompts(examples, ctx.pad_id))
+        if self.make_teacher_llm is not None:
+            from promptkd.rollout import rollout_from_responses
+            from promptkd.rollout.vllm import vllm_answers
+
+            if self.teacher_llm is None:
+                self.teacher_llm = self.make_teacher_llm()
+            # each request's seed follows its example (id), so a rerun or resume samples the same response
+            index = [int(hashlib.sha256(ex.id.encode()).hexdigest()[:7], 16) for ex in examples]
+            rows = vllm_answers(self.teacher_llm, [ex.prompt_ids for ex in examples], index, ctx.sampling,
+                                ctx.eos_id, ctx.vocab_size, ctx.seed)
+            return rollout_from_responses(prompts["input_ids"], prompts["attention_mask"], rows, ctx.eos_id,
+                                          ctx.pad_id, ctx.sampling.max_new_tokens)
         return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],
                         prompts["attention_mask"], ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
                         generator=ctx.generator, sync=True)
+
+
+def teacher_vllm(cfg: Config, ctx: StepContext) -> Any:
+    """A vLLM engine on the plain teacher: its HF dir, or (tiny from config) a copy saved for it."""
+    import tempfile
+
+    from promptkd.rollout.vllm import eval_llm
+
+    t = cfg.model.teacher
+    path = t.path
+    if not path:
+        if t.placement == "zero3":
+            raise ConfigError("rollout.engine: vllm samples SeqKD's teacher from its HF dir; a teacher built from "
+                              "config with model.teacher.placement=zero3 has none (set model.teacher.path)")
+        path = tempfile.mkdtemp(prefix="promptkd_vllm_teacher_")  # every rank its own copy, on its own disk
+        ctx.teacher.base.save_pretrained(path)
+        ctx.tokenizer.save_pretrained(path)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[t.dtype]
+    return eval_llm(path, dtype, cfg.rollout.vllm.max_model_len or cfg.data.max_length,
+                    cfg.rollout.vllm.gpu_memory_utilization)
 
 
 def _responses(r: Rollout) -> list[list[int]]:

@@ -53,7 +53,8 @@ class Run:
         return student_decoder(self.engine, self.tokenizer, self.vocab_size)
 
     def close(self) -> None:
-        """Shut down what holds resources beyond this run (the rollout engine's vLLM)."""
+        """Shut down what holds resources beyond this run (vLLM engines: the rollouts', the method's own)."""
+        self.method.close()
         if self.method.ctx.vllm is not None:
             self.method.ctx.vllm.close()
             self.method.ctx.vllm = None

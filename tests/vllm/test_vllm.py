@@ -95,3 +95,12 @@ def test_quickstart_pipeline_with_vllm_engines(tmp_path):
     assert len(sampled) == 4 and "teacher + learned prompt" in sampled  # the prompted teacher: on the hf engine
     assert "starting a colocated vLLM engine" in proc.stdout + proc.stderr
     assert (out / "distill" / "export" / "teacher_prompt" / "teacher_prompt.safetensors").is_file()
+
+
+def test_seqkd_teacher_through_vllm(tmp_path):
+    env = cli_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, str(HERE / "vllm_checks.py"), "--seqkd", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "vllm_seqkd.json").read_text())
+    assert res == {"seqkd_greedy_equal": True, "seqkd_own_cache": True, "seqkd_cached": True}, res

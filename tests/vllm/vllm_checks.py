@@ -132,6 +132,29 @@ def eval_engines_agree(run, out_dir: str) -> dict:
             "eval_sampled_seeds_differ": s1["seeds"][0]["answers"] != s1["seeds"][1]["answers"]}
 
 
+def seqkd_through_vllm(out_dir: str) -> dict:
+    """SeqKD's teacher responses from vLLM: greedy equal to our loop's, cached under a key of their own."""
+    from promptkd.methods.seqkd import SeqKD
+
+    res = {}
+    for engine in ("hf", "vllm"):
+        run = tiny_run(os.path.join(out_dir, "seqkd_" + engine), **{"method.name": "seqkd", "rollout.engine": engine})
+        m = run.method
+        configured = m.ctx.sampling  # the cache key was made with it
+        m.ctx.sampling = SamplingParams(max_new_tokens=configured.max_new_tokens, do_sample=False)
+        res[engine] = ([ex.response_ids for ex in m.teacher_examples(run.splits.train[:4])], m.cache.dir)
+        if engine == "vllm":
+            m.ctx.sampling = configured
+            again = SeqKD.from_config(run.cfg, m.ctx)  # the same key: from the cache, no engine starts
+            again_rows = [ex.response_ids for ex in again.teacher_examples(run.splits.train[:4])]
+            print(json.dumps({"seqkd_again": again_rows, "first": res[engine][0],
+                              "llm_started": again.teacher_llm is not None}), file=sys.stderr)
+            res["cached"] = again_rows == res[engine][0] and again.teacher_llm is None
+    return {"seqkd_greedy_equal": res["hf"][0] == res["vllm"][0],
+            "seqkd_own_cache": os.path.basename(res["hf"][1]) != os.path.basename(res["vllm"][1]),
+            "seqkd_cached": res["cached"]}
+
+
 def main(out_dir: str) -> None:
     dist.init(timeout_s=600)
     torch.manual_seed(0)
@@ -173,6 +196,10 @@ def main_zero3(out_dir: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--zero3":
         main_zero3(sys.argv[2])
+    elif sys.argv[1] == "--seqkd":  # its own process: DeepSpeed cannot start after a vLLM engine was freed
+        dist.init(timeout_s=600)
+        with open(os.path.join(sys.argv[2], "vllm_seqkd.json"), "w") as fh:
+            json.dump(seqkd_through_vllm(sys.argv[2]), fh)
     else:
         main(sys.argv[1])
     dist.shutdown(0)
