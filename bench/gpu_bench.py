@@ -1,9 +1,9 @@
-"""The GPU benchmark (run by bench/gpu.sh on a lent H100/H200, <= 8 minutes).
+"""The GPU benchmark (run by bench/gpu.sh on a lent H100/H200, <= 9.5 minutes).
 
     bash bench/gpu.sh              # on the GPU machine -> bench/results/gpu_<GPU name>.json (+ $OUT)
     bash bench/gpu.sh --dry-run    # here, on CPU, tiny sizes -> bench/results/gpu_dryrun.json
 
-Three sections, each written to the JSON as soon as it finishes (a timeout keeps
+Five sections, each written to the JSON as soon as it finishes (a timeout keeps
 what was done):
 
 1. ``mfu``: the student update (forward, reverse KL against fixed teacher
@@ -19,6 +19,15 @@ what was done):
    (48 layers, d=1600) and the GPT-2-medium-sized student (the paper's
    medium <- XL pair, ratio ~4.4x), 256 new tokens. The vocab there is the
    trained tokenizer's (~1k), so the LM heads are cheaper than GPT-2's.
+4. ``vllm_rollout``: ``bench/rollout.py --engine vllm`` (rollout.engine=vllm's engine
+   against our loop) on a GPT-2-base-size bf16 student, batch 32, 256 new tokens;
+   skipped, and said so, where vLLM is not installed.
+5. ``pipeline``: the quickstart pipeline end to end through the real launcher, once
+   per engine (``rollout.engine``/``eval.engine`` hf, then vllm): bf16 teacher,
+   ZeRO-2 student, export and eval; which stages started, the exit code, the
+   distillation's median step time (the PromptKD iteration). No code path of this
+   project has run on a GPU yet: this is where the first lent GPU shows every
+   CUDA-path bug at once.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import (RunSizes, emit, init_dist, make_config, make_workspace, n_params, quiet,  # noqa: E402
+from bench.common import (REPO, RunSizes, emit, init_dist, make_config, make_workspace, n_params, quiet,  # noqa: E402
                           set_threads, stats, sync, timed)
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendor's data sheets.
@@ -48,6 +57,11 @@ FULL = {
                        student_hidden=1024, student_heads=16, teacher_dtype="bf16", precision="bf16", batch=16,
                        max_new_tokens=256, max_prompt_length=256, max_length=512, max_positions=1024),
     "phases_repeats": 5, "matmul_n": 8192,
+    # rollout.engine=vllm vs our loop on a GPT-2-base-size student, 256 new tokens, batch 32
+    "vllm_rollout": {"arch": "gpt2", "layers": 12, "hidden": 768, "heads": 12, "batch": 32, "new": 256, "repeats": 3},
+    # the quickstart pipeline through the launcher, bf16 teacher, ZeRO-2 student, once per engine
+    "pipeline": {"teacher_sft_steps": 200, "student_sft_steps": 100, "steps": 50, "n_train": 2000, "n_dev": 50,
+                 "n_test": 200, "seeds": "[10,20,30,40,50]", "new": 32},
 }
 DRY = {
     "mfu": {"layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "batch": 2, "seq": 32, "repeats": 2},
@@ -56,7 +70,11 @@ DRY = {
                        student_hidden=32, student_heads=4, teacher_dtype="bf16", precision="bf16", batch=4,
                        max_new_tokens=8, max_prompt_length=64, max_length=128, max_positions=256, n_train=60),
     "phases_repeats": 2, "matmul_n": 256,
+    "vllm_rollout": {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "batch": 4, "new": 8, "repeats": 2},
+    "pipeline": {"teacher_sft_steps": 2, "student_sft_steps": 2, "steps": 2, "n_train": 64, "n_dev": 4, "n_test": 8,
+                 "seeds": "[10]", "new": 6},
 }
+SECTIONS = ("mfu", "rollout", "phases", "vllm_rollout", "pipeline")
 
 
 def peak_flops(name: Optional[str]) -> Optional[float]:
@@ -152,11 +170,77 @@ def phases_section(ws: dict, sizes: RunSizes, repeats: int) -> dict[str, Any]:
     return phases.run(sizes, repeats=repeats, warmup=1, ws=ws)
 
 
+def vllm_missing() -> Optional[str]:
+    import importlib.util
+
+    return None if importlib.util.find_spec("vllm") else "vLLM is not installed here (pip install vllm)"
+
+
+def vllm_rollout_section(ws: dict, p: dict) -> dict[str, Any]:
+    """bench/rollout.py --engine vllm at GPU size (bf16 on a GPU)."""
+    if vllm_missing():
+        return {"skipped": vllm_missing()}
+    from bench import rollout
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    sizes = RunSizes(batch=p["batch"], max_new_tokens=p["new"], max_prompt_length=256, max_positions=1024)
+    return rollout.run_vllm(sizes, repeats=p["repeats"], warmup=1, ws=ws,
+                            model_spec=(p["arch"], p["layers"], p["hidden"], p["heads"]), dtype=dtype)
+
+
+PIPELINE_STAGES = ("pipeline 1/4", "pipeline 2/4", "pipeline 3/4", "pipeline 4/4")
+
+
+def pipeline_section(p: dict) -> dict[str, Any]:
+    """The quickstart pipeline end to end through the real launcher, per engine: which stages passed, how long.
+
+    bf16 teacher, ZeRO-2 student, export and eval; the student is 1 layer d=64 with 2 heads (head_dim 32, which
+    vLLM's attention kernels take). The distillation's median step time is the PromptKD iteration time.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    out: dict[str, Any] = {}
+    for engine in ("hf", "vllm"):
+        if engine == "vllm" and vllm_missing():
+            out[engine] = {"skipped": vllm_missing()}
+            continue
+        run_dir = tempfile.mkdtemp(prefix=f"gpu_pipeline_{engine}_")
+        cmd = [sys.executable, os.path.join(REPO, "launcher", "main.py"), f"output.dir={run_dir}",
+               "model.teacher.dtype=bf16", "deepspeed=ds_configs/zero2.json", f"rollout.engine={engine}",
+               f"eval.engine={engine}", "eval.no_repeat_ngram_size=0",
+               f"pipeline.teacher_sft_steps={p['teacher_sft_steps']}",
+               f"pipeline.student_sft_steps={p['student_sft_steps']}", f"train.max_steps={p['steps']}",
+               f"data.synthetic.n_train={p['n_train']}", f"data.synthetic.n_dev={p['n_dev']}",
+               f"data.synthetic.n_test={p['n_test']}", f"eval.seeds={p['seeds']}", f"rollout.max_new_tokens={p['new']}",
+               f"eval.max_new_tokens={p['new']}", "model.student.init={arch: llama, layers: 1, hidden: 64, heads: 2}",
+               "logging.progress_bar=false"]
+        env = {k: v for k, v in os.environ.items()  # this process's own world must not leak into the launch
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        log = proc.stdout + proc.stderr
+        steps = []
+        metrics = os.path.join(run_dir, "distill", "metrics.jsonl")
+        if os.path.isfile(metrics):
+            with open(metrics) as fh:
+                steps = [r["perf/step_seconds"] for r in map(json.loads, fh) if "perf/step_seconds" in r]
+        out[engine] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+                       "stages_started": [s for s in PIPELINE_STAGES if s in log],
+                       "eval_written": os.path.isfile(os.path.join(run_dir, "eval", "results.json")),
+                       "promptkd_step_seconds_median": sorted(steps)[len(steps) // 2] if steps else None,
+                       "last_line": log.strip().splitlines()[-1][-300:] if log.strip() else ""}
+    return out
+
+
 def gpu_name() -> Optional[str]:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def run(dry: bool, name: Optional[str] = None, sections=("mfu", "rollout", "phases")) -> dict[str, Any]:
+def run(dry: bool, name: Optional[str] = None, sections=SECTIONS) -> dict[str, Any]:
     """All sections; the JSON is rewritten after each one. Returns the result."""
     plan = DRY if dry else FULL
     init_dist()
@@ -173,6 +257,10 @@ def run(dry: bool, name: Optional[str] = None, sections=("mfu", "rollout", "phas
             result["rollout"] = rollout_section(ws, plan["rollout"])
         elif section == "phases":
             result["phases"] = phases_section(ws, plan["phases"], plan["phases_repeats"])
+        elif section == "vllm_rollout":
+            result["vllm_rollout"] = vllm_rollout_section(ws, plan["vllm_rollout"])
+        elif section == "pipeline":
+            result["pipeline"] = pipeline_section(plan["pipeline"])
         result["sections_done"].append(section)
         result["section_seconds"][section] = round(time.perf_counter() - start, 1)
         sync()
@@ -192,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on CPU: checks the code path, numbers mean nothing")
-    p.add_argument("--sections", default="mfu,rollout,phases")
+    p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = leave torch's default)")
     args = p.parse_args(argv)
     quiet()

@@ -124,12 +124,14 @@ def run(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = No
     }
 
 
-def run_vllm(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None) -> dict[str, Any]:
+def run_vllm(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None,
+             model_spec: tuple[str, int, int, int] = ("llama", 2, 128, 4), dtype: torch.dtype = torch.float32,
+             gpu_memory_utilization: float = 0.3) -> dict[str, Any]:
     """rollout.engine=vllm's engine against our loop at equal work: same weights, prompts, sampling, length.
 
-    The student is 2 layers d=128, 4 heads (vLLM's CPU attention needs head_dim >= 32). EOS is ignored on the vLLM
-    side and never sampled on ours, so both decode batch x max_new_tokens tokens. On CPU this checks correctness
-    and cost, it is not a speed claim.
+    The default student is 2 layers d=128, 4 heads (vLLM's CPU attention needs head_dim >= 32); model_spec =
+    (arch, layers, hidden, heads). EOS is ignored on the vLLM side and never sampled on ours, so both decode
+    batch x max_new_tokens tokens. On CPU this checks correctness and cost, it is not a speed claim.
     """
     import tempfile
 
@@ -141,13 +143,15 @@ def run_vllm(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None
     ws = ws or make_workspace(sizes)
     tok, ids, mask = load_prompts(ws, sizes.batch, sizes.max_prompt_length, device)
     torch.manual_seed(0)
-    model = build_tiny("llama", 2, 128, 4, vocab_size=len(tok), max_positions=sizes.max_positions,
+    arch, layers, hidden, heads = model_spec
+    model = build_tiny(arch, layers, hidden, heads, vocab_size=len(tok), max_positions=sizes.max_positions,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id).to(device).eval()
+                       eos_token_id=tok.eos_token_id).to(device=device, dtype=dtype).eval()
     model_dir = tempfile.mkdtemp(prefix="bench_vllm_")
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    llm = eval_llm(model_dir, "float32", sizes.max_prompt_length + sizes.max_new_tokens + 8, 0.3)
+    llm = eval_llm(model_dir, str(dtype).removeprefix("torch."), sizes.max_prompt_length + sizes.max_new_tokens + 8,
+                   gpu_memory_utilization)
     from vllm import SamplingParams as VSP
     from vllm.inputs import TokensPrompt
 
@@ -172,8 +176,8 @@ def run_vllm(sizes: RunSizes, repeats: int = 5, warmup: int = 1, ws: dict | None
     assert set(lengths["ours"]) == {n_new} and set(lengths["vllm"]) == {n_new}, lengths
     tokens = sizes.batch * n_new
     r = ratio(times["ours"], times["vllm"])  # time_ours / time_vllm == tokens/s vllm / tokens/s ours
-    return {"model": {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "params": n_params(model),
-                      "dtype": "float32", "vocab": vocab},
+    return {"model": {"arch": arch, "layers": layers, "hidden": hidden, "heads": heads, "params": n_params(model),
+                      "dtype": str(dtype).removeprefix("torch."), "vocab": vocab},
             "batch": sizes.batch, "max_new_tokens": n_new,
             "tokens_per_s": {k: stats([tokens / t for t in v]) for k, v in times.items()},
             "seconds": {k: stats(v) for k, v in times.items()},
