@@ -60,8 +60,10 @@ FULL = {
     # rollout.engine=vllm vs our loop on a GPT-2-base-size student, 256 new tokens, batch 32
     "vllm_rollout": {"arch": "gpt2", "layers": 12, "hidden": 768, "heads": 12, "batch": 32, "new": 256, "repeats": 3},
     # the quickstart pipeline through the launcher, bf16 teacher, ZeRO-2 student, once per engine
-    "pipeline": {"teacher_sft_steps": 200, "student_sft_steps": 100, "steps": 50, "n_train": 2000, "n_dev": 50,
-                 "n_test": 200, "seeds": "[10,20,30,40,50]", "new": 32},
+    # ... with a GPT-2-base-size student, batch 32, up to 256 new tokens (its step time: the PromptKD iteration)
+    "pipeline": {"teacher_sft_steps": 200, "student_sft_steps": 100, "steps": 30, "n_train": 2000, "n_dev": 50,
+                 "n_test": 200, "seeds": "[10,20,30,40,50]", "new": 256, "batch": 32, "max_prompt_length": 64,
+                 "student": "{arch: gpt2, layers: 12, hidden: 768, heads: 12, max_positions: 512}"},
 }
 DRY = {
     "mfu": {"layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "batch": 2, "seq": 32, "repeats": 2},
@@ -72,7 +74,8 @@ DRY = {
     "phases_repeats": 2, "matmul_n": 256,
     "vllm_rollout": {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "batch": 4, "new": 8, "repeats": 2},
     "pipeline": {"teacher_sft_steps": 2, "student_sft_steps": 2, "steps": 2, "n_train": 64, "n_dev": 4, "n_test": 8,
-                 "seeds": "[10]", "new": 6},
+                 "seeds": "[10]", "new": 6, "batch": 4, "max_prompt_length": 64,
+                 "student": "{arch: llama, layers: 1, hidden: 64, heads: 2}"},
 }
 SECTIONS = ("mfu", "rollout", "phases", "vllm_rollout", "pipeline")
 
@@ -194,8 +197,9 @@ PIPELINE_STAGES = ("pipeline 1/4", "pipeline 2/4", "pipeline 3/4", "pipeline 4/4
 def pipeline_section(p: dict) -> dict[str, Any]:
     """The quickstart pipeline end to end through the real launcher, per engine: which stages passed, how long.
 
-    bf16 teacher, ZeRO-2 student, export and eval; the student is 1 layer d=64 with 2 heads (head_dim 32, which
-    vLLM's attention kernels take). The distillation's median step time is the PromptKD iteration time.
+    bf16 teacher, ZeRO-2 student, export and eval; on the GPU the student is GPT-2-base-sized (batch 32, up to 256
+    new tokens), in the dry run 1 layer d=64 with 2 heads (head_dim 32, which vLLM's CPU kernels need). The
+    distillation's median step time is the PromptKD iteration time of each engine.
     """
     import json
     import subprocess
@@ -215,8 +219,9 @@ def pipeline_section(p: dict) -> dict[str, Any]:
                f"pipeline.student_sft_steps={p['student_sft_steps']}", f"train.max_steps={p['steps']}",
                f"data.synthetic.n_train={p['n_train']}", f"data.synthetic.n_dev={p['n_dev']}",
                f"data.synthetic.n_test={p['n_test']}", f"eval.seeds={p['seeds']}", f"rollout.max_new_tokens={p['new']}",
-               f"eval.max_new_tokens={p['new']}", "model.student.init={arch: llama, layers: 1, hidden: 64, heads: 2}",
-               "logging.progress_bar=false"]
+               f"eval.max_new_tokens={p['new']}", f"model.student.init={p['student']}",
+               f"train.micro_batch_size={p['batch']}", f"data.max_prompt_length={p['max_prompt_length']}",
+               f"data.max_length={p['max_prompt_length'] + p['new']}", "logging.progress_bar=false"]
         env = {k: v for k, v in os.environ.items()  # this process's own world must not leak into the launch
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
