@@ -176,7 +176,9 @@ def phases_section(ws: dict, sizes: RunSizes, repeats: int) -> dict[str, Any]:
 def vllm_missing() -> Optional[str]:
     import importlib.util
 
-    return None if importlib.util.find_spec("vllm") else "vLLM is not installed here (pip install vllm)"
+    spec = importlib.util.find_spec("vllm")
+    installed = spec is not None and spec.origin not in (None, "namespace")
+    return None if installed else "vLLM is not installed here (pip install vllm)"
 
 
 def vllm_rollout_section(ws: dict, p: dict) -> dict[str, Any]:

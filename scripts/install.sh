@@ -6,7 +6,7 @@
 #
 #   bash scripts/install.sh           # .venv: the project and its tests
 #   bash scripts/install.sh --vllm    # .venv-vllm: the same plus vLLM's CPU build (rollout.engine=vllm on CPU,
-#                                     # tests/vllm); vLLM pins its own transformers, so it gets a venv of its own.
+#                                     # tests/engine_vllm); vLLM pins its own transformers, so it gets a venv of its own.
 #                                     # On a GPU machine, pip install vllm into your own environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -145,7 +145,9 @@ def _require_vllm(key: str, cfg: Any) -> None:
     """engine=vllm where it would run (a stage that decodes) needs vLLM installed."""
     import importlib.util
 
-    if cfg.stage in ("train", "pipeline", "eval") and importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    installed = spec is not None and spec.origin not in (None, "namespace")  # a stray vllm/ dir is not vLLM
+    if cfg.stage in ("train", "pipeline", "eval") and not installed:
         raise ConfigError(f"{key}=vllm: vLLM is not installed in this environment; {VLLM_INSTALL}")
 
 

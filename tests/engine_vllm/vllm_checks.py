@@ -1,9 +1,9 @@
 """rollout.engine=vllm against our decode loop, in one process (world size 1), printing JSON.
 
-    .venv-vllm/bin/python tests/vllm/vllm_checks.py OUT_DIR
+    .venv-vllm/bin/python tests/engine_vllm/vllm_checks.py OUT_DIR
 
 Needs vLLM (scripts/install.sh --vllm). Tiny Llama student with head_dim 32 (vLLM's CPU attention has no
-kernel for 16), fp32. tests/vllm/test_vllm.py runs it and asserts on the JSON.
+kernel for 16), fp32. tests/engine_vllm/test_vllm.py runs it and asserts on the JSON.
 """
 from __future__ import annotations
 

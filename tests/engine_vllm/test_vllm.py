@@ -1,5 +1,5 @@
 """rollout.engine=vllm (runs where vLLM is installed: `bash scripts/install.sh --vllm`, then
-`.venv-vllm/bin/python -m pytest tests/vllm`; skipped elsewhere)."""
+`.venv-vllm/bin/python -m pytest tests/engine_vllm`; skipped elsewhere)."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +13,8 @@ import torch
 
 from tests.fixtures.cli import cli_env
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+_SPEC = importlib.util.find_spec("vllm")
+pytestmark = pytest.mark.skipif(_SPEC is None or _SPEC.origin in (None, "namespace"),
                                 reason="vLLM is not installed here (bash scripts/install.sh --vllm)")
 HERE = Path(__file__).resolve().parent
 
