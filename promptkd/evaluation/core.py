@@ -27,7 +27,7 @@ from promptkd.config import EvalConfig
 from promptkd.data import TokenizedExample, collate_prompts, load_examples, sniff_format, tokenize_examples
 from promptkd.evaluation.report import AVERAGE, METRICS, results_markdown
 from promptkd.rollout import SamplingParams, StepFn, generate
-from promptkd.rollout.vllm import vllm_answers
+from promptkd.rollout.vllm import request_seed, vllm_answers
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ def generate_answers(gen: Decoder, tokenizer: Any, examples: list[TokenizedExamp
     results: list[tuple[int, str]] = []
     if gen.vllm is not None:
         local = [(i, ex) for i, ex in local if i >= 0]
-        rows = vllm_answers(gen.vllm, [ex.prompt_ids for _, ex in local], [i for i, _ in local], params, gen.eos_id,
-                            gen.vocab_size, seed)
+        # each request's seed follows (eval seed, example index): answers do not depend on ranks or batching
+        seeds = [request_seed(seed, 0, 0, i) for i, _ in local]
+        rows = vllm_answers(gen.vllm, [ex.prompt_ids for _, ex in local], seeds, params, gen.eos_id, gen.vocab_size)
         results = [(i, _decode(tokenizer, row, gen.eos_id)) for (i, _), row in zip(local, rows)]
     for start in range(0, len(local) if gen.vllm is None else 0, batch_size):
         chunk = local[start:start + batch_size]

@@ -185,14 +185,15 @@ class SeqKD(Method):
         prompts = to_device(collate_prompts(examples, ctx.pad_id))
         if self.make_teacher_llm is not None:
             from promptkd.rollout import rollout_from_responses
-            from promptkd.rollout.vllm import vllm_answers
+            from promptkd.rollout.vllm import request_seed, vllm_answers
 
             if self.teacher_llm is None:
                 self.teacher_llm = self.make_teacher_llm()
             # each request's seed follows its example (id), so a rerun or resume samples the same response
-            index = [int(hashlib.sha256(ex.id.encode()).hexdigest()[:7], 16) for ex in examples]
-            rows = vllm_answers(self.teacher_llm, [ex.prompt_ids for ex in examples], index, ctx.sampling,
-                                ctx.eos_id, ctx.vocab_size, ctx.seed)
+            seeds = [request_seed(ctx.seed, 0, 0, int(hashlib.sha256(ex.id.encode()).hexdigest()[:7], 16))
+                     for ex in examples]
+            rows = vllm_answers(self.teacher_llm, [ex.prompt_ids for ex in examples], seeds, ctx.sampling,
+                                ctx.eos_id, ctx.vocab_size)
             return rollout_from_responses(prompts["input_ids"], prompts["attention_mask"], rows, ctx.eos_id,
                                           ctx.pad_id, ctx.sampling.max_new_tokens)
         return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],

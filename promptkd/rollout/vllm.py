@@ -97,14 +97,14 @@ def release(llm: Any) -> None:
     destroy_model_parallel()
 
 
-def vllm_answers(llm: Any, prompts: list[list[int]], indices: list[int], params: SamplingParams, eos_id: int,
-                 vocab_size: int, seed: int) -> list[list[int]]:
-    """Token ids of each prompt's answer; request i's seed depends on (seed, its example index) only."""
+def vllm_answers(llm: Any, prompts: list[list[int]], seeds: list[int], params: SamplingParams, eos_id: int,
+                 vocab_size: int) -> list[list[int]]:
+    """Token ids of each prompt's response, request i sampled with ``seeds[i]`` (unused when greedy)."""
     from vllm.inputs import TokensPrompt
 
     model_vocab = int(llm.llm_engine.model_config.get_vocab_size())
-    sampling = [vllm_sampling(params, eos_id, vocab_size, model_vocab,
-                              request_seed(seed, 0, 0, i) if params.do_sample else None) for i in indices]
+    sampling = [vllm_sampling(params, eos_id, vocab_size, model_vocab, seed if params.do_sample else None)
+                for seed in seeds]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
     return [list(out.outputs[0].token_ids) for out in outputs]
 
@@ -126,7 +126,6 @@ class VLLMRollouts:
         os.makedirs(model_dir, exist_ok=True)
         module.config.save_pretrained(model_dir)  # the architecture only: the weights come through sync()
         tokenizer.save_pretrained(model_dir)
-        self.model_vocab = int(module.config.vocab_size)
         self.opts = opts
         dtype = opts.dtype if opts.dtype != "auto" else str(next(module.parameters()).dtype).removeprefix("torch.")
         self.llm = LLM(model=model_dir, load_format="dummy", dtype=dtype,
@@ -156,17 +155,12 @@ class VLLMRollouts:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, eos_id: int,
                  pad_id: int, step: int, force_eos: bool = True) -> Rollout:
         """One call for every prompt of the step (rows of the left-padded [B, Tp] batch)."""
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(input_ids, attention_mask)]
-        sampling = [vllm_sampling(params, eos_id, self.vocab_size, self.model_vocab,
-                                  request_seed(self.seed, step, dist.rank(), i) if params.do_sample else None)
-                    for i in range(len(prompts))]
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+        seeds = [request_seed(self.seed, step, dist.rank(), i) for i in range(len(prompts))]
         self._wake()
-        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        responses = vllm_answers(self.llm, prompts, seeds, params, eos_id, self.vocab_size)
         if self.opts.sleep:  # the KV cache goes while the student trains; weights are synced on waking
             self.llm.sleep(level=1)
             self.asleep = True
-        responses = [list(out.outputs[0].token_ids) for out in outputs]
         return rollout_from_responses(input_ids, attention_mask, responses, eos_id, pad_id, params.max_new_tokens,
                                       force_eos)
