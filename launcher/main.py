@@ -53,12 +53,28 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if cfg.stage == "plan":  # before launch, on any machine: no process group, no weights
+        return plan(cfg, args.config or DEFAULT_CONFIG, args.debug)
     from promptkd import distributed as dist
 
     dist.init(cfg.dist_timeout_s)
     code = run(cfg, args.debug)
     dist.shutdown(code)
     return code  # not reached: shutdown exits
+
+
+def plan(cfg, title: str, debug: bool) -> int:
+    from promptkd.config import ConfigError as Bad
+    from promptkd.plan import run_plan
+
+    try:
+        run_plan(cfg, os.path.relpath(title))
+        return 0
+    except (Bad, OSError, ValueError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def run(cfg, debug: bool) -> int:

@@ -21,16 +21,16 @@ from promptkd.config.methods import (DIVERGENCES, METHOD_NAMES, MOVED, DistiLLMC
                                      ImitKDConfig, KDConfig, MethodConfig, MiniLLMConfig, PromptKDConfig,
                                      SeqKDConfig)
 from promptkd.config.schema import (Config, DataConfig, EvalConfig, ExposureConfig, LoggingConfig, ModelConfig,
-                                    OptimConfig, OptimizersConfig, OutputConfig, PipelineConfig, RolloutConfig,
+                                    OptimConfig, OptimizersConfig, OutputConfig, PipelineConfig, PlanConfig, RolloutConfig,
                                     StudentConfig, SyntheticConfig, TeacherConfig, TinyInit, TokenizerConfig,
-                                    TrainConfig, VLLM_INSTALL, VLLMConfig, max_new_tokens)
+                                    TrainConfig, VLLM_INSTALL, VLLMConfig, max_new_tokens, parse_bytes)
 
 __all__ = [
     "ConfigError", "validate", "get",
     "Config", "TinyInit", "TeacherConfig", "StudentConfig", "ModelConfig", "TokenizerConfig", "SyntheticConfig",
     "DataConfig", "OptimConfig", "OptimizersConfig", "TrainConfig", "RolloutConfig", "EvalConfig",
     "ExposureConfig", "OutputConfig", "LoggingConfig", "PipelineConfig", "max_new_tokens", "VLLMConfig",
-    "VLLM_INSTALL",
+    "VLLM_INSTALL", "PlanConfig", "parse_bytes",
     "MethodConfig", "PromptKDConfig", "KDConfig", "DivergenceConfig", "ImitKDConfig", "GKDConfig",
     "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "DIVERGENCES", "MOVED",
     "load_config", "with_overrides", "parse_override", "asdict", "to_yaml", "help_lines",

@@ -271,10 +271,43 @@ class PipelineConfig:
                                       "evaluations without a new best (0 = run every step)", min=0)
 
 
+UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(key: str, text: Any) -> int:
+    """'80GiB', '81920MiB', '40GB' (decimal), '1.5e9' -> bytes; a one-line error naming ``key`` otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{key}: cannot read {text!r} as a memory size; write a positive number with a unit: "
+                          "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 80GiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+@dataclass
+class PlanConfig:
+    gpu_memory: str = _f("80GiB", "stage=plan: memory of one GPU, e.g. 80GiB (an A100 80GB), 81559MiB (an H100 "
+                                  "80GB), 40GB (GB = 10^9 bytes)")
+    world_size: int = _f(0, "stage=plan: data-parallel ranks; 0 = WORLD_SIZE of the launch, else 1", min=0)
+    student_arch: str = _f("", "stage=plan: the student's shape: a shipped size (promptkd/plan/archs: gpt2 ... "
+                               "llama-13b) or a dir with config.json; empty = from model.student")
+    teacher_arch: str = _f("", "stage=plan: the teacher's shape, as plan.student_arch; empty = from model.teacher")
+    overhead: str = _f("2GiB", "stage=plan: allowance per GPU for what no term counts (CUDA context, NCCL buffers, "
+                               "kernel workspaces, allocator fragmentation)")
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        parse_bytes(prefix + "gpu_memory", self.gpu_memory)
+        if str(self.overhead).strip() not in ("0", "0B"):
+            parse_bytes(prefix + "overhead", self.overhead)
+
+
 @dataclass
 class Config:
     stage: str = _f("train", "what to run: pipeline (quickstart: SFT teacher, SFT student, distill, eval) | train | "
-                             "eval", choices=("pipeline", "train", "eval", "exposure"))
+                             "eval | exposure | plan (memory per GPU before launch: no weights loaded)",
+                    choices=("pipeline", "train", "eval", "exposure", "plan"))
     seed: int = _f(42, "global seed")
     deepspeed: str = _f("ds_configs/zero0.json", "DeepSpeed JSON with ZeRO/offload settings only")
     dist_timeout_s: int = _f(1800, "timeout of every collective, seconds", positive=True)
@@ -290,6 +323,7 @@ class Config:
     output: OutputConfig = _f(OutputConfig(), "outputs")
     logging: LoggingConfig = _f(LoggingConfig(), "logging")
     pipeline: PipelineConfig = _f(PipelineConfig(), "quickstart pipeline")
+    plan: PlanConfig = _f(PlanConfig(), "memory planner (stage=plan)")
 
     def check(self, prefix: str, cfg: Any) -> None:
         if self.stage == "train" and not self.data.train_file and not self.data.synthetic.enabled:

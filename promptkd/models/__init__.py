@@ -1,6 +1,6 @@
 """Model construction and the prompted teacher."""
 
-from promptkd.models.loading import DTYPES, build_tiny, check_vocab, load_pretrained, missing_local_dir
+from promptkd.models.loading import DTYPES, build_tiny, check_vocab, load_pretrained, missing_local_dir, tiny_config
 from promptkd.models.prompted_teacher import (
     PROMPT_DIR,
     PROMPT_META,
@@ -22,4 +22,5 @@ __all__ = [
     "load_prompt",
     "load_prompted_teacher",
     "missing_local_dir",
+    "tiny_config",
 ]

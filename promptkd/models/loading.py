@@ -63,6 +63,26 @@ def _gpt2_config(
     )
 
 
+def tiny_config(
+    arch: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    vocab_size: int,
+    max_positions: int = 512,
+    intermediate: int = 0,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> GPT2Config | LlamaConfig:
+    """The config ``build_tiny`` builds from (the memory planner reads its shapes)."""
+    builders = {"llama": _llama_config, "gpt2": _gpt2_config}
+    if arch not in builders:
+        raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {TINY_ARCHS}")
+    special = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    return builders[arch](layers, hidden, heads, vocab_size, max_positions, intermediate, special)
+
+
 def build_tiny(
     arch: str,
     layers: int,
@@ -82,15 +102,8 @@ def build_tiny(
     and padding logic see the tokenizer's ids, not the hub defaults (GPT-2's
     50256 would be outside a tiny vocab).
     """
-    builders = {"llama": _llama_config, "gpt2": _gpt2_config}
-    if arch not in builders:
-        raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {TINY_ARCHS}")
-    special = {
-        "pad_token_id": pad_token_id,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-    }
-    config = builders[arch](layers, hidden, heads, vocab_size, max_positions, intermediate, special)
+    config = tiny_config(arch, layers, hidden, heads, vocab_size, max_positions, intermediate,
+                         pad_token_id, bos_token_id, eos_token_id)
     model = AutoModelForCausalLM.from_config(config)
     logger.info(
         "built tiny %s: %d layers, hidden %d, vocab %d, %.2fM params",

@@ -1,0 +1,323 @@
+"""The memory plan of a run config: per-rank lines, phases, verdict, the largest micro-batch that fits.
+
+A step's peak is what stays resident (model states, the teacher, the prompt, an optional vLLM
+engine) plus the largest of its phases (rollout, prompt step, student step), plus a stated
+allowance. Each phase holds the activations, logits and loss buffers alive at its peak.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from promptkd.config import Config, load_ds_json, max_new_tokens, parse_bytes
+from promptkd.plan import memory as M
+from promptkd.plan.arch import Arch, resolve
+
+GiB = 2 ** 30
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+MAX_SEARCH = 1 << 14
+
+
+@dataclass
+class Line:
+    term: str
+    bytes: float
+    keys: str                 # the config keys that move this line
+    check: str = ""           # the measured quantity it is compared with (bench/plan_check.py)
+
+
+@dataclass
+class Models:
+    student: Arch
+    teacher: Optional[Arch]
+    notes: list[str]
+
+
+@dataclass
+class Plan:
+    world_size: int
+    gpu_bytes: int
+    micro_batch: int
+    resident: list[Line]
+    phases: dict[str, list[Line]]
+    overhead: Line
+    cpu: list[Line]
+    alternatives: list[str]
+    notes: list[str]
+    max_micro_batch: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def phase_total(self, name: str) -> float:
+        return sum(line.bytes for line in self.phases[name])
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_total) if self.phases else ""
+
+    @property
+    def total(self) -> float:
+        peak = self.phase_total(self.peak_phase) if self.phases else 0.0
+        return sum(line.bytes for line in self.resident) + peak + self.overhead.bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+    def first_over(self) -> Optional[Line]:
+        """The first line, in table order (resident, the peak phase, overhead), at which the sum passes the GPU."""
+        running = 0.0
+        for line in self.resident + (self.phases.get(self.peak_phase, [])) + [self.overhead]:
+            running += line.bytes
+            if running > self.gpu_bytes:
+                return line
+        return None
+
+    def terms_for_check(self) -> dict[str, float]:
+        """Planned bytes under the names bench/plan_check.py measures."""
+        out: dict[str, float] = {}
+        for line in self.resident + [x for lines in self.phases.values() for x in lines]:
+            if line.check:
+                out[line.check] = out.get(line.check, 0.0) + line.bytes
+        for name, lines in self.phases.items():
+            out[name] = sum(x.bytes for x in lines if x.check != "carried")
+        return out
+
+
+def world_size_of(cfg: Config) -> int:
+    return cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def tokenizer_vocab(cfg: Config) -> int:
+    """Tokens of the run's tokenizer: a local dir is read (no weights); a tokenizer to be trained has its size."""
+    path = cfg.tokenizer.path
+    if path and os.path.isdir(os.path.expanduser(path)):
+        from promptkd.data import load_tokenizer
+
+        return len(load_tokenizer(path))
+    return cfg.tokenizer.vocab_size
+
+
+def resolve_models(cfg: Config) -> Models:
+    from promptkd.methods import METHODS
+    from promptkd.models import tiny_config
+
+    notes: list[str] = []
+
+    def one(role: str) -> Arch:
+        m = getattr(cfg.model, role)
+        init = m.init
+        tiny = None if m.path else tiny_config(init.arch, init.layers, init.hidden, init.heads, tokenizer_vocab(cfg),
+                                               init.max_positions, init.intermediate)
+        arch, how = resolve(m.path, getattr(cfg.plan, f"{role}_arch"), f"model.{role}.path", f"plan.{role}_arch",
+                            tiny)
+        notes.append(f"{role}: {how}" if how not in ("init", "config.json") else f"{role}: {arch.name}")
+        return arch
+
+    student = one("student")
+    teacher = one("teacher") if METHODS[cfg.method.name].uses_teacher else None
+    return Models(student, teacher, notes)
+
+
+def plan_config(cfg: Config, world_size: Optional[int] = None, micro_batch: Optional[int] = None,
+                models: Optional[Models] = None, lengths: Optional[tuple[int, int]] = None) -> Plan:
+    """The plan of ``cfg`` at ``micro_batch`` (default train.micro_batch_size), with the largest that fits.
+
+    ``lengths``: (sequence, logit positions) to plan at instead of the config's longest (the check
+    plans a measured step at the lengths its rollouts reached).
+    """
+    world = world_size or world_size_of(cfg)
+    models = models or resolve_models(cfg)
+    plan = _plan_at(cfg, world, micro_batch or cfg.train.micro_batch_size, models, lengths)
+    plan.max_micro_batch = largest_fitting(cfg, world, models, lengths)
+    return plan
+
+
+def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[tuple[int, int]]) -> int:
+    """The largest micro-batch whose plan fits (0: not even 1); every phase grows with it."""
+    def fits(b: int) -> bool:
+        return _plan_at(cfg, world, b, models, lengths).fits
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= MAX_SEARCH and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > MAX_SEARCH:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optional[tuple[int, int]]) -> Plan:
+    from promptkd.methods import METHODS
+
+    z = M.Zero.from_json(load_ds_json(cfg.deepspeed))
+    e_s = PRECISION_BYTES[cfg.train.precision]
+    method = METHODS[cfg.method.name]
+    s, t = models.student, models.teacher
+    seq, keep = lengths or (cfg.data.max_length, max_new_tokens(cfg) + 1)
+    if not method.samples_student and lengths is None:
+        keep = seq  # off-policy methods score every position of the ground truth
+    shape = M.Shape(batch, seq, keep)
+    resident = _resident(cfg, z, s, t, e_s, world)
+    phases: dict[str, list[Line]] = {}
+    if method.samples_student:
+        phases["rollout"] = _rollout(cfg, s, shape, e_s, world)
+    prompt_len = method.teacher_prompt_length(cfg) if t is not None else 0
+    kept: list[Line] = []
+    if prompt_len > 0:
+        phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len)
+    phases["student_step"] = _student_step(cfg, z, s, t, shape, e_s, kept)
+    if z.stage == 3:  # gathered for every forward and backward of the student
+        for name in ("rollout", "student_step") + (("prompt_step",) if kept else ()):
+            if name in phases:
+                phases[name].append(Line("student ZeRO-3 gathered parameters + a layer's gradients",
+                                         M.zero3_live(s, z, e_s), "stage3_max_live_parameters in the DeepSpeed JSON"))
+    gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
+    over = 0 if str(cfg.plan.overhead).strip() in ("0", "0B") else parse_bytes("plan.overhead", cfg.plan.overhead)
+    plan = Plan(world, gpu, batch, resident, phases, Line("framework overhead (stated allowance)", over,
+                                                          "plan.overhead"),
+                _cpu_lines(cfg, z, s, t, e_s, world), _alternatives(cfg, s, t, shape, e_s, prompt_len),
+                list(models.notes))
+    return plan
+
+
+def _resident(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int) -> list[Line]:
+    from promptkd.methods import METHODS
+
+    stage = f"deepspeed ({cfg.deepspeed}: ZeRO-{z.stage}{', optimizer offload' if z.offload_optimizer else ''})"
+    lines = [
+        Line(f"student parameters ({s.n_params / 1e9:.3g}B, {cfg.train.precision})",
+             M.student_params(s, z, e_s, world), f"{stage}, train.precision", "params"),
+        Line("student gradients", M.student_grads(s, z, e_s, world), f"{stage}, train.precision", "grads"),
+        Line("student optimizer states (AdamW moments + fp32 master)", M.student_optimizer(s, z, e_s, world),
+             f"{stage}, train.precision", "optimizer"),
+    ]
+    if t is not None:
+        tc = cfg.model.teacher
+        e_t = PRECISION_BYTES[tc.dtype]
+        tz = M.Zero.from_json(load_ds_json(tc.deepspeed)) if tc.placement == "zero3" else M.Zero()
+        lines.append(Line(f"teacher weights ({t.n_params / 1e9:.3g}B, {tc.dtype}, {tc.placement})",
+                          M.teacher_weights(t, tc.placement, e_t, world, bool(tc.offload_params), tz),
+                          "model.teacher.placement, model.teacher.dtype, model.teacher.offload_params",
+                          "teacher_weights"))
+        p = METHODS[cfg.method.name].teacher_prompt_length(cfg)
+        if p:
+            lines.append(Line(f"soft prompt + AdamW ({p} x {t.hidden}, fp32)", M.prompt_states(p, t.hidden),
+                              "model.teacher.prompt_length"))
+    if cfg.rollout.engine == "vllm" and not cfg.rollout.vllm.sleep:
+        gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
+        lines.append(Line("vLLM engine (its weights + KV cache)", cfg.rollout.vllm.gpu_memory_utilization * gpu,
+                          "rollout.vllm.gpu_memory_utilization, rollout.vllm.sleep"))
+    return lines
+
+
+def _rollout(cfg: Config, s: Arch, shape: M.Shape, e_s: int, world: int) -> list[Line]:
+    if cfg.rollout.engine == "vllm":
+        if cfg.rollout.vllm.sleep:
+            gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
+            return [Line("vLLM engine, awake for the rollout", cfg.rollout.vllm.gpu_memory_utilization * gpu,
+                         "rollout.vllm.gpu_memory_utilization")]
+        return [Line("rollout (in vLLM's share)", 0.0, "rollout.engine")]
+    prompt = M.Shape(shape.batch, cfg.data.max_prompt_length, 1)
+    return [
+        Line(f"student KV cache ({shape.batch} x {shape.seq} tokens)", M.kv_cache(s, shape.batch, shape.seq, e_s),
+             "train.micro_batch_size, data.max_length, rollout.engine"),
+        Line("prefill working set", M.nograd_forward(s, prompt, e_s), "data.max_prompt_length"),
+    ]
+
+
+def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int,
+                 prompt_len: int) -> tuple[list[Line], list[Line]]:
+    """The prompt update: the kept student graph, p_T, the prompted teacher's graph through all its layers."""
+    opts, tc = cfg.method.promptkd, cfg.model.teacher
+    e_t = PRECISION_BYTES[tc.dtype]
+    kept: list[Line] = []
+    s_logits = Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
+    if opts.reuse_student_forward and s.dropout == 0:
+        kept = [Line("student activations (kept for the student step)", _student_act(cfg, s, shape, e_s, False),
+                     "model.student.gradient_checkpointing, method.promptkd.reuse_student_forward"), s_logits]
+    else:
+        kept = []
+    t_shape = M.Shape(shape.batch, shape.seq + prompt_len, shape.keep)
+    dropout = opts.prompt_step_teacher_train
+    lines = list(kept) if kept else [Line("student logits (no grad)", M.logits(shape, s.vocab, e_s),
+                                          "train.micro_batch_size")]
+    if opts.reg_schedule != "off":
+        lines.append(Line("teacher logits p_T (no grad)", M.logits(shape, t.vocab, e_t), "method.promptkd.reg_schedule"))
+    lines += [
+        Line(f"teacher activations, prompted forward + backward ({t_shape.seq} tokens)",
+             M.activations(t, t_shape, e_t, True, dropout, tc.gradient_checkpointing),
+             "model.teacher.gradient_checkpointing, train.micro_batch_size, data.max_length"),
+        Line("prompted teacher logits", M.logits(shape, t.vocab, e_t), "train.micro_batch_size, rollout.max_new_tokens"),
+        Line("prompt loss: gradient buffer + fp32 chunk", M.logits(shape, t.vocab, e_t)
+             + M.loss_chunk(shape, t.vocab, cfg.method.loss_chunk_size), "method.loss_chunk_size"),
+    ]
+    return lines, kept
+
+
+def _student_act(cfg: Config, s: Arch, shape: M.Shape, e_s: int, dropout: bool) -> float:
+    return M.activations(s, shape, e_s, False, dropout, cfg.model.student.gradient_checkpointing)
+
+
+def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int,
+                  kept: list[Line]) -> list[Line]:
+    lines = [Line(x.term.replace(" (kept for the student step)", "") + " (kept from the prompt step)", x.bytes, x.keys,
+                  "carried") for x in kept]
+    if t is not None:
+        e_t = PRECISION_BYTES[cfg.model.teacher.dtype]
+        lines.append(Line("teacher logits (no grad)", M.logits(shape, t.vocab, e_t),
+                          "train.micro_batch_size, rollout.max_new_tokens"))
+    if not kept:
+        lines += [
+            Line("student activations, forward + backward", _student_act(cfg, s, shape, e_s, True),
+                 "model.student.gradient_checkpointing, train.micro_batch_size, data.max_length"),
+            Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens"),
+        ]
+    loss = M.logits(shape, s.vocab, e_s) + M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size)
+    bucket = M.reduce_bucket(s, z, e_s)
+    after = loss + bucket
+    before = M.nograd_forward(t, shape, PRECISION_BYTES[cfg.model.teacher.dtype]) if t is not None else 0.0
+    # the teacher's no-grad forward runs (and frees its intermediates) before the loss and backward start
+    if before > after:
+        lines.append(Line("teacher no-grad forward working set (larger than the loss + backward that follow)", before,
+                          "train.micro_batch_size, data.max_length"))
+        return lines
+    lines.append(Line("loss: gradient buffer + fp32 chunk", loss, "method.loss_chunk_size"))
+    if bucket:
+        lines.append(Line("ZeRO reduce bucket (during backward)", bucket, "reduce_bucket_size in the DeepSpeed JSON"))
+    return lines
+
+
+def _cpu_lines(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int) -> list[Line]:
+    lines = []
+    if z.offload_optimizer:
+        lines.append(Line("student optimizer states (offloaded)", M.student_optimizer_cpu(s, z, e_s, world)
+                          + M.FP32 * -(-s.n_params // world), "offload_optimizer in the DeepSpeed JSON"))
+    if z.offload_param:
+        lines.append(Line("student parameters (offloaded)", -(-s.n_params // world) * e_s,
+                          "offload_param in the DeepSpeed JSON"))
+    if t is not None and cfg.model.teacher.offload_params:
+        lines.append(Line("teacher weights (offloaded)", -(-t.n_params // world) * PRECISION_BYTES[cfg.model.teacher.dtype],
+                          "model.teacher.offload_params"))
+    return lines
+
+
+def _alternatives(cfg: Config, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int, prompt_len: int) -> list[str]:
+    """The activation lines with checkpointing flipped, for the table's footer."""
+    out = []
+    sc = cfg.model.student.gradient_checkpointing
+    alt = M.activations(s, shape, e_s, False, s.dropout > 0, not sc)
+    out.append(f"student activations with model.student.gradient_checkpointing={str(not sc).lower()}: "
+               f"{alt / GiB:.2f} GiB")
+    if t is not None and prompt_len:
+        tc = cfg.model.teacher
+        t_shape = M.Shape(shape.batch, shape.seq + prompt_len, shape.keep)
+        alt = M.activations(t, t_shape, PRECISION_BYTES[tc.dtype], True, cfg.method.promptkd.prompt_step_teacher_train,
+                            not tc.gradient_checkpointing)
+        out.append(f"teacher activations with model.teacher.gradient_checkpointing="
+                   f"{str(not tc.gradient_checkpointing).lower()}: {alt / GiB:.2f} GiB")
+    return out

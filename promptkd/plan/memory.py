@@ -1,0 +1,207 @@
+"""Bytes per rank of each memory term of a training step, from model shapes only (no weights).
+
+Every function is a written-out formula; ``promptkd.plan.core`` adds them into phases.
+Notation: N parameters, W data-parallel ranks, e bytes per element of the compute dtype,
+B micro-batch, T sequence length, K logit positions (response length + 1), V vocabulary,
+L layers, h hidden, i MLP width, a heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from promptkd.plan.arch import Arch
+
+FP32 = 4
+ADAM_MOMENTS = 2 * FP32   # exp_avg and exp_avg_sq, fp32 per parameter
+# promptkd.losses.fused.FUSED_CHUNK_ELEMENTS: fp32 elements of one automatic loss chunk
+FUSED_CHUNK_ELEMENTS = 1 << 22
+# fp32 [rows, V] buffers a fused loss chunk keeps alive at once (two log-softmaxes, p, one more in
+# the prompt loss's three-way KL)
+LOSS_CHUNK_BUFFERS = 4
+
+# Storage bytes per token per decoder layer saved for backward, for Hugging Face's modules under
+# sdpa attention, as (bytes per hidden unit, bytes per MLP unit). Measured on transformers 5.24 with
+# torch.autograd.graph.saved_tensors_hooks (tests/unit/test_plan.py re-measures every entry).
+# "frozen": weights without grad, the input needs grad (the teacher under the prompt's backward):
+# linear layers then keep no input. Keys: (family, bytes per element).
+LAYER_SAVED = {
+    ("llama", 4): {"trainable": (40, 16), "frozen": (24, 12), "dropout": (0, 0)},
+    ("llama", 2): {"trainable": (24, 8), "frozen": (16, 6), "dropout": (0, 0)},
+    ("gpt2", 4): {"trainable": (32, 20), "frozen": (24, 16), "dropout": (8, 8)},
+    ("gpt2", 2): {"trainable": (16, 10), "frozen": (12, 8), "dropout": (4, 4)},
+    ("opt", 4): {"trainable": (32, 4), "frozen": (24, 4), "dropout": (8, 8)},
+    ("opt", 2): {"trainable": (16, 2), "frozen": (12, 2), "dropout": (4, 4)},
+}
+# bytes per hidden unit per token saved outside the layers (embeddings, final norm), same keys;
+# plus at most REST_CONSTANT bytes per token (position ids, norm statistics)
+REST_SAVED = {
+    ("llama", 4): {"trainable": 10, "frozen": 6}, ("llama", 2): {"trainable": 7, "frozen": 5},
+    ("gpt2", 4): {"trainable": 4, "frozen": 4}, ("gpt2", 2): {"trainable": 2, "frozen": 2},
+    ("opt", 4): {"trainable": 4, "frozen": 4}, ("opt", 2): {"trainable": 2, "frozen": 2},
+}
+REST_CONSTANT = 16
+LSE_PER_HEAD = 4          # sdpa's fp32 log-sum-exp per head and token
+
+
+def norm_stats(family: str, e: int) -> int:
+    """Bytes per token per layer of the two norms' statistics: RMSNorm's fp32 rsqrt, LayerNorm's mean and
+    rstd in the input dtype (CPU kernels; CUDA keeps them in fp32, 8 bytes more per token and layer)."""
+    return 8 if family == "llama" else 4 * e
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One forward: B sequences of T tokens, K of them through the LM head."""
+
+    batch: int
+    seq: int
+    keep: int
+
+
+def _family(arch: Arch, e: int) -> tuple[str, int]:
+    return arch.family, (FP32 if e >= FP32 else 2)
+
+
+def layer_saved(arch: Arch, s: Shape, e: int, frozen: bool, dropout: bool) -> float:
+    """Bytes one decoder layer keeps for backward (the attention mask of [B, 1, T, T] included)."""
+    table = LAYER_SAVED[_family(arch, e)]
+    ch, ci = table["frozen" if frozen else "trainable"]
+    if dropout and arch.dropout > 0:
+        ch += table["dropout"][1 if frozen else 0]
+    per_token = ch * arch.hidden + ci * arch.intermediate + LSE_PER_HEAD * arch.heads + norm_stats(arch.family, e) + s.seq * e
+    return float(s.batch * s.seq * per_token)
+
+
+def activations(arch: Arch, s: Shape, e: int, frozen: bool, dropout: bool, checkpointing: bool) -> float:
+    """Bytes saved for backward by a whole forward, at its peak in backward.
+
+    Without checkpointing: every layer's saved tensors, the final norm's, the LM head's input (trainable
+    weights only), and one more layer's worth for the gradients being formed in backward. With it: each
+    layer keeps its input, and backward recomputes one layer at a time (that layer's saved tensors plus
+    its gradients).
+    """
+    layer = layer_saved(arch, s, e, frozen, dropout)
+    rest = s.batch * s.seq * (REST_SAVED[_family(arch, e)]["frozen" if frozen else "trainable"] * arch.hidden
+                              + REST_CONSTANT)
+    head_input = 0.0 if frozen else s.batch * s.keep * arch.hidden * e
+    if checkpointing:
+        kept = arch.layers * s.batch * s.seq * arch.hidden * e
+        return kept + 2 * layer + rest + head_input
+    return (arch.layers + 1) * layer + rest + head_input
+
+
+def nograd_forward(arch: Arch, s: Shape, e: int) -> float:
+    """Bytes a forward without grad holds at once beyond its output: one layer's widest intermediates."""
+    return float(s.batch * s.seq * (3 * arch.intermediate + 4 * arch.hidden + s.seq) * e)
+
+
+def logits(s: Shape, vocab: int, e: int) -> float:
+    """One [B, K, V] logits tensor in the model's dtype (the LM head runs on K positions only)."""
+    return float(s.batch * s.keep * vocab * e)
+
+
+def loss_chunk(s: Shape, vocab: int, chunk: int) -> float:
+    """fp32 temporaries of one fused-loss chunk: [B * chunk, V] rows, ``LOSS_CHUNK_BUFFERS`` of them."""
+    positions = chunk or max(1, FUSED_CHUNK_ELEMENTS // max(1, s.batch * vocab))
+    return float(LOSS_CHUNK_BUFFERS * s.batch * min(positions, s.keep) * vocab * FP32)
+
+
+def kv_cache(arch: Arch, batch: int, seq: int, e: int) -> float:
+    """Keys and values of every layer for B sequences of T tokens, plus one layer's copy while it grows."""
+    per_layer = 2 * batch * seq * arch.kv_heads * arch.head_dim * e
+    return float((arch.layers + 0.5) * per_layer)
+
+
+# ----------------------------------------------------------------------------- model states
+
+@dataclass(frozen=True)
+class Zero:
+    """What a DeepSpeed JSON says about memory."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket: int = 500_000_000       # elements (DeepSpeed's default)
+    prefetch_bucket: int = 50_000_000
+    persistence_threshold: int = 100_000
+    max_live: int = 1_000_000_000
+
+    @classmethod
+    def from_json(cls, ds: dict) -> "Zero":
+        z = ds.get("zero_optimization", {})
+        off_opt = z.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        off_par = z.get("offload_param", {}).get("device", "none") not in ("none", None)
+        return cls(int(z.get("stage", 0)), off_opt, off_par, int(z.get("reduce_bucket_size", 500_000_000)),
+                   int(z.get("stage3_prefetch_bucket_size", 50_000_000)),
+                   int(z.get("stage3_param_persistence_threshold", 100_000)),
+                   int(z.get("stage3_max_live_parameters", 1_000_000_000)))
+
+
+def student_params(arch: Arch, z: Zero, e: int, world: int) -> float:
+    """The student's weights in the compute dtype: all of them, or a 1/W partition under ZeRO-3."""
+    if z.stage < 3:
+        return float(arch.n_params * e)
+    if z.offload_param:
+        return 0.0
+    return float(-(-arch.n_params // world) * e) + zero3_persistent(arch, z, e)
+
+
+def zero3_persistent(arch: Arch, z: Zero, e: int) -> float:
+    """ZeRO-3 keeps parameters smaller than the persistence threshold whole on every rank."""
+    return float(sum(n for n in arch.param_sizes if n < z.persistence_threshold) * e)
+
+
+def zero3_live(arch: Arch, z: Zero, e: int) -> float:
+    """Parameters gathered at once under ZeRO-3 (at most stage3_max_live_parameters), plus one layer's
+    unreduced gradients in backward."""
+    return float(min(z.max_live, arch.n_params) * e + arch.layer_params * e)
+
+
+def student_grads(arch: Arch, z: Zero, e: int, world: int) -> float:
+    """Gradients: the full set (ZeRO 0-1), a 1/W partition (ZeRO 2-3); under ZeRO-3 also its reduce bucket."""
+    n = arch.n_params
+    if z.stage <= 1:
+        return float(n * e)
+    part = -(-n // world) * e
+    if z.stage == 3:  # the bucket is allocated whole, whatever the model's size
+        return float((0 if z.offload_optimizer else part) + z.reduce_bucket * e)
+    return float(part) if not z.offload_optimizer else 0.0
+
+
+def reduce_bucket(arch: Arch, z: Zero, e: int) -> float:
+    """ZeRO 1-2: the contiguous bucket gradients are reduced through, alive during each backward."""
+    return float(z.reduce_bucket * e) if z.stage in (1, 2) else 0.0
+
+
+def student_optimizer(arch: Arch, z: Zero, e: int, world: int) -> float:
+    """AdamW moments, plus fp32 master weights when the model computes in 16 bits or under ZeRO 1-3.
+
+    ZeRO 1-3 keep a fp32 master partition (1/W) and its moments; ZeRO-0 keeps them whole. With the
+    optimizer offloaded they live in CPU memory (``student_optimizer_cpu``).
+    """
+    if z.offload_optimizer:
+        return 0.0
+    return _optimizer_bytes(arch, z, e, world)
+
+
+def student_optimizer_cpu(arch: Arch, z: Zero, e: int, world: int) -> float:
+    return _optimizer_bytes(arch, z, e, world) if z.offload_optimizer else 0.0
+
+
+def _optimizer_bytes(arch: Arch, z: Zero, e: int, world: int) -> float:
+    n = arch.n_params if z.stage == 0 else -(-arch.n_params // world)
+    master = FP32 if (z.stage > 0 or e != FP32) else 0
+    return float(n * (ADAM_MOMENTS + master))
+
+
+def prompt_states(prompt_length: int, teacher_hidden: int) -> float:
+    """The soft prompt [P, h_T]: fp32 weights, gradient and two AdamW moments."""
+    return float(prompt_length * teacher_hidden * FP32 * 4)
+
+
+def teacher_weights(arch: Arch, placement: str, e: int, world: int, offload: bool, z: Zero) -> float:
+    """The frozen teacher: a full copy (replicated) or a 1/W partition plus what a forward gathers (zero3)."""
+    if placement != "zero3":
+        return float(arch.n_params * e)
+    part = 0 if offload else -(-arch.n_params // world) * e
+    return float(part) + zero3_persistent(arch, z, e) + zero3_live(arch, z, e)
