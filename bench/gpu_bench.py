@@ -22,7 +22,11 @@ what was done):
 4. ``vllm_rollout``: ``bench/rollout.py --engine vllm`` (rollout.engine=vllm's engine
    against our loop) on a GPT-2-base-size bf16 student, batch 32, 256 new tokens;
    skipped, and said so, where vLLM is not installed.
-5. ``pipeline``: the quickstart pipeline end to end through the real launcher, once
+5. ``plan``: the memory planner (``stage=plan``) against ``torch.cuda.max_memory_allocated``:
+   bench/plan_check.py's bf16 ZeRO-1/2 cases with a GPT-2-large-size teacher and GPT-2-medium-size
+   student, batch 8, 512 tokens (``peak_phase``: the allocator's peak above the resident bytes vs the
+   plan's largest phase; ``total_without_overhead``: its absolute peak vs the plan's total).
+6. ``pipeline``: the quickstart pipeline end to end through the real launcher, once
    per engine (``rollout.engine``/``eval.engine`` hf, then vllm): bf16 teacher,
    ZeRO-2 student, export and eval; which stages started, the exit code, the
    distillation's median step time (the PromptKD iteration). No code path of this
@@ -77,7 +81,21 @@ DRY = {
                  "seeds": "[10]", "new": 6, "batch": 4, "max_prompt_length": 64,
                  "student": "{arch: llama, layers: 1, hidden: 64, heads: 2}"},
 }
-SECTIONS = ("mfu", "rollout", "phases", "vllm_rollout", "pipeline")
+SECTIONS = ("mfu", "rollout", "phases", "plan", "vllm_rollout", "pipeline")
+# the memory planner vs torch.cuda.max_memory_allocated: bench/plan_check.py's cases at GPU size
+PLAN_SIZES = {"full": dict(teacher_layers=36, teacher_hidden=1280, teacher_heads=20, student_layers=24,
+                           student_hidden=1024, student_heads=16, batch=8, max_new_tokens=256, max_prompt_length=256,
+                           max_length=512, n_train=64, tokenizer_vocab=800, max_positions=1024),
+              "dry": None}
+
+
+def plan_section(dry: bool) -> dict[str, Any]:
+    """The plan of two PromptKD configs (ZeRO-0 and ZeRO-2, bf16) beside what one step measured."""
+    from bench import plan_check
+
+    ws = make_workspace(RunSizes(**plan_check.SIZES))
+    sizes = PLAN_SIZES["dry" if dry else "full"]
+    return {"cases": [plan_check.measure_case(name, ws, ws["root"], sizes) for name in ("zero1_bf16", "zero2_bf16")]}
 
 
 def peak_flops(name: Optional[str]) -> Optional[float]:
@@ -264,6 +282,8 @@ def run(dry: bool, name: Optional[str] = None, sections=SECTIONS) -> dict[str, A
             result["rollout"] = rollout_section(ws, plan["rollout"])
         elif section == "phases":
             result["phases"] = phases_section(ws, plan["phases"], plan["phases_repeats"])
+        elif section == "plan":
+            result["plan"] = plan_section(dry)
         elif section == "vllm_rollout":
             result["vllm_rollout"] = vllm_rollout_section(ws, plan["vllm_rollout"])
         elif section == "pipeline":

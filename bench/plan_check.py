@@ -77,14 +77,15 @@ def _before_step(engine: Any, out: dict) -> None:
     engine.step = wrapped
 
 
-def measure_case(name: str, ws: dict, work: str) -> dict[str, Any]:
+def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = None) -> dict[str, Any]:
     from promptkd.plan import plan_config
     from promptkd.plan.measure import LiveBytes, storage_bytes
     from promptkd.training.run import build_run
 
     stage, precision, t_dtype, extra = CASES[name]
     extra = dict(extra)
-    sizes = RunSizes(**SIZES, arch=extra.pop("arch", "llama"), precision=precision, teacher_dtype=t_dtype)
+    sizes = RunSizes(**(sizes_override or SIZES), arch=extra.pop("arch", "llama"), precision=precision,
+                     teacher_dtype=t_dtype)
     cfg = make_config(ws, sizes, "promptkd", deepspeed=os.path.join(os.path.dirname(__file__), "..", "ds_configs",
                                                                      ZERO[stage]),
                       **{"output.dir": os.path.join(work, name)}, **extra)
@@ -112,11 +113,17 @@ def measure_case(name: str, ws: dict, work: str) -> dict[str, Any]:
         measured[phase] = peak - (grads_left if phase == "student_step" else 0)
     teacher = run.teacher
     measured["teacher_weights"] = storage_bytes([p.data for p in teacher.base.parameters()], set())
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the allocator's own peak above the resident bytes, and its absolute peak
         measured["cuda_max_allocated_step"] = torch.cuda.max_memory_allocated() - base_alloc
+        measured["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     plan = plan_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), lengths=lengths)
     run.close()
     planned = plan.terms_for_check()
+    planned["peak_phase"] = plan.phase_total(plan.peak_phase)
+    planned["total_without_overhead"] = plan.total - plan.overhead.bytes
+    if "cuda_max_allocated_step" in measured:  # compared with the plan's largest phase / its total
+        measured["peak_phase"] = measured["cuda_max_allocated_step"]
+        measured["total_without_overhead"] = measured["cuda_max_allocated"]
     error = {k: round(planned[k] / measured[k] - 1, 4) for k in measured if k in planned and measured[k]}
     return {"case": name, "lengths": lengths, "measured": measured, "planned": planned, "relative_error": error}
 

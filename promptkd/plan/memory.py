@@ -152,9 +152,10 @@ def zero3_persistent(arch: Arch, z: Zero, e: int) -> float:
 
 
 def zero3_live(arch: Arch, z: Zero, e: int) -> float:
-    """Parameters gathered at once under ZeRO-3 (at most stage3_max_live_parameters), plus one layer's
-    unreduced gradients in backward."""
-    return float(min(z.max_live, arch.n_params) * e + arch.layer_params * e)
+    """Parameters gathered at once under ZeRO-3: the layer in use plus the prefetch bucket (at most
+    stage3_max_live_parameters), and one layer's unreduced gradients in backward."""
+    gathered = min(z.prefetch_bucket + arch.layer_params, z.max_live, arch.n_params)
+    return float((gathered + arch.layer_params) * e)
 
 
 def student_grads(arch: Arch, z: Zero, e: int, world: int) -> float:

@@ -60,7 +60,8 @@ def test_bench_core_functions_run_at_toy_sizes(tmp_path):
     assert out["padded_vocab"] == 1500, "--vocab pads the tokenizer to the asked size"
     assert out["vs_trl"] in ("ran", "unavailable")
     gpu = out["gpu_dryrun"]
-    assert gpu["sections_done"] == ["mfu", "rollout", "phases", "vllm_rollout", "pipeline"]
+    assert gpu["sections_done"] == ["mfu", "rollout", "phases", "plan", "vllm_rollout", "pipeline"]
+    assert [c["case"] for c in gpu["plan"]["cases"]] == ["zero1_bf16", "zero2_bf16"]
     assert gpu["mfu"]["tokens_per_s"] > 0
     assert gpu["pipeline"]["hf"]["rc"] == 0 and gpu["pipeline"]["hf"]["eval_written"], gpu["pipeline"]
     assert len(gpu["pipeline"]["hf"]["stages_started"]) == 4 and gpu["pipeline"]["hf"]["promptkd_step_seconds_median"]

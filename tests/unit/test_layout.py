@@ -13,7 +13,7 @@ LAYERS = [
     {"models", "losses", "rollout", "optim"},
     {"methods", "evaluation"},
     {"training"},
-    {"stages", "compare", "consolidate"},
+    {"stages", "compare", "consolidate", "plan"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

@@ -1,0 +1,99 @@
+"""stage=plan through the real launcher, the README's table, and the planner against a measured CPU step."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures.cli import MAIN, REPO, cli_env, last_line, tail
+
+PY = sys.executable
+# bench/plan_check.py measures these exactly (storage bytes of the engine's tensors)
+EXACT = ("params", "grads", "optimizer", "teacher_weights")
+EXACT_TOLERANCE = 0.02
+# peaks of the step's phases, at these tiny sizes: per-op temporaries the plan bounds coarsely weigh
+# most here (see bench/README.md, plan_check)
+PHASE_TOLERANCE = {"prompt_step": 0.35, "student_step": 0.5, "rollout": 0.5}
+# ZeRO-3 gathers and frees parameters per module; at these sizes the plan's one-layer-plus-bucket bound is
+# off by about 2x in the rollout and student step (bench/README.md); only its other terms are held here
+NOT_HELD = {"zero3_bf16": ("rollout", "student_step")}
+
+
+def _plan(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "promptkd.plan", *args] if module else [PY, str(MAIN), *args, "stage=plan"]
+    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_plan_of_a_paper_config_without_weights_or_hub():
+    out = _plan("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4", "plan.gpu_memory=80GiB")
+    assert out.returncode == 0, tail(out.stderr)
+    text = out.stdout
+    assert "no config.json there yet; using the shipped llama-13b config" in text
+    for term in ("student parameters", "student gradients", "student optimizer states", "teacher weights",
+                 "soft prompt", "student KV cache", "teacher activations, prompted forward + backward",
+                 "prompted teacher logits", "prompt loss", "framework overhead",
+                 "with model.student.gradient_checkpointing=true"):
+        assert term in text, term
+    assert "verdict: does not fit" in text and "largest train.micro_batch_size that fits: 6" in text
+    same = _plan("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4", module=True)
+    assert same.returncode == 0 and same.stdout == text
+
+
+@pytest.mark.parametrize("override,key", [("plan.gpu_memory=eighty", "plan.gpu_memory"),
+                                          ("plan.student_arch=llama-70b", "plan.student_arch"),
+                                          ("model.teacher.path=runs/mine", "model.teacher.path")])
+def test_bad_plan_input_is_one_line_naming_the_key(override, key):
+    out = _plan("--config", "configs/llama-13b_to_llama-7b.yaml", override)
+    assert out.returncode == 2, tail(out.stderr)
+    assert last_line(out.stderr).startswith(f"error: {key}: "), tail(out.stderr)
+    assert "Traceback" not in out.stderr
+
+
+def test_readme_table_is_the_planner_output():
+    """bench/plan_table.py regenerates the README's table; any change to the planner shows here."""
+    out = subprocess.run([PY, "bench/plan_table.py"], cwd=REPO, env=cli_env(BENCH_RESULTS=str(REPO / "runs" / "tmp")),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, tail(out.stderr)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 2 * 18
+    readme = (REPO / "README.md").read_text()
+    missing = [row for row in rows if row not in readme]
+    assert not missing, "README plan table is stale; rerun bench/plan_table.py:\n" + "\n".join(missing[:5])
+
+
+def _check(tmp_path, nproc: int, cases: str) -> list[dict]:
+    out_file = tmp_path / f"check_{nproc}.json"
+    launch = [PY, "bench/plan_check.py"] if nproc == 1 else \
+        [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "bench/plan_check.py"]
+    out = subprocess.run(launch + ["--cases", cases, "--out", str(out_file)], cwd=REPO, env=cli_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, tail(out.stderr + out.stdout)
+    return json.loads(out_file.read_text())["cases"]
+
+
+def _assert_within(case: dict) -> None:
+    err = case["relative_error"]
+    for term in EXACT:
+        assert abs(err[term]) <= EXACT_TOLERANCE, (case["case"], term, err)
+    for term, tol in PHASE_TOLERANCE.items():
+        if term in err and term not in NOT_HELD.get(case["case"], ()):
+            assert abs(err[term]) <= tol, (case["case"], term, err)
+
+
+def test_plan_matches_a_measured_step_on_one_rank(tmp_path):
+    cases = _check(tmp_path, 1, "zero0_fp32,zero0_fp32_ckpt,zero1_bf16,zero2_fp32_gpt2")
+    for case in cases:
+        _assert_within(case)
+    # checkpointing: the plan moves the prompt step the way the measurement does
+    by = {c["case"]: c for c in cases}
+    saved_meas = by["zero0_fp32"]["measured"]["prompt_step"] - by["zero0_fp32_ckpt"]["measured"]["prompt_step"]
+    saved_plan = by["zero0_fp32"]["planned"]["prompt_step"] - by["zero0_fp32_ckpt"]["planned"]["prompt_step"]
+    assert saved_meas > 0 and saved_plan == pytest.approx(saved_meas, rel=0.5)
+
+
+def test_plan_matches_a_measured_step_on_two_ranks(tmp_path):
+    """ZeRO-2 and ZeRO-3 partitions (1/W of gradients, master weights, moments, ZeRO-3 weights) at W=2."""
+    for case in _check(tmp_path, 2, "zero2_bf16,zero3_bf16"):
+        _assert_within(case)
