@@ -10,7 +10,7 @@ Each case builds a tiny PromptKD run through the project's run builder, plans it
 - model states (student parameters, gradients, optimizer states; teacher weights; the prompt) are
   storage bytes found by walking the engine just before the second optimizer step, when every
   gradient of the step exists and no activation does;
-- each phase of the second step (rollout, prompt step, student step) is the peak of the live
+- each phase of the second step (rollout, prompt step, student step, optimizer step) is the peak of the live
   storage bytes created in it, above its start (``LiveBytes``, a dispatch mode), minus the
   gradients it leaves behind (those are a model state).
 
@@ -40,6 +40,9 @@ CASES = {  # name: (ZeRO stage, student precision, teacher dtype, extra override
     "zero2_bf16": (2, "bf16", "bf16", {}),
     "zero3_bf16": (3, "bf16", "bf16", {}),
     "zero2_fp32_gpt2": (2, "fp32", "fp32", {"arch": "gpt2"}),
+    "zero0_bf16": (0, "bf16", "bf16", {}),
+    "zero2_bf16_teacher_zero3": (2, "bf16", "bf16", {"model.teacher.placement": "zero3",
+                                                     "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}),
 }
 SIZES = dict(teacher_layers=3, teacher_hidden=128, teacher_heads=4, student_layers=2, student_hidden=64,
              student_heads=2, batch=4, max_new_tokens=24, max_prompt_length=40, max_length=64, n_train=64,
@@ -70,16 +73,26 @@ def _before_step(engine: Any, out: dict) -> None:
     step = engine.step
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if engine.is_gradient_accumulation_boundary():
-            out.update(engine_states(engine))
-        return step(*args, **kwargs)
+        if not engine.is_gradient_accumulation_boundary():
+            return step(*args, **kwargs)
+        out.update(engine_states(engine))
+        live = out.get("live")
+        if live is None:
+            return step(*args, **kwargs)
+        outer = list(live.current)  # the optimizer step is a phase of its own, not part of the student step's
+        live.current.clear()
+        try:
+            with live.phase("optimizer_step"):
+                return step(*args, **kwargs)
+        finally:
+            live.current[:] = outer
 
     engine.step = wrapped
 
 
 def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = None) -> dict[str, Any]:
     from promptkd.plan import plan_config
-    from promptkd.plan.measure import LiveBytes, storage_bytes
+    from promptkd.plan.measure import LiveBytes, engine_tensors, storage_bytes
     from promptkd.training.run import build_run
 
     stage, precision, t_dtype, extra = CASES[name]
@@ -96,10 +109,15 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
     mbs = batches(run.splits, sizes.batch, 2)
     method.step([mbs[0]], 0)  # creates the optimizer states
     live = LiveBytes()
+    states["live"] = live
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
+    # storages made before the step are counted too, so that one DeepSpeed frees (and replaces) in the step
+    # does not inflate the phase that replaces it
+    live.adopt(engine_tensors(engine) + [getattr(p, "ds_tensor", p.data) for p in run.teacher.base.parameters()])
+    adopted = set(live.sizes)
     with ExitStack() as stack:
         stack.enter_context(_phases(method.ctx, live))
         stack.enter_context(live)
@@ -108,11 +126,13 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
     seq = int(r.input_ids.shape[1])
     lengths = (seq, seq - max(r.prompt_len - 1, 0))  # the plan at the lengths this step's rollout reached
     measured = {k: states[k] for k in ("params", "grads", "optimizer")}
-    grads_left = live.alive(states["grad_ptrs"])
+    grads_left = live.alive(states["grad_ptrs"] - adopted)  # the gradients the step created (ZeRO-0's .grad)
+    states.pop("live")
     for phase, peak in live.phase_peak.items():
         measured[phase] = peak - (grads_left if phase == "student_step" else 0)
     teacher = run.teacher
-    measured["teacher_weights"] = storage_bytes([p.data for p in teacher.base.parameters()], set())
+    t_params = list(teacher.base.parameters())  # under ZeRO-3 placement each rank's partition, ds_tensor
+    measured["teacher_weights"] = storage_bytes([getattr(p, "ds_tensor", p.data) for p in t_params], set())
     if torch.cuda.is_available():  # the allocator's own peak above the resident bytes, and its absolute peak
         measured["cuda_max_allocated_step"] = torch.cuda.max_memory_allocated() - base_alloc
         measured["cuda_max_allocated"] = torch.cuda.max_memory_allocated()

@@ -37,9 +37,10 @@ def first_fix(cfg, world: int) -> str:
     from promptkd.plan import plan_config
 
     for change in CHANGES:
-        changed = with_overrides(cfg, change)
-        if plan_config(changed, world_size=world).fits:
-            return " ".join(f"{k}={str(v).lower()}" for k, v in change.items())
+        plan = plan_config(with_overrides(cfg, change), world_size=world)
+        if plan.fits:
+            keys = " ".join(f"{k}={str(v).lower()}" for k, v in change.items())
+            return f"{keys} ({plan.total / 2 ** 30:.1f} GiB)"
     return ""
 
 

@@ -70,6 +70,7 @@ class Method:
 
     uses_teacher = False
     samples_student = False          # draws student rollouts (student_rollouts): rollout.engine applies
+    samples_mixture = False          # samples a teacher-student mixture token by token (both models decode)
     section: Optional[str] = None    # the method's config section: cfg.method.<section> arrives as ctx.opts
 
     def __init__(self, ctx: StepContext):

@@ -68,6 +68,7 @@ def build_lm_corpus(cfg: Config, tokenizer: Any) -> LMCorpus:
 
 class MiniLLM(Method):
     uses_teacher = True
+    samples_mixture = True
     section = "minillm"
 
     def __init__(self, ctx: StepContext, corpus: Optional[LMCorpus] = None, lm_batch_size: int = 0):

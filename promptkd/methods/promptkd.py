@@ -137,7 +137,8 @@ class PromptKD(Method):
                 "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": self.prompt.lr}, kept
 
     def student_logits_for_prompt(self, r: Rollout, start: int, kept: Optional[Kept], index: int) -> torch.Tensor:
-        """p_S for the guidance term (a constant there), from the student in eval mode.
+        """p_S for the guidance term (a constant there), from the student in eval mode (the kept forward below
+        runs in train mode, which computes the same without dropout).
 
         Without dropout (train and eval mode then compute the same) the student step's own
         forward (same weights, same sequences) gives the same logits, so for the first micro-batch that forward runs here, with grad, and
@@ -149,7 +150,14 @@ class PromptKD(Method):
         """
         ctx = self.ctx
         if kept is not None and ctx.opts.reuse_student_forward and not self.student_has_dropout:
-            logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+            # Without dropout train mode computes what eval mode does, and only in train mode does activation
+            # checkpointing (model.student.gradient_checkpointing) cover this graph, which stays alive through
+            # the whole prompt step (measured: bench/plan_check.py, zero0_fp32_ckpt).
+            ctx.engine.module.train(True)
+            try:
+                logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+            finally:
+                ctx.engine.module.train(False)
             kept.student[index] = logits
             return logits.detach()
         with torch.no_grad():

@@ -164,18 +164,16 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
     shape = M.Shape(batch, seq, keep)
     resident = _resident(cfg, z, s, t, e_s, world)
     phases: dict[str, list[Line]] = {}
-    if method.samples_student:
-        phases["rollout"] = _rollout(cfg, s, shape, e_s, world)
+    if method.samples_student or method.samples_mixture:
+        phases["rollout"] = _rollout(cfg, s, t if method.samples_mixture else None, shape, e_s)
     prompt_len = method.teacher_prompt_length(cfg) if t is not None else 0
     kept: list[Line] = []
     if prompt_len > 0:
         phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len)
     phases["student_step"] = _student_step(cfg, z, s, t, shape, e_s, kept)
-    if z.stage == 3:  # gathered for every forward and backward of the student
-        for name in ("rollout", "student_step") + (("prompt_step",) if kept else ()):
-            if name in phases:
-                phases[name].append(Line("student ZeRO-3 gathered parameters + a layer's gradients",
-                                         M.zero3_live(s, z, e_s), "stage3_max_live_parameters in the DeepSpeed JSON"))
+    phases["optimizer_step"] = [Line("optimizer step: fp32 gradients + AdamW's temporaries", M.optimizer_step(
+        s, z, e_s, world), f"deepspeed ({cfg.deepspeed}), train.precision")]
+    _add_gathers(cfg, z, s, t, e_s, phases, bool(kept))
     gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
     over = 0 if str(cfg.plan.overhead).strip() in ("0", "0B") else parse_bytes("plan.overhead", cfg.plan.overhead)
     plan = Plan(world, gpu, batch, resident, phases, Line("framework overhead (stated allowance)", over,
@@ -183,6 +181,23 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
                 _cpu_lines(cfg, z, s, t, e_s, world), _alternatives(cfg, s, t, shape, e_s, prompt_len),
                 list(models.notes))
     return plan
+
+
+def _add_gathers(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, phases: dict[str, list[Line]],
+                 student_in_prompt_step: bool) -> None:
+    """ZeRO-3 models gather parameters for every forward (and backward) of a phase that runs them."""
+    if z.stage == 3:
+        for name in ("rollout", "student_step") + (("prompt_step",) if student_in_prompt_step else ()):
+            if name in phases:
+                phases[name].append(Line("student ZeRO-3 gathered parameters + a layer's gradients",
+                                         M.zero3_live(s, z, e_s), "stage3_max_live_parameters in the DeepSpeed JSON"))
+    tc = cfg.model.teacher
+    if t is not None and tc.placement == "zero3":
+        tz = M.Zero.from_json(load_ds_json(tc.deepspeed))
+        for name in ("prompt_step", "student_step"):
+            if name in phases:
+                phases[name].append(Line("teacher ZeRO-3 gathered parameters", M.zero3_gathered(
+                    t, tz, PRECISION_BYTES[tc.dtype]), f"model.teacher.deepspeed ({tc.deepspeed})"))
 
 
 def _resident(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int) -> list[Line]:
@@ -215,7 +230,8 @@ def _resident(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, worl
     return lines
 
 
-def _rollout(cfg: Config, s: Arch, shape: M.Shape, e_s: int, world: int) -> list[Line]:
+def _rollout(cfg: Config, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int) -> list[Line]:
+    """The student's KV cache and prefill; a mixture sampler (``t`` given) decodes with the teacher too."""
     if cfg.rollout.engine == "vllm":
         if cfg.rollout.vllm.sleep:
             gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
@@ -223,11 +239,16 @@ def _rollout(cfg: Config, s: Arch, shape: M.Shape, e_s: int, world: int) -> list
                          "rollout.vllm.gpu_memory_utilization")]
         return [Line("rollout (in vLLM's share)", 0.0, "rollout.engine")]
     prompt = M.Shape(shape.batch, cfg.data.max_prompt_length, 1)
-    return [
+    lines = [
         Line(f"student KV cache ({shape.batch} x {shape.seq} tokens)", M.kv_cache(s, shape.batch, shape.seq, e_s),
              "train.micro_batch_size, data.max_length, rollout.engine"),
         Line("prefill working set", M.nograd_forward(s, prompt, e_s), "data.max_prompt_length"),
     ]
+    if t is not None:
+        e_t = PRECISION_BYTES[cfg.model.teacher.dtype]
+        lines.append(Line(f"teacher KV cache (mixture sampling, {shape.batch} x {shape.seq} tokens)",
+                          M.kv_cache(t, shape.batch, shape.seq, e_t), "train.micro_batch_size, data.max_length"))
+    return lines
 
 
 def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int,
@@ -248,15 +269,25 @@ def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int,
                                           "train.micro_batch_size")]
     if opts.reg_schedule != "off":
         lines.append(Line("teacher logits p_T (no grad)", M.logits(shape, t.vocab, e_t), "method.promptkd.reg_schedule"))
+    t_act = (t, t_shape, e_t, True, dropout, tc.gradient_checkpointing)
     lines += [
-        Line(f"teacher activations, prompted forward + backward ({t_shape.seq} tokens)",
-             M.activations(t, t_shape, e_t, True, dropout, tc.gradient_checkpointing),
-             "model.teacher.gradient_checkpointing, train.micro_batch_size, data.max_length"),
+        Line(f"teacher activations, prompted forward ({t_shape.seq} tokens, saved for the prompt's backward)",
+             M.activations(*t_act), "model.teacher.gradient_checkpointing, train.micro_batch_size, data.max_length"),
         Line("prompted teacher logits", M.logits(shape, t.vocab, e_t), "train.micro_batch_size, rollout.max_new_tokens"),
-        Line("prompt loss: gradient buffer + fp32 chunk", M.logits(shape, t.vocab, e_t)
-             + M.loss_chunk(shape, t.vocab, cfg.method.loss_chunk_size), "method.loss_chunk_size"),
+        Line("prompt loss: gradient buffer", M.logits(shape, t.vocab, e_t), "train.micro_batch_size"),
+        _transient(M.loss_chunk(shape, t.vocab, cfg.method.loss_chunk_size), M.backward_working(*t_act), 0.0,
+                   "the teacher's"),
     ]
     return lines, kept
+
+
+def _transient(chunk: float, working: float, bucket: float, whose: str) -> Line:
+    """The loss's fp32 chunk is gone before backward's working set (and a ZeRO bucket) exists: the larger counts."""
+    if chunk >= working + bucket:
+        return Line("loss: fp32 chunk (larger than the backward's working set)", chunk, "method.loss_chunk_size")
+    name = f"backward: {whose} working set (one layer)" + (" + ZeRO reduce bucket" if bucket else "")
+    keys = "model.*.gradient_checkpointing" + (", reduce_bucket_size in the DeepSpeed JSON" if bucket else "")
+    return Line(name, working + bucket, keys)
 
 
 def _student_act(cfg: Config, s: Arch, shape: M.Shape, e_s: int, dropout: bool) -> float:
@@ -271,25 +302,20 @@ def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.S
         e_t = PRECISION_BYTES[cfg.model.teacher.dtype]
         lines.append(Line("teacher logits (no grad)", M.logits(shape, t.vocab, e_t),
                           "train.micro_batch_size, rollout.max_new_tokens"))
-    if not kept:
-        lines += [
-            Line("student activations, forward + backward", _student_act(cfg, s, shape, e_s, True),
-                 "model.student.gradient_checkpointing, train.micro_batch_size, data.max_length"),
-            Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens"),
-        ]
-    loss = M.logits(shape, s.vocab, e_s) + M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size)
-    bucket = M.reduce_bucket(s, z, e_s)
-    after = loss + bucket
+    act = (s, shape, e_s, False, s.dropout > 0, cfg.model.student.gradient_checkpointing)
+    after = [Line("student activations, forward (saved for backward)", M.activations(*act),
+                  "model.student.gradient_checkpointing, train.micro_batch_size, data.max_length"),
+             Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
+             ] if not kept else []
+    after += [Line("loss: gradient buffer", M.logits(shape, s.vocab, e_s), "train.micro_batch_size"),
+              _transient(M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size), M.backward_working(*act),
+                         M.reduce_bucket(s, z, e_s), "the student's")]
+    # the teacher's no-grad forward runs (and frees its intermediates) before the student's forward starts
     before = M.nograd_forward(t, shape, PRECISION_BYTES[cfg.model.teacher.dtype]) if t is not None else 0.0
-    # the teacher's no-grad forward runs (and frees its intermediates) before the loss and backward start
-    if before > after:
-        lines.append(Line("teacher no-grad forward working set (larger than the loss + backward that follow)", before,
-                          "train.micro_batch_size, data.max_length"))
-        return lines
-    lines.append(Line("loss: gradient buffer + fp32 chunk", loss, "method.loss_chunk_size"))
-    if bucket:
-        lines.append(Line("ZeRO reduce bucket (during backward)", bucket, "reduce_bucket_size in the DeepSpeed JSON"))
-    return lines
+    if before > sum(x.bytes for x in after):
+        return lines + [Line("teacher no-grad forward working set (larger than the student's forward, loss and "
+                             "backward that follow)", before, "train.micro_batch_size, data.max_length")]
+    return lines + after
 
 
 def _cpu_lines(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int) -> list[Line]:

@@ -39,6 +39,12 @@ class LiveBytes(TorchDispatchMode):
                 self._track(t)
         return out
 
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        """Count storages made before the mode too, so that freeing one (e.g. a buffer DeepSpeed replaces by a
+        new one) is seen; call it before a phase starts."""
+        for t in tensors:
+            self._track(t)
+
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         ptr, n = storage.data_ptr(), storage.nbytes()
@@ -100,6 +106,15 @@ def storage_bytes(tensors: list[torch.Tensor], taken: set[int]) -> int:
             taken.add(ptr)
             total += storage.nbytes()
     return total
+
+
+def engine_tensors(engine: Any) -> list[torch.Tensor]:
+    """Every tensor the engine's module and optimizer hold (parameters, partitions, gradients, states)."""
+    params = list(engine.module.parameters())
+    out = [p.data for p in params] + [p.ds_tensor for p in params if hasattr(p, "ds_tensor")]
+    out += [p.grad for p in params if p.grad is not None]
+    _tensors_in(engine.optimizer, out, set())
+    return out
 
 
 def engine_states(engine: Any) -> dict[str, Any]:

@@ -73,21 +73,25 @@ def layer_saved(arch: Arch, s: Shape, e: int, frozen: bool, dropout: bool) -> fl
 
 
 def activations(arch: Arch, s: Shape, e: int, frozen: bool, dropout: bool, checkpointing: bool) -> float:
-    """Bytes saved for backward by a whole forward, at its peak in backward.
+    """Bytes a whole forward saves for backward.
 
-    Without checkpointing: every layer's saved tensors, the final norm's, the LM head's input (trainable
-    weights only), and one more layer's worth for the gradients being formed in backward. With it: each
-    layer keeps its input, and backward recomputes one layer at a time (that layer's saved tensors plus
-    its gradients).
+    Without checkpointing: every layer's saved tensors, the final norm's and the embeddings', and the LM
+    head's input (trainable weights only). With it: each layer keeps only its input (the recomputation is
+    ``backward_working``).
     """
-    layer = layer_saved(arch, s, e, frozen, dropout)
     rest = s.batch * s.seq * (REST_SAVED[_family(arch, e)]["frozen" if frozen else "trainable"] * arch.hidden
                               + REST_CONSTANT)
     head_input = 0.0 if frozen else s.batch * s.keep * arch.hidden * e
     if checkpointing:
-        kept = arch.layers * s.batch * s.seq * arch.hidden * e
-        return kept + 2 * layer + rest + head_input
-    return (arch.layers + 1) * layer + rest + head_input
+        return arch.layers * s.batch * s.seq * arch.hidden * e + rest + head_input
+    return arch.layers * layer_saved(arch, s, e, frozen, dropout) + rest + head_input
+
+
+def backward_working(arch: Arch, s: Shape, e: int, frozen: bool, dropout: bool, checkpointing: bool) -> float:
+    """What backward holds beyond the saved tensors: one layer's gradients being formed (about its saved
+    bytes), and with checkpointing also that layer's recomputed activations."""
+    layer = layer_saved(arch, s, e, frozen, dropout)
+    return 2 * layer if checkpointing else layer
 
 
 def nograd_forward(arch: Arch, s: Shape, e: int) -> float:
@@ -151,11 +155,15 @@ def zero3_persistent(arch: Arch, z: Zero, e: int) -> float:
     return float(sum(n for n in arch.param_sizes if n < z.persistence_threshold) * e)
 
 
+def zero3_gathered(arch: Arch, z: Zero, e: int) -> float:
+    """Parameters gathered at once under ZeRO-3: the layer in use plus the prefetch bucket, at most
+    stage3_max_live_parameters."""
+    return float(min(z.prefetch_bucket + arch.layer_params, z.max_live, arch.n_params) * e)
+
+
 def zero3_live(arch: Arch, z: Zero, e: int) -> float:
-    """Parameters gathered at once under ZeRO-3: the layer in use plus the prefetch bucket (at most
-    stage3_max_live_parameters), and one layer's unreduced gradients in backward."""
-    gathered = min(z.prefetch_bucket + arch.layer_params, z.max_live, arch.n_params)
-    return float((gathered + arch.layer_params) * e)
+    """A ZeRO-3 student's gathered parameters plus one layer's unreduced gradients in backward."""
+    return zero3_gathered(arch, z, e) + float(arch.layer_params * e)
 
 
 def student_grads(arch: Arch, z: Zero, e: int, world: int) -> float:
@@ -195,14 +203,31 @@ def _optimizer_bytes(arch: Arch, z: Zero, e: int, world: int) -> float:
     return float(n * (ADAM_MOMENTS + master))
 
 
+# fp32 temporaries per updated parameter that torch's multi-tensor AdamW holds at once (sqrt(v) and the
+# update; measured on torch 2.13: bench/plan_check.py's optimizer_step)
+ADAMW_TEMPORARIES = 2
+
+
+def optimizer_step(arch: Arch, z: Zero, e: int, world: int) -> float:
+    """What the optimizer step allocates beyond the states: AdamW's fp32 temporaries over the parameters it
+    updates, and the fp32 copy of the gradients that 16-bit training and ZeRO 1-3 hand it. Offloaded, the
+    step runs on the CPU."""
+    if z.offload_optimizer:
+        return 0.0
+    n = arch.n_params if z.stage == 0 else -(-arch.n_params // world)
+    fp32_grads = FP32 if (z.stage > 0 or e != FP32) else 0
+    return float(n * (ADAMW_TEMPORARIES * FP32 + fp32_grads))
+
+
 def prompt_states(prompt_length: int, teacher_hidden: int) -> float:
     """The soft prompt [P, h_T]: fp32 weights, gradient and two AdamW moments."""
     return float(prompt_length * teacher_hidden * FP32 * 4)
 
 
 def teacher_weights(arch: Arch, placement: str, e: int, world: int, offload: bool, z: Zero) -> float:
-    """The frozen teacher: a full copy (replicated) or a 1/W partition plus what a forward gathers (zero3)."""
+    """The frozen teacher at rest: a full copy (replicated), or a 1/W partition plus its persistent small
+    parameters (zero3; what a forward gathers is ``zero3_gathered``, counted in the phases)."""
     if placement != "zero3":
         return float(arch.n_params * e)
     part = 0 if offload else -(-arch.n_params // world) * e
-    return float(part) + zero3_persistent(arch, z, e) + zero3_live(arch, z, e)
+    return float(part) + zero3_persistent(arch, z, e)

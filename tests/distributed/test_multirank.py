@@ -287,22 +287,49 @@ def test_train_eval_modes_follow_the_official_code(results):
 PINNED = os.path.join(REPO, "tests", "distributed", "pinned_numerics.json")
 
 
+def hardware() -> str:
+    """What float results depend on here: the CPU's vendor and the SIMD level torch's kernels use."""
+    import platform
+
+    import torch
+
+    vendor = "?"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            vendor = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("vendor_id")), "?")
+    return f"{platform.machine()}-{vendor}-{torch.backends.cpu.get_cpu_capability()}"
+
+
 def test_pinned_loss_curve_and_weights(results):
     """A refactor that should not change numerics reproduces the pinned curve exactly (DESIGN.md §3).
 
-    Regenerate, only for a change that is meant to alter numerics: PROMPTKD_REPIN=1 pytest tests/distributed
-    -k pinned.
+    Pins are kept per CPU kind (``hardware()``): the same code gives results that differ in the 7th digit
+    between CPUs whose kernels use other SIMD paths (measured: an AMD EPYC with AVX512 against the first pin).
+    On a CPU kind with a pin the curve and the final weights' digests must be equal; on another, every
+    logged number must agree with the first pin to 1e-5 relative or 1e-6 absolute (small KLs are differences of
+    near-equal sums), and the digests cannot be compared.
+    Pin this CPU kind, only for code that reproduces an existing pin: PROMPTKD_REPIN=1 pytest tests/distributed
+    -k pinned (and for a change meant to alter numerics, repin every kind).
     """
     r0, r1 = results("pinned_numerics")
     got = {k: v for k, v in r0.items() if k not in ("ok",)}
     assert got == {k: v for k, v in r1.items() if k not in ("ok",)}, "ranks disagree"
-    if os.environ.get("PROMPTKD_REPIN"):
-        with open(PINNED, "w") as fh:
-            json.dump(got, fh, indent=1, sort_keys=True)
     with open(PINNED) as fh:
-        pinned = json.load(fh)
+        pins = json.load(fh)
+    here = hardware()
+    if os.environ.get("PROMPTKD_REPIN"):
+        pins[here] = got
+        with open(PINNED, "w") as fh:
+            json.dump(pins, fh, indent=1, sort_keys=True)
+    exact = here in pins
+    pinned = pins[here] if exact else next(iter(pins.values()))
     for label, run in pinned.items():
-        assert got[label]["student"] == run["student"] and got[label]["prompt"] == run["prompt"], label
+        if exact:
+            assert got[label]["student"] == run["student"] and got[label]["prompt"] == run["prompt"], label
         for step, (a, b) in enumerate(zip(got[label]["metrics"], run["metrics"])):
-            assert a == b, f"{label} step {step + 1}: {a} != {b}"
+            if exact:
+                assert a == b, f"{label} step {step + 1}: {a} != {b}"
+            else:
+                assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a), \
+                    f"{label} step {step + 1} on {here} (no pin of its own): {a} != {b}"
         assert len(got[label]["metrics"]) == len(run["metrics"]) == 10

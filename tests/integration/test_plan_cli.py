@@ -15,10 +15,10 @@ EXACT = ("params", "grads", "optimizer", "teacher_weights")
 EXACT_TOLERANCE = 0.02
 # peaks of the step's phases, at these tiny sizes: per-op temporaries the plan bounds coarsely weigh
 # most here (see bench/README.md, plan_check)
-PHASE_TOLERANCE = {"prompt_step": 0.35, "student_step": 0.5, "rollout": 0.5}
-# ZeRO-3 gathers and frees parameters per module; at these sizes the plan's one-layer-plus-bucket bound is
-# off by about 2x in the rollout and student step (bench/README.md); only its other terms are held here
-NOT_HELD = {"zero3_bf16": ("rollout", "student_step")}
+PHASE_TOLERANCE = {"prompt_step": 0.35, "student_step": 0.5, "rollout": 0.5, "optimizer_step": 0.25}
+# ZeRO-3's rollout: the plan counts a layer's gathered parameters and its gradients per forward, which at
+# this size is most of the phase (+82 %, an overestimate; bench/README.md)
+NOT_HELD = {"zero3_bf16": ("rollout",)}
 
 
 def _plan(*args: str, module: bool = False) -> subprocess.CompletedProcess:
@@ -32,8 +32,8 @@ def test_plan_of_a_paper_config_without_weights_or_hub():
     text = out.stdout
     assert "no config.json there yet; using the shipped llama-13b config" in text
     for term in ("student parameters", "student gradients", "student optimizer states", "teacher weights",
-                 "soft prompt", "student KV cache", "teacher activations, prompted forward + backward",
-                 "prompted teacher logits", "prompt loss", "framework overhead",
+                 "soft prompt", "student KV cache", "teacher activations, prompted forward",
+                 "prompted teacher logits", "prompt loss", "framework overhead", "optimizer step",
                  "with model.student.gradient_checkpointing=true"):
         assert term in text, term
     assert "verdict: does not fit" in text and "largest train.micro_batch_size that fits: 6" in text
@@ -83,17 +83,19 @@ def _assert_within(case: dict) -> None:
 
 
 def test_plan_matches_a_measured_step_on_one_rank(tmp_path):
-    cases = _check(tmp_path, 1, "zero0_fp32,zero0_fp32_ckpt,zero1_bf16,zero2_fp32_gpt2")
+    cases = _check(tmp_path, 1, "zero0_fp32,zero0_fp32_ckpt,zero0_bf16,zero1_bf16,zero2_fp32_gpt2")
     for case in cases:
         _assert_within(case)
-    # checkpointing: the plan moves the prompt step the way the measurement does
+    # checkpointing: the plan moves the prompt step the way the measurement does (the kept student graph
+    # and the prompted teacher's both shrink)
     by = {c["case"]: c for c in cases}
     saved_meas = by["zero0_fp32"]["measured"]["prompt_step"] - by["zero0_fp32_ckpt"]["measured"]["prompt_step"]
     saved_plan = by["zero0_fp32"]["planned"]["prompt_step"] - by["zero0_fp32_ckpt"]["planned"]["prompt_step"]
-    assert saved_meas > 0 and saved_plan == pytest.approx(saved_meas, rel=0.5)
+    assert saved_meas > 0 and saved_plan == pytest.approx(saved_meas, rel=0.3)
 
 
 def test_plan_matches_a_measured_step_on_two_ranks(tmp_path):
-    """ZeRO-2 and ZeRO-3 partitions (1/W of gradients, master weights, moments, ZeRO-3 weights) at W=2."""
-    for case in _check(tmp_path, 2, "zero2_bf16,zero3_bf16"):
+    """ZeRO-2 and ZeRO-3 partitions (1/W of gradients, master weights, moments, ZeRO-3 weights; the teacher's
+    ZeRO-3 partition) at W=2."""
+    for case in _check(tmp_path, 2, "zero2_bf16,zero3_bf16,zero2_bf16_teacher_zero3"):
         _assert_within(case)
