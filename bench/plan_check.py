@@ -41,8 +41,8 @@ CASES = {  # name: (ZeRO stage, student precision, teacher dtype, extra override
     "zero3_bf16": (3, "bf16", "bf16", {}),
     "zero2_fp32_gpt2": (2, "fp32", "fp32", {"arch": "gpt2"}),
     "zero0_bf16": (0, "bf16", "bf16", {}),
-    "zero2_bf16_teacher_zero3": (2, "bf16", "bf16", {"model.teacher.placement": "zero3",
-                                                     "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}),
+    "zero2_bf16_teacher_zero3": (2, "bf16", "bf16", {
+        "model.teacher.placement": "zero3", "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}),
 }
 SIZES = dict(teacher_layers=3, teacher_hidden=128, teacher_heads=4, student_layers=2, student_hidden=64,
              student_heads=2, batch=4, max_new_tokens=24, max_prompt_length=40, max_length=64, n_train=64,

@@ -21,7 +21,8 @@ from promptkd.config.methods import (DIVERGENCES, METHOD_NAMES, MOVED, DistiLLMC
                                      ImitKDConfig, KDConfig, MethodConfig, MiniLLMConfig, PromptKDConfig,
                                      SeqKDConfig)
 from promptkd.config.schema import (Config, DataConfig, EvalConfig, ExposureConfig, LoggingConfig, ModelConfig,
-                                    OptimConfig, OptimizersConfig, OutputConfig, PipelineConfig, PlanConfig, RolloutConfig,
+                                    OptimConfig, OptimizersConfig, OutputConfig, PipelineConfig, PlanConfig,
+                                    RolloutConfig,
                                     StudentConfig, SyntheticConfig, TeacherConfig, TinyInit, TokenizerConfig,
                                     TrainConfig, VLLM_INSTALL, VLLMConfig, max_new_tokens, parse_bytes)
 

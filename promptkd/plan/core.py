@@ -256,24 +256,25 @@ def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int,
     """The prompt update: the kept student graph, p_T, the prompted teacher's graph through all its layers."""
     opts, tc = cfg.method.promptkd, cfg.model.teacher
     e_t = PRECISION_BYTES[tc.dtype]
-    kept: list[Line] = []
     s_logits = Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
-    if opts.reuse_student_forward and s.dropout == 0:
-        kept = [Line("student activations (kept for the student step)", _student_act(cfg, s, shape, e_s, False),
+    kept: list[Line] = []
+    if opts.reuse_student_forward and s.dropout == 0:  # the student step's forward, run here (promptkd.py)
+        kept = [Line("student activations (kept for the student step)",
+                     M.activations(s, shape, e_s, False, False, cfg.model.student.gradient_checkpointing),
                      "model.student.gradient_checkpointing, method.promptkd.reuse_student_forward"), s_logits]
-    else:
-        kept = []
     t_shape = M.Shape(shape.batch, shape.seq + prompt_len, shape.keep)
     dropout = opts.prompt_step_teacher_train
     lines = list(kept) if kept else [Line("student logits (no grad)", M.logits(shape, s.vocab, e_s),
                                           "train.micro_batch_size")]
     if opts.reg_schedule != "off":
-        lines.append(Line("teacher logits p_T (no grad)", M.logits(shape, t.vocab, e_t), "method.promptkd.reg_schedule"))
+        lines.append(Line("teacher logits p_T (no grad)", M.logits(shape, t.vocab, e_t),
+                          "method.promptkd.reg_schedule"))
     t_act = (t, t_shape, e_t, True, dropout, tc.gradient_checkpointing)
     lines += [
         Line(f"teacher activations, prompted forward ({t_shape.seq} tokens, saved for the prompt's backward)",
              M.activations(*t_act), "model.teacher.gradient_checkpointing, train.micro_batch_size, data.max_length"),
-        Line("prompted teacher logits", M.logits(shape, t.vocab, e_t), "train.micro_batch_size, rollout.max_new_tokens"),
+        Line("prompted teacher logits", M.logits(shape, t.vocab, e_t),
+             "train.micro_batch_size, rollout.max_new_tokens"),
         Line("prompt loss: gradient buffer", M.logits(shape, t.vocab, e_t), "train.micro_batch_size"),
         _transient(M.loss_chunk(shape, t.vocab, cfg.method.loss_chunk_size), M.backward_working(*t_act), 0.0,
                    "the teacher's"),
@@ -288,10 +289,6 @@ def _transient(chunk: float, working: float, bucket: float, whose: str) -> Line:
     name = f"backward: {whose} working set (one layer)" + (" + ZeRO reduce bucket" if bucket else "")
     keys = "model.*.gradient_checkpointing" + (", reduce_bucket_size in the DeepSpeed JSON" if bucket else "")
     return Line(name, working + bucket, keys)
-
-
-def _student_act(cfg: Config, s: Arch, shape: M.Shape, e_s: int, dropout: bool) -> float:
-    return M.activations(s, shape, e_s, False, dropout, cfg.model.student.gradient_checkpointing)
 
 
 def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int,
@@ -327,8 +324,8 @@ def _cpu_lines(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, wor
         lines.append(Line("student parameters (offloaded)", -(-s.n_params // world) * e_s,
                           "offload_param in the DeepSpeed JSON"))
     if t is not None and cfg.model.teacher.offload_params:
-        lines.append(Line("teacher weights (offloaded)", -(-t.n_params // world) * PRECISION_BYTES[cfg.model.teacher.dtype],
-                          "model.teacher.offload_params"))
+        e_t = PRECISION_BYTES[cfg.model.teacher.dtype]
+        lines.append(Line("teacher weights (offloaded)", -(-t.n_params // world) * e_t, "model.teacher.offload_params"))
     return lines
 
 

@@ -68,7 +68,8 @@ def layer_saved(arch: Arch, s: Shape, e: int, frozen: bool, dropout: bool) -> fl
     ch, ci = table["frozen" if frozen else "trainable"]
     if dropout and arch.dropout > 0:
         ch += table["dropout"][1 if frozen else 0]
-    per_token = ch * arch.hidden + ci * arch.intermediate + LSE_PER_HEAD * arch.heads + norm_stats(arch.family, e) + s.seq * e
+    per_token = (ch * arch.hidden + ci * arch.intermediate + LSE_PER_HEAD * arch.heads + norm_stats(arch.family, e)
+                 + s.seq * e)
     return float(s.batch * s.seq * per_token)
 
 
