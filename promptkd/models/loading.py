@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
@@ -75,7 +76,10 @@ def tiny_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
 ) -> GPT2Config | LlamaConfig:
-    """The config ``build_tiny`` builds from (the memory planner reads its shapes)."""
+    """The config of a tiny model (``build_tiny`` builds it; the memory planner reads its shapes).
+
+    arch: "llama" or "gpt2". intermediate=0 picks the architecture default (4 * hidden).
+    """
     builders = {"llama": _llama_config, "gpt2": _gpt2_config}
     if arch not in builders:
         raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {TINY_ARCHS}")
@@ -83,31 +87,19 @@ def tiny_config(
     return builders[arch](layers, hidden, heads, vocab_size, max_positions, intermediate, special)
 
 
-def build_tiny(
-    arch: str,
-    layers: int,
-    hidden: int,
-    heads: int,
-    vocab_size: int,
-    max_positions: int = 512,
-    intermediate: int = 0,
-    pad_token_id: int | None = None,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-) -> PreTrainedModel:
-    """Randomly initialised causal LM from config (no hub access), dropout 0.
+def build_tiny(*args: Any, **kwargs: Any) -> PreTrainedModel:
+    """Randomly initialised causal LM from ``tiny_config(*args, **kwargs)`` (no hub access), dropout 0.
 
     arch: "llama" or "gpt2". intermediate=0 picks the architecture default
     (4 * hidden). Special token ids are written to the config so generation
     and padding logic see the tokenizer's ids, not the hub defaults (GPT-2's
     50256 would be outside a tiny vocab).
     """
-    config = tiny_config(arch, layers, hidden, heads, vocab_size, max_positions, intermediate,
-                         pad_token_id, bos_token_id, eos_token_id)
+    config = tiny_config(*args, **kwargs)
     model = AutoModelForCausalLM.from_config(config)
     logger.info(
-        "built tiny %s: %d layers, hidden %d, vocab %d, %.2fM params",
-        arch, layers, hidden, vocab_size, sum(p.numel() for p in model.parameters()) / 1e6,
+        "built tiny %s: %d layers, hidden %d, vocab %d, %.2fM params", config.model_type, config.num_hidden_layers,
+        config.hidden_size, config.vocab_size, sum(p.numel() for p in model.parameters()) / 1e6,
     )
     return model
 
