@@ -41,6 +41,7 @@ CASES = {  # name: (ZeRO stage, student precision, teacher dtype, extra override
     "zero3_bf16": (3, "bf16", "bf16", {}),
     "zero2_fp32_gpt2": (2, "fp32", "fp32", {"arch": "gpt2"}),
     "zero0_bf16": (0, "bf16", "bf16", {}),
+    "sft_zero0_fp32": (0, "fp32", "fp32", {"method.name": "sft"}),  # an autograd (unfused) loss, no teacher
     "zero2_bf16_teacher_zero3": (2, "bf16", "bf16", {
         "model.teacher.placement": "zero3", "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}),
 }
@@ -106,6 +107,10 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
     method, engine = run.method, run.engine
     states: dict = {}
     _before_step(engine, states)
+    seen: dict = {}
+    engine.module.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.update(seq=int(kwargs["input_ids"].shape[1])) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
     mbs = batches(run.splits, sizes.batch, 2)
     method.step([mbs[0]], 0)  # creates the optimizer states
     live = LiveBytes()
@@ -116,23 +121,26 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
         base_alloc = torch.cuda.memory_allocated()
     # storages made before the step are counted too, so that one DeepSpeed frees (and replaces) in the step
     # does not inflate the phase that replaces it
-    live.adopt(engine_tensors(engine) + [getattr(p, "ds_tensor", p.data) for p in run.teacher.base.parameters()])
+    t_params = list(run.teacher.base.parameters()) if run.teacher is not None else []
+    live.adopt(engine_tensors(engine) + [getattr(p, "ds_tensor", p.data) for p in t_params])
     adopted = set(live.sizes)
     with ExitStack() as stack:
         stack.enter_context(_phases(method.ctx, live))
         stack.enter_context(live)
         result = method.step([mbs[1]], 1)
-    r = result.rollouts[0]
-    seq = int(r.input_ids.shape[1])
-    lengths = (seq, seq - max(r.prompt_len - 1, 0))  # the plan at the lengths this step's rollout reached
+    if result.rollouts:  # the plan at the lengths this step's rollout reached
+        r = result.rollouts[0]
+        seq = int(r.input_ids.shape[1])
+        lengths = (seq, seq - max(r.prompt_len - 1, 0))
+    else:  # off-policy: the batch's padded length, every position through the LM head
+        lengths = (seen["seq"], seen["seq"])
     measured = {k: states[k] for k in ("params", "grads", "optimizer")}
     grads_left = live.alive(states["grad_ptrs"] - adopted)  # the gradients the step created (ZeRO-0's .grad)
     states.pop("live")
     for phase, peak in live.phase_peak.items():
         measured[phase] = peak - (grads_left if phase == "student_step" else 0)
-    teacher = run.teacher
-    t_params = list(teacher.base.parameters())  # under ZeRO-3 placement each rank's partition, ds_tensor
-    measured["teacher_weights"] = storage_bytes([getattr(p, "ds_tensor", p.data) for p in t_params], set())
+    if t_params:  # under ZeRO-3 placement each rank's partition, ds_tensor
+        measured["teacher_weights"] = storage_bytes([getattr(p, "ds_tensor", p.data) for p in t_params], set())
     if torch.cuda.is_available():  # the allocator's own peak above the resident bytes, and its absolute peak
         measured["cuda_max_allocated_step"] = torch.cuda.max_memory_allocated() - base_alloc
         measured["cuda_max_allocated"] = torch.cuda.max_memory_allocated()

@@ -82,6 +82,13 @@ class Method:
         return cls(ctx)
 
     @classmethod
+    def fused_loss(cls, cfg: Config) -> bool:
+        """Whether the student's loss makes its gradient chunk by chunk in the forward (``promptkd.losses.fused``:
+        forward and reverse KL); the other losses run autograd over whole fp32 [N, V] tensors unless
+        method.loss_chunk_size is set. The memory planner counts them so."""
+        return False
+
+    @classmethod
     def teacher_prompt_length(cls, cfg: Config) -> int:
         """Soft-prompt positions the teacher is built with (only a method that trains a prompt has any)."""
         return 0

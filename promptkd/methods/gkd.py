@@ -10,6 +10,7 @@ the same branch (ZeRO-3 rollouts are collectives). The JSD(β) convention
 """
 from __future__ import annotations
 
+from promptkd.config import Config
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollouts
 from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 
@@ -18,6 +19,10 @@ class GKD(Method):
     uses_teacher = True
     samples_student = True
     section = "gkd"
+
+    @classmethod
+    def fused_loss(cls, cfg: Config) -> bool:
+        return cfg.method.gkd.divergence in ("fkl", "rkl")
 
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from promptkd.config import Config
 from promptkd.methods.base import Method, MicroBatch, StepResult, student_rollouts
 from promptkd.methods.token_kd import distill_update
 
@@ -12,6 +13,10 @@ class ImitKD(Method):
     uses_teacher = True
     samples_student = True
     section = "imitkd"
+
+    @classmethod
+    def fused_loss(cls, cfg: Config) -> bool:
+        return cfg.method.imitkd.divergence in ("fkl", "rkl")
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from promptkd.config import Config
 from promptkd.losses import cross_entropy, forward_kl
 from promptkd.methods.base import (Method, MicroBatch, StepResult, full_batches, global_mean, global_tokens, lm_logits,
                                    student_backward, student_update_phase, teacher_logits)
@@ -11,6 +12,10 @@ from promptkd.methods.base import (Method, MicroBatch, StepResult, full_batches,
 class KD(Method):
     uses_teacher = True
     section = "kd"
+
+    @classmethod
+    def fused_loss(cls, cfg: Config) -> bool:
+        return cfg.method.kd.ce_weight == 0  # forward KL; the ground-truth CE term is not fused
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx

@@ -82,6 +82,10 @@ class PromptKD(Method):
         return cls(ctx, prompt)
 
     @classmethod
+    def fused_loss(cls, cfg: Config) -> bool:
+        return True  # reverse KL (and the prompt loss)
+
+    @classmethod
     def teacher_prompt_length(cls, cfg: Config) -> int:
         return cfg.model.teacher.prompt_length if cls.trains_prompt else 0
 

@@ -282,10 +282,12 @@ def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int,
     return lines, kept
 
 
-def _transient(chunk: float, working: float, bucket: float, whose: str) -> Line:
-    """The loss's fp32 chunk is gone before backward's working set (and a ZeRO bucket) exists: the larger counts."""
+def _transient(chunk: float, working: float, bucket: float, whose: str, fused: bool = True) -> Line:
+    """The loss's fp32 temporaries are gone before backward's working set (and a ZeRO bucket) exists: the larger
+    counts."""
     if chunk >= working + bucket:
-        return Line("loss: fp32 chunk (larger than the backward's working set)", chunk, "method.loss_chunk_size")
+        what = "fp32 chunk" if fused else "fp32 [N, V] copies (autograd, not fused)"
+        return Line(f"loss: {what} (larger than the backward's working set)", chunk, "method.loss_chunk_size")
     name = f"backward: {whose} working set (one layer)" + (" + ZeRO reduce bucket" if bucket else "")
     keys = "model.*.gradient_checkpointing" + (", reduce_bucket_size in the DeepSpeed JSON" if bucket else "")
     return Line(name, working + bucket, keys)
@@ -293,6 +295,9 @@ def _transient(chunk: float, working: float, bucket: float, whose: str) -> Line:
 
 def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int,
                   kept: list[Line]) -> list[Line]:
+    from promptkd.methods import METHODS
+
+    fused = METHODS[cfg.method.name].fused_loss(cfg)
     lines = [Line(x.term.replace(" (kept for the student step)", "") + " (kept from the prompt step)", x.bytes, x.keys,
                   "carried") for x in kept]
     if t is not None:
@@ -305,8 +310,8 @@ def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.S
              Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
              ] if not kept else []
     after += [Line("loss: gradient buffer", M.logits(shape, s.vocab, e_s), "train.micro_batch_size"),
-              _transient(M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size), M.backward_working(*act),
-                         M.reduce_bucket(s, z, e_s), "the student's")]
+              _transient(M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size, fused), M.backward_working(*act),
+                         M.reduce_bucket(s, z, e_s), "the student's", fused)]
     # the teacher's no-grad forward runs (and frees its intermediates) before the student's forward starts
     before = M.nograd_forward(t, shape, PRECISION_BYTES[cfg.model.teacher.dtype]) if t is not None else 0.0
     if before > sum(x.bytes for x in after):

@@ -18,6 +18,8 @@ FUSED_CHUNK_ELEMENTS = 1 << 22
 # fp32 [rows, V] buffers a fused loss chunk keeps alive at once (two log-softmaxes, p, one more in
 # the prompt loss's three-way KL)
 LOSS_CHUNK_BUFFERS = 4
+# fp32 [N, V] tensors an autograd loss (log-softmax of an fp32 copy, CE, skew KL, JSD, TVD) holds at its peak
+UNFUSED_FP32_COPIES = 3
 
 # Storage bytes per token per decoder layer saved for backward, for Hugging Face's modules under
 # sdpa attention, as (bytes per hidden unit, bytes per MLP unit). Measured on transformers 5.24 with
@@ -105,10 +107,14 @@ def logits(s: Shape, vocab: int, e: int) -> float:
     return float(s.batch * s.keep * vocab * e)
 
 
-def loss_chunk(s: Shape, vocab: int, chunk: int) -> float:
-    """fp32 temporaries of one fused-loss chunk: [B * chunk, V] rows, ``LOSS_CHUNK_BUFFERS`` of them."""
-    positions = chunk or max(1, FUSED_CHUNK_ELEMENTS // max(1, s.batch * vocab))
-    return float(LOSS_CHUNK_BUFFERS * s.batch * min(positions, s.keep) * vocab * FP32)
+def loss_chunk(s: Shape, vocab: int, chunk: int, fused: bool = True) -> float:
+    """fp32 temporaries of the loss over [B * positions, V] rows: a fused loss (gradient made in the forward)
+    holds ``LOSS_CHUNK_BUFFERS`` per chunk of ``chunk`` positions (0: ~16 MB automatic pieces); an autograd
+    loss holds ``UNFUSED_FP32_COPIES`` over all K positions, or per chunk when ``chunk`` is set."""
+    if fused:
+        positions = chunk or max(1, FUSED_CHUNK_ELEMENTS // max(1, s.batch * vocab))
+        return float(LOSS_CHUNK_BUFFERS * s.batch * min(positions, s.keep) * vocab * FP32)
+    return float(UNFUSED_FP32_COPIES * s.batch * min(chunk or s.keep, s.keep) * vocab * FP32)
 
 
 def kv_cache(arch: Arch, batch: int, seq: int, e: int) -> float:

@@ -83,7 +83,7 @@ def _assert_within(case: dict) -> None:
 
 
 def test_plan_matches_a_measured_step_on_one_rank(tmp_path):
-    cases = _check(tmp_path, 1, "zero0_fp32,zero0_fp32_ckpt,zero0_bf16,zero1_bf16,zero2_fp32_gpt2")
+    cases = _check(tmp_path, 1, "zero0_fp32,zero0_fp32_ckpt,zero0_bf16,zero1_bf16,zero2_fp32_gpt2,sft_zero0_fp32")
     for case in cases:
         _assert_within(case)
     # checkpointing: the plan moves the prompt step the way the measurement does (the kept student graph

@@ -170,3 +170,27 @@ def test_every_line_names_the_keys_that_move_it():
     lines = plan.resident + [x for xs in plan.phases.values() for x in xs] + [plan.overhead]
     assert lines and all(line.keys for line in lines)
     assert set(plan.phases) == {"rollout", "prompt_step", "student_step", "optimizer_step"}
+
+
+def test_loss_buffers_fused_or_autograd():
+    s = M.Shape(4, 100, 33)
+    # autograd losses: three fp32 [N, V] tensors over all K positions, or over one chunk of positions
+    assert M.loss_chunk(s, 1000, 0, fused=False) == 3 * 4 * 33 * 1000 * 4
+    assert M.loss_chunk(s, 1000, 8, fused=False) == 3 * 4 * 8 * 1000 * 4
+    # fused KL: four fp32 buffers of an automatic ~16 MB chunk (here all 33 positions fit in one)
+    assert M.loss_chunk(s, 1000, 0, fused=True) == 4 * 4 * 33 * 1000 * 4
+    assert M.loss_chunk(M.Shape(4, 600, 513), 32000, 0, fused=True) == 4 * 4 * ((1 << 22) // (4 * 32000)) * 32000 * 4
+
+
+@pytest.mark.parametrize("overrides,fused", [
+    (["method.name=promptkd"], True), (["method.name=rkl"], True), (["method.name=sft"], False),
+    (["method.name=kd"], True), (["method.name=kd", "method.kd.ce_weight=0.5"], False),
+    (["method.name=gkd"], False), (["method.name=gkd", "method.gkd.divergence=rkl"], True),
+    (["method.name=imitkd"], True), (["method.name=imitkd", "method.imitkd.divergence=tvd"], False),
+    (["method.name=distillm"], False), (["method.name=seqkd"], False)])
+def test_each_method_says_whether_its_loss_is_fused(overrides, fused):
+    """Method.fused_loss mirrors what the method calls: forward/reverse KL are fused, the rest run autograd."""
+    from promptkd.methods import METHODS
+
+    cfg = load_config(None, ["stage=plan", *overrides])
+    assert METHODS[cfg.method.name].fused_loss(cfg) is fused
