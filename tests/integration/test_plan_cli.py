@@ -76,6 +76,8 @@ def _check(tmp_path, nproc: int, cases: str) -> list[dict]:
 def _assert_within(case: dict) -> None:
     err = case["relative_error"]
     for term in EXACT:
+        if term == "teacher_weights" and term not in case["measured"]:  # SFT has no teacher
+            continue
         assert abs(err[term]) <= EXACT_TOLERANCE, (case["case"], term, err)
     for term, tol in PHASE_TOLERANCE.items():
         if term in err and term not in NOT_HELD.get(case["case"], ()):
