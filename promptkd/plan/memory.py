@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from promptkd.losses.fused import FUSED_CHUNK_ELEMENTS  # fp32 elements of one automatic loss chunk
 from promptkd.plan.arch import Arch
 
 FP32 = 4
 ADAM_MOMENTS = 2 * FP32   # exp_avg and exp_avg_sq, fp32 per parameter
-# promptkd.losses.fused.FUSED_CHUNK_ELEMENTS: fp32 elements of one automatic loss chunk
-FUSED_CHUNK_ELEMENTS = 1 << 22
 # fp32 [rows, V] buffers a fused loss chunk keeps alive at once (two log-softmaxes, p, one more in
 # the prompt loss's three-way KL)
 LOSS_CHUNK_BUFFERS = 4
