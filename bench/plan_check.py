@@ -114,7 +114,9 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
     engine.module.register_forward_pre_hook(
         lambda _m, args, kwargs: seen.update(seq=int(kwargs["input_ids"].shape[1])) if torch.is_grad_enabled() else None,
         with_kwargs=True)
-    mbs = batches(run.splits, sizes.batch, 2)
+    from promptkd import distributed as dist
+
+    mbs = batches(run.splits, sizes.batch, 2 * (dist.rank() + 1))[-2:]  # each rank its own examples
     method.step([mbs[0]], 0)  # creates the optimizer states
     live = LiveBytes()
     states["live"] = live

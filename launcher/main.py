@@ -64,17 +64,21 @@ def main(argv: list[str]) -> int:
 
 
 def plan(cfg, title: str, debug: bool) -> int:
-    from promptkd.config import ConfigError as Bad
     from promptkd.plan import run_plan
 
     try:
         run_plan(cfg, os.path.relpath(title))
         return 0
-    except (Bad, OSError, ValueError) as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (ConfigError, OSError, ValueError) as exc:
+        return bad_input(exc, debug)
+
+
+def bad_input(exc: Exception, debug: bool) -> int:
+    """One line naming what is wrong (the traceback with --debug); exit code 2."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def run(cfg, debug: bool) -> int:
@@ -94,10 +98,7 @@ def run(cfg, debug: bool) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ABORTED
     except (ConfigError, DataError, OSError, ValueError) as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return bad_input(exc, debug)
     except Exception:
         traceback.print_exc()
         return 1

@@ -297,10 +297,15 @@ class PlanConfig:
     overhead: str = _f("2GiB", "stage=plan: allowance per GPU for what no term counts (CUDA context, NCCL buffers, "
                                "kernel workspaces, allocator fragmentation)")
 
+    def gpu_bytes(self) -> int:
+        return parse_bytes("plan.gpu_memory", self.gpu_memory)
+
+    def overhead_bytes(self) -> int:
+        return 0 if str(self.overhead).strip() in ("0", "0B") else parse_bytes("plan.overhead", self.overhead)
+
     def check(self, prefix: str, cfg: Any) -> None:
-        parse_bytes(prefix + "gpu_memory", self.gpu_memory)
-        if str(self.overhead).strip() not in ("0", "0B"):
-            parse_bytes(prefix + "overhead", self.overhead)
+        self.gpu_bytes()
+        self.overhead_bytes()
 
 
 @dataclass

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from promptkd.config import Config, load_ds_json, max_new_tokens, parse_bytes
+from promptkd.config import Config, load_ds_json, max_new_tokens
 from promptkd.plan import memory as M
 from promptkd.plan.arch import Arch, resolve
 
@@ -174,9 +174,7 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
     phases["optimizer_step"] = [Line("optimizer step: fp32 gradients + AdamW's temporaries", M.optimizer_step(
         s, z, e_s, world), f"deepspeed ({cfg.deepspeed}), train.precision")]
     _add_gathers(cfg, z, s, t, e_s, phases, bool(kept))
-    gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
-    over = 0 if str(cfg.plan.overhead).strip() in ("0", "0B") else parse_bytes("plan.overhead", cfg.plan.overhead)
-    plan = Plan(world, gpu, batch, resident, phases, Line("framework overhead (stated allowance)", over,
+    plan = Plan(world, cfg.plan.gpu_bytes(), batch, resident, phases, Line("framework overhead (stated allowance)", cfg.plan.overhead_bytes(),
                                                           "plan.overhead"),
                 _cpu_lines(cfg, z, s, t, e_s, world), _alternatives(cfg, s, t, shape, e_s, prompt_len),
                 list(models.notes))
@@ -224,8 +222,8 @@ def _resident(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, worl
             lines.append(Line(f"soft prompt + AdamW ({p} x {t.hidden}, fp32)", M.prompt_states(p, t.hidden),
                               "model.teacher.prompt_length"))
     if cfg.rollout.engine == "vllm" and not cfg.rollout.vllm.sleep:
-        gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
-        lines.append(Line("vLLM engine (its weights + KV cache)", cfg.rollout.vllm.gpu_memory_utilization * gpu,
+        lines.append(Line("vLLM engine (its weights + KV cache)",
+                          cfg.rollout.vllm.gpu_memory_utilization * cfg.plan.gpu_bytes(),
                           "rollout.vllm.gpu_memory_utilization, rollout.vllm.sleep"))
     return lines
 
@@ -234,8 +232,8 @@ def _rollout(cfg: Config, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int) 
     """The student's KV cache and prefill; a mixture sampler (``t`` given) decodes with the teacher too."""
     if cfg.rollout.engine == "vllm":
         if cfg.rollout.vllm.sleep:
-            gpu = parse_bytes("plan.gpu_memory", cfg.plan.gpu_memory)
-            return [Line("vLLM engine, awake for the rollout", cfg.rollout.vllm.gpu_memory_utilization * gpu,
+            return [Line("vLLM engine, awake for the rollout",
+                         cfg.rollout.vllm.gpu_memory_utilization * cfg.plan.gpu_bytes(),
                          "rollout.vllm.gpu_memory_utilization")]
         return [Line("rollout (in vLLM's share)", 0.0, "rollout.engine")]
     prompt = M.Shape(shape.batch, cfg.data.max_prompt_length, 1)
