@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Optional
 
@@ -9,6 +10,8 @@ from promptkd.config.fields import ConfigError
 
 if TYPE_CHECKING:
     from promptkd.config.schema import Config
+
+log = logging.getLogger(__name__)
 
 # These live in the run config; a DeepSpeed JSON that sets them is rejected
 # rather than silently overridden, so there is one source of truth.
@@ -61,8 +64,39 @@ def build_ds_config(cfg: Config, world_size: int, micro_batch_size: Optional[int
     # check_grad_overflow: a bf16 ZeRO step with non-finite gradients is skipped, not applied
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
+    if cfg.train.precision == "bf16":
+        set_fp32_grad_accum(ds)
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     return ds
+
+
+def set_fp32_grad_accum(ds: dict) -> None:
+    """bf16 training accumulates gradients in fp32 (DESIGN.md §3), where DeepSpeed can.
+
+    What DeepSpeed 0.19.8 does with ``data_types.grad_accum_dtype=fp32`` under bf16 (read in its
+    engine.py ``_do_optimizer_sanity_check`` and checked by tests/unit/test_optim.py on real engines):
+    - ZeRO-1 without offload: the engine switches to its BF16_Optimizer, which keeps fp32 flat
+      gradient buffers (``fp32_groups_gradients_flat``);
+    - ZeRO-1 with optimizer offload: DeepSpeedZeroOptimizer accumulates in fp32 ``param.grad_accum``;
+    - ZeRO-2 (offload or not): DeepSpeedZeroOptimizer accumulates into fp32 gradient partitions;
+    - ZeRO-3: the fp32 flat gradient partition buffer (``grad_partitions_flat_buffer``);
+    - ZeRO-0: unsupported ("unsupported mix of model_dtype=bf16 and grad_accum_dtype=fp32",
+      NotImplementedError), so the key is left out and gradients accumulate in bf16; the log says so
+      when that matters (accumulation > 1).
+    """
+    if zero_stage(ds) == 0:
+        if ds.get("gradient_accumulation_steps", 1) > 1:
+            log.warning("bf16 at ZeRO stage 0: DeepSpeed cannot accumulate gradients in fp32 there, so the %d "
+                        "micro-batches accumulate in bf16; use ZeRO stage 1 (same memory on one GPU) for fp32",
+                        ds["gradient_accumulation_steps"])
+        return
+    ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")  # a JSON's explicit choice stands
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """The config puts the optimizer on the CPU or NVMe (ZeRO-Offload): DeepSpeed then expects its CPU Adam."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() not in ("none", "")
 
 
 def build_teacher_ds_config(cfg: Config) -> dict:

@@ -20,7 +20,9 @@ from promptkd.config import Config, ConfigError, TinyInit, build_ds_config, zero
 from promptkd.data import (DataError, Example, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
                            tokenize_examples, train_tokenizer)
 from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
-from promptkd.optim import adamw, lr_factor
+from promptkd.config.deepspeed import offloads_optimizer
+from promptkd.config.versions import check_installed
+from promptkd.optim import adamw, cpu_adam_loadable, lr_factor, offload_optimizer_choice
 
 log = logging.getLogger(__name__)
 
@@ -238,16 +240,36 @@ def _unset_hf_ds_config() -> None:
 def build_student_engine(cfg: Config, tokenizer: Any, total_steps: int) -> tuple[Any, dict]:
     import deepspeed
 
+    check_installed()
     ds_config = build_ds_config(cfg, dist.world_size())
     model = build_student_module(cfg, tokenizer, ds_config)
-    # ZeRO optimizers skip non-finite steps themselves; stage 0 needs the guard.
-    optimizer = adamw(list(model.parameters()), cfg.optim.student, list(model.named_parameters()),
-                      guarded=zero_stage(ds_config) == 0)
+    optimizer = student_optimizer(cfg, model, ds_config)
     factor = lr_factor(cfg.optim.student, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     return engine, ds_config
+
+
+def student_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict) -> torch.optim.Optimizer:
+    """The student's AdamW; DeepSpeed's CPU Adam when the config offloads the optimizer and the op is there.
+
+    Otherwise an offloading config gets torch AdamW and ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed
+    refuses a client optimizer under ZeRO-Offload without it), and the log says why.
+    """
+    cpu_adam = False
+    if offloads_optimizer(ds_config):
+        cpu_adam, why = offload_optimizer_choice(torch.cuda.is_available(), cpu_adam_loadable)
+        if cpu_adam:
+            log.info("optimizer offload: DeepSpeed's CPU Adam (%s)", why)
+        else:
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+            if dist.is_main():
+                log.warning("optimizer offload: torch AdamW on the CPU, not DeepSpeed's CPU Adam: %s "
+                            "(slower optimizer step; see README, Reliability)", why)
+    # ZeRO optimizers skip non-finite steps themselves; stage 0 needs the guard.
+    return adamw(list(model.parameters()), cfg.optim.student, list(model.named_parameters()),
+                 guarded=zero_stage(ds_config) == 0, cpu_adam=cpu_adam)
 
 
 def vocab_size(tokenizer: Any, teacher: Optional[PromptedTeacher], student: torch.nn.Module) -> int:
