@@ -154,7 +154,7 @@ def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[t
 def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optional[tuple[int, int]]) -> Plan:
     from promptkd.methods import METHODS
 
-    z = M.Zero.from_json(load_ds_json(cfg.deepspeed))
+    z = M.Zero.from_json(load_ds_json(cfg.deepspeed), bf16=cfg.train.precision == "bf16")
     e_s = PRECISION_BYTES[cfg.train.precision]
     method = METHODS[cfg.method.name]
     s, t = models.student, models.teacher

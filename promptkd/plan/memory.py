@@ -135,16 +135,26 @@ class Zero:
     prefetch_bucket: int = 50_000_000
     persistence_threshold: int = 100_000
     max_live: int = 1_000_000_000
+    # bf16 at ZeRO 1-3 accumulates gradients in fp32 (promptkd.config.deepspeed.set_fp32_grad_accum)
+    fp32_grad_accum: bool = False
 
     @classmethod
-    def from_json(cls, ds: dict) -> "Zero":
+    def from_json(cls, ds: dict, bf16: bool = False) -> "Zero":
         z = ds.get("zero_optimization", {})
         off_opt = z.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
         off_par = z.get("offload_param", {}).get("device", "none") not in ("none", None)
-        return cls(int(z.get("stage", 0)), off_opt, off_par, int(z.get("reduce_bucket_size", 500_000_000)),
+        stage = int(z.get("stage", 0))
+        fp32_accum = bf16 and stage > 0 and ds.get("data_types", {}).get("grad_accum_dtype", "fp32") == "fp32"
+        return cls(stage, off_opt, off_par, int(z.get("reduce_bucket_size", 500_000_000)),
                    int(z.get("stage3_prefetch_bucket_size", 50_000_000)),
                    int(z.get("stage3_param_persistence_threshold", 100_000)),
-                   int(z.get("stage3_max_live_parameters", 1_000_000_000)))
+                   int(z.get("stage3_max_live_parameters", 1_000_000_000)), fp32_accum)
+
+    @property
+    def bf16_optimizer(self) -> bool:
+        """ZeRO-1 without offload and with fp32 accumulation runs DeepSpeed's BF16_Optimizer: full fp32
+        gradient buffers beside the bf16 ones, no reduce bucket, no fp32 copy at the step (measured)."""
+        return self.fp32_grad_accum and self.stage == 1 and not self.offload_optimizer
 
 
 def student_params(arch: Arch, z: Zero, e: int, world: int) -> float:
@@ -175,9 +185,12 @@ def zero3_live(arch: Arch, z: Zero, e: int) -> float:
 def student_grads(arch: Arch, z: Zero, e: int, world: int) -> float:
     """Gradients: the full set (ZeRO 0-1), a 1/W partition (ZeRO 2-3); under ZeRO-3 also its reduce bucket."""
     n = arch.n_params
+    acc = FP32 if z.fp32_grad_accum else e  # the dtype gradients accumulate in
     if z.stage <= 1:
+        if z.fp32_grad_accum:  # BF16_Optimizer: fp32 buffers beside the bf16 grads; offloaded: fp32 grad_accum only
+            return float(n * FP32 + (0 if z.offload_optimizer else n * e))
         return float(n * e)
-    part = -(-n // world) * e
+    part = -(-n // world) * acc
     if z.stage == 3:  # the bucket is allocated whole, whatever the model's size
         return float((0 if z.offload_optimizer else part) + z.reduce_bucket * e)
     return float(part) if not z.offload_optimizer else 0.0
@@ -185,7 +198,7 @@ def student_grads(arch: Arch, z: Zero, e: int, world: int) -> float:
 
 def reduce_bucket(arch: Arch, z: Zero, e: int) -> float:
     """ZeRO 1-2: the contiguous bucket gradients are reduced through, alive during each backward."""
-    return float(z.reduce_bucket * e) if z.stage in (1, 2) else 0.0
+    return float(z.reduce_bucket * e) if z.stage in (1, 2) and not z.bf16_optimizer else 0.0
 
 
 def student_optimizer(arch: Arch, z: Zero, e: int, world: int) -> float:
@@ -222,6 +235,8 @@ def optimizer_step(arch: Arch, z: Zero, e: int, world: int) -> float:
         return 0.0
     n = arch.n_params if z.stage == 0 else -(-arch.n_params // world)
     fp32_grads = FP32 if (z.stage > 0 or e != FP32) else 0
+    if z.fp32_grad_accum and z.stage in (1, 2):  # the accumulated gradients are fp32 already (measured)
+        fp32_grads = 0
     return float(n * (ADAMW_TEMPORARIES * FP32 + fp32_grads))
 
 

@@ -23,6 +23,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,8 +92,10 @@ def _launch(config: Path, ws: dict, root: Path) -> SimpleNamespace:
     runner = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(_free_port())] if world == 2 else [sys.executable])
     cmd = ["timeout", str(LAUNCH_TIMEOUT_S), *runner, str(MAIN), "--config", str(config), *overrides]
+    start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True)
-    log = f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    seconds = time.monotonic() - start  # reported on failure (a slow launch is not a failure)
+    log = f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n[launch took {seconds:.0f} s]"
     (root / f"{config.stem}.log").write_text(log)
     return SimpleNamespace(rc=proc.returncode, log=log, out=out, world=world)
 
