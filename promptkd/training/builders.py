@@ -17,11 +17,11 @@ import torch._dynamo  # noqa: F401  (must be imported before any zero.Init block
 
 from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, TinyInit, build_ds_config, zero_stage
+from promptkd.config.deepspeed import offloads_optimizer
+from promptkd.config.versions import check_installed
 from promptkd.data import (DataError, Example, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
                            tokenize_examples, train_tokenizer)
 from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
-from promptkd.config.deepspeed import offloads_optimizer
-from promptkd.config.versions import check_installed
 from promptkd.optim import adamw, cpu_adam_loadable, lr_factor, offload_optimizer_choice
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def student_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict) -> t
             ds_config["zero_force_ds_cpu_optimizer"] = False
             if dist.is_main():
                 log.warning("optimizer offload: torch AdamW on the CPU, not DeepSpeed's CPU Adam: %s "
-                            "(slower optimizer step; see README, Reliability)", why)
+                            "(slower optimizer step; see README, Scale-out)", why)
     # ZeRO optimizers skip non-finite steps themselves; stage 0 needs the guard.
     return adamw(list(model.parameters()), cfg.optim.student, list(model.named_parameters()),
                  guarded=zero_stage(ds_config) == 0, cpu_adam=cpu_adam)

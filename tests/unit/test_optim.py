@@ -229,6 +229,7 @@ FP32_BUFFERS = {
     "zero2": ("DeepSpeedZeroOptimizer", "averaged_gradients"),
     "zero2_offload": ("DeepSpeedZeroOptimizer", "averaged_gradients"),
     "zero3": ("DeepSpeedZeroOptimizer_Stage3", "grad_partitions_flat_buffer"),
+    "zero3_offload": ("DeepSpeedZeroOptimizer_Stage3", "grad_partitions_flat_buffer"),
 }
 
 
