@@ -67,14 +67,25 @@ def _cast_params(module: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int) -> torch.Tensor:
+def text_init_ids(tokenizer: Any, text: str, length: int, special_tokens: bool = True) -> list[int]:
+    """The P token ids whose embeddings initialise the prompt.
+
+    The official code (``utils.get_teacher_model``, teacher_peft=prompt_init) calls
+    ``tokenizer(text)``, so the tokenizer's special tokens stay: OPT's and LLaMA's
+    tokenizers put BOS first, GPT-2's adds none. The ids, BOS included, are then
+    repeated until P exist and cut to P (each repetition starts with BOS again).
+    """
     if tokenizer is None:
         raise ValueError("prompt init 'text' needs a tokenizer (or use init='random')")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
     if not ids:
         raise ValueError(f"prompt init text {text!r} tokenizes to no tokens")
-    # Repeat the text's tokens until P rows exist, then cut (paper behaviour).
-    ids = (ids * (length // len(ids) + 1))[:length]
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int,
+               special_tokens: bool = True) -> torch.Tensor:
+    ids = text_init_ids(tokenizer, text, length, special_tokens)
     with _gathered(embedding.weight) as weight:
         index = torch.tensor(ids, dtype=torch.long, device=weight.device)
         return weight.detach()[index].to(torch.float32).clone()
@@ -108,6 +119,8 @@ class PromptedTeacher(nn.Module):
             repeated or cut to P) or "random" (normal with the embedding's std,
             seeded by ``seed``, identical on every rank).
         tokenizer: callable HF tokenizer; required for init="text".
+        init_special_tokens: init="text" tokenizes with the tokenizer's special tokens
+            (the official code; OPT/LLaMA: row 0 is the BOS embedding); False: the text only.
     """
 
     def __init__(
@@ -119,6 +132,7 @@ class PromptedTeacher(nn.Module):
         tokenizer: Any = None,
         dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
+        init_special_tokens: bool = True,
     ) -> None:
         super().__init__()
         if prompt_length < 0:
@@ -134,7 +148,7 @@ class PromptedTeacher(nn.Module):
         self.init_text = init_text
         embedding = base.get_input_embeddings()
         if prompt_length > 0 and init == "text":
-            rows = _text_init(embedding, tokenizer, init_text, prompt_length)
+            rows = _text_init(embedding, tokenizer, init_text, prompt_length, init_special_tokens)
         else:
             rows = _random_init(embedding, prompt_length, seed)
         self.prompt = nn.Parameter(rows)
