@@ -65,6 +65,57 @@ def test_paper_configs_select_like_the_official_code(path):
     assert cfg.seed == 10                                  # the official scripts' SEED
 
 
+# config -> (official script, per-GPU batch, accumulation, lr, epochs, student activation checkpointing), read from
+# gmkim-ai/PromptKD's scripts/{gpt2,opt,llama}/{sft,promptkd}/*.sh
+OFFICIAL = {
+    "sft_gpt2": ("scripts/gpt2/sft/sft_base.sh", 2, 2, 5e-4, 20, False),
+    "sft_gpt2-medium": ("scripts/gpt2/sft/sft_medium.sh", 2, 2, 1e-4, 20, False),
+    "sft_gpt2-large": ("scripts/gpt2/sft/sft_large.sh", 2, 2, 1e-4, 10, False),
+    "sft_gpt2-xl": ("scripts/gpt2/sft/sft_xlarge.sh", 2, 2, 5e-5, 10, False),
+    "sft_opt-1.3b": ("scripts/opt/sft/sft_1.3B.sh", 8, 1, 5e-5, 10, False),
+    "sft_opt-2.7b": ("scripts/opt/sft/sft_2.7B.sh", 8, 1, 5e-5, 10, False),
+    "sft_opt-6.7b": ("scripts/opt/sft/sft_6.7B.sh", 8, 1, 1e-5, 10, True),
+    "sft_opt-13b": ("scripts/opt/sft/sft_13B.sh", 2, 4, 1e-5, 10, True),
+    "sft_llama-7b": ("scripts/llama/sft/sft_7B.sh", 4, 2, 1e-5, 10, True),
+    "sft_llama-13b": ("scripts/llama/sft/sft_13B.sh", 2, 4, 1e-5, 10, True),
+    "gpt2-xl_to_gpt2-base": ("scripts/gpt2/promptkd/promptkd_base.sh", 2, 16, 5e-5, 20, False),
+    "gpt2-xl_to_gpt2-medium": ("scripts/gpt2/promptkd/promptkd_medium.sh", 2, 4, 1e-5, 20, False),
+    "gpt2-xl_to_gpt2-large": ("scripts/gpt2/promptkd/promptkd_large.sh", 2, 4, 5e-6, 15, False),
+    "opt-13b_to_opt-1.3b": ("scripts/opt/promptkd/promptkd_1.3B.sh", 16, 1, 5e-6, 10, True),
+    "opt-13b_to_opt-2.7b": ("scripts/opt/promptkd/promptkd_2.7B.sh", 16, 1, 5e-6, 10, True),
+    "opt-13b_to_opt-6.7b": ("scripts/opt/promptkd/promptkd_6.7B.sh", 16, 1, 5e-6, 10, True),
+    "llama-13b_to_llama-7b": ("scripts/llama/promptkd/promptkd_7B.sh", 16, 1, 5e-6, 10, True),
+}
+
+
+def test_every_paper_config_is_in_the_official_table():
+    assert sorted(os.path.basename(p)[:-5] for p in PAPER) == sorted(OFFICIAL)
+
+
+@pytest.mark.parametrize("path", PAPER, ids=os.path.basename)
+def test_paper_configs_carry_the_official_hyperparameters(path):
+    name = os.path.basename(path)[:-5]
+    script, mb, ga, lr, epochs, ckpt = OFFICIAL[name]
+    cfg = load_config(path, [])
+    header = open(path).read().split("\nstage:")[0]
+    assert f"Mirrors the official {script}" in header
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.epochs) == (mb, ga, epochs)
+    assert cfg.optim.student.lr == lr and cfg.optim.student.weight_decay == 0.01 and cfg.train.grad_clip == 1.0
+    assert cfg.model.student.gradient_checkpointing is ckpt
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 256)
+    gpt2 = "gpt2" in name
+    assert cfg.deepspeed == ("ds_configs/zero1.json" if gpt2 else "ds_configs/zero2_offload.json")
+    s = cfg.optim.student
+    if name.startswith("sft_"):
+        assert (s.warmup_steps, s.schedule, s.min_lr) == (0, "cosine", 1e-7)     # CosineAnnealingLR(eta_min=1e-7)
+        return
+    assert (s.warmup_steps, s.schedule) == (100, "constant") and cfg.optim.prompt == s   # teacher lr = lr
+    t = cfg.model.teacher
+    assert (t.prompt_length, t.prompt_init, t.prompt_init_text) == (7, "text", "Suppose you are a student.")
+    assert t.prompt_init_special_tokens and t.gradient_checkpointing is (not gpt2)  # the official flag reaches both
+    assert "model.student.path=" in header and "model.teacher.path=" in header   # how to start from MiniLLM's inits
+
+
 # ----------------------------------------------------------------------------- lr floor
 
 def test_cosine_to_min_lr_matches_torch_cosine_annealing():
