@@ -81,11 +81,12 @@ def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int) 
 
 
 def _random_init(embedding: nn.Embedding, length: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+    # drawn on the CPU, then moved: the same rows on every rank and device type
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     with _gathered(embedding.weight) as weight:
         std = weight.detach().to(torch.float32).std().item()
         device = weight.device
-    rows = torch.randn(length, embedding.embedding_dim, generator=generator) * std
+    rows = torch.randn(length, embedding.embedding_dim, generator=generator, device="cpu") * std
     return rows.to(device)
 
 
