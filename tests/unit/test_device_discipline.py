@@ -12,6 +12,7 @@ generator, never fails here by itself. These tests check the rules instead:
 from __future__ import annotations
 
 import ast
+import os
 import types
 from pathlib import Path
 
@@ -157,3 +158,31 @@ def test_exposure_generator_is_on_the_batch_device(monkeypatch):
                                   batch_size=2, seed=1)
     assert a.shape == b.shape == (3, 2)
     assert seen and all(g == t == torch.device("meta") for g, t in seen), seen
+
+
+# ----------------------------------------------------------------------------- local rank -> device ordinal
+
+@pytest.mark.parametrize("n_devices, expect", [
+    (1, [0, 0, 0, 0, 0, 0, 0, 0]),          # srun --gpus-per-task=1: each task sees only its own cuda:0
+    (4, [0, 1, 2, 3, 0, 1, 2, 3]),          # 8 tasks sharing 4 visible devices
+    (8, [0, 1, 2, 3, 4, 5, 6, 7]),          # torchrun / deepspeed launcher: every device visible
+])
+def test_device_index_is_the_local_rank_among_visible_devices(n_devices, expect):
+    assert [dist.device_index(r, n_devices) for r in range(8)] == expect
+
+
+def test_device_index_without_a_device_is_an_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        dist.device_index(0, 0)
+
+
+def test_bind_device_under_srun_with_one_gpu_per_task(monkeypatch):
+    """SLURM_LOCALID 3 with one visible GPU: cuda:0, and DeepSpeed's LOCAL_RANK says so too."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    dist._bind_device()
+    assert chosen == [0]
+    assert os.environ["LOCAL_RANK"] == "0"
