@@ -109,6 +109,26 @@ def vllm_answers(llm: Any, prompts: list[list[int]], seeds: list[int], params: S
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
+def engine_kwargs(model_dir: str, dtype: str, max_model_len: int, seed: int, opts: VLLMConfig, rank: int,
+                  world_size: int) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for the rank's colocated rollout engine.
+
+    One process per rank already exists (our launcher). vLLM's default single-process executor takes
+    local rank 0, so every rank's engine would land on cuda:0; the external launcher ("the processes are
+    launched for you", as TRL's and verl's colocated modes use it) takes RANK/LOCAL_RANK from the
+    environment instead, so each engine sits on its rank's own device. Tensor parallelism 1: every
+    rank's engine holds the whole student and decodes its own prompts. The seed differs per rank, so
+    no two engines draw the same stream.
+    """
+    kwargs: dict[str, Any] = {"model": model_dir, "load_format": "dummy", "dtype": dtype,
+                              "max_model_len": max_model_len, "enforce_eager": True, "seed": seed + rank,
+                              "gpu_memory_utilization": opts.gpu_memory_utilization,
+                              "enable_sleep_mode": opts.sleep}
+    if world_size > 1:
+        kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+    return kwargs
+
+
 class VLLMRollouts:
     """The rank's vLLM engine and the bookkeeping that keeps its weights equal to the student's."""
 
@@ -128,9 +148,8 @@ class VLLMRollouts:
         tokenizer.save_pretrained(model_dir)
         self.opts = opts
         dtype = opts.dtype if opts.dtype != "auto" else str(next(module.parameters()).dtype).removeprefix("torch.")
-        self.llm = LLM(model=model_dir, load_format="dummy", dtype=dtype,
-                       max_model_len=opts.max_model_len or max_length, enforce_eager=True, seed=seed,
-                       gpu_memory_utilization=opts.gpu_memory_utilization, enable_sleep_mode=opts.sleep)
+        self.llm = LLM(**engine_kwargs(model_dir, dtype, opts.max_model_len or max_length, seed, opts, dist.rank(),
+                                       dist.world_size()))
         self.synced: Optional[int] = None  # the student version (optimizer steps) vLLM holds
         self.asleep = False
 

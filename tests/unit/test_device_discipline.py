@@ -186,3 +186,29 @@ def test_bind_device_under_srun_with_one_gpu_per_task(monkeypatch):
     dist._bind_device()
     assert chosen == [0]
     assert os.environ["LOCAL_RANK"] == "0"
+
+
+# ----------------------------------------------------------------------------- vLLM colocated on each rank's device
+
+def _vllm_kwargs(rank: int, world: int, sleep: bool = False) -> dict:
+    from promptkd.config import VLLMConfig
+    from promptkd.rollout.vllm import engine_kwargs
+
+    return engine_kwargs("/m", "bfloat16", 256, seed=100, opts=VLLMConfig(sleep=sleep), rank=rank, world_size=world)
+
+
+def test_vllm_engine_is_single_process_in_a_world_of_one():
+    kw = _vllm_kwargs(0, 1)
+    assert "distributed_executor_backend" not in kw and kw["seed"] == 100
+    assert kw["load_format"] == "dummy" and kw["max_model_len"] == 256 and kw["enable_sleep_mode"] is False
+
+
+def test_vllm_engines_use_the_external_launcher_one_per_rank():
+    """World 2: vLLM's single-process executor would put both engines on cuda:0; the external launcher takes
+    each rank's own LOCAL_RANK device, tensor parallelism 1 (one whole engine per rank), seeds apart."""
+    ranks = [_vllm_kwargs(r, 2, sleep=True) for r in range(2)]
+    for kw in ranks:
+        assert kw["distributed_executor_backend"] == "external_launcher"
+        assert kw["tensor_parallel_size"] == 1 and kw["enable_sleep_mode"] is True
+    assert [kw["seed"] for kw in ranks] == [100, 101]
+    assert {k: v for k, v in ranks[0].items() if k != "seed"} == {k: v for k, v in ranks[1].items() if k != "seed"}
