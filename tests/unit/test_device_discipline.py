@@ -212,3 +212,18 @@ def test_vllm_engines_use_the_external_launcher_one_per_rank():
         assert kw["tensor_parallel_size"] == 1 and kw["enable_sleep_mode"] is True
     assert [kw["seed"] for kw in ranks] == [100, 101]
     assert {k: v for k, v in ranks[0].items() if k != "seed"} == {k: v for k, v in ranks[1].items() if k != "seed"}
+
+
+def test_eval_and_teacher_engines_are_placed_per_rank_too(monkeypatch):
+    """eval.engine=vllm and SeqKD's vLLM teacher build their engines through eval_llm: same placement."""
+    import sys
+
+    from promptkd.rollout import vllm as rv
+
+    built = []
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=lambda **kw: built.append(kw)))
+    for world in (1, 2):
+        monkeypatch.setattr(dist, "world_size", lambda w=world: w)
+        rv.eval_llm("/m", "bfloat16", 256, 0.3)
+    assert "distributed_executor_backend" not in built[0]
+    assert built[1]["distributed_executor_backend"] == "external_launcher" and built[1]["tensor_parallel_size"] == 1
