@@ -47,11 +47,12 @@ def _set_rng_state(state: dict, where: str) -> None:
     accel, saved = _accelerator(), state.get("accelerator")
     if accel is not None and saved is not None:
         accel.set_rng_state(saved)
-    elif accel is not None or saved is not None:
-        # a checkpoint from before accelerator states were saved, or one moved between CPU and GPU machines
-        log.warning("resume: %s holds %s accelerator RNG state and this run %s one: the accelerator RNG "
-                    "(dropout on the device) is not restored", where, "an" if saved is not None else "no",
-                    "has" if accel is not None else "has no")
+    elif accel is not None:  # written on a CPU machine, or before accelerator states were saved
+        log.warning("resume: %s holds no accelerator RNG state: this rank's accelerator RNG (dropout on the "
+                    "device) is not restored; it keeps this run's seeding", where)
+    elif saved is not None:
+        log.warning("resume: %s holds an accelerator RNG state and this run has no accelerator: it is not "
+                    "restored", where)
 
 
 def _warn_missing_rank_file(path: str) -> None:

@@ -94,7 +94,18 @@ def test_accelerator_state_without_an_accelerator_warns(tmp_path, engine, monkey
     monkeypatch.setattr(checkpoint, "_accelerator", lambda: None)      # resumed on a CPU machine
     with caplog.at_level(logging.WARNING, logger="promptkd.training.checkpoint"):
         checkpoint.load(path, engine)
-    assert any("accelerator RNG" in r.getMessage() and "not restored" in r.getMessage() for r in caplog.records)
+    assert any("accelerator RNG" in r.getMessage() and "not" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_checkpoint_resumed_on_an_accelerator_warns(tmp_path, engine, monkeypatch, caplog):
+    path = _save(tmp_path, engine)                                      # written on a CPU machine
+    accel = FakeAccelerator()
+    monkeypatch.setattr(checkpoint, "_accelerator", lambda: accel)
+    with caplog.at_level(logging.WARNING, logger="promptkd.training.checkpoint"):
+        checkpoint.load(path, engine)
+    assert not accel.set_calls
+    assert any("no accelerator RNG state" in r.getMessage() and "not restored" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_every_load_maps_onto_the_cpu(tmp_path, engine, monkeypatch):
