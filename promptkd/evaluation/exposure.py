@@ -116,7 +116,7 @@ def prompt_curves(student: LM, teacher: LM, examples: list[TokenizedExample], n_
     """(A [n, N], B [n, N]): accumulated errors on student / teacher samples, every prompt once, all ranks."""
     slots = shard_indices(len(examples), dist.rank(), dist.world_size())
     local = sorted(((i, examples[i if i >= 0 else 0]) for i in slots), key=lambda item: len(item[1].prompt_ids))
-    gen = torch.Generator().manual_seed(seed * 1000 + dist.rank())
+    gen = torch.Generator(device=dist.device()).manual_seed(seed * 1000 + dist.rank())  # where the batches are
     mine: list[tuple[int, list[float], list[float]]] = []
     for start in range(0, len(local), batch_size):
         chunk = local[start:start + batch_size]

@@ -92,11 +92,12 @@ def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int,
 
 
 def _random_init(embedding: nn.Embedding, length: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+    # drawn on the CPU, then moved: the same rows on every rank and device type
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     with _gathered(embedding.weight) as weight:
         std = weight.detach().to(torch.float32).std().item()
         device = weight.device
-    rows = torch.randn(length, embedding.embedding_dim, generator=generator) * std
+    rows = torch.randn(length, embedding.embedding_dim, generator=generator, device="cpu") * std
     return rows.to(device)
 
 
@@ -106,6 +107,31 @@ def _output_cache(output: Any) -> Any:
     if hasattr(output, "cache"):
         return output.cache
     return getattr(output, "past_key_values", None)
+
+
+def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that checkpoint when their own ``training`` flag is set (HF layers, or the 4.x base model)."""
+    # the class attribute, not getattr on the module: nn.Module's __getattr__ is slow for names it lacks
+    return [m for m in model.modules()
+            if getattr(type(m), "gradient_checkpointing", None) is not None or "gradient_checkpointing" in m.__dict__]
+
+
+@contextlib.contextmanager
+def checkpoint_flags_off(modules: list[nn.Module]) -> Iterator[None]:
+    """While decoding: the ``training`` flag off on the modules set up for activation checkpointing.
+
+    Checkpointed frozen layers carry ``training=True`` in an eval-mode model (builders.checkpoint_frozen_layers,
+    ``PromptedTeacher.train``). transformers 5.17 drops a layer's KV cache whenever that flag is set, even under
+    no_grad, so a decode would fail at its second token. The flags come back afterwards, whatever happens.
+    """
+    flagged = [m for m in modules if m.training and getattr(m, "gradient_checkpointing", False)]
+    for m in flagged:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.training = True
 
 
 class PromptedTeacher(nn.Module):
@@ -152,6 +178,7 @@ class PromptedTeacher(nn.Module):
         else:
             rows = _random_init(embedding, prompt_length, seed)
         self.prompt = nn.Parameter(rows)
+        self._checkpointable = checkpointable_modules(base)  # fixed with the architecture: found once
         params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._takes_keep = "logits_to_keep" in params
@@ -204,14 +231,17 @@ class PromptedTeacher(nn.Module):
         # Positions count real (and prompt) tokens only, so left padding does not
         # shift them: the first real token sits at P in every row.
         positions = (full_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
-        output = self.base(
-            inputs_embeds=embeds,
-            attention_mask=full_mask,
-            position_ids=positions,
-            use_cache=use_cache,
-            **{self._cache_kwarg: past_key_values},
-            **self._keep_kwargs(logits_to_keep, n_new),
-        )
+        # a cache is being built or read: checkpointing flags must not make the layers drop it
+        flags_off = checkpoint_flags_off(self._checkpointable) if use_cache else contextlib.nullcontext()
+        with flags_off:
+            output = self.base(
+                inputs_embeds=embeds,
+                attention_mask=full_mask,
+                position_ids=positions,
+                use_cache=use_cache,
+                **{self._cache_kwarg: past_key_values},
+                **self._keep_kwargs(logits_to_keep, n_new),
+            )
         return output.logits[:, -n_new:], _output_cache(output)
 
     def _keep_kwargs(self, logits_to_keep: int, n_new: int) -> dict[str, int]:
