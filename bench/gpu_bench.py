@@ -474,7 +474,8 @@ def _stop(signum: int, _frame: Any) -> None:
 
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the code path, numbers mean nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny sizes on CPU: checks the code path, numbers mean nothing")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--threads", type=int, default=0, help="CPU threads per section (0 = leave torch's default)")
     p.add_argument("--timeout", action="append", default=[], metavar="SECTION=SECONDS",
