@@ -10,7 +10,8 @@ process) and checks the contract of DESIGN.md §2 for bad input:
   apart);
 - nothing half-written: no ``export/``, no ``checkpoints/``, and no
   ``config.yaml`` (a failed start must not make the corrected rerun look like
-  "another run" in the same dir); a dir that already held files is unchanged.
+  "another run" in the same dir); a fresh output dir is not even created, and
+  a dir that already held files is unchanged.
 
 One case needs 2 ranks (world size larger than the dataset); it runs under
 ``python -m torch.distributed.run --standalone --nproc_per_node 2``. torchrun
@@ -322,6 +323,8 @@ def _assert_nothing_half_written(case: Case, res: SimpleNamespace, shown: str) -
                                      f"after {sorted(res.after)}\n{shown}")
     assert not (case.out_dir / "export").exists(), shown
     assert not (case.out_dir / "checkpoints").exists(), shown
+    if not res.before:  # a fresh output.dir: not even created (no config.yaml, no empty dir)
+        assert not case.out_dir.exists(), shown
 
 
 def test_catalogue_is_complete(results):
