@@ -160,6 +160,12 @@ def _require_vllm(key: str, cfg: Any) -> None:
         raise ConfigError(f"{key}=vllm: vLLM is not installed in this environment; {VLLM_INSTALL}")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @dataclass
 class VLLMConfig:
     gpu_memory_utilization: float = _f(0.3, "share of the GPU's memory vLLM may take (its weights + KV cache); the "
@@ -182,6 +188,14 @@ class RolloutConfig:
     vllm: VLLMConfig = _f(VLLMConfig(), "rollout.engine=vllm settings")
 
     def check(self, prefix: str, cfg: Any) -> None:
+        if self.engine == "vllm" and cfg.method.name == "seqkd" and cfg.stage == "train" \
+                and not cfg.model.teacher.path and cfg.model.teacher.placement == "zero3":
+            # found here, not at SeqKD's first step: the launch has written nothing yet
+            raise ConfigError(f"{prefix}engine: vllm samples SeqKD's teacher from its HF dir; a teacher built from "
+                              "config with model.teacher.placement=zero3 has none (set model.teacher.path)")
+        if self.engine == "vllm" and self.vllm.sleep and cfg.stage in ("train", "pipeline") and not _has_cuda():
+            raise ConfigError(f"{prefix}vllm.sleep: vLLM's sleep mode frees GPU memory and needs a GPU; set it to "
+                              "false here")
         if self.engine == "vllm" and cfg.method.name == "minillm":
             raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
                               "use rollout.engine=hf with method.name=minillm")
@@ -253,6 +267,11 @@ class ExposureConfig:
 
     def check(self, prefix: str, cfg: Any) -> None:
         _check_strings(prefix + "students", self.students)
+        if cfg.stage == "exposure":  # checked before the launch writes anything, not once the stage runs
+            if not (self.teacher_path or cfg.model.teacher.path):
+                raise ConfigError(f"{prefix}teacher_path: no teacher for stage=exposure (set it or model.teacher.path)")
+            if not (cfg.eval.file or cfg.data.test_file):
+                raise ConfigError("eval.file: no prompts for stage=exposure (set eval.file or data.test_file)")
 
 
 @dataclass
