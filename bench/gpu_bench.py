@@ -1,45 +1,52 @@
-"""The GPU benchmark (run by bench/gpu.sh on a lent H100/H200, <= 9.5 minutes).
+"""The GPU benchmark (run by bench/gpu.sh on a lent H100/H200: under 9 minutes, no network).
 
     bash bench/gpu.sh              # on the GPU machine -> bench/results/gpu_<GPU name>.json (+ $OUT)
     bash bench/gpu.sh --dry-run    # here, on CPU, tiny sizes -> bench/results/gpu_dryrun.json
 
-Five sections, each written to the JSON as soon as it finishes (a timeout keeps
-what was done):
+Each section runs in its own subprocess (its own process group) with its own timeout, in this order,
+the most important first, and the whole run has one budget (TOTAL_S): a section that hangs or fails is
+recorded and the next one starts. Every section's full output goes to its own log file (in ``$BENCH_OUT``,
+the device tool's ``$OUT``, when set), and the summary JSON, rewritten after each section, gives each
+one's status (ok | failed | timeout | skipped | no_time), seconds, exit code, log file and result.
 
-1. ``mfu``: the student update (forward, reverse KL against fixed teacher
-   logits, backward, optimizer step) of a GPT-2-medium-sized student built from
-   config (24 layers, d=1024, 16 heads, vocab 50257) through the project's
-   ``build_student_engine`` in bf16, ZeRO-0. FLOPs = 6 * N * tokens (N = all
-   parameters, the tied embedding counted once since it is also the LM head);
-   MFU against the card's dense bf16 peak, and against a measured 8192^3 bf16
-   matmul.
-2. ``rollout``: bench/rollout.py's comparison (ours vs HF ``generate``) on that
-   student in bf16, 256 new tokens (the paper's max_length - max_prompt_length).
-3. ``phases``: bench/phases.py's breakdown with a GPT-2-XL-sized bf16 teacher
-   (48 layers, d=1600) and the GPT-2-medium-sized student (the paper's
-   medium <- XL pair, ratio ~4.4x), 256 new tokens. The vocab there is the
-   trained tokenizer's (~1k), so the LM heads are cheaper than GPT-2's.
-4. ``vllm_rollout``: ``bench/rollout.py --engine vllm`` (rollout.engine=vllm's engine
-   against our loop) on a GPT-2-base-size bf16 student, batch 32, 256 new tokens;
-   skipped, and said so, where vLLM is not installed.
-5. ``plan``: the memory planner (``stage=plan``) against ``torch.cuda.max_memory_allocated``:
-   bench/plan_check.py's bf16 ZeRO-1/2 cases with a GPT-2-large-size teacher and GPT-2-medium-size
-   student, batch 8, 512 tokens (``peak_phase``: the allocator's peak above the resident bytes vs the
-   plan's largest phase; ``total_without_overhead``: its absolute peak vs the plan's total).
-6. ``pipeline``: the quickstart pipeline end to end through the real launcher, once
-   per engine (``rollout.engine``/``eval.engine`` hf, then vllm): bf16 teacher,
-   ZeRO-2 student, export and eval; which stages started, the exit code, the
-   distillation's median step time (the PromptKD iteration). No code path of this
-   project has run on a GPU yet: this is where the first lent GPU shows every
-   CUDA-path bug at once.
+1. ``launcher``: the quickstart pipeline end to end through the real launcher (``launcher/main.py``, as
+   users run it): synthetic data, SFT of a teacher and of a GPT-2-base-size student, PromptKD distillation
+   with a bf16 teacher and a bf16 ZeRO-2 student, then the sampled evaluation (the paper's protocol) of
+   all of them. No code path of this project had run on a GPU before: this is where the first lent GPU
+   shows the CUDA-path bugs. Recorded: the stages started, the exit code, whether the results were
+   written, the distillation's median step time (the PromptKD iteration).
+2. ``mfu``: the student update (forward, reverse KL against fixed teacher logits, backward, optimizer
+   step) of a GPT-2-medium-size student (24 layers, d=1024, vocab 50257) through ``build_student_engine``
+   in bf16, ZeRO-0. FLOPs = 6 * N * tokens (the tied embedding counted once); MFU against the card's
+   dense bf16 peak and against a measured 8192^3 bf16 matmul.
+3. ``phases``: bench/phases.py's breakdown with a GPT-2-XL-size bf16 teacher (48 layers, d=1600) and the
+   GPT-2-medium-size student (the paper's medium <- XL pair), 256 new tokens.
+4. ``plan``: the memory planner (``stage=plan``) against ``torch.cuda.max_memory_allocated``:
+   bench/plan_check.py's bf16 ZeRO-1/2 cases, GPT-2-large-size teacher, GPT-2-medium-size student,
+   batch 8, 512 tokens (``peak_phase``: the allocator's peak above the resident bytes vs the plan's
+   largest phase; ``total_without_overhead``: its absolute peak vs the plan's total).
+5. ``rollout``: bench/rollout.py's comparison (ours vs HF ``generate``) on the GPT-2-medium-size student
+   in bf16, 256 new tokens.
+6. ``vllm_rollout``, 7. ``launcher_vllm``: the vLLM engine (bench/rollout.py --engine vllm; the launcher
+   with rollout.engine/eval.engine=vllm). Skipped, and said so, where vLLM is not installed: the lent
+   image has none, and its GPU wheel is far over what a call can carry.
+
+The dry run adds ``timeout_probe`` after the first section: a child that outlives its 2 s timeout, which
+shows that a timeout is caught and recorded and that the next section still runs. Every run records the
+distributions the sections imported and any that are neither on the GPU image (bench/gpu_image.txt) nor
+carried as wheels (bench/gpu_wheels.txt): ``not_on_image_nor_carried``, empty when the wheels are complete.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -48,25 +55,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import (REPO, RunSizes, emit, init_dist, make_config, make_workspace, n_params, quiet,  # noqa: E402
-                          set_threads, stats, sync, timed)
+                          set_threads, stats, timed)
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendor's data sheets.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
              ("GH200", 989.4e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 
+SECTIONS = ("launcher", "mfu", "phases", "plan", "rollout", "vllm_rollout", "launcher_vllm")
+# Seconds each section may run before its process group is killed, and the whole run's budget. bench/gpu.sh
+# gives this script TOTAL_S + 30 s after installing the carried wheels, so the call ends under 9 minutes.
+TIMEOUT_S = {"launcher": 210, "mfu": 60, "phases": 90, "plan": 75, "rollout": 60, "vllm_rollout": 90,
+             "launcher_vllm": 150}
+TOTAL_S = 480
+DRY_TIMEOUT_S = {**{name: 120 for name in SECTIONS}, "timeout_probe": 2}
+DRY_TOTAL_S = 170   # CI runs the dry run: well under 3 minutes on 2 shared cores
+MIN_SECTION_S = 10  # a section is not started with less than this left of the budget
+WHEEL_LIST = os.path.join(REPO, "bench", "gpu_wheels.txt")
+IMAGE_LIST = os.path.join(REPO, "bench", "gpu_image.txt")
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+OWN_MODULES = {"bench", "launcher", "promptkd", "tests"}
+
 FULL = {
     "mfu": {"layers": 24, "hidden": 1024, "heads": 16, "vocab": 50257, "batch": 8, "seq": 512, "repeats": 6},
-    "rollout": {"layers": 24, "hidden": 1024, "heads": 16, "vocab": 50257, "batch": 16, "new": 256, "repeats": 5},
+    "rollout": {"layers": 24, "hidden": 1024, "heads": 16, "vocab": 50257, "batch": 16, "new": 256, "repeats": 3},
     "phases": RunSizes(arch="gpt2", teacher_layers=48, teacher_hidden=1600, teacher_heads=25, student_layers=24,
                        student_hidden=1024, student_heads=16, teacher_dtype="bf16", precision="bf16", batch=16,
                        max_new_tokens=256, max_prompt_length=256, max_length=512, max_positions=1024),
-    "phases_repeats": 5, "matmul_n": 8192,
+    "phases_repeats": 3, "matmul_n": 8192,
     # rollout.engine=vllm vs our loop on a GPT-2-base-size student, 256 new tokens, batch 32
     "vllm_rollout": {"arch": "gpt2", "layers": 12, "hidden": 768, "heads": 12, "batch": 32, "new": 256, "repeats": 3},
-    # the quickstart pipeline through the launcher, bf16 teacher, ZeRO-2 student, once per engine
-    # ... with a GPT-2-base-size student, batch 32, up to 256 new tokens (its step time: the PromptKD iteration)
-    "pipeline": {"teacher_sft_steps": 200, "student_sft_steps": 100, "steps": 30, "n_train": 2000, "n_dev": 50,
-                 "n_test": 200, "seeds": "[10,20,30,40,50]", "new": 256, "batch": 32, "max_prompt_length": 64,
+    # the quickstart pipeline through the launcher: bf16 teacher, bf16 ZeRO-2 GPT-2-base-size student, batch 32,
+    # up to 256 new tokens, sampled evaluation over 2 seeds (its step time: the PromptKD iteration)
+    "launcher": {"teacher_sft_steps": 150, "student_sft_steps": 80, "steps": 20, "n_train": 2000, "n_dev": 50,
+                 "n_test": 100, "seeds": "[10,20]", "new": 256, "batch": 32, "max_prompt_length": 64,
                  "student": "{arch: gpt2, layers: 12, hidden: 768, heads: 12, max_positions: 512}"},
 }
 DRY = {
@@ -77,11 +98,11 @@ DRY = {
                        max_new_tokens=8, max_prompt_length=64, max_length=128, max_positions=256, n_train=60),
     "phases_repeats": 2, "matmul_n": 256,
     "vllm_rollout": {"arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "batch": 4, "new": 8, "repeats": 2},
-    "pipeline": {"teacher_sft_steps": 2, "student_sft_steps": 2, "steps": 2, "n_train": 64, "n_dev": 4, "n_test": 8,
+    "launcher": {"teacher_sft_steps": 2, "student_sft_steps": 2, "steps": 2, "n_train": 64, "n_dev": 4, "n_test": 8,
                  "seeds": "[10]", "new": 6, "batch": 4, "max_prompt_length": 64,
-                 "student": "{arch: llama, layers: 1, hidden: 64, heads: 2}"},
+                 "student": "{arch: llama, layers: 1, hidden: 64, heads: 2}",
+                 "teacher": "{arch: llama, layers: 1, hidden: 64, heads: 2}"},  # bf16 matmuls are slow on CPU
 }
-SECTIONS = ("mfu", "rollout", "phases", "plan", "vllm_rollout", "pipeline")
 # the memory planner vs torch.cuda.max_memory_allocated: bench/plan_check.py's cases at GPU size
 PLAN_SIZES = {"full": dict(teacher_layers=36, teacher_hidden=1280, teacher_heads=20, student_layers=24,
                            student_hidden=1024, student_heads=16, batch=8, max_new_tokens=256, max_prompt_length=256,
@@ -90,12 +111,13 @@ PLAN_SIZES = {"full": dict(teacher_layers=36, teacher_hidden=1280, teacher_heads
 
 
 def plan_section(dry: bool) -> dict[str, Any]:
-    """The plan of two PromptKD configs (ZeRO-0 and ZeRO-2, bf16) beside what one step measured."""
+    """The plan of two PromptKD configs (ZeRO-1 and ZeRO-2, bf16) beside what one step measured."""
     from bench import plan_check
 
     ws = make_workspace(RunSizes(**plan_check.SIZES))
     sizes = PLAN_SIZES["dry" if dry else "full"]
-    return {"cases": [plan_check.measure_case(name, ws, ws["root"], sizes) for name in ("zero1_bf16", "zero2_bf16")]}
+    cases = ("zero2_bf16",) if dry else ("zero1_bf16", "zero2_bf16")  # the dry run checks the path, once
+    return {"cases": [plan_check.measure_case(name, ws, ws["root"], sizes) for name in cases]}
 
 
 def peak_flops(name: Optional[str]) -> Optional[float]:
@@ -211,111 +233,278 @@ def vllm_rollout_section(ws: dict, p: dict) -> dict[str, Any]:
                             model_spec=(p["arch"], p["layers"], p["hidden"], p["heads"]), dtype=dtype)
 
 
-PIPELINE_STAGES = ("pipeline 1/4", "pipeline 2/4", "pipeline 3/4", "pipeline 4/4")
-
-
-def pipeline_section(p: dict) -> dict[str, Any]:
-    """The quickstart pipeline end to end through the real launcher, per engine: which stages passed, how long.
-
-    bf16 teacher, ZeRO-2 student, export and eval; on the GPU the student is GPT-2-base-sized (batch 32, up to 256
-    new tokens), in the dry run 1 layer d=64 with 2 heads (head_dim 32, which vLLM's CPU kernels need). The
-    distillation's median step time is the PromptKD iteration time of each engine.
-    """
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
-    out: dict[str, Any] = {}
-    for engine in ("hf", "vllm"):
-        if engine == "vllm" and vllm_missing():
-            out[engine] = {"skipped": vllm_missing()}
-            continue
-        run_dir = tempfile.mkdtemp(prefix=f"gpu_pipeline_{engine}_")
-        cmd = [sys.executable, os.path.join(REPO, "launcher", "main.py"), f"output.dir={run_dir}",
-               "model.teacher.dtype=bf16", "deepspeed=ds_configs/zero2.json", f"rollout.engine={engine}",
-               f"eval.engine={engine}", "eval.no_repeat_ngram_size=0",
-               f"pipeline.teacher_sft_steps={p['teacher_sft_steps']}",
-               f"pipeline.student_sft_steps={p['student_sft_steps']}", f"train.max_steps={p['steps']}",
-               f"data.synthetic.n_train={p['n_train']}", f"data.synthetic.n_dev={p['n_dev']}",
-               f"data.synthetic.n_test={p['n_test']}", f"eval.seeds={p['seeds']}", f"rollout.max_new_tokens={p['new']}",
-               f"eval.max_new_tokens={p['new']}", f"model.student.init={p['student']}",
-               f"train.micro_batch_size={p['batch']}", f"data.max_prompt_length={p['max_prompt_length']}",
-               f"data.max_length={p['max_prompt_length'] + p['new']}", "logging.progress_bar=false"]
-        env = {k: v for k, v in os.environ.items()  # this process's own world must not leak into the launch
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        log = proc.stdout + proc.stderr
-        steps = []
-        metrics = os.path.join(run_dir, "distill", "metrics.jsonl")
-        if os.path.isfile(metrics):
-            with open(metrics) as fh:
-                steps = [r["perf/step_seconds"] for r in map(json.loads, fh) if "perf/step_seconds" in r]
-        out[engine] = {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
-                       "stages_started": [s for s in PIPELINE_STAGES if s in log],
-                       "eval_written": os.path.isfile(os.path.join(run_dir, "eval", "results.json")),
-                       "promptkd_step_seconds_median": sorted(steps)[len(steps) // 2] if steps else None,
-                       "last_line": log.strip().splitlines()[-1][-300:] if log.strip() else ""}
-    return out
-
-
 def gpu_name() -> Optional[str]:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def run(dry: bool, name: Optional[str] = None, sections=SECTIONS) -> dict[str, Any]:
-    """All sections; the JSON is rewritten after each one. Returns the result."""
+
+
+# ----------------------------------------------------------------------------- the launcher sections
+
+PIPELINE_STAGES = ("pipeline 1/4", "pipeline 2/4", "pipeline 3/4", "pipeline 4/4")
+
+
+def launcher_args(p: dict, engine: str, run_dir: str) -> list[str]:
+    """configs/quickstart.yaml (the pipeline) through launcher/main.py at the bench's sizes: bf16 teacher and student,
+    ZeRO-2, sampled evaluation, rollouts and evaluation on ``engine``."""
+    return [os.path.join(REPO, "launcher", "main.py"), f"output.dir={run_dir}",
+            "model.teacher.dtype=bf16", "train.precision=bf16", "deepspeed=ds_configs/zero2.json",
+            f"rollout.engine={engine}", f"eval.engine={engine}", "eval.no_repeat_ngram_size=0", "eval.do_sample=true",
+            f"pipeline.teacher_sft_steps={p['teacher_sft_steps']}",
+            f"pipeline.student_sft_steps={p['student_sft_steps']}", f"train.max_steps={p['steps']}",
+            f"data.synthetic.n_train={p['n_train']}", f"data.synthetic.n_dev={p['n_dev']}",
+            f"data.synthetic.n_test={p['n_test']}", f"eval.seeds={p['seeds']}", f"rollout.max_new_tokens={p['new']}",
+            f"eval.max_new_tokens={p['new']}", f"model.student.init={p['student']}",
+            f"train.micro_batch_size={p['batch']}", f"data.max_prompt_length={p['max_prompt_length']}",
+            f"data.max_length={p['max_prompt_length'] + p['new']}", "logging.progress_bar=false",
+            *([f"model.teacher.init={p['teacher']}"] if p.get("teacher") else [])]  # else the quickstart's
+
+
+def launcher_result(run_dir: str, log_path: str) -> dict[str, Any]:
+    """What a launcher section got to: the stages it started, the results written, the PromptKD step time."""
+    with open(log_path, errors="replace") as fh:
+        log = fh.read()
+    steps = []
+    metrics = os.path.join(run_dir, "distill", "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as fh:
+            steps = [r["perf/step_seconds"] for r in map(json.loads, fh) if "perf/step_seconds" in r]
+    results = os.path.join(run_dir, "eval", "results.json")
+    out = {"stages_started": [s for s in PIPELINE_STAGES if s in log], "eval_written": os.path.isfile(results),
+           "promptkd_step_seconds_median": statistics.median(steps) if steps else None}
+    if out["eval_written"]:
+        with open(results) as fh:
+            out["eval_models"] = sorted(json.load(fh).get("models", {}))
+    return out
+
+
+# ----------------------------------------------------------------------------- one section, in its own process
+
+def child(section: str, dry: bool, result_path: str) -> None:
+    """Run one measuring section in this (child) process and write its result JSON."""
+    if section == "timeout_probe":  # the dry run's check that a hung section is killed and the next one runs
+        time.sleep(3600)
     plan = DRY if dry else FULL
     init_dist()
-    name = name or ("gpu_dryrun" if dry else "gpu_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu_name() or "none").strip("_"))
     ws = make_workspace(RunSizes(n_train=plan["phases"].n_train))
+    if section == "mfu":
+        peak = matmul_tflops(plan["matmul_n"])
+        res = {"matmul_bf16_tflops_measured": peak, **mfu_section(ws, plan["mfu"], peak)}
+    elif section == "phases":
+        res = phases_section(ws, plan["phases"], plan["phases_repeats"])
+    elif section == "plan":
+        res = plan_section(dry)
+    elif section == "rollout":
+        res = rollout_section(ws, plan["rollout"])
+    elif section == "vllm_rollout":
+        res = vllm_rollout_section(ws, plan["vllm_rollout"])
+    else:
+        raise SystemExit(f"gpu_bench.py: unknown section {section!r}")
+    res["gpu_name"] = gpu_name()
+    with open(result_path, "w") as fh:
+        json.dump(res, fh, default=str)
+
+
+def record_imports(path: str) -> None:
+    """Append every top-level module this process imports (those already imported first) to ``path``."""
+    seen: set[str] = set()
+    fh = open(path, "a", buffering=1)  # line-buffered: complete even when the process ends with os._exit
+
+    def note(name: str) -> None:
+        top = name.partition(".")[0]
+        if top and top not in seen:
+            seen.add(top)
+            fh.write(top + "\n")
+
+    for name in list(sys.modules):
+        note(name)
+    sys.addaudithook(lambda event, args: note(args[0]) if event == "import" and args and args[0] else None)
+
+
+def launch(argv: list[str]) -> None:
+    """Run launcher/main.py in this process (it ends the process itself, with the launch's exit code)."""
+    import runpy
+
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+# ----------------------------------------------------------------------------- the runner
+
+def section_command(section: str, dry: bool, work: str, threads: int) -> tuple[list[str], Optional[str]]:
+    """The child's command line, and the launcher's run dir for a launcher section."""
+    me = [sys.executable, os.path.abspath(__file__), "--imports", os.path.join(work, f"{section}.imports")]
+    if section.startswith("launcher"):
+        run_dir = os.path.join(work, section)
+        plan = (DRY if dry else FULL)["launcher"]
+        return me + ["--launch", *launcher_args(plan, "vllm" if section == "launcher_vllm" else "hf", run_dir)], run_dir
+    extra = (["--dry-run"] if dry else []) + (["--threads", str(threads)] if threads else [])
+    return me + ["--child", section, "--result", os.path.join(work, f"{section}.json"), *extra], None
+
+
+def run_logged(cmd: list[str], log_path: str, timeout_s: float, threads: int) -> tuple[Optional[int], bool]:
+    """(exit code, timed out): ``cmd`` in its own process group, all its output into ``log_path``."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}  # this process's world must not leak
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s), False
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[gpu_bench] killed after {timeout_s:.0f} s, the section's timeout\n")
+            return None, True
+        finally:  # a timeout, or this runner stopped (SIGTERM from bench/gpu.sh's outer timeout): no orphans
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def run_section(section: str, dry: bool, timeout_s: float, log_dir: str, work: str, threads: int) -> dict[str, Any]:
+    """One section in its own process: its status, seconds, exit code, log file and result."""
+    if section in ("vllm_rollout", "launcher_vllm") and vllm_missing():
+        return {"status": "skipped", "reason": vllm_missing(), "seconds": 0.0, "log": None}
+    if timeout_s < min(MIN_SECTION_S, DRY_TIMEOUT_S.get(section, MIN_SECTION_S)):
+        return {"status": "no_time", "reason": f"{timeout_s:.0f} s left of the budget", "seconds": 0.0, "log": None}
+    log_path = os.path.join(log_dir, f"gpu_{section}.log")
+    cmd, run_dir = section_command(section, dry, work, threads)
+    start = time.perf_counter()
+    rc, timed_out = run_logged(cmd, log_path, timeout_s, threads)
+    entry: dict[str, Any] = {"status": "timeout" if timed_out else ("ok" if rc == 0 else "failed"),
+                             "seconds": round(time.perf_counter() - start, 1), "rc": rc,
+                             "timeout_s": round(timeout_s), "log": log_path}
+    result_path = os.path.join(work, f"{section}.json")
+    if run_dir is not None:
+        entry["result"] = launcher_result(run_dir, log_path)
+    elif os.path.isfile(result_path):
+        with open(result_path) as fh:
+            entry["result"] = json.load(fh)
+    if entry["status"] != "ok":
+        with open(log_path, errors="replace") as fh:
+            entry["log_tail"] = fh.read()[-2000:]
+    return entry
+
+
+def _rows(path: str) -> list[list[str]]:
+    with open(path) as fh:
+        return [line.split("#", 1)[0].split() for line in fh if line.strip() and not line.startswith("#")]
+
+
+def _norm(dist_name: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
+def carried(how: tuple[str, ...] = ("build", "download")) -> dict[str, str]:
+    """{import name: distribution} of bench/gpu_wheels.txt: what the image lacks and bench/.whl carries
+    (how="not-needed": what the bench imports here and does not need there)."""
+    return {row[0]: row[1] for row in _rows(WHEEL_LIST) if row[2] in how}
+
+
+def wheel_status() -> dict[str, str]:
+    """Where each carried module imports from here (the wheels' install dir on the GPU machine), or MISSING."""
+    import importlib.util
+
+    out = {}
+    for module in carried():
+        spec = importlib.util.find_spec(module)
+        out[module] = spec.origin if spec is not None and spec.origin else "MISSING"
+    return out
+
+
+def import_report(work: str) -> tuple[list[str], list[str]]:
+    """(distributions the sections imported, those neither on the GPU image nor carried as wheels)."""
+    from importlib.metadata import packages_distributions
+
+    tops: set[str] = set()
+    for name in os.listdir(work):
+        if name.endswith(".imports"):
+            tops |= {row[0] for row in _rows(os.path.join(work, name))}
+    owners = packages_distributions()
+    listed = carried(("build", "download", "not-needed")).values()
+    available = {_norm(row[0]) for row in _rows(IMAGE_LIST)} | {_norm(d) for d in listed}
+    used, missing = set(), set()
+    for top in tops - OWN_MODULES:
+        dists = {_norm(d) for d in owners.get(top, [])} - {"promptkd"}
+        used |= dists
+        if dists and not dists & available:  # a namespace shared by several distributions: one available will do
+            missing |= dists
+    return sorted(used), sorted(missing)
+
+
+def run(dry: bool, name: Optional[str] = None, sections=SECTIONS, threads: int = 0, probe: bool = True,
+        timeouts: Optional[dict[str, float]] = None, total_s: Optional[float] = None) -> dict[str, Any]:
+    """Every section in order, each in its own process; the summary JSON is rewritten after each one."""
+    timeouts = {**(DRY_TIMEOUT_S if dry else TIMEOUT_S), **(timeouts or {})}
+    end = time.monotonic() + (total_s or (DRY_TOTAL_S if dry else TOTAL_S))
+    order = list(sections)
+    if dry and probe:
+        order.insert(1, "timeout_probe")
+    name = name or ("gpu_dryrun" if dry else "gpu_" + re.sub(r"[^A-Za-z0-9]+", "_", gpu_name() or "none").strip("_"))
+    log_dir = os.environ.get("BENCH_OUT") or tempfile.mkdtemp(prefix="gpu_bench_logs_")
+    os.makedirs(log_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu_bench_work_")
     result: dict[str, Any] = {"dry_run": dry, "gpu_name": gpu_name(), "nvidia_smi": os.environ.get("NVIDIA_SMI", ""),
-                              "sections_done": [], "section_seconds": {}}
-    result["matmul_bf16_tflops_measured"] = matmul_tflops(plan["matmul_n"])
-    for section in sections:
-        start = time.perf_counter()
-        if section == "mfu":
-            result["mfu"] = mfu_section(ws, plan["mfu"], result["matmul_bf16_tflops_measured"])
-        elif section == "rollout":
-            result["rollout"] = rollout_section(ws, plan["rollout"])
-        elif section == "phases":
-            result["phases"] = phases_section(ws, plan["phases"], plan["phases_repeats"])
-        elif section == "plan":
-            result["plan"] = plan_section(dry)
-        elif section == "vllm_rollout":
-            result["vllm_rollout"] = vllm_rollout_section(ws, plan["vllm_rollout"])
-        elif section == "pipeline":
-            result["pipeline"] = pipeline_section(plan["pipeline"])
-        result["sections_done"].append(section)
-        result["section_seconds"][section] = round(time.perf_counter() - start, 1)
-        sync()
-        emit(name, result, write=True) if section == sections[-1] else _write_partial(name, result)
+                              "order": order, "budget_s": round(end - time.monotonic()), "log_dir": log_dir,
+                              "wheels": wheel_status(), "sections": {}}
+    for i, section in enumerate(order):
+        left = end - time.monotonic()
+        result["sections"][section] = run_section(section, dry, min(timeouts[section], left), log_dir, work, threads)
+        result["imported_distributions"], result["not_on_image_nor_carried"] = import_report(work)
+        _write(name, result, final=i == len(order) - 1)
     return result
 
 
-def _write_partial(name: str, result: dict[str, Any]) -> None:
+def _write(name: str, result: dict[str, Any], final: bool) -> None:
     import contextlib
     import io
 
-    with contextlib.redirect_stdout(io.StringIO()):  # stdout stays one JSON line: the final one
+    if final:
+        emit(name, result, write=True)  # the one JSON line on stdout
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
         emit(name, result, write=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _stop(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_logged, which kills the running section's group
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on CPU: checks the code path, numbers mean nothing")
     p.add_argument("--sections", default=",".join(SECTIONS))
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = leave torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per section (0 = leave torch's default)")
+    p.add_argument("--timeout", action="append", default=[], metavar="SECTION=SECONDS",
+                   help="override one section's timeout (the dry run's tests use it)")
+    p.add_argument("--no-probe", action="store_true", help="dry run: leave out the timeout probe")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--imports", help=argparse.SUPPRESS)
+    p.add_argument("--launch", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.imports:
+        record_imports(args.imports)
+    if args.launch:
+        launch(args.launch)
+        return None
     quiet()
     if args.threads:
         set_threads(args.threads)
+    if args.child:
+        child(args.child, args.dry_run, args.result)
+        from promptkd import distributed as dist
+
+        dist.shutdown(0)  # barrier -> destroy -> os._exit: gloo processes otherwise sometimes abort at exit
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("bench/gpu_bench.py: no CUDA device (use --dry-run on CPU)")
-    return run(args.dry_run, sections=tuple(s for s in args.sections.split(",") if s))
+    signal.signal(signal.SIGTERM, _stop)
+    timeouts = {k: float(v) for k, v in (t.split("=", 1) for t in args.timeout)}
+    return run(args.dry_run, sections=tuple(s for s in args.sections.split(",") if s), threads=args.threads,
+               probe=not args.no_probe, timeouts=timeouts)
 
 
 if __name__ == "__main__":

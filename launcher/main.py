@@ -66,10 +66,12 @@ def main(argv: list[str]) -> int:
 def plan(cfg, title: str, debug: bool) -> int:
     from promptkd.plan import run_plan
 
+    from promptkd.data import DataError
+
     try:
         run_plan(cfg, os.path.relpath(title))
         return 0
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, DataError) as exc:  # bad input only: any other error keeps its traceback (exit 1)
         return bad_input(exc, debug)
 
 
@@ -97,7 +99,7 @@ def run(cfg, debug: bool) -> int:
     except TrainingAborted as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ABORTED
-    except (ConfigError, DataError, OSError, ValueError) as exc:
+    except (ConfigError, DataError) as exc:  # a bug's ValueError or a full disk's OSError is not bad input
         return bad_input(exc, debug)
     except Exception:
         traceback.print_exc()

@@ -111,9 +111,40 @@ def _limit_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
 
 
+def device_index(local_rank: int, n_devices: int) -> int:
+    """The CUDA ordinal of a rank: its local rank among the devices this process sees.
+
+    ``srun --gpus-per-task=1`` (or ``--gpu-bind``) leaves each task one visible device, cuda:0,
+    while SLURM_LOCALID still counts 0..N-1 on the node; a launcher that exposes every device
+    gives each rank its own. ``local_rank % n_devices`` is right for both.
+    """
+    if n_devices < 1:
+        raise ValueError(f"no CUDA device visible to local rank {local_rank}")
+    return local_rank % n_devices
+
+
+def _bind_device() -> None:
+    """Pin this process to its device before the process group (NCCL) or DeepSpeed sees it.
+
+    DeepSpeed takes LOCAL_RANK as the device ordinal (init_process_group's device_id, the engine's
+    set_device), and so does vLLM's external launcher: it is rewritten to the ordinal when they differ.
+    """
+    if not torch.cuda.is_available():
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    index = device_index(local_rank, torch.cuda.device_count())
+    if index != local_rank:
+        log.info("local rank %d sees %d CUDA device(s): using cuda:%d (LOCAL_RANK=%d for DeepSpeed)", local_rank,
+                 torch.cuda.device_count(), index, index)
+        os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+
+
 def init(timeout_s: int = 1800) -> None:
     """Initialise the process group (gloo on CPU, nccl on GPU) with a timeout."""
     _prepare_env()
+    node_local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    _bind_device()
     import deepspeed
     import deepspeed.ops
 
@@ -127,11 +158,9 @@ def init(timeout_s: int = 1800) -> None:
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     info = DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    local_rank=node_local_rank,
                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))))
     _limit_cpu_threads(info.local_world_size)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
 
 
 def is_initialized() -> bool:

@@ -11,7 +11,8 @@ from promptkd.config import OptimConfig
 
 
 def lr_factor(opt: OptimConfig, total_steps: int):
-    """Warm-up then constant / linear / cosine; a function of the 0-based step."""
+    """Warm-up then constant / linear / cosine (down to ``opt.min_lr``); a function of the 0-based step."""
+    floor = opt.min_lr / opt.lr
 
     def factor(step: int) -> float:
         if opt.warmup_steps and step < opt.warmup_steps:
@@ -20,9 +21,8 @@ def lr_factor(opt: OptimConfig, total_steps: int):
             return 1.0
         span = max(1, total_steps - opt.warmup_steps)
         progress = min(1.0, (step - opt.warmup_steps) / span)
-        if opt.schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = 1.0 - progress if opt.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * decay  # decays to min_lr (torch's CosineAnnealingLR eta_min)
 
     return factor
 

@@ -16,11 +16,13 @@ from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
 from promptkd.evaluation.exposure import run_exposure
 from promptkd.evaluation.report import main_tables, protocol_table
 from promptkd.metrics import MetricsLogger
-from promptkd.models import DTYPES, PROMPT_DIR, load_pretrained, load_prompted_teacher, missing_local_dir
+from promptkd.models import (DTYPES, PROMPT_DIR, PROMPT_WEIGHTS, load_pretrained, load_prompted_teacher,
+                             missing_local_dir)
+from promptkd.models.prompted_teacher import prompt_files_dir
 from promptkd.rollout import hf_step_fn, teacher_step_fn
 from promptkd.training import checkpoint
 from promptkd.training.builders import build_tokenizer, example_texts, load_raw_splits
-from promptkd.training.run import build_run, eval_sets, greedy_eval, write_config
+from promptkd.training.run import Run, build_run, eval_sets, greedy_eval, write_config
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,35 @@ def run_train(cfg: Config) -> dict[str, Any]:
     """Train the student with ``cfg.method``; checkpoint, export, evaluate on the test split."""
     _seed_everything(cfg.seed)
     run = build_run(cfg, resume_from=_resume_path(cfg))
+    try:
+        summary = _train_and_evaluate(cfg, run)
+    except BaseException:  # preempted, aborted, failed: the first error is the one to report
+        close_run(run, quiet=True)
+        raise
+    close_run(run)
+    return summary
+
+
+def close_run(run: Run, quiet: bool = False) -> None:
+    """Close the run's TensorBoard writer (flushing its events) and its vLLM engines, on every exit path.
+
+    The launcher ends the process with ``dist.shutdown`` (``os._exit``), which runs no atexit hook or finalizer:
+    what is not closed here is lost. ``quiet``: an error while closing is logged, not raised (the run is
+    already failing with another one).
+    """
+    closers = [run.close]
+    if run.trainer is not None and run.trainer.logger is not None:
+        closers.insert(0, run.trainer.logger.close)
+    for close in closers:
+        try:
+            close()
+        except Exception:
+            if not quiet:
+                raise
+            log.exception("while closing a failed run")
+
+
+def _train_and_evaluate(cfg: Config, run: Run) -> dict[str, Any]:
     trainer, splits = run.trainer, run.splits
     log.info("%s: %d train / %d dev / %d test examples, %d optimizer steps, world size %d, ZeRO-%d",
              cfg.method.name, len(splits.train), len(splits.dev), len(splits.test), run.total_steps,
@@ -59,8 +90,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
         report = write_results(os.path.join(cfg.output.dir, "eval"), {"student": res}, sets, cfg.eval, info)
         trainer.logger.scalars(trainer.state.step, scalars(report))
         summary["test_rougeL"] = {name: r["rougeL"] for name, r in res.items()}
-    trainer.logger.close()
-    run.close()
     return summary
 
 
@@ -73,6 +102,8 @@ def _resume_path(cfg: Config) -> Optional[str]:
         return None
     if not os.path.isdir(path):
         raise ConfigError(f"output.resume: no checkpoint at {path}")
+    if not os.path.exists(os.path.join(path, checkpoint.MARKER)):
+        raise ConfigError(f"output.resume: {path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
     return path
 
 
@@ -118,20 +149,24 @@ def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]]
     for name, (path, prompt_dir, dtype) in models.items():
         log.info("eval %s on %s", name, ", ".join(sets))
         gen = model_decoder(path, tokenizer, dtype, prompt_dir, cfg)
-        for view, ev in views.items():
-            with torch.no_grad():
-                results[view][name] = evaluate_sets(gen, tokenizer, sets, ev)
-        if gen.vllm is not None:  # before the next model's engine starts
-            from promptkd.rollout.vllm import release
+        try:
+            for view, ev in views.items():
+                with torch.no_grad():
+                    results[view][name] = evaluate_sets(gen, tokenizer, sets, ev)
+        finally:  # before the next model's engine starts, and on a failure (the launcher's exit skips finalizers)
+            if gen.vllm is not None:
+                from promptkd.rollout.vllm import release
 
-            release(gen.vllm)
+                release(gen.vllm)
     logger = MetricsLogger(cfg.output.dir, cfg.logging.tensorboard)
     reports = {}
-    for view, ev in views.items():
-        reports[view] = write_results(os.path.join(out_dir, view), results[view], sets, ev, info)
-        prefix = f"eval_{view}/" if view else "eval/"
-        logger.scalars(0, {prefix + k[len("eval/"):]: v for k, v in scalars(reports[view]).items()})
-    logger.close()
+    try:
+        for view, ev in views.items():
+            reports[view] = write_results(os.path.join(out_dir, view), results[view], sets, ev, info)
+            prefix = f"eval_{view}/" if view else "eval/"
+            logger.scalars(0, {prefix + k[len("eval/"):]: v for k, v in scalars(reports[view]).items()})
+    finally:
+        logger.close()
     return reports[""], reports.get("greedy")
 
 
@@ -157,13 +192,22 @@ def _models_to_eval(cfg: Config) -> dict[str, str]:
     for path in models.values():
         if missing_local_dir(path):
             raise ConfigError(f"{key}: no such directory: {path}")
+    if cfg.eval.prompt_path:
+        check_prompt_dir("eval.prompt_path", cfg.eval.prompt_path)
     return models
+
+
+def check_prompt_dir(key: str, path: str) -> None:
+    """A learned prompt to load: a run's export (or best/) or a dir holding the prompt's weights."""
+    if not os.path.isfile(os.path.join(prompt_files_dir(path), PROMPT_WEIGHTS)):
+        raise ConfigError(f"{key}: no {PROMPT_WEIGHTS} in {path} (nor in its {PROMPT_DIR}/)")
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:
     _seed_everything(cfg.seed)
     models = _models_to_eval(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer.path or next(iter(models.values())))
+    key = "tokenizer.path" if cfg.tokenizer.path else ("eval.models" if cfg.eval.models else "eval.model_path")
+    tokenizer = load_tokenizer(cfg.tokenizer.path or next(iter(models.values())), key=key)
     dtype = DTYPES[cfg.model.teacher.dtype] if cfg.eval.prompt_path else torch.float32
     report, greedy = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype) for name, path in models.items()},
                                      tokenizer, os.path.join(cfg.output.dir, "eval"))
@@ -177,44 +221,63 @@ def _rouge_by_model(report: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- quickstart pipeline
 
-def _prepare_synthetic(cfg: Config, root: str) -> dict[str, str]:
+def _pipeline_files(cfg: Config, root: str) -> dict[str, str]:
+    """The data files the pipeline trains and tests on: the configured ones, or the synthetic splits it writes."""
+    if not cfg.data.synthetic.enabled:
+        return {"train": cfg.data.train_file, "dev": cfg.data.dev_file, "test": cfg.data.test_file}
+    return {name: os.path.join(root, "data", f"{name}.jsonl") for name in ("train", "dev", "test")}
+
+
+def _prepare_synthetic(cfg: Config, root: str) -> None:
     s = cfg.data.synthetic
-    data_dir = os.path.join(root, "data")
     if dist.is_main():
-        make_synthetic_splits(data_dir, s.n_train, s.n_dev, s.n_test, s.seed, s.level)
+        make_synthetic_splits(os.path.join(root, "data"), s.n_train, s.n_dev, s.n_test, s.seed, s.level)
     dist.barrier()
-    return {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "dev", "test")}
+
+
+def _pipeline_runs(cfg: Config, base: Config, root: str) -> dict[str, Config]:
+    """The three training runs' configs, derived (and so validated) before the pipeline writes anything."""
+    p = cfg.pipeline
+    sft = {"method.name": "sft", "optim.student.lr": p.sft_lr, "optim.student.warmup_steps": p.sft_warmup_steps,
+           "eval.dev_interval": 0}
+    return {
+        "teacher": with_overrides(base, {**sft, "model.student.init": dataclasses.asdict(cfg.model.teacher.init),
+                                         "train.max_steps": p.teacher_sft_steps,
+                                         "output.dir": os.path.join(root, "teacher_sft")}),
+        "student": with_overrides(base, {**sft, "train.max_steps": p.student_sft_steps,
+                                         "output.dir": os.path.join(root, "student_sft"),
+                                         "eval.dev_interval": p.student_sft_dev_interval,
+                                         "train.early_stop_patience": p.student_sft_patience}),
+        # model.student.path is the student SFT's selected export, known once it ran (selected_student)
+        "distill": with_overrides(base, {"model.teacher.path": os.path.join(root, "teacher_sft", "export"),
+                                         "model.student.path": os.path.join(root, "student_sft", "export"),
+                                         "output.dir": os.path.join(root, "distill")}),
+    }
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Synthetic data -> tokenizer -> SFT teacher -> SFT student -> distill -> evaluate all."""
     root = cfg.output.dir
-    write_config(cfg, root)
-    files = {"train": cfg.data.train_file, "dev": cfg.data.dev_file, "test": cfg.data.test_file}
-    if cfg.data.synthetic.enabled:
-        files = _prepare_synthetic(cfg, root)
+    files = _pipeline_files(cfg, root)
     base = with_overrides(cfg, {"stage": "train", "data.train_file": files["train"], "data.dev_file": files["dev"],
                                 "data.test_file": "", "data.synthetic.enabled": False})
+    trained = (with_overrides(base, {"tokenizer.path": os.path.join(root, "tokenizer"), "tokenizer.train": False})
+               if base.tokenizer.train else base)
+    runs = _pipeline_runs(cfg, trained, root)  # a bad sub-run config fails here, before config.yaml
+    write_config(cfg, root)
+    if cfg.data.synthetic.enabled:
+        _prepare_synthetic(cfg, root)
     tokenizer = build_tokenizer(base, root, example_texts(load_raw_splits(base)[0]))
-    if base.tokenizer.train:
-        base = with_overrides(base, {"tokenizer.path": os.path.join(root, "tokenizer"), "tokenizer.train": False})
-    p = cfg.pipeline
-    sft = {"method.name": "sft", "optim.student.lr": p.sft_lr, "optim.student.warmup_steps": p.sft_warmup_steps,
-           "eval.dev_interval": 0}
-    teacher_dir, student_dir, distill_dir = (os.path.join(root, d) for d in ("teacher_sft", "student_sft", "distill"))
     log.info("pipeline 1/4: SFT of the teacher")
-    run_train(with_overrides(base, {**sft, "model.student.init": dataclasses.asdict(cfg.model.teacher.init),
-                                    "train.max_steps": p.teacher_sft_steps, "output.dir": teacher_dir}))
+    run_train(runs["teacher"])
     log.info("pipeline 2/4: SFT of the student (its initialization)")
-    run_train(with_overrides(base, {**sft, "train.max_steps": p.student_sft_steps, "output.dir": student_dir,
-                                    "eval.dev_interval": p.student_sft_dev_interval,
-                                    "train.early_stop_patience": p.student_sft_patience}))
+    run_train(runs["student"])
     log.info("pipeline 3/4: %s distillation", cfg.method.name)
-    run_train(with_overrides(base, {"model.teacher.path": os.path.join(teacher_dir, "export"),
-                                    "model.student.path": selected_student(student_dir),
-                                    "output.dir": distill_dir}))
+    student_dir = runs["student"].output.dir
+    run_train(with_overrides(runs["distill"], {"model.student.path": selected_student(student_dir)}))
     log.info("pipeline 4/4: evaluation")
-    return _pipeline_eval(cfg, base, tokenizer, files["test"], teacher_dir, student_dir, distill_dir)
+    return _pipeline_eval(cfg, trained, tokenizer, files["test"], runs["teacher"].output.dir, student_dir,
+                          runs["distill"].output.dir)
 
 
 def selected_student(run_dir: str) -> str:

@@ -32,7 +32,7 @@ promptkd_banner() {
 promptkd_step() {
   STEP_RC= STEP_TERMINATED= _STEP_SIGNALLED=
   promptkd_banner "$PYTHON launcher/main.py $*"
-  srun "$PYTHON" "$PROMPTKD_ROOT/launcher/main.py" "$@" &
+  srun --kill-on-bad-exit=1 "$PYTHON" "$PROMPTKD_ROOT/launcher/main.py" "$@" &
   _STEP_PID=$!
   trap '_STEP_SIGNALLED=1; echo "[promptkd] $(date +%T) got USR1: asking the step to checkpoint and stop"; kill -USR1 "$_STEP_PID" 2>/dev/null' USR1
   trap '_STEP_SIGNALLED=1 STEP_TERMINATED=1; echo "[promptkd] $(date +%T) got TERM"' TERM

@@ -35,6 +35,9 @@ class TeacherConfig:
     prompt_length: int = _f(7, "soft prompt length P (0 = no prompt, i.e. plain on-policy RKL)", min=0)
     prompt_init: str = _f("text", "prompt init: text | random", choices=("text", "random"))
     prompt_init_text: str = _f("Suppose you are a student.", "text whose token embeddings initialise the prompt")
+    prompt_init_special_tokens: bool = _f(True, "tokenize prompt_init_text with the tokenizer's special tokens, as the "
+                                                "official code does (OPT, LLaMA: the first prompt row is the BOS "
+                                                "embedding; GPT-2 adds none); false = the text's own tokens only")
     placement: str = _f("replicated", "replicated (a full copy per rank) | zero3 (weights partitioned across ranks)",
                         choices=("replicated", "zero3"))
     deepspeed: str = _f("ds_configs/teacher_zero3.json",
@@ -105,11 +108,15 @@ class OptimConfig:
     warmup_steps: int = _f(100, "linear warm-up steps", min=0)
     schedule: str = _f("constant", "lr schedule after warm-up: constant | linear | cosine",
                        choices=("constant", "linear", "cosine"))
+    min_lr: float = _f(0.0, "linear / cosine: the lr the decay ends at (the official SFT scripts: cosine to 1e-7, "
+                            "torch's CosineAnnealingLR eta_min)", min=0)
 
     def check(self, prefix: str, cfg: Any) -> None:
         b = self.betas
         if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
             raise ConfigError(f"{prefix}betas: must be two numbers in [0, 1) (got {b!r})")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}min_lr: must be <= {prefix}lr ({self.lr:g}) (got {self.min_lr!r})")
 
 
 @dataclass
@@ -127,12 +134,14 @@ class TrainConfig:
     precision: str = _f("fp32", "student precision: fp32 | bf16 | fp16", choices=("fp32", "bf16", "fp16"))
     grad_clip: float = _f(1.0, "gradient-norm clipping (student and prompt; 0 = off)", min=0)
     max_bad_steps: int = _f(10, "abort after this many consecutive steps skipped for NaN/inf (0 = never)", min=0)
-    early_stop_patience: int = _f(0, "stop after this many dev evaluations (eval.dev_interval) without a new best "
-                                     "dev ROUGE-L; best/ keeps the best student (0 = never)", min=0)
+    early_stop_patience: int = _f(0, "stop after this many dev evaluations (eval.dev_interval, "
+                                     "eval.dev_interval_epochs) without a new best dev ROUGE-L; best/ keeps the best "
+                                     "student (0 = never)", min=0)
 
     def check(self, prefix: str, cfg: Any) -> None:
-        if self.early_stop_patience and not cfg.eval.dev_interval:
-            raise ConfigError(f"{prefix}early_stop_patience: needs eval.dev_interval > 0 (dev evaluations to count)")
+        if self.early_stop_patience and not (cfg.eval.dev_interval or cfg.eval.dev_interval_epochs):
+            raise ConfigError(f"{prefix}early_stop_patience: needs eval.dev_interval > 0 or eval.dev_interval_epochs "
+                              "> 0 (dev evaluations to count)")
         if self.max_steps == 0 and self.epochs == 0:
             raise ConfigError(f"{prefix}max_steps: set max_steps > 0 or {prefix}epochs > 0")
 
@@ -149,6 +158,12 @@ def _require_vllm(key: str, cfg: Any) -> None:
     installed = spec is not None and spec.origin not in (None, "namespace")  # a stray vllm/ dir is not vLLM
     if cfg.stage in ("train", "pipeline", "eval") and not installed:
         raise ConfigError(f"{key}=vllm: vLLM is not installed in this environment; {VLLM_INSTALL}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -173,6 +188,14 @@ class RolloutConfig:
     vllm: VLLMConfig = _f(VLLMConfig(), "rollout.engine=vllm settings")
 
     def check(self, prefix: str, cfg: Any) -> None:
+        if self.engine == "vllm" and cfg.method.name == "seqkd" and cfg.stage == "train" \
+                and not cfg.model.teacher.path and cfg.model.teacher.placement == "zero3":
+            # found here, not at SeqKD's first step: the launch has written nothing yet
+            raise ConfigError(f"{prefix}engine: vllm samples SeqKD's teacher from its HF dir; a teacher built from "
+                              "config with model.teacher.placement=zero3 has none (set model.teacher.path)")
+        if self.engine == "vllm" and self.vllm.sleep and cfg.stage in ("train", "pipeline") and not _has_cuda():
+            raise ConfigError(f"{prefix}vllm.sleep: vLLM's sleep mode frees GPU memory and needs a GPU; set it to "
+                              "false here")
         if self.engine == "vllm" and cfg.method.name == "minillm":
             raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
                               "use rollout.engine=hf with method.name=minillm")
@@ -196,6 +219,13 @@ class EvalConfig:
     seeds: list = _f([10, 20, 30, 40, 50], "one generation per seed (scores are mean ± std over seeds)")
     max_examples: int = _f(0, "evaluate only the first N examples (0 = all)", min=0)
     dev_interval: int = _f(0, "dev ROUGE-L every N optimizer steps during training (0 = only at the end)", min=0)
+    dev_interval_epochs: int = _f(0, "dev ROUGE-L at the end of every N-th epoch (the official code: 1); with "
+                                     "dev_interval too, both cadences apply (0 = off)", min=0)
+    dev_do_sample: bool = _f(False, "dev decoding: false = greedy (one deterministic score); true = sampled with "
+                                    "eval.temperature/top_p/top_k/no_repeat_ngram_size and one seed, the run's seed "
+                                    "(the official code's dev selection)")
+    dev_max_examples: int = _f(0, "dev ROUGE-L on the first N dev examples (0 = eval.max_examples, itself 0 = all)",
+                               min=0)
     models: list = _f([], "stage=eval: several models in one launch, name=path entries (HF dirs; each "
                           "evaluated as eval.model_path would be); empty = eval.model_path")
     greedy_too: bool = _f(False, "also decode greedily (one pass) and write it to <eval dir>/greedy/ beside the "
@@ -237,6 +267,11 @@ class ExposureConfig:
 
     def check(self, prefix: str, cfg: Any) -> None:
         _check_strings(prefix + "students", self.students)
+        if cfg.stage == "exposure":  # checked before the launch writes anything, not once the stage runs
+            if not (self.teacher_path or cfg.model.teacher.path):
+                raise ConfigError(f"{prefix}teacher_path: no teacher for stage=exposure (set it or model.teacher.path)")
+            if not (cfg.eval.file or cfg.data.test_file):
+                raise ConfigError("eval.file: no prompts for stage=exposure (set eval.file or data.test_file)")
 
 
 @dataclass

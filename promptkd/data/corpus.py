@@ -63,8 +63,8 @@ class LMCorpus:
 
     def _order(self, epoch: int) -> list[int]:
         if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.texts), generator=g).tolist())
+            g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.texts), generator=g, device="cpu").tolist())
         return self._perm[1]
 
     def next_indices(self, n: int) -> list[int]:

@@ -12,6 +12,9 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from promptkd.config import ConfigError
+from promptkd.data.formats import DataError
+
 logger = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -58,20 +61,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
     return wrapped
 
 
-def load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path_or_id: str, key: str = "") -> PreTrainedTokenizerBase:
     """Load a tokenizer by local path or hub id; fall back to EOS as the pad token.
 
-    Raises OSError naming `path_or_id` if it cannot be loaded, ValueError if it
-    has neither a pad nor an EOS token (batching would be impossible).
+    Raises OSError naming `path_or_id` if it cannot be loaded (ConfigError naming
+    `key` too when given: the config key it came from, a CLI's bad input), and
+    DataError if it has neither a pad nor an EOS token (batching would be impossible).
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     except Exception as err:  # noqa: BLE001 - transformers raises many types; report one
         detail = " ".join(str(err).split())[:300]
-        raise OSError(f"cannot load tokenizer from {path_or_id!r}: {type(err).__name__}: {detail}") from err
+        message = f"cannot load tokenizer from {path_or_id!r}: {type(err).__name__}: {detail}"
+        raise (ConfigError(f"{key}: {message}") if key else OSError(message)) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {path_or_id!r} has neither a pad token nor an EOS token")
+            raise DataError(f"tokenizer {path_or_id!r} has neither a pad token nor an EOS token")
         # Decoder-only LMs (GPT-2, LLaMA) ship without pad; pad positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -69,7 +69,8 @@ def generate_answers(gen: Decoder, tokenizer: Any, examples: list[TokenizedExamp
     # padding slots reuse example 0 so their batches have the same shape logic
     local = [(i, examples[i if i >= 0 else 0]) for i in slots]
     local.sort(key=lambda item: len(item[1].prompt_ids))  # batch by prompt length
-    g = torch.Generator().manual_seed(seed * 1000 + dist.rank())
+    # on the device of the probabilities it samples from: multinomial on CUDA rejects a CPU generator
+    g = torch.Generator(device=dist.device()).manual_seed(seed * 1000 + dist.rank())
     results: list[tuple[int, str]] = []
     if gen.vllm is not None:
         local = [(i, ex) for i, ex in local if i >= 0]

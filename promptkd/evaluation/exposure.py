@@ -116,7 +116,7 @@ def prompt_curves(student: LM, teacher: LM, examples: list[TokenizedExample], n_
     """(A [n, N], B [n, N]): accumulated errors on student / teacher samples, every prompt once, all ranks."""
     slots = shard_indices(len(examples), dist.rank(), dist.world_size())
     local = sorted(((i, examples[i if i >= 0 else 0]) for i in slots), key=lambda item: len(item[1].prompt_ids))
-    gen = torch.Generator().manual_seed(seed * 1000 + dist.rank())
+    gen = torch.Generator(device=dist.device()).manual_seed(seed * 1000 + dist.rank())  # where the batches are
     mine: list[tuple[int, list[float], list[float]]] = []
     for start in range(0, len(local), batch_size):
         chunk = local[start:start + batch_size]
@@ -197,23 +197,40 @@ def _load_teacher(cfg: Any, path: str) -> torch.nn.Module:
     return teacher.to(dist.device()).eval()
 
 
+def check_inputs(cfg: Any) -> tuple[list[str], str]:
+    """The students' and the teacher's dirs, each checked to exist before anything loads (bad input: exit 2).
+
+    The config-only checks (a teacher and prompts are set) run when the config is validated.
+    """
+    from promptkd.config import ConfigError
+    from promptkd.models import PROMPT_WEIGHTS, missing_local_dir
+    from promptkd.models.prompted_teacher import prompt_files_dir
+
+    ex = cfg.exposure
+    students = ex.students or [cfg.eval.model_path or os.path.join(cfg.output.dir, "export")]
+    key = "exposure.students" if ex.students else ("eval.model_path" if cfg.eval.model_path else "output.dir")
+    teacher_path = ex.teacher_path or cfg.model.teacher.path
+    for k, path in [(key, s) for s in students] + [("exposure.teacher_path", teacher_path)]:
+        if missing_local_dir(path):
+            raise ConfigError(f"{k}: no such directory: {path}")
+    prompt = ex.prompt_path
+    if prompt and not os.path.isfile(os.path.join(prompt_files_dir(prompt), PROMPT_WEIGHTS)):
+        raise ConfigError(f"exposure.prompt_path: no {PROMPT_WEIGHTS} in {prompt}")
+    return students, teacher_path
+
+
 def run_exposure(cfg: Any) -> dict[str, Any]:
     """ExAccErr of each student in ``exposure.students`` against the teacher; writes <output.dir>/exposure/."""
-    from promptkd.config import ConfigError
     from promptkd.data import load_tokenizer
     from promptkd.evaluation.core import load_sets
     from promptkd.models import load_pretrained
 
     ex = cfg.exposure
-    students = ex.students or [cfg.eval.model_path or os.path.join(cfg.output.dir, "export")]
-    teacher_path = ex.teacher_path or cfg.model.teacher.path
-    source = cfg.eval.file or cfg.data.test_file
-    if not teacher_path:
-        raise ConfigError("exposure.teacher_path: no teacher (set it or model.teacher.path)")
-    if not source:
-        raise ConfigError("eval.file: no prompts for stage=exposure (set eval.file or data.test_file)")
+    students, teacher_path = check_inputs(cfg)
+    source = cfg.eval.file or cfg.data.test_file  # set: the config's validation checks it (ExposureConfig.check)
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.path or students[0])
+    tokenizer = load_tokenizer(cfg.tokenizer.path or students[0],
+                               key="tokenizer.path" if cfg.tokenizer.path else "exposure.students")
     sets, _ = load_sets({"prompts": source}, cfg.data.format, tokenizer, cfg.data.max_prompt_length,
                         cfg.data.max_length)
     examples = sets["prompts"][:cfg.eval.max_examples or None]
@@ -221,7 +238,7 @@ def run_exposure(cfg: Any) -> dict[str, Any]:
     teacher = teacher_lm(_load_teacher(cfg, teacher_path))
     rows = []
     for path in students:
-        student = hf_lm(load_pretrained(path, torch.float32).to(dist.device()).eval())
+        student = hf_lm(load_pretrained(path, torch.float32, key="exposure.students").to(dist.device()).eval())
         a, b = prompt_curves(student, teacher, examples, n_pos, ex.samples, len(tokenizer), tokenizer.eos_token_id,
                              tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
         rows.append({"student": path, "n_prompts": len(examples), **exacc_stats(a, b)})

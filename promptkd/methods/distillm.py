@@ -64,10 +64,12 @@ class ReplayBuffer:
     def sample(self, sizes: list[int], generator: Optional[torch.Generator]) -> list[MicroBatch]:
         """Micro-batches of the given sizes; without replacement when the buffer is large enough."""
         total = sum(sizes)
+        # drawn on the generator's own device (the rollout generator lives on the accelerator)
+        device = generator.device if generator is not None else torch.device("cpu")
         if len(self.items) >= total:
-            order = torch.randperm(len(self.items), generator=generator)[:total].tolist()
+            order = torch.randperm(len(self.items), generator=generator, device=device)[:total].tolist()
         else:
-            order = torch.randint(len(self.items), (total,), generator=generator).tolist()
+            order = torch.randint(len(self.items), (total,), generator=generator, device=device).tolist()
         picked = [TokenizedExample(id=it["id"], prompt_ids=list(it["prompt_ids"]),
                                    response_ids=list(it["response_ids"]), references=[], category="replay")
                   for it in (self.items[j] for j in order)]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 
 from promptkd import distributed as dist
-from promptkd.config import Config, ConfigError
+from promptkd.config import Config
 from promptkd.data import TokenizedExample, collate_prompts
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, to_device
 from promptkd.methods.sft import ce_step
@@ -209,10 +209,7 @@ def teacher_vllm(cfg: Config, ctx: StepContext) -> Any:
 
     t = cfg.model.teacher
     path = t.path
-    if not path:
-        if t.placement == "zero3":
-            raise ConfigError("rollout.engine: vllm samples SeqKD's teacher from its HF dir; a teacher built from "
-                              "config with model.teacher.placement=zero3 has none (set model.teacher.path)")
+    if not path:  # a zero3-placed teacher built from config has no whole copy to save: the config check refuses it
         path = tempfile.mkdtemp(prefix="promptkd_vllm_teacher_")  # every rank its own copy, on its own disk
         ctx.teacher.base.save_pretrained(path)
         ctx.tokenizer.save_pretrained(path)

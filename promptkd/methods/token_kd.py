@@ -32,10 +32,11 @@ class SharedDraws:
     """
 
     def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed + SHARED_SEED_OFFSET)
+        # on the CPU on purpose: the draws are host-side control flow, read with .tolist()
+        self.generator = torch.Generator(device="cpu").manual_seed(seed + SHARED_SEED_OFFSET)
 
     def draw(self, n: int = 1) -> list[float]:
-        return torch.rand(n, generator=self.generator, dtype=torch.float64).tolist()
+        return torch.rand(n, generator=self.generator, dtype=torch.float64, device="cpu").tolist()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
+from promptkd.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 TINY_ARCHS = ("llama", "gpt2")
@@ -122,17 +124,17 @@ def missing_local_dir(path_or_id: str) -> bool:
 def load_pretrained(path_or_id: str, dtype: torch.dtype, key: str = "model.path") -> PreTrainedModel:
     """Load a causal LM from a local directory or hub id in ``dtype``.
 
-    Raises ValueError("<key>: cannot load ...") naming the config key and the
-    path on any failure, so a config typo reads as a config error.
+    Raises ConfigError("<key>: cannot load ...") naming the config key and the
+    path on any failure, so a config typo reads as a config error (exit 2, one line).
     """
     expanded = os.path.expanduser(path_or_id)
     if missing_local_dir(path_or_id):
-        raise ValueError(f"{key}: cannot load '{path_or_id}': no such directory")
+        raise ConfigError(f"{key}: cannot load '{path_or_id}': no such directory")
     try:
         # transformers 5 takes dtype=; torch_dtype= is deprecated there.
         model = AutoModelForCausalLM.from_pretrained(expanded, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"{key}: cannot load '{path_or_id}': {exc}") from exc
+        raise ConfigError(f"{key}: cannot load '{path_or_id}': {exc}") from exc
     logger.info("loaded %s (%s) in %s", path_or_id, type(model).__name__, dtype)
     return model
 

@@ -67,25 +67,37 @@ def _cast_params(module: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int) -> torch.Tensor:
+def text_init_ids(tokenizer: Any, text: str, length: int, special_tokens: bool = True) -> list[int]:
+    """The P token ids whose embeddings initialise the prompt.
+
+    The official code (``utils.get_teacher_model``, teacher_peft=prompt_init) calls
+    ``tokenizer(text)``, so the tokenizer's special tokens stay: OPT's and LLaMA's
+    tokenizers put BOS first, GPT-2's adds none. The ids, BOS included, are then
+    repeated until P exist and cut to P (each repetition starts with BOS again).
+    """
     if tokenizer is None:
         raise ValueError("prompt init 'text' needs a tokenizer (or use init='random')")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
     if not ids:
         raise ValueError(f"prompt init text {text!r} tokenizes to no tokens")
-    # Repeat the text's tokens until P rows exist, then cut (paper behaviour).
-    ids = (ids * (length // len(ids) + 1))[:length]
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def _text_init(embedding: nn.Embedding, tokenizer: Any, text: str, length: int,
+               special_tokens: bool = True) -> torch.Tensor:
+    ids = text_init_ids(tokenizer, text, length, special_tokens)
     with _gathered(embedding.weight) as weight:
         index = torch.tensor(ids, dtype=torch.long, device=weight.device)
         return weight.detach()[index].to(torch.float32).clone()
 
 
 def _random_init(embedding: nn.Embedding, length: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+    # drawn on the CPU, then moved: the same rows on every rank and device type
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     with _gathered(embedding.weight) as weight:
         std = weight.detach().to(torch.float32).std().item()
         device = weight.device
-    rows = torch.randn(length, embedding.embedding_dim, generator=generator) * std
+    rows = torch.randn(length, embedding.embedding_dim, generator=generator, device="cpu") * std
     return rows.to(device)
 
 
@@ -95,6 +107,31 @@ def _output_cache(output: Any) -> Any:
     if hasattr(output, "cache"):
         return output.cache
     return getattr(output, "past_key_values", None)
+
+
+def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that checkpoint when their own ``training`` flag is set (HF layers, or the 4.x base model)."""
+    # the class attribute, not getattr on the module: nn.Module's __getattr__ is slow for names it lacks
+    return [m for m in model.modules()
+            if getattr(type(m), "gradient_checkpointing", None) is not None or "gradient_checkpointing" in m.__dict__]
+
+
+@contextlib.contextmanager
+def checkpoint_flags_off(modules: list[nn.Module]) -> Iterator[None]:
+    """While decoding: the ``training`` flag off on the modules set up for activation checkpointing.
+
+    Checkpointed frozen layers carry ``training=True`` in an eval-mode model (builders.checkpoint_frozen_layers,
+    ``PromptedTeacher.train``). transformers 5.17 drops a layer's KV cache whenever that flag is set, even under
+    no_grad, so a decode would fail at its second token. The flags come back afterwards, whatever happens.
+    """
+    flagged = [m for m in modules if m.training and getattr(m, "gradient_checkpointing", False)]
+    for m in flagged:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.training = True
 
 
 class PromptedTeacher(nn.Module):
@@ -108,6 +145,8 @@ class PromptedTeacher(nn.Module):
             repeated or cut to P) or "random" (normal with the embedding's std,
             seeded by ``seed``, identical on every rank).
         tokenizer: callable HF tokenizer; required for init="text".
+        init_special_tokens: init="text" tokenizes with the tokenizer's special tokens
+            (the official code; OPT/LLaMA: row 0 is the BOS embedding); False: the text only.
     """
 
     def __init__(
@@ -119,6 +158,7 @@ class PromptedTeacher(nn.Module):
         tokenizer: Any = None,
         dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
+        init_special_tokens: bool = True,
     ) -> None:
         super().__init__()
         if prompt_length < 0:
@@ -134,10 +174,11 @@ class PromptedTeacher(nn.Module):
         self.init_text = init_text
         embedding = base.get_input_embeddings()
         if prompt_length > 0 and init == "text":
-            rows = _text_init(embedding, tokenizer, init_text, prompt_length)
+            rows = _text_init(embedding, tokenizer, init_text, prompt_length, init_special_tokens)
         else:
             rows = _random_init(embedding, prompt_length, seed)
         self.prompt = nn.Parameter(rows)
+        self._checkpointable = checkpointable_modules(base)  # fixed with the architecture: found once
         params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._takes_keep = "logits_to_keep" in params
@@ -190,14 +231,17 @@ class PromptedTeacher(nn.Module):
         # Positions count real (and prompt) tokens only, so left padding does not
         # shift them: the first real token sits at P in every row.
         positions = (full_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
-        output = self.base(
-            inputs_embeds=embeds,
-            attention_mask=full_mask,
-            position_ids=positions,
-            use_cache=use_cache,
-            **{self._cache_kwarg: past_key_values},
-            **self._keep_kwargs(logits_to_keep, n_new),
-        )
+        # a cache is being built or read: checkpointing flags must not make the layers drop it
+        flags_off = checkpoint_flags_off(self._checkpointable) if use_cache else contextlib.nullcontext()
+        with flags_off:
+            output = self.base(
+                inputs_embeds=embeds,
+                attention_mask=full_mask,
+                position_ids=positions,
+                use_cache=use_cache,
+                **{self._cache_kwarg: past_key_values},
+                **self._keep_kwargs(logits_to_keep, n_new),
+            )
         return output.logits[:, -n_new:], _output_cache(output)
 
     def _keep_kwargs(self, logits_to_keep: int, n_new: int) -> dict[str, int]:

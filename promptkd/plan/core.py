@@ -94,7 +94,7 @@ def tokenizer_vocab(cfg: Config) -> int:
     if path and os.path.isdir(os.path.expanduser(path)):
         from promptkd.data import load_tokenizer
 
-        return len(load_tokenizer(path))
+        return len(load_tokenizer(path, key="tokenizer.path"))
     return cfg.tokenizer.vocab_size
 
 

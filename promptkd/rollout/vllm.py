@@ -1,4 +1,4 @@
-"""vLLM as the student's rollout engine: one colocated, in-process engine per rank.
+"""vLLM as the student's rollout engine: one colocated, in-process engine per rank, on the rank's device.
 
 The engine holds its own copy of the student. It starts from the student's config and
 tokenizer with placeholder weights, and ``sync`` pushes the training weights into it,
@@ -70,6 +70,18 @@ def _parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, param.detach()
 
 
+def placement(world_size: int) -> dict[str, Any]:
+    """Where a colocated engine runs: with several ranks, on each rank's own device.
+
+    One process per rank already exists (our launcher). vLLM's default single-process executor takes
+    local rank 0, so every rank's engine would land on cuda:0; the external launcher (as TRL's and
+    verl's colocated modes use it) takes RANK/LOCAL_RANK from the environment instead. Tensor
+    parallelism 1: each rank's engine holds the whole model and decodes its own prompts. Every rank
+    must build its engine at the same time (vLLM reduces the free memory over ranks on start).
+    """
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1} if world_size > 1 else {}
+
+
 def eval_llm(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float) -> Any:
     """A vLLM engine on an HF model dir, for evaluation (eval.engine=vllm)."""
     require_vllm("eval.engine")
@@ -77,7 +89,7 @@ def eval_llm(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: 
     from vllm import LLM
 
     return LLM(model=path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
-               gpu_memory_utilization=gpu_memory_utilization)
+               gpu_memory_utilization=gpu_memory_utilization, **placement(dist.world_size()))
 
 
 def release(llm: Any) -> None:
@@ -109,6 +121,17 @@ def vllm_answers(llm: Any, prompts: list[list[int]], seeds: list[int], params: S
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
+def engine_kwargs(model_dir: str, dtype: str, max_model_len: int, seed: int, opts: VLLMConfig, rank: int,
+                  world_size: int) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for the rank's colocated rollout engine (``placement``: on its own device).
+
+    The seed differs per rank, so no two engines draw the same stream.
+    """
+    return {"model": model_dir, "load_format": "dummy", "dtype": dtype, "max_model_len": max_model_len,
+            "enforce_eager": True, "seed": seed + rank, "gpu_memory_utilization": opts.gpu_memory_utilization,
+            "enable_sleep_mode": opts.sleep, **placement(world_size)}
+
+
 class VLLMRollouts:
     """The rank's vLLM engine and the bookkeeping that keeps its weights equal to the student's."""
 
@@ -128,9 +151,8 @@ class VLLMRollouts:
         tokenizer.save_pretrained(model_dir)
         self.opts = opts
         dtype = opts.dtype if opts.dtype != "auto" else str(next(module.parameters()).dtype).removeprefix("torch.")
-        self.llm = LLM(model=model_dir, load_format="dummy", dtype=dtype,
-                       max_model_len=opts.max_model_len or max_length, enforce_eager=True, seed=seed,
-                       gpu_memory_utilization=opts.gpu_memory_utilization, enable_sleep_mode=opts.sleep)
+        self.llm = LLM(**engine_kwargs(model_dir, dtype, opts.max_model_len or max_length, seed, opts, dist.rank(),
+                                       dist.world_size()))
         self.synced: Optional[int] = None  # the student version (optimizer steps) vLLM holds
         self.asleep = False
 

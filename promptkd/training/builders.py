@@ -126,7 +126,8 @@ def build_teacher(cfg: Config, tokenizer: Any, prompt_length: int) -> PromptedTe
     zero3 = t.placement == "zero3"
     base = _zero3_teacher(cfg, tokenizer) if zero3 else _plain_teacher(cfg, tokenizer)
     teacher = PromptedTeacher(base, prompt_length=prompt_length, init=t.prompt_init, init_text=t.prompt_init_text,
-                              tokenizer=tokenizer, dtype=dtype, seed=cfg.seed)
+                              tokenizer=tokenizer, dtype=dtype, seed=cfg.seed,
+                              init_special_tokens=t.prompt_init_special_tokens)
     if t.gradient_checkpointing:
         checkpoint_frozen_layers(teacher.base)
     return teacher if zero3 else teacher.to(dist.device())

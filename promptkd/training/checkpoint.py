@@ -6,6 +6,8 @@ A checkpoint is written into ``checkpoints/.tmp_step_N``; rank 0 adds the
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import os
@@ -23,14 +25,41 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 
 
+def _accelerator() -> Any:
+    """DeepSpeed's accelerator when it has an RNG of its own (CUDA, XPU, ...); None on the CPU, whose RNG is torch's."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    return None if accel.device_name() == "cpu" else accel
+
+
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a step draws from; the accelerator's is the current device's (one device per rank)."""
+    accel = _accelerator()
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "accelerator": accel.get_rng_state() if accel is not None else None}
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, where: str) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    accel, saved = _accelerator(), state.get("accelerator")
+    if accel is not None and saved is not None:
+        accel.set_rng_state(saved)
+    elif accel is not None:  # written on a CPU machine, or before accelerator states were saved
+        log.warning("resume: %s holds no accelerator RNG state: this rank's accelerator RNG (dropout on the "
+                    "device) is not restored; it keeps this run's seeding", where)
+    elif saved is not None:
+        log.warning("resume: %s holds an accelerator RNG state and this run has no accelerator: it is not "
+                    "restored", where)
+
+
+def _warn_missing_rank_file(path: str) -> None:
+    saved = len(glob.glob(os.path.join(path, "rank_*.pt")))
+    log.warning("resume: %s has no rank_%d.pt (written by %d ranks, this run has %d): rank %d's Python, NumPy, "
+                "torch CPU and accelerator RNG states and its rollout generator are not restored; they keep "
+                "this run's seeding", path, dist.rank(), saved, dist.world_size(), dist.rank())
 
 
 def _write_text(path: str, text: str) -> None:
@@ -109,13 +138,17 @@ def load(path: str, engine: Any, generator: Optional[torch.Generator] = None) ->
     if not os.path.exists(os.path.join(path, MARKER)):
         raise ValueError(f"resume: {path} is not a complete checkpoint (no {MARKER} marker)")
     engine.load_checkpoint(path, tag="ds")
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    # On the CPU: rank 0 wrote these from its own device, and each consumer copies them onto its rank's
+    # (the prompt into its parameter, optimizer state to the parameter's device); RNG states must be CPU tensors.
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     rank_file = os.path.join(path, f"rank_{dist.rank()}.pt")
     if os.path.exists(rank_file):
-        rank_state = torch.load(rank_file, weights_only=False)
-        _set_rng_state(rank_state["rng"])
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        _set_rng_state(rank_state["rng"], rank_file)
         if generator is not None and rank_state["generator"] is not None:
             generator.set_state(rank_state["generator"])
+    else:
+        _warn_missing_rank_file(path)
     if state.get("prompt") is not None:
         state["trainer"].setdefault("method", {}).setdefault("prompt", state.pop("prompt"))
     log.info("resumed from %s (step %s)", path, state["trainer"].get("step"))
@@ -127,14 +160,10 @@ def export_student(engine: Any, tokenizer: Any, out_dir: str, extra: Optional[Ca
 
     ``extra(dir)`` adds the method's files (e.g. its learned prompt) before the dir is swapped in.
     """
-    import deepspeed
-
     module = engine.module
-    params = list(module.parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params)
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
     if zero3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.is_main() else None
+        state = _gathered_state_dict(module)
     else:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if dist.is_main() else None
     if dist.is_main():
@@ -147,6 +176,27 @@ def export_student(engine: Any, tokenizer: Any, out_dir: str, extra: Optional[Ca
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     dist.barrier()
+
+
+def _gathered_state_dict(module: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """``module.state_dict()`` as CPU copies on rank 0 (None elsewhere), from a ZeRO-3 module; all ranks call.
+
+    One submodule's own parameters are gathered at a time, copied to the CPU by rank 0 and released, so the
+    device holds one module's weights on top of the shards, never the whole model at once.
+    """
+    import deepspeed
+
+    state: Optional[dict[str, torch.Tensor]] = {} if dist.is_main() else None
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        own = [p for p in sub.parameters(recurse=False) if hasattr(p, "ds_id")]
+        gather = deepspeed.zero.GatheredParameters(own, modifier_rank=None) if own else contextlib.nullcontext()
+        with gather:
+            if state is not None:
+                part: dict[str, torch.Tensor] = {}
+                # the module's own parameters and persistent buffers, under the keys state_dict() gives them
+                sub._save_to_state_dict(part, prefix + "." if prefix else "", keep_vars=False)
+                state.update((k, v.detach().cpu().clone()) for k, v in part.items())
+    return state
 
 
 BEST = "best"

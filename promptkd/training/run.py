@@ -96,7 +96,7 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
     run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, method)
     if train:
         write_config(cfg, run_dir)
-        dev = dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev) if splits.dev else None
+        dev = dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev, cfg.seed) if splits.dev else None
         run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer,
                               resume_from=resume_from)
     return run
@@ -156,13 +156,27 @@ def greedy_eval(ev: EvalConfig) -> EvalConfig:
     return dataclasses.replace(ev, do_sample=False, seeds=ev.seeds[:1])
 
 
-def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: list) -> DevEval:
-    """Dev ROUGE-L of the student, decoded greedily: one deterministic number per check."""
-    greedy = greedy_eval(ev)
+def dev_eval_config(ev: EvalConfig, seed: int) -> EvalConfig:
+    """How the dev split is decoded during training.
+
+    eval.dev_do_sample=false: greedy, one deterministic score per check. true: the eval
+    sampling settings with one seed, the run's (the official code samples its dev set with
+    the settings of the paper, from the RNG its run seed started). eval.dev_max_examples
+    overrides eval.max_examples for the dev split.
+    """
+    dev = greedy_eval(ev) if not ev.dev_do_sample else dataclasses.replace(ev, do_sample=True, seeds=[seed])
+    if ev.dev_max_examples:
+        dev = dataclasses.replace(dev, max_examples=ev.dev_max_examples)
+    return dev
+
+
+def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: list, seed: int = 0) -> DevEval:
+    """Dev ROUGE-L of the student, decoded as ``dev_eval_config`` says (every check with the same seed)."""
+    dev_ev = dev_eval_config(ev, seed)
 
     def run(step: int) -> dict[str, float]:
         engine.module.eval()
-        res = evaluate(student_decoder(engine, tokenizer, vocab), tokenizer, dev, greedy)
+        res = evaluate(student_decoder(engine, tokenizer, vocab), tokenizer, dev, dev_ev)
         return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
 
     return run

@@ -5,6 +5,7 @@ No loss math lives here: a ``Method`` computes each optimizer step.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -60,6 +61,11 @@ class MicroBatches:
                 yield batch
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
+
+
+def epoch_micro_batches(n_examples: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank per epoch of ``MicroBatches`` (padded shards, last batch kept)."""
+    return math.ceil(math.ceil(n_examples / dist.world_size()) / micro_batch_size)
 
 
 DevEval = Callable[[int], dict[str, float]]
@@ -191,10 +197,27 @@ class Trainer:
         return bool(patience and self.dev_eval is not None and self.state.evals_since_best >= patience)
 
     def _maybe_dev_eval(self) -> None:
-        interval = self.cfg.eval.dev_interval
-        if self.dev_eval is None or not interval or self.state.step % interval:
+        """Dev ROUGE-L every eval.dev_interval steps and/or at the end of every eval.dev_interval_epochs-th epoch."""
+        if self.dev_eval is None:
             return
-        self.run_dev_eval()
+        interval, epochs = self.cfg.eval.dev_interval, self.cfg.eval.dev_interval_epochs
+        if (interval and self.state.step % interval == 0) or (epochs and self._ended_epoch(epochs)):
+            self.run_dev_eval()
+
+    def _ended_epoch(self, every: int) -> bool:
+        """Whether the step just taken consumed the last micro-batch of an ``every``-th epoch.
+
+        The micro-batch counters of the loop state and the epoch length are equal on every
+        rank (DistributedSampler pads the shards), so every rank decides the same, with no collective.
+        An optimizer step may span an epoch boundary (accumulation); the epoch counts as ended
+        at the step that holds its last micro-batch.
+        """
+        per_epoch = epoch_micro_batches(len(self.train_data), self.cfg.train.micro_batch_size)
+        if not per_epoch:
+            return False
+        done = self.state.epoch * per_epoch + self.state.batch_in_epoch  # micro-batches consumed so far
+        span = every * per_epoch
+        return done // span > (done - self.cfg.train.grad_accum) // span
 
     def run_dev_eval(self) -> float:
         result = self.dev_eval(self.state.step)

@@ -10,7 +10,8 @@ process) and checks the contract of DESIGN.md §2 for bad input:
   apart);
 - nothing half-written: no ``export/``, no ``checkpoints/``, and no
   ``config.yaml`` (a failed start must not make the corrected rerun look like
-  "another run" in the same dir); a dir that already held files is unchanged.
+  "another run" in the same dir); a fresh output dir is not even created, and
+  a dir that already held files is unchanged.
 
 One case needs 2 ranks (world size larger than the dataset); it runs under
 ``python -m torch.distributed.run --standalone --nproc_per_node 2``. torchrun
@@ -129,6 +130,11 @@ def _bad_files(root: Path, data: dict[str, str]) -> dict[str, Path]:
     out["bad_yaml"] = bad / "bad.yaml"
     out["bad_yaml"].write_text("stage: train\nseed: 0\ntrain:\n  max_steps: [1, 2\nlogging: {}\n")
 
+    # a checkpoint dir that was never completed (no COMPLETE marker: the save was cut short)
+    out["incomplete_ckpt"] = bad / "step_3"
+    out["incomplete_ckpt"].mkdir()
+    (out["incomplete_ckpt"] / "state.pt").write_bytes(b"")
+
     # a run dir that already holds another run's resolved config
     out["other_run"] = root / "out" / "other_run"
     out["other_run"].mkdir(parents=True)
@@ -216,6 +222,27 @@ def _cases(p: Paths) -> dict[str, Case]:
                                    ["eval.model_path", str(p.root / "no_model")]),
         "output_dir_holds_another_run": Case([], ["output.dir", str(b["other_run"]), "already holds a run",
                                                   "output.resume"], out_dir=b["other_run"]),
+        "resume_incomplete_checkpoint": Case([f"output.resume={b['incomplete_ckpt']}"],
+                                             ["output.resume", str(b["incomplete_ckpt"]), "not a complete checkpoint"]),
+        "eval_prompt_dir_without_prompt": Case(["stage=eval", f"eval.model_path={p.small_vocab_teacher}",
+                                                f"eval.prompt_path={p.root / 'files'}", f"eval.file={p.data['test']}"],
+                                               ["eval.prompt_path", str(p.root / "files"), "teacher_prompt"]),
+        # --- config checks that once fired mid-run (SeqKD's first step, stage=exposure, the pipeline's later
+        #     sub-runs): now before the launch writes anything
+        "seqkd_vllm_teacher_without_dir": Case(["method.name=seqkd", "rollout.engine=vllm",
+                                                "model.teacher.placement=zero3"],
+                                               ["rollout.engine", "SeqKD", "model.teacher.path"]),
+        "vllm_sleep_without_gpu": Case(["rollout.engine=vllm", "rollout.vllm.sleep=true"],
+                                       ["rollout.vllm.sleep", "needs a GPU"]),
+        "exposure_without_teacher": Case(["stage=exposure"], ["exposure.teacher_path", "no teacher"]),
+        "exposure_without_prompts": Case(["stage=exposure", f"exposure.teacher_path={p.small_vocab_teacher}"],
+                                         ["eval.file", "no prompts"]),
+        "exposure_missing_student": Case(["stage=exposure", f"exposure.teacher_path={p.small_vocab_teacher}",
+                                          f"eval.file={p.data['test']}",
+                                          f"exposure.students=[{p.root / 'no_student'}]"],
+                                         ["exposure.students", str(p.root / "no_student")]),
+        "pipeline_bad_later_subrun": Case(["stage=pipeline", "pipeline.student_sft_patience=2"],
+                                          ["train.early_stop_patience", "eval.dev_interval"]),
         # --- 2 ranks, 1 example
         "world_size_exceeds_dataset": Case([f"data.train_file={b['one_example']}"],
                                            ["data.train_file", "1 usable examples", "world_size 2"], ranks=2),
@@ -277,6 +304,9 @@ CASE_NAMES = [
     "ds_json_sets_batch_size", "ds_zero_stage_7", "ds_json_missing", "missing_model_path", "missing_data_file",
     "malformed_jsonl_line", "jsonl_missing_field", "empty_jsonl", "every_prompt_too_long", "vocab_mismatch",
     "missing_tokenizer", "resume_missing_checkpoint", "eval_missing_model", "output_dir_holds_another_run",
+    "resume_incomplete_checkpoint", "eval_prompt_dir_without_prompt", "seqkd_vllm_teacher_without_dir",
+    "vllm_sleep_without_gpu", "exposure_without_teacher", "exposure_without_prompts", "exposure_missing_student",
+    "pipeline_bad_later_subrun",
 ]
 
 
@@ -293,6 +323,8 @@ def _assert_nothing_half_written(case: Case, res: SimpleNamespace, shown: str) -
                                      f"after {sorted(res.after)}\n{shown}")
     assert not (case.out_dir / "export").exists(), shown
     assert not (case.out_dir / "checkpoints").exists(), shown
+    if not res.before:  # a fresh output.dir: not even created (no config.yaml, no empty dir)
+        assert not case.out_dir.exists(), shown
 
 
 def test_catalogue_is_complete(results):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,13 +61,86 @@ def test_bench_core_functions_run_at_toy_sizes(tmp_path):
 
     assert out["padded_vocab"] == 1500, "--vocab pads the tokenizer to the asked size"
     assert out["vs_trl"] in ("ran", "unavailable")
-    gpu = out["gpu_dryrun"]
-    assert gpu["sections_done"] == ["mfu", "rollout", "phases", "plan", "vllm_rollout", "pipeline"]
-    assert [c["case"] for c in gpu["plan"]["cases"]] == ["zero1_bf16", "zero2_bf16"]
-    assert gpu["mfu"]["tokens_per_s"] > 0
-    assert gpu["pipeline"]["hf"]["rc"] == 0 and gpu["pipeline"]["hf"]["eval_written"], gpu["pipeline"]
-    assert len(gpu["pipeline"]["hf"]["stages_started"]) == 4 and gpu["pipeline"]["hf"]["promptkd_step_seconds_median"]
-    assert sorted(os.listdir(tmp_path / "results")) == ["gpu_smoke.json"]  # run() cores do not write; emit does
+    assert not (tmp_path / "results").exists() or not os.listdir(tmp_path / "results")  # run() cores do not write
+
+
+# ----------------------------------------------------------------------------- bench/gpu.sh (the lent GPU's bench)
+
+GPU_ORDER = ["launcher", "timeout_probe", "mfu", "phases", "plan", "rollout", "vllm_rollout", "launcher_vllm"]
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT (at most 8 files)
+
+
+def test_gpu_sh_dry_run_runs_every_section_in_order_with_full_logs(tmp_path):
+    """bash bench/gpu.sh --dry-run: the launcher first, a forced timeout caught and recorded, the next section still
+    run, every section's whole log in $OUT, and every import the bench needs on the GPU image or carried."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BENCH_RESULTS=str(tmp_path / "results"), PYTHON=sys.executable,
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu.sh"), "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "gpu_dryrun.json").read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["sections"].keys() == summary["sections"].keys()
+    sections = summary["sections"]
+    assert summary["order"] == GPU_ORDER and list(sections) == GPU_ORDER
+    shown = {k: (v["status"], v.get("log_tail", "")[-600:]) for k, v in sections.items()}
+
+    launcher = sections["launcher"]  # the quickstart pipeline through launcher/main.py, bf16, sampled eval
+    assert launcher["status"] == "ok" and launcher["rc"] == 0, shown
+    res = launcher["result"]
+    assert res["stages_started"] == ["pipeline 1/4", "pipeline 2/4", "pipeline 3/4", "pipeline 4/4"], res
+    assert res["eval_written"] and res["promptkd_step_seconds_median"] > 0, res
+    assert "teacher + learned prompt" in res["eval_models"], res
+    log = Path(launcher["log"]).read_text()
+    assert log.startswith("$ ") and "pipeline 1/4" in log and "pipeline 4/4" in log  # the whole log, not a tail
+    assert "model.teacher.dtype=bf16" in log.splitlines()[0] and "train.precision=bf16" in log.splitlines()[0]
+
+    probe = sections["timeout_probe"]  # hangs past its 2 s timeout: killed, recorded, and the next one runs
+    assert probe["status"] == "timeout" and probe["rc"] is None and probe["timeout_s"] == 2, probe
+    assert "killed after" in Path(probe["log"]).read_text()
+    for name in ("mfu", "phases", "plan", "rollout"):
+        assert sections[name]["status"] == "ok" and sections[name]["rc"] == 0, shown
+        assert Path(sections[name]["log"]).read_text().startswith("$ "), name
+    assert sections["mfu"]["result"]["tokens_per_s"] > 0
+    assert [c["case"] for c in sections["plan"]["result"]["cases"]] == ["zero2_bf16"]
+    for name in ("vllm_rollout", "launcher_vllm"):
+        assert sections[name]["status"] in ("skipped", "ok"), shown
+    for entry in sections.values():
+        assert entry["seconds"] >= 0 and entry["status"] in ("ok", "failed", "timeout", "skipped", "no_time")
+        assert entry["log"] is None or Path(entry["log"]).parent == out
+
+    files = sorted(os.listdir(out))  # what comes back from the device machine
+    assert len(files) <= 8 and all(OUT_NAME.match(f) and (out / f).is_file() for f in files), files
+    assert "gpu_dryrun.json" in files and "gpu_launcher.log" in files
+    # every distribution the sections imported is on the GPU image or carried (bench/gpu_wheels.txt)
+    assert {"deepspeed", "rouge-score", "nltk", "torch"} <= set(summary["imported_distributions"])
+    assert summary["not_on_image_nor_carried"] == [], summary["not_on_image_nor_carried"]
+    assert all(origin != "MISSING" for origin in summary["wheels"].values()), summary["wheels"]
+
+
+def test_carried_wheel_list_matches_bench_whl():
+    """bench/gpu_wheels.txt is the one list of what the image lacks; bench/.whl (after gpu_wheels.sh) holds one
+    wheel for each, for CPython 3.12 on x86-64, small enough to carry."""
+    from bench.gpu_bench import carried
+
+    wanted = carried()
+    assert {"deepspeed", "rouge_score", "nltk", "pydantic", "pydantic_core", "hjson"} <= set(wanted)
+    for module in wanted:  # the list names real import names (this venv has every one of them)
+        importlib.import_module(module)
+    whl = Path(REPO) / "bench" / ".whl"
+    if not whl.is_dir():
+        pytest.skip("bench/.whl not built here (bash bench/gpu_wheels.sh needs PyPI)")
+    norm = lambda n: re.sub(r"[-_.]+", "_", n).lower()  # noqa: E731
+    files = sorted(whl.glob("*.whl"))
+    by_dist: dict[str, list[str]] = {}
+    for f in files:
+        by_dist.setdefault(norm(f.name.split("-")[0]), []).append(f.name)
+    assert {norm(d) for d in wanted.values()} == set(by_dist), (sorted(by_dist), wanted)
+    assert all(len(names) == 1 for names in by_dist.values()), by_dist  # two versions stop the whole install
+    for f in files:
+        tags = f.name[:-4].split("-")[-3:]  # python, abi, platform
+        assert tags[2] == "any" or ("cp312" in tags[0] and "x86_64" in tags[2] and "manylinux" in tags[2]), f.name
+    assert sum(f.stat().st_size for f in files) < 48 * 2 ** 20  # with the repo, under the 64 MiB a call carries
 
 
 def _quality(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -150,10 +225,7 @@ def test_quality_lr_search_picks_on_dev_and_writes_the_config(tmp_path):
 
 def _toy_runs() -> dict:
     """Child process: each bench's core function at toy sizes; one JSON line on stdout."""
-    import contextlib
-    import io
-
-    from bench import gpu_bench, loss_memory, phases, promptkd_overhead, rollout, vs_trl
+    from bench import loss_memory, phases, promptkd_overhead, rollout, vs_trl
     from bench.common import RunSizes, make_workspace, set_threads
 
     set_threads(1)
@@ -175,8 +247,6 @@ def _toy_runs() -> dict:
     from promptkd.data import load_tokenizer
 
     out["padded_vocab"] = len(load_tokenizer(make_workspace(RunSizes(n_train=40, vocab=1500))["tokenizer"]))
-    with contextlib.redirect_stdout(io.StringIO()):
-        out["gpu_dryrun"] = gpu_bench.run(dry=True, name="gpu_smoke")
     return out
 
 

@@ -127,3 +127,27 @@ def test_slurm_node_addr_parses_scontrol(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", missing)
     assert dist._slurm_node_addr("n1") == ""
+
+
+def _srun_lines() -> list[tuple[str, str]]:
+    """(file, line) of every command line in slurm/*.sbatch and slurm/common.sh that runs srun."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "slurm"
+    files = sorted(root.glob("*.sbatch")) + [root / "common.sh"]
+    out = []
+    for path in files:
+        for line in path.read_text().splitlines():
+            code = line.split("#", 1)[0]  # comments may name srun freely
+            if re.search(r"(^|[\s;&|(`$])srun(\s|$)", code):
+                out.append((path.name, line.strip()))
+    return out
+
+
+def test_every_srun_kills_the_step_when_a_task_fails():
+    # a dead rank must end the others at once, not leave them waiting for the NCCL timeout
+    lines = _srun_lines()
+    assert lines, "no srun line found: the scripts moved?"
+    missing = [f"{name}: {line}" for name, line in lines if "--kill-on-bad-exit=1" not in line]
+    assert not missing, missing

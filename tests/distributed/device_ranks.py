@@ -1,0 +1,103 @@
+"""2-rank ZeRO-3 checks of the device-discipline work (issue 19), in one launch.
+
+    torchrun --nproc_per_node 2 tests/distributed/device_ranks.py --out DIR
+
+The export of a ZeRO-3 student, gathered one module at a time, equals the weights consolidated from a
+checkpoint of the same engine (deepspeed's zero_to_fp32), and the most parameter elements gathered at
+once are one module's. Writes DIR/export.rank<r>.json; tests/distributed/test_device_ranks.py asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from promptkd import distributed as dist  # noqa: E402
+from tests.distributed import scenarios as sc  # noqa: E402
+
+
+@contextlib.contextmanager
+def counting_gathers():
+    """Wraps deepspeed.zero.GatheredParameters: the peak number of parameter elements gathered at once."""
+    import deepspeed
+
+    real, count = deepspeed.zero.GatheredParameters, {"now": 0, "peak": 0, "gathers": 0}
+
+    @contextlib.contextmanager
+    def counted(params, *args, **kwargs):
+        params = list(params) if isinstance(params, (list, tuple)) else [params]
+        with real(params, *args, **kwargs):
+            n = sum(p.numel() for p in params)  # the full sizes while gathered
+            count["now"] += n
+            count["gathers"] += 1
+            count["peak"] = max(count["peak"], count["now"])
+            try:
+                yield
+            finally:
+                count["now"] -= n
+
+    deepspeed.zero.GatheredParameters = counted
+    try:
+        yield count
+    finally:
+        deepspeed.zero.GatheredParameters = real
+
+
+def export_zero3(out: str) -> dict:
+    from safetensors.torch import load_file
+
+    from promptkd.training import checkpoint
+    from promptkd.training.consolidate import student_state_dict
+
+    cfg = sc.tiny_cfg(sc.ZERO3, **{"method.name": "sft"})
+    m, splits, tok = sc.build_run(cfg, "sft")
+    m.step(sc.rank_batches(splits, 0, cfg), 0)  # weights that differ from the init
+    engine = m.ctx.engine
+    module = engine.module
+    partitioned = all(p.numel() == 0 for p in module.parameters())
+    export = os.path.join(sc.SHARED, "export")
+    with counting_gathers() as count:
+        checkpoint.export_student(engine, tok, export)
+    ckpt = checkpoint.save(os.path.join(sc.SHARED, "run"), 1, engine, {"step": 1})
+    sizes = {n: sum(p.ds_numel for p in sub.parameters(recurse=False)) for n, sub in module.named_modules()}
+    total = sum(p.ds_numel for p in module.parameters())
+    result = {"partitioned": partitioned, "peak": count["peak"], "gathers": count["gathers"],
+              "largest_module": max(sizes.values()), "total": total}
+    if dist.is_main():
+        exported = load_file(os.path.join(export, "model.safetensors"))
+        consolidated = student_state_dict(ckpt)
+        result["keys_equal"] = sorted(exported) == sorted(k for k in consolidated if k in exported)
+        result["missing"] = sorted(set(consolidated) - set(exported))
+        result["max_err"] = max(float((exported[k].float() - consolidated[k].float()).abs().max()) for k in exported)
+        result["n_tensors"] = len(exported)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init(timeout_s=60)
+    sc.SHARED = sc.broadcast_object(tempfile.mkdtemp(prefix="pkd_dev_") if dist.is_main() else None)
+    sc.prepare_shared()
+    try:
+        result = {"ok": True, **export_zero3(args.out)}
+    except Exception as exc:  # recorded, the test reports it
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    with open(os.path.join(args.out, f"export.rank{dist.rank()}.json"), "w") as fh:
+        json.dump(result, fh)
+    dist.shutdown(0)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
