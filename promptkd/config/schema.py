@@ -10,6 +10,7 @@ from typing import Any
 
 from promptkd.config.fields import ConfigError, _f
 from promptkd.config.methods import MethodConfig
+from promptkd.config.registry import REGISTRY
 
 
 @dataclass
@@ -182,10 +183,11 @@ class RolloutConfig:
     vllm: VLLMConfig = _f(VLLMConfig(), "rollout.engine=vllm settings")
 
     def check(self, prefix: str, cfg: Any) -> None:
-        if self.engine == "vllm" and cfg.method.name == "minillm":
-            raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
-                              "use rollout.engine=hf with method.name=minillm")
-        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm", "seqkd"):
+        spec = REGISTRY[cfg.method.name]
+        if self.engine == "vllm" and spec.samples_mixture:
+            raise ConfigError(f"{prefix}engine: vllm cannot sample {spec.name}'s teacher-student mixture token by "
+                              f"token; use rollout.engine=hf with method.name={spec.name}")
+        if self.engine == "vllm" and (spec.samples_student or spec.samples_teacher):
             _require_vllm(prefix + "engine", cfg)
 
 
