@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.fixtures.pins import SCENARIO, hardware, load_pins, result_of
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "tests", "distributed", "scenarios.py")
 
@@ -284,22 +286,6 @@ def test_train_eval_modes_follow_the_official_code(results):
         assert i["teacher"] == [["student_step", False, False, False, False]]
 
 
-PINNED = os.path.join(REPO, "tests", "distributed", "pinned_numerics.json")
-
-
-def hardware() -> str:
-    """What float results depend on here: the CPU's vendor and the SIMD level torch's kernels use."""
-    import platform
-
-    import torch
-
-    vendor = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as fh:
-            vendor = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("vendor_id")), "?")
-    return f"{platform.machine()}-{vendor}-{torch.backends.cpu.get_cpu_capability()}"
-
-
 def test_pinned_loss_curve_and_weights(results):
     """A refactor that should not change numerics reproduces the pinned curve exactly (DESIGN.md §3).
 
@@ -308,19 +294,12 @@ def test_pinned_loss_curve_and_weights(results):
     On a CPU kind with a pin the curve and the final weights' digests must be equal; on another, every
     logged number must agree with the first pin to 1e-5 relative or 1e-6 absolute (small KLs are differences of
     near-equal sums), and the digests cannot be compared.
-    Pin this CPU kind, only for code that reproduces an existing pin: PROMPTKD_REPIN=1 pytest tests/distributed
-    -k pinned (and for a change meant to alter numerics, repin every kind).
+    This test only compares: pins are written by ``python scripts/repin_numerics.py`` (this CPU kind), only for
+    code that reproduces an existing pin (and for a change meant to alter numerics, repin every kind).
     """
-    r0, r1 = results("pinned_numerics")
-    got = {k: v for k, v in r0.items() if k not in ("ok",)}
-    assert got == {k: v for k, v in r1.items() if k not in ("ok",)}, "ranks disagree"
-    with open(PINNED) as fh:
-        pins = json.load(fh)
+    got = result_of(results(SCENARIO))
+    pins = load_pins()
     here = hardware()
-    if os.environ.get("PROMPTKD_REPIN"):
-        pins[here] = got
-        with open(PINNED, "w") as fh:
-            json.dump(pins, fh, indent=1, sort_keys=True)
     exact = here in pins
     pinned = pins[here] if exact else next(iter(pins.values()))
     for label, run in pinned.items():
