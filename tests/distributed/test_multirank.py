@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,7 +61,10 @@ def test_ranks_sample_different_lengths_without_hanging(results, name):
 
 def test_losses_are_finite_and_global(results):
     r0, r1 = results("promptkd_zero3")
+    assert len(r0["metrics"]) == len(r1["metrics"]) == 3
     for a, b in zip(r0["metrics"], r1["metrics"]):
+        bad = {k: v for k, v in {**a, **b}.items() if not math.isfinite(v)}
+        assert not bad, f"non-finite logged values: {bad}"
         # logged values are global means: identical on both ranks
         assert a["loss/rkl"] == pytest.approx(b["loss/rkl"])
         assert a["prompt/guidance_kl"] == pytest.approx(b["prompt/guidance_kl"])
@@ -243,12 +247,17 @@ def test_promptkd_reuses_the_student_forward_exactly(results):
     for r in (r0, r1):
         steps = len(r["default"]["micro_batches"])
         mbs = sum(r["default"]["micro_batches"])
-        # no dropout: the prompt step's p_S of the last micro-batch is the student step's own forward
+        # no dropout: the prompt step's p_S of the first micro-batch is the student step's own forward
         for off in ("no_reuse", "dropout"):  # switched off, or a student with dropout: a separate forward
             assert r[off]["calls"]["student"] == 2 * mbs
             assert r["default"]["student"] == r[off]["student"], "reusing the forward changed the numbers"
             assert r["default"]["prompt"] == r[off]["prompt"]
         assert r["default"]["calls"]["student"] == 2 * mbs - steps
+        # per step (2 micro-batches): the prompt step runs micro-batch 1 with grad (kept) and 2 without; the
+        # student step then runs only micro-batch 2, with grad. Keeping the last one would read F, T, T.
+        assert r["default"]["micro_batches"] == [2] * steps
+        assert r["default"]["calls"]["student_grad"] == [True, False, True] * steps
+        assert r["no_reuse"]["calls"]["student_grad"] == [False, False, True, True] * steps
     assert r0["default"]["student"] == r1["default"]["student"]
 
 
