@@ -8,6 +8,7 @@ Validation is strict: unknown keys, wrong types and bad values raise
 
 Modules (imports run one way, top to bottom; stdlib + yaml only):
 - ``fields``: ``ConfigError``, the ``_f`` field helper with its constraints, ``validate``;
+- ``registry``: the methods, by name, and what each needs (``REGISTRY``, ``MethodSpec``);
 - ``methods``: the ``method:`` section, one sub-section per method, ``MOVED`` (old keys);
 - ``schema``: the rest of the tree and ``Config``;
 - ``loading``: YAML + overrides, ``with_overrides``, ``help_lines``, ``to_yaml``;
@@ -17,7 +18,8 @@ from promptkd.config.deepspeed import (RUN_CONFIG_KEYS, build_ds_config, build_t
                                        resolve_path, zero_stage)
 from promptkd.config.fields import ConfigError, get, validate
 from promptkd.config.loading import asdict, help_lines, load_config, parse_override, to_yaml, with_overrides
-from promptkd.config.methods import (DIVERGENCES, METHOD_NAMES, MOVED, DistiLLMConfig, DivergenceConfig, GKDConfig,
+from promptkd.config.registry import METHOD_NAMES, REGISTRY, MethodSpec, method_spec
+from promptkd.config.methods import (DIVERGENCES, MOVED, DistiLLMConfig, DivergenceConfig, GKDConfig,
                                      ImitKDConfig, KDConfig, MethodConfig, MiniLLMConfig, PromptKDConfig,
                                      SeqKDConfig)
 from promptkd.config.schema import (Config, DataConfig, EvalConfig, ExposureConfig, LoggingConfig, ModelConfig,
@@ -33,7 +35,8 @@ __all__ = [
     "ExposureConfig", "OutputConfig", "LoggingConfig", "PipelineConfig", "max_new_tokens", "VLLMConfig",
     "VLLM_INSTALL", "PlanConfig", "parse_bytes",
     "MethodConfig", "PromptKDConfig", "KDConfig", "DivergenceConfig", "ImitKDConfig", "GKDConfig",
-    "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "DIVERGENCES", "MOVED",
+    "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "REGISTRY", "MethodSpec", "method_spec", "DIVERGENCES",
+    "MOVED",
     "load_config", "with_overrides", "parse_override", "asdict", "to_yaml", "help_lines",
     "RUN_CONFIG_KEYS", "resolve_path", "load_ds_json", "build_ds_config", "build_teacher_ds_config", "zero_stage",
 ]

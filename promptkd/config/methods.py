@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from promptkd.config.fields import ConfigError, _f
+from promptkd.config.registry import METHOD_NAMES
 
-METHOD_NAMES = ("promptkd", "rkl", "sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "minillm")
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")
 SKEW_HELP = "skew α; sfkl = KL(p_T‖α·p_T + (1-α)·p_S), srkl = KL(p_S‖α·p_S + (1-α)·p_T)"
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from promptkd.config.fields import ConfigError, _f
 from promptkd.config.methods import MethodConfig
+from promptkd.config.registry import REGISTRY
 
 
 @dataclass
@@ -188,18 +189,19 @@ class RolloutConfig:
     vllm: VLLMConfig = _f(VLLMConfig(), "rollout.engine=vllm settings")
 
     def check(self, prefix: str, cfg: Any) -> None:
-        if self.engine == "vllm" and cfg.method.name == "seqkd" and cfg.stage == "train" \
+        spec = REGISTRY[cfg.method.name]
+        if self.engine == "vllm" and spec.samples_teacher and cfg.stage == "train" \
                 and not cfg.model.teacher.path and cfg.model.teacher.placement == "zero3":
-            # found here, not at SeqKD's first step: the launch has written nothing yet
-            raise ConfigError(f"{prefix}engine: vllm samples SeqKD's teacher from its HF dir; a teacher built from "
-                              "config with model.teacher.placement=zero3 has none (set model.teacher.path)")
+            # found here, not at the method's first step: the launch has written nothing yet
+            raise ConfigError(f"{prefix}engine: vllm samples {spec.name}'s teacher from its HF dir; a teacher built "
+                              "from config with model.teacher.placement=zero3 has none (set model.teacher.path)")
         if self.engine == "vllm" and self.vllm.sleep and cfg.stage in ("train", "pipeline") and not _has_cuda():
             raise ConfigError(f"{prefix}vllm.sleep: vLLM's sleep mode frees GPU memory and needs a GPU; set it to "
                               "false here")
-        if self.engine == "vllm" and cfg.method.name == "minillm":
-            raise ConfigError(f"{prefix}engine: vllm cannot sample minillm's teacher-student mixture token by token; "
-                              "use rollout.engine=hf with method.name=minillm")
-        if self.engine == "vllm" and cfg.method.name in ("promptkd", "rkl", "imitkd", "gkd", "distillm", "seqkd"):
+        if self.engine == "vllm" and spec.samples_mixture:
+            raise ConfigError(f"{prefix}engine: vllm cannot sample {spec.name}'s teacher-student mixture token by "
+                              f"token; use rollout.engine=hf with method.name={spec.name}")
+        if self.engine == "vllm" and (spec.samples_student or spec.samples_teacher):
             _require_vllm(prefix + "engine", cfg)
 
 

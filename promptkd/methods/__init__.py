@@ -12,8 +12,9 @@ from promptkd.methods.promptkd import RKL, PromptKD
 from promptkd.methods.seqkd import SeqKD
 from promptkd.methods.sft import SFT
 
-METHODS: dict[str, type[Method]] = {"sft": SFT, "kd": KD, "promptkd": PromptKD, "rkl": RKL, "seqkd": SeqKD,
-                                    "imitkd": ImitKD, "gkd": GKD, "distillm": DistiLLM, "minillm": MiniLLM}
+# method.name -> its class; each class names itself through its registry entry (promptkd.config.registry)
+METHODS: dict[str, type[Method]] = {cls.spec.name: cls for cls in (PromptKD, RKL, SFT, KD, SeqKD, ImitKD, GKD,
+                                                                   DistiLLM, MiniLLM)}
 
 
 def build_method(cfg: Config, ctx: StepContext) -> Method:

@@ -7,6 +7,7 @@ whole optimizer step on *all* ranks; the trainer never averages per micro-batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import Config
+from promptkd.config import Config, MethodSpec
 from promptkd.data import TokenizedExample, collate_full, collate_prompts
 from promptkd.metrics import PhaseTimer
 from promptkd.rollout import Rollout, SamplingParams, generate, hf_step_fn, position_ids
@@ -68,10 +69,18 @@ class StepResult:
 class Method:
     """Base class: subclasses implement ``train_step``; the trainer calls ``step``."""
 
-    uses_teacher = False
-    samples_student = False          # draws student rollouts (student_rollouts): rollout.engine applies
-    samples_mixture = False          # samples a teacher-student mixture token by token (both models decode)
-    section: Optional[str] = None    # the method's config section: cfg.method.<section> arrives as ctx.opts
+    # What the method is and needs (promptkd.config.registry): a subclass sets ``spec = REGISTRY[name]``, and
+    # its fields become class attributes (``uses_teacher``, ``samples_student``, ``samples_mixture``,
+    # ``trains_prompt``, ``section``: cfg.method.<section> arrives as ctx.opts), so these facts live once.
+    spec: MethodSpec = MethodSpec("")
+    uses_teacher = samples_student = samples_teacher = samples_mixture = trains_prompt = fused = False
+    section: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for f in dataclasses.fields(cls.spec):
+            if f.name != "name":
+                setattr(cls, f.name, getattr(cls.spec, f.name))
 
     def __init__(self, ctx: StepContext):
         self.ctx = ctx
@@ -85,13 +94,14 @@ class Method:
     def fused_loss(cls, cfg: Config) -> bool:
         """Whether the student's loss makes its gradient chunk by chunk in the forward (``promptkd.losses.fused``:
         forward and reverse KL); the other losses run autograd over whole fp32 [N, V] tensors unless
-        method.loss_chunk_size is set. The memory planner counts them so."""
-        return False
+        method.loss_chunk_size is set. The memory planner counts them so. A method whose settings can turn
+        its loss into something else narrows ``spec.fused`` here."""
+        return cls.fused
 
     @classmethod
     def teacher_prompt_length(cls, cfg: Config) -> int:
         """Soft-prompt positions the teacher is built with (only a method that trains a prompt has any)."""
-        return 0
+        return cfg.model.teacher.prompt_length if cls.trains_prompt else 0
 
     def step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         """One optimizer step under the one rule for skipped steps.

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from promptkd import distributed as dist
+from promptkd.config import REGISTRY
 from promptkd.data import TokenizedExample
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollouts
 from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
@@ -81,9 +82,7 @@ class ReplayBuffer:
 
 
 class DistiLLM(Method):
-    uses_teacher = True
-    samples_student = True
-    section = "distillm"
+    spec = REGISTRY["distillm"]
 
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)

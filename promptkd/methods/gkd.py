@@ -10,15 +10,13 @@ the same branch (ZeRO-3 rollouts are collectives). The JSD(β) convention
 """
 from __future__ import annotations
 
-from promptkd.config import Config
+from promptkd.config import Config, REGISTRY
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollouts
 from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 
 
 class GKD(Method):
-    uses_teacher = True
-    samples_student = True
-    section = "gkd"
+    spec = REGISTRY["gkd"]
 
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:

@@ -4,15 +4,13 @@
 """
 from __future__ import annotations
 
-from promptkd.config import Config
+from promptkd.config import Config, REGISTRY
 from promptkd.methods.base import Method, MicroBatch, StepResult, student_rollouts
 from promptkd.methods.token_kd import distill_update
 
 
 class ImitKD(Method):
-    uses_teacher = True
-    samples_student = True
-    section = "imitkd"
+    spec = REGISTRY["imitkd"]
 
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:

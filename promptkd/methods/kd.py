@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from promptkd.config import Config
+from promptkd.config import Config, REGISTRY
 from promptkd.losses import cross_entropy, forward_kl
 from promptkd.methods.base import (Method, MicroBatch, StepResult, full_batches, global_mean, global_tokens, lm_logits,
                                    student_backward, student_update_phase, teacher_logits)
 
 
 class KD(Method):
-    uses_teacher = True
-    section = "kd"
+    spec = REGISTRY["kd"]
 
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import Config
+from promptkd.config import Config, REGISTRY
 from promptkd.data import collate_prompts
 from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy
@@ -67,9 +67,7 @@ def build_lm_corpus(cfg: Config, tokenizer: Any) -> LMCorpus:
 
 
 class MiniLLM(Method):
-    uses_teacher = True
-    samples_mixture = True
-    section = "minillm"
+    spec = REGISTRY["minillm"]
 
     def __init__(self, ctx: StepContext, corpus: Optional[LMCorpus] = None, lm_batch_size: int = 0):
         super().__init__(ctx)

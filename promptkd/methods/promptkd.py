@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import Config, ConfigError
+from promptkd.config import Config, ConfigError, REGISTRY
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
 from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_mean, global_tokens, has_dropout, lm_logits,
                                    response_start, set_modes, shifted_mask, student_backward, student_rollouts,
@@ -37,10 +37,7 @@ class Kept:
 
 
 class PromptKD(Method):
-    uses_teacher = True
-    samples_student = True
-    section = "promptkd"  # RKL too: it is PromptKD without a prompt
-    trains_prompt = True  # False: the zero-prompt ablation (RKL)
+    spec = REGISTRY["promptkd"]  # RKL is PromptKD without a prompt, reading the same section
 
     def __init__(self, ctx: StepContext, prompt: Optional[SoftPrompt] = None) -> None:
         super().__init__(ctx)
@@ -80,14 +77,6 @@ class PromptKD(Method):
             prompt = SoftPrompt(ctx.teacher, cfg.optim.prompt, ctx.total_steps, cfg.train.grad_clip,
                                 cfg.model.teacher.path or "tiny-from-config")
         return cls(ctx, prompt)
-
-    @classmethod
-    def fused_loss(cls, cfg: Config) -> bool:
-        return True  # reverse KL (and the prompt loss)
-
-    @classmethod
-    def teacher_prompt_length(cls, cfg: Config) -> int:
-        return cfg.model.teacher.prompt_length if cls.trains_prompt else 0
 
     def uses_prompt(self) -> bool:
         return self.prompt is not None
@@ -195,4 +184,4 @@ class PromptKD(Method):
 class RKL(PromptKD):
     """Plain on-policy reverse KL: PromptKD with no prompt (the ablation)."""
 
-    trains_prompt = False
+    spec = REGISTRY["rkl"]

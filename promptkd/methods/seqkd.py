@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 
 from promptkd import distributed as dist
-from promptkd.config import Config
+from promptkd.config import Config, REGISTRY
 from promptkd.data import TokenizedExample, collate_prompts
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, to_device
 from promptkd.methods.sft import ce_step
@@ -130,8 +130,7 @@ class TeacherCache:
 
 
 class SeqKD(Method):
-    uses_teacher = True
-    section = "seqkd"
+    spec = REGISTRY["seqkd"]
 
     def __init__(self, ctx: StepContext, cache: "TeacherCache", max_length: int,
                  teacher_llm: Optional[Callable[[], Any]] = None):

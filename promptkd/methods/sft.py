@@ -1,12 +1,14 @@
 """SFT: cross-entropy on the ground-truth response."""
 from __future__ import annotations
 
+from promptkd.config import REGISTRY
 from promptkd.losses import cross_entropy
 from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, full_batches, global_mean, global_tokens,
                                    lm_logits, student_backward, student_update_phase)
 
 
 class SFT(Method):
+    spec = REGISTRY["sft"]
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         return StepResult(ce_step(self.ctx, micro_batches))
 

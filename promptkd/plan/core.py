@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from promptkd.config import Config, load_ds_json, max_new_tokens
+from promptkd.config import REGISTRY, Config, load_ds_json, max_new_tokens
 from promptkd.plan import memory as M
 from promptkd.plan.arch import Arch, resolve
 
@@ -99,7 +99,6 @@ def tokenizer_vocab(cfg: Config) -> int:
 
 
 def resolve_models(cfg: Config) -> Models:
-    from promptkd.methods import METHODS
     from promptkd.models import tiny_config
 
     notes: list[str] = []
@@ -115,7 +114,7 @@ def resolve_models(cfg: Config) -> Models:
         return arch
 
     student = one("student")
-    teacher = one("teacher") if METHODS[cfg.method.name].uses_teacher else None
+    teacher = one("teacher") if REGISTRY[cfg.method.name].uses_teacher else None
     return Models(student, teacher, notes)
 
 
@@ -156,16 +155,16 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
 
     z = M.Zero.from_json(load_ds_json(cfg.deepspeed), bf16=cfg.train.precision == "bf16")
     e_s = PRECISION_BYTES[cfg.train.precision]
-    method = METHODS[cfg.method.name]
+    method, spec = METHODS[cfg.method.name], REGISTRY[cfg.method.name]
     s, t = models.student, models.teacher
     seq, keep = lengths or (cfg.data.max_length, max_new_tokens(cfg) + 1)
-    if not method.samples_student and lengths is None:
+    if not spec.samples_student and lengths is None:
         keep = seq  # off-policy methods score every position of the ground truth
     shape = M.Shape(batch, seq, keep)
     resident = _resident(cfg, z, s, t, e_s, world)
     phases: dict[str, list[Line]] = {}
-    if method.samples_student or method.samples_mixture:
-        phases["rollout"] = _rollout(cfg, s, t if method.samples_mixture else None, shape, e_s)
+    if spec.samples_student or spec.samples_mixture:
+        phases["rollout"] = _rollout(cfg, s, t if spec.samples_mixture else None, shape, e_s)
     prompt_len = method.teacher_prompt_length(cfg) if t is not None else 0
     kept: list[Line] = []
     if prompt_len > 0:

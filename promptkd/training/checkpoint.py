@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from promptkd import distributed as dist
+from promptkd.training import faults
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, generator: O
         engine.module.config.to_json_file(os.path.join(tmp, "hf_config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    faults.in_save(step)  # reliability tests: a kill here leaves a torn checkpoint
     dist.barrier()
     if dist.is_main():
         _write_text(os.path.join(tmp, MARKER), f"{step}\n")
@@ -98,17 +100,21 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, generator: O
         os.replace(tmp, final)
         _write_text(os.path.join(root, "latest"), name + "\n")
     dist.barrier()  # every rank has finished with the new checkpoint before old ones go
-    if dist.is_main() and keep_last:
+    if dist.is_main():
         _prune(root, keep_last)
     log.info("checkpoint saved: %s", final)
     return final
 
 
 def _prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temp dirs."""
-    complete = sorted((int(n.split("_")[1]), n) for n in os.listdir(root)
+    """Delete all but the newest ``keep_last`` complete checkpoints (0: keep all), and stale temp dirs (a save
+    that died before its rename; the one just saved is renamed already)."""
+    names = os.listdir(root)
+    complete = sorted((int(n.split("_")[1]), n) for n in names
                       if n.startswith("step_") and os.path.exists(os.path.join(root, n, MARKER)))
-    for _, name in complete[:-keep_last]:
+    stale = [n for n in names if n.startswith(".tmp_step_")] + ([n for _, n in complete[:-keep_last]] if keep_last
+                                                                 else [])
+    for name in stale:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 

@@ -1,8 +1,11 @@
 """Fault injection for the reliability tests, driven by ``PROMPTKD_FAULT``.
 
 Format: ``kind@step=N[,rank=R]`` with kind one of ``raise`` (an exception on
-that rank), ``nan`` (the student's logits become NaN for that step), or
-``sigkill`` (the process kills itself). Unset in normal runs, and then free.
+that rank), ``nan`` (the student's logits become NaN for that step), ``sigkill``
+(the process kills itself at the start of step N, so the last checkpoint is the
+one before), or ``sigkill_in_save`` (it kills itself while saving step N's
+checkpoint, after the files and before the ``COMPLETE`` marker: a torn
+checkpoint). Unset in normal runs, and then free.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from promptkd import distributed as dist
 
 ENV = "PROMPTKD_FAULT"
+KINDS = ("raise", "nan", "sigkill", "sigkill_in_save")
 
 
 @dataclass
@@ -28,8 +32,8 @@ class Fault:
 def parse(text: str) -> Fault:
     kind, _, rest = text.partition("@")
     fields = dict(part.split("=", 1) for part in rest.split(",") if part)
-    if kind not in ("raise", "nan", "sigkill") or "step" not in fields:
-        raise ValueError(f"{ENV}: expected kind@step=N[,rank=R] with kind raise|nan|sigkill, got {text!r}")
+    if kind not in KINDS or "step" not in fields:
+        raise ValueError(f"{ENV}: expected kind@step=N[,rank=R] with kind {'|'.join(KINDS)}, got {text!r}")
     return Fault(kind, int(fields["step"]), int(fields["rank"]) if "rank" in fields else None)
 
 
@@ -44,9 +48,20 @@ def _nan_hook(module: Any, _inputs: Any, output: Any) -> Any:
     return output
 
 
+def _fires(fault: Optional[Fault], step: int) -> bool:
+    return fault is not None and fault.step == step and (fault.rank is None or fault.rank == dist.rank())
+
+
+def in_save(step: int) -> None:
+    """``sigkill_in_save``: die while the checkpoint of ``step`` is written, before it is marked complete."""
+    fault = configured()
+    if fault is not None and fault.kind == "sigkill_in_save" and _fires(fault, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def before_step(fault: Optional[Fault], step: int, student: torch.nn.Module) -> Optional[Any]:
     """Trigger the fault at the start of optimizer step ``step`` (1-based); returns a hook to remove."""
-    if fault is None or fault.step != step or (fault.rank is not None and fault.rank != dist.rank()):
+    if fault is None or fault.kind == "sigkill_in_save" or not _fires(fault, step):
         return None
     if fault.kind == "raise":
         raise RuntimeError(f"injected fault on rank {dist.rank()} at step {step}")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import Config, ConfigError, EvalConfig, to_yaml, zero_stage
+from promptkd.config import REGISTRY, Config, ConfigError, EvalConfig, to_yaml, zero_stage
 from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
 from promptkd.methods import METHODS, Method, build_method, step_context
 from promptkd.models import PromptedTeacher
@@ -79,18 +79,17 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
     if cfg.train.early_stop_patience and not splits.dev:
         raise ConfigError("train.early_stop_patience: needs a dev split (data.dev_file or data.dev_size)")
     total = total_steps or steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
-    method_cls = METHODS[cfg.method.name]
-    teacher = (build_teacher(cfg, tokenizer, method_cls.teacher_prompt_length(cfg)) if method_cls.uses_teacher
-               else None)
+    spec, method_cls = REGISTRY[cfg.method.name], METHODS[cfg.method.name]
+    teacher = build_teacher(cfg, tokenizer, method_cls.teacher_prompt_length(cfg)) if spec.uses_teacher else None
     engine, ds_config = build_student_engine(cfg, tokenizer, total)
     vocab = vocab_size(tokenizer, teacher, engine.module)
     seed = ROLLOUT_SEED_FACTOR * cfg.seed if rollout_seed is None else rollout_seed
-    ctx = step_context(cfg, method_cls.section, engine, pad_id=tokenizer.pad_token_id,
+    ctx = step_context(cfg, spec.section, engine, pad_id=tokenizer.pad_token_id,
                        eos_id=tokenizer.eos_token_id, vocab_size=vocab, total_steps=total, teacher=teacher,
                        tokenizer=tokenizer,
                        generator=torch.Generator(device=dist.device()).manual_seed(seed + dist.rank()),
                        sync_rollout=zero_stage(ds_config) == 3)
-    if cfg.rollout.engine == "vllm" and method_cls.samples_student:
+    if cfg.rollout.engine == "vllm" and spec.samples_student:
         ctx.vllm = vllm_rollouts(cfg, engine, tokenizer, vocab)
     method = build_method(cfg, ctx)
     run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, method)

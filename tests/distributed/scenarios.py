@@ -466,11 +466,13 @@ def scenario_promptkd_ablations() -> dict:
 
 
 def count_full_forwards(module: torch.nn.Module, counter: dict, key: str):
-    """Counts forwards over whole sequences (use_cache off), not the rollout's decode steps."""
+    """Counts forwards over whole sequences (use_cache off), not the rollout's decode steps, and records under
+    ``<key>_grad`` whether each ran with grad."""
 
     def hook(_m, _args, kwargs):
         if not kwargs.get("use_cache", False):
             counter[key] = counter.get(key, 0) + 1
+            counter.setdefault(f"{key}_grad", []).append(torch.is_grad_enabled())
 
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -481,7 +483,7 @@ def scenario_promptkd_shortcuts() -> dict:
     variants = {"default": {}, "no_reuse": {"method.promptkd.reuse_student_forward": False},
                 "dropout": {}, "stale": {"method.promptkd.stale_student_target": True}}
     for name, extra in variants.items():
-        cfg = tiny_cfg(ZERO3, **extra)  # grad_accum 2: the kept forward is the last micro-batch's
+        cfg = tiny_cfg(ZERO3, **extra)  # grad_accum 2: the kept forward is the first micro-batch's
         m, splits, tok = build_run(cfg, "promptkd")
         if name == "dropout":
             m.student_has_dropout = True  # as if dropout were on: a separate no-grad forward

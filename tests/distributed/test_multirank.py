@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+
+from tests.fixtures.pins import SCENARIO, hardware, load_pins, result_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "tests", "distributed", "scenarios.py")
@@ -58,7 +61,10 @@ def test_ranks_sample_different_lengths_without_hanging(results, name):
 
 def test_losses_are_finite_and_global(results):
     r0, r1 = results("promptkd_zero3")
+    assert len(r0["metrics"]) == len(r1["metrics"]) == 3
     for a, b in zip(r0["metrics"], r1["metrics"]):
+        bad = {k: v for k, v in {**a, **b}.items() if not math.isfinite(v)}
+        assert not bad, f"non-finite logged values: {bad}"
         # logged values are global means: identical on both ranks
         assert a["loss/rkl"] == pytest.approx(b["loss/rkl"])
         assert a["prompt/guidance_kl"] == pytest.approx(b["prompt/guidance_kl"])
@@ -241,12 +247,17 @@ def test_promptkd_reuses_the_student_forward_exactly(results):
     for r in (r0, r1):
         steps = len(r["default"]["micro_batches"])
         mbs = sum(r["default"]["micro_batches"])
-        # no dropout: the prompt step's p_S of the last micro-batch is the student step's own forward
+        # no dropout: the prompt step's p_S of the first micro-batch is the student step's own forward
         for off in ("no_reuse", "dropout"):  # switched off, or a student with dropout: a separate forward
             assert r[off]["calls"]["student"] == 2 * mbs
             assert r["default"]["student"] == r[off]["student"], "reusing the forward changed the numbers"
             assert r["default"]["prompt"] == r[off]["prompt"]
         assert r["default"]["calls"]["student"] == 2 * mbs - steps
+        # per step (2 micro-batches): the prompt step runs micro-batch 1 with grad (kept) and 2 without; the
+        # student step then runs only micro-batch 2, with grad. Keeping the last one would read F, T, T.
+        assert r["default"]["micro_batches"] == [2] * steps
+        assert r["default"]["calls"]["student_grad"] == [True, False, True] * steps
+        assert r["no_reuse"]["calls"]["student_grad"] == [False, False, True, True] * steps
     assert r0["default"]["student"] == r1["default"]["student"]
 
 
@@ -284,22 +295,6 @@ def test_train_eval_modes_follow_the_official_code(results):
         assert i["teacher"] == [["student_step", False, False, False, False]]
 
 
-PINNED = os.path.join(REPO, "tests", "distributed", "pinned_numerics.json")
-
-
-def hardware() -> str:
-    """What float results depend on here: the CPU's vendor and the SIMD level torch's kernels use."""
-    import platform
-
-    import torch
-
-    vendor = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as fh:
-            vendor = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("vendor_id")), "?")
-    return f"{platform.machine()}-{vendor}-{torch.backends.cpu.get_cpu_capability()}"
-
-
 def test_pinned_loss_curve_and_weights(results):
     """A refactor that should not change numerics reproduces the pinned curve exactly (DESIGN.md §3).
 
@@ -308,19 +303,12 @@ def test_pinned_loss_curve_and_weights(results):
     On a CPU kind with a pin the curve and the final weights' digests must be equal; on another, every
     logged number must agree with the first pin to 1e-5 relative or 1e-6 absolute (small KLs are differences of
     near-equal sums), and the digests cannot be compared.
-    Pin this CPU kind, only for code that reproduces an existing pin: PROMPTKD_REPIN=1 pytest tests/distributed
-    -k pinned (and for a change meant to alter numerics, repin every kind).
+    This test only compares: pins are written by ``python scripts/repin_numerics.py`` (this CPU kind), only for
+    code that reproduces an existing pin (and for a change meant to alter numerics, repin every kind).
     """
-    r0, r1 = results("pinned_numerics")
-    got = {k: v for k, v in r0.items() if k not in ("ok",)}
-    assert got == {k: v for k, v in r1.items() if k not in ("ok",)}, "ranks disagree"
-    with open(PINNED) as fh:
-        pins = json.load(fh)
+    got = result_of(results(SCENARIO))
+    pins = load_pins()
     here = hardware()
-    if os.environ.get("PROMPTKD_REPIN"):
-        pins[here] = got
-        with open(PINNED, "w") as fh:
-            json.dump(pins, fh, indent=1, sort_keys=True)
     exact = here in pins
     pinned = pins[here] if exact else next(iter(pins.values()))
     for label, run in pinned.items():

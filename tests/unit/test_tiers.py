@@ -1,0 +1,57 @@
+"""The tiers stay honest: every unit test that launches a subprocess is in the slow tier, and the slow list names
+tests that exist."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO, SLOW_UNIT, is_slow_unit
+
+UNIT = REPO / "tests" / "unit"
+LAUNCH = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def _launches(fn: ast.AST, helpers: set[str]) -> bool:
+    """Whether ``fn`` calls subprocess.<launch> or a module-level helper that does."""
+    for node in ast.walk(fn):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "subprocess" \
+                and f.attr in LAUNCH:
+            return True
+        if isinstance(f, ast.Name) and f.id in helpers:
+            return True
+    return False
+
+
+def _tests_that_launch(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    helpers: set[str] = set()
+    for _ in range(3):  # helpers of helpers
+        helpers |= {f.name for f in functions if not f.name.startswith("test_") and _launches(f, helpers)}
+    return {f.name for f in functions if f.name.startswith("test_") and _launches(f, helpers)}
+
+
+def test_unit_tests_that_launch_a_subprocess_are_slow():
+    missing = [f"{p.relative_to(REPO).as_posix()}::{name}" for p in sorted(UNIT.glob("test_*.py"))
+               for name in sorted(_tests_that_launch(p)) if not is_slow_unit((p.relative_to(REPO).as_posix(), name))]
+    assert not missing, "add these to SLOW_UNIT in tests/conftest.py:\n" + "\n".join(missing)
+
+
+def test_the_launch_scan_can_fail(tmp_path):
+    src = tmp_path / "test_x.py"
+    src.write_text("import subprocess\n\ndef _go():\n    return subprocess.run(['true'])\n\n"
+                   "def test_a():\n    _go()\n\ndef test_b():\n    subprocess.Popen(['true'])\n\ndef test_c():\n    pass\n")
+    assert _tests_that_launch(src) == {"test_a", "test_b"}
+
+
+def test_every_slow_entry_names_an_existing_test():
+    for entry in SLOW_UNIT:
+        path, _, name = entry.partition("::")
+        file = REPO / path
+        assert file.is_file(), entry
+        if name:
+            names = {n.name for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.FunctionDef)}
+            assert name in names, entry
