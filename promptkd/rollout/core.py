@@ -137,27 +137,47 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def banned_ngram_mask(ids: torch.Tensor, start: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """[B, vocab_size] bool: the tokens that would repeat an n-gram already in each row, on the device.
+
+    ids: [B, L] left-padded sequences (prompt + tokens so far); start: [B] index of each row's first real
+    token. A window of n tokens that begins at or after ``start`` and whose first n-1 tokens equal the
+    row's last n-1 bans its n-th token (transformers' NoRepeatNGramLogitsProcessor, without a host loop).
+    """
+    batch, length = ids.shape
+    banned = torch.zeros(batch, vocab_size, dtype=torch.bool, device=ids.device)
+    if n <= 0 or length < n:
+        return banned
+    windows = ids.unfold(1, n, 1)                                       # [B, L-n+1, n]
+    suffix = ids[:, length - n + 1:]                                    # [B, n-1]
+    hit = (windows[:, :, :n - 1] == suffix[:, None, :]).all(-1)         # [B, L-n+1]
+    hit &= torch.arange(length - n + 1, device=ids.device)[None, :] >= start[:, None]
+    last = windows[:, :, n - 1].clamp(0, vocab_size - 1)
+    hit &= windows[:, :, n - 1] < vocab_size                            # ids beyond the logits cannot be banned
+    counts = torch.zeros(batch, vocab_size, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, last, hit.to(torch.int32))
+    return counts > 0
+
+
 def banned_ngram_tokens(seqs: list[list[int]], n: int) -> list[set[int]]:
-    """Tokens that would repeat an n-gram already present in each sequence."""
-    out = []
-    for seq in seqs:
-        banned: set[int] = set()
-        if n > 0 and len(seq) >= n:
-            prefix = tuple(seq[len(seq) - n + 1:])
-            for i in range(len(seq) - n + 1):
-                if tuple(seq[i:i + n - 1]) == prefix:
-                    banned.add(seq[i + n - 1])
-        out.append(banned)
-    return out
+    """Tokens that would repeat an n-gram already present in each sequence (``banned_ngram_mask`` on lists)."""
+    if not seqs:
+        return []
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[0] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    start = torch.tensor([width - len(s) for s in seqs], dtype=torch.long)
+    vocab = int(ids.max()) + 1 if ids.numel() else 1
+    mask = banned_ngram_mask(ids, start, n, vocab)
+    return [set(torch.nonzero(row).squeeze(-1).tolist()) for row in mask]
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
-                  history: Optional[list[list[int]]] = None) -> torch.Tensor:
-    """Next token per row from fp32 logits [B, V]."""
+                  history: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Next token per row from fp32 logits [B, V]; history: (ids [B, L], start [B]) for n-gram bans."""
     if params.no_repeat_ngram_size > 0 and history is not None:
-        for row, banned in enumerate(banned_ngram_tokens(history, params.no_repeat_ngram_size)):
-            if banned:
-                logits[row, list(banned)] = float("-inf")
+        ids, start = history
+        logits = logits.masked_fill(banned_ngram_mask(ids, start, params.no_repeat_ngram_size, logits.shape[-1]),
+                                    float("-inf"))
     if not params.do_sample:
         return logits.argmax(-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
@@ -177,7 +197,8 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
     batch, prompt_len = input_ids.shape
     mask = attention_mask.long()
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    history = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)] if params.no_repeat_ngram_size else None
+    # n-gram bans read (ids so far, first real position): left padding comes first in every row
+    history = (input_ids, prompt_len - mask.sum(-1)) if params.no_repeat_ngram_size else None
     tokens, keep = [], []
     cur, past = input_ids, None
     for _ in range(params.max_new_tokens):
@@ -187,8 +208,7 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
         keep.append((~finished).long())
         tokens.append(nxt)
         if history is not None:
-            for row, tok in enumerate(nxt.tolist()):
-                history[row].append(tok)
+            history = (torch.cat([history[0], nxt[:, None]], dim=1), history[1])
         finished = finished | (nxt == eos_id)
         mask = torch.cat([mask, keep[-1][:, None]], dim=1)
         cur = nxt[:, None]
