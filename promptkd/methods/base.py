@@ -19,6 +19,7 @@ from promptkd.config import Config
 from promptkd.data import TokenizedExample, collate_full, collate_prompts
 from promptkd.metrics import PhaseTimer
 from promptkd.rollout import Rollout, SamplingParams, generate, hf_step_fn, position_ids
+from promptkd.rollout.core import gathered
 
 MicroBatch = list[TokenizedExample]
 
@@ -42,6 +43,7 @@ class StepContext:
     sync_rollout: bool = False       # ZeRO-3 student: decode steps must match across ranks
     teacher_sharded: bool = False    # ZeRO-3 teacher: its forwards are collectives too
     vllm: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (None: our decode loop)
+    gather_student: str = "auto"     # ZeRO-3 student: gather it once per rollout (auto: when it fits)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
@@ -320,9 +322,12 @@ def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
     """Student samples y ~ p_S(.|x) in eval mode, no grad, with the KV cache."""
     set_modes(ctx, student_train=False)
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
-    return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
-                    ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
-                    generator=ctx.generator, sync=ctx.sync_rollout)
+    # under ZeRO-3 the whole student is gathered once for the loop, not layer by layer per token; the stop
+    # flag stays synced across ranks (cheap: one scalar per token), so every rank steps alike either way
+    with gathered(ctx.engine.module, ctx.gather_student, "student rollouts"):
+        return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
+                        ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                        generator=ctx.generator, sync=ctx.sync_rollout)
 
 
 def student_rollouts(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[Rollout]:

@@ -11,16 +11,25 @@ an all-reduce says every rank is done; ranks still stop as soon as they all are.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from promptkd import distributed as dist
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+log = logging.getLogger(__name__)
+
+GATHER_CHOICES = ("auto", "always", "never")
+# "auto" gathers a ZeRO-3 model for a decode loop when its full weights take at most this share of the
+# accelerator's free memory (the KV cache and the activations of the loop need the rest)
+GATHER_FREE_FRACTION = 0.5
+_LOGGED: set[str] = set()
 
 
 @dataclass
@@ -120,6 +129,57 @@ def mixed_step_fn(student: StepFn, teacher: StepFn, alpha: float, vocab_size: in
         return torch.logaddexp(t_logp + log_t, s_logp + log_s), (s_past, t_past)
 
     return step
+
+
+def _partitioned(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The module's ZeRO-3 partitioned parameters (empty when it is not partitioned)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def gather_fits(params: list[torch.nn.Parameter]) -> bool:
+    """Whether the full weights fit beside the decode loop, decided alike on every rank (one all-reduce)."""
+    full = sum(p.ds_numel * p.element_size() for p in params)
+    fits = True
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        fits = full <= GATHER_FREE_FRACTION * free
+    return dist.all_true(fits)
+
+
+@contextlib.contextmanager
+def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model") -> Iterator[bool]:
+    """Under ZeRO-3, hold every weight of ``module`` gathered for a loop of forwards (decoding, evaluation).
+
+    Without it each decoded token all-gathers every layer again (the whole model per token). With it the
+    loop all-gathers once. The weights are kept resident by marking them in use (a sentinel in DeepSpeed's
+    ``ds_active_sub_modules``), so the per-layer release after each forward leaves them gathered; on exit
+    the mark is removed and ``GatheredParameters`` partitions them again. Yields whether it gathered.
+    policy: auto (when they fit: ``gather_fits``), always, never. A no-op for a module that is not
+    partitioned. Every rank must enter it together (the gather is a collective).
+    """
+    if policy not in GATHER_CHOICES:
+        raise ValueError(f"gather policy must be one of {GATHER_CHOICES}, got {policy!r}")
+    params = _partitioned(module)
+    use = bool(params) and policy != "never" and (policy == "always" or gather_fits(params))
+    if params and what not in _LOGGED:
+        _LOGGED.add(what)
+        log.info("ZeRO-3 %s: %s for each decode loop (%.1f MB of weights, gather=%s)", what,
+                 "gathered once" if use else "gathered layer by layer per token",
+                 sum(p.ds_numel * p.element_size() for p in params) / 2 ** 20, policy)
+    if not use:
+        yield False
+        return
+    import deepspeed
+
+    sentinel = -1 - id(module)  # a submodule id no DeepSpeed module has
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.add(sentinel)
+        try:
+            yield True
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(sentinel)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
