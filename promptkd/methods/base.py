@@ -213,8 +213,8 @@ def global_tokens(masks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def token_scale(n_global: torch.Tensor | float) -> torch.Tensor | float:
-    """1 / max(n_global, 1) as a divisor of a loss sum: fp32 like the loss, so the division is what
-    dividing by the Python float did."""
+    """The divisor max(n_global, 1) of a loss sum; a device tensor stays one, in fp32 like the loss, so the
+    division is what dividing by the Python float did."""
     if isinstance(n_global, torch.Tensor):
         return n_global.clamp(min=1.0).to(torch.float32)
     return max(n_global, 1.0)
