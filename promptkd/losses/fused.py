@@ -6,6 +6,9 @@ gradient in backward; writing each chunk's analytic gradient into one buffer of
 the input's dtype is faster (bench/README.md) and holds 1x the logits plus one
 chunk's fp32 temporaries. Same values as the autograd formulas in
 ``promptkd.losses`` (tests/unit/test_losses.py compares them).
+
+Chunks are slices of the kept rows' indices (one ``nonzero`` per loss): the chunk
+loop itself never waits for the device (tests/unit/test_host_syncs.py counts it).
 """
 from __future__ import annotations
 
