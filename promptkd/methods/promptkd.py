@@ -65,7 +65,7 @@ class PromptKD(Method):
         kept = Kept.nothing(len(rollouts))
         if self.prompt is not None:
             with ctx.timer.phase("prompt_step"):
-                kept = self.prompt_update(rollouts, n_global, step, tally)
+                _, kept = self.prompt_update(rollouts, n_global, step, tally)
             if not math.isfinite(tally.values["prompt/grad_norm"]):
                 # identical on every rank (the gradient was all-reduced): the whole step is skipped,
                 # and the kept student graph goes with ``kept``
@@ -111,8 +111,10 @@ class PromptKD(Method):
             self.prompt.export(out_dir)
 
     # ------------------------------------------------------------------ phase 2
-    def prompt_update(self, rollouts: list[Rollout], n_global: torch.Tensor, step: int, tally: Tally) -> Kept:
-        """Phase 2 (only θ trains); its metrics go into ``tally``. Returns what the student step may reuse."""
+    def prompt_update(self, rollouts: list[Rollout], n_global: torch.Tensor | float, step: int,
+                      tally: Optional[Tally] = None) -> tuple[Tally, Kept]:
+        """Phase 2 (only θ trains): (its metrics, added to ``tally``; what the student step may reuse)."""
+        tally = Tally() if tally is None else tally
         ctx, m = self.ctx, self.ctx.opts
         w = regularizer_weight(step, ctx.total_steps, m.reg_schedule, m.reg_weight)
         self.prompt.zero_grad()
@@ -138,8 +140,9 @@ class PromptKD(Method):
                 tally.add(name, getattr(pl, key))
                 tally.mean(name, name)
         # the norm is a host number on purpose: a non-finite one skips the step on every rank
-        tally.values.update({"prompt/reg_weight": w, "prompt/grad_norm": self.prompt.step(), "prompt/lr": self.prompt.lr})
-        return kept
+        tally.values.update({"prompt/reg_weight": w, "prompt/grad_norm": self.prompt.step(),
+                             "prompt/lr": self.prompt.lr})
+        return tally, kept
 
     def student_logits_for_prompt(self, r: Rollout, start: int, kept: Optional[Kept], index: int) -> torch.Tensor:
         """p_S for the guidance term (a constant there), from the student in eval mode (the kept forward below
@@ -173,7 +176,10 @@ class PromptKD(Method):
         return has_dropout(self.ctx.engine.module)
 
     # ------------------------------------------------------------------ phase 3
-    def student_update(self, rollouts: list[Rollout], n_global: torch.Tensor, kept: Kept, tally: Tally) -> None:
+    def student_update(self, rollouts: list[Rollout], n_global: torch.Tensor | float, kept: Kept,
+                       tally: Optional[Tally] = None) -> Tally:
+        """Phase 3: the student's reverse-KL step; its metrics, added to ``tally``."""
+        tally = Tally() if tally is None else tally
         ctx = self.ctx
         use_prompt = self.uses_prompt()
         tally.mean("loss/rkl", "loss/rkl")
@@ -190,6 +196,7 @@ class PromptKD(Method):
             rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
             student_backward(ctx, rkl, n_global)
             tally.add("loss/rkl", rkl)
+        return tally
 
 
 class RKL(PromptKD):
