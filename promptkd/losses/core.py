@@ -15,8 +15,10 @@ masked-out positions cannot leak into values or gradients.
 
 ``chunk_size`` bounds peak memory: T is processed in slices of that length.
 When a gradient is needed, the KL divergences and the prompt loss compute it in
-the forward, slice by slice (``promptkd.losses.fused``; ``chunk_size=None`` then
-picks slices of ~16 MB fp32, so small vocabularies stay one piece); the other
+the forward, slice by slice (``promptkd.losses.fused``: slices of ``chunk_size x B``
+kept rows, found with one ``nonzero`` per loss, so the slice loop never syncs with the
+host; ``chunk_size=None`` then picks ~16 MB fp32 slices on CPU, so small vocabularies
+stay one piece, and slices sized by free memory on CUDA); the other
 losses run each slice under non-reentrant activation checkpointing, so the fp32
 ``B x chunk x V`` intermediates are recomputed in backward instead of being
 kept alive for the whole sequence.

@@ -20,6 +20,7 @@ from promptkd.config import Config, MethodSpec
 from promptkd.data import TokenizedExample, collate_full, collate_prompts
 from promptkd.metrics import PhaseTimer
 from promptkd.rollout import Rollout, SamplingParams, generate, hf_step_fn, position_ids
+from promptkd.rollout.core import gathered
 
 MicroBatch = list[TokenizedExample]
 
@@ -43,6 +44,7 @@ class StepContext:
     sync_rollout: bool = False       # ZeRO-3 student: decode steps must match across ranks
     teacher_sharded: bool = False    # ZeRO-3 teacher: its forwards are collectives too
     vllm: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (None: our decode loop)
+    gather_student: str = "auto"     # ZeRO-3 student: gather it once per rollout (auto: when it fits)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
@@ -57,13 +59,66 @@ def step_context(cfg: Config, section: Optional[str], engine: Any, *, pad_id: in
                        teacher_sharded=cfg.model.teacher.placement == "zero3")
 
 
+class Tally:
+    """A step's metrics, kept on the device until a logging step asks for them.
+
+    ``sums`` are this rank's sums (0-d fp64 device tensors: adding them never syncs with the host);
+    ``reported`` names what is logged: key -> (sum, the sum it is divided by, or None for the global
+    sum itself); ``values`` are numbers that are already global (weights, rates, norms).
+    ``reduce`` sums every tensor over the ranks in ONE collective and one host transfer. It is a
+    collective: every rank calls it, at the same step.
+    """
+
+    def __init__(self, values: Optional[dict[str, float]] = None) -> None:
+        self.values: dict[str, float] = dict(values or {})
+        self.sums: dict[str, torch.Tensor] = {}
+        self.reported: dict[str, tuple[str, Optional[str]]] = {}
+        self._global: Optional[dict[str, float]] = None
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        """sums[key] += value, in fp64 on the device (the same additions as Python floats: exact)."""
+        t = torch.as_tensor(value).detach().to(device=dist.device(), dtype=torch.float64).reshape(())
+        self.sums[key] = self.sums[key] + t if key in self.sums else torch.zeros_like(t) + t
+        self._global = None
+
+    def mean(self, name: str, key: str, per: Optional[str] = "tokens") -> None:
+        """Log ``name`` = global sums[key] / max(global sums[per], 1) (per=None: the global sum)."""
+        self.reported[name] = (key, per)
+
+    def reduce(self) -> dict[str, float]:
+        if self._global is None:
+            keys = list(self.sums)
+            totals = dist.all_reduce_sum(torch.stack([self.sums[k] for k in keys])).tolist() if keys else []
+            g = dict(zip(keys, totals))
+            self._global = {name: g.get(key, 0.0) if per is None else g.get(key, 0.0) / max(g.get(per, 0.0), 1.0)
+                            for name, (key, per) in self.reported.items()}
+        return {**self.values, **self._global}
+
+
 @dataclass
 class StepResult:
-    """What one optimizer step gives the trainer."""
+    """What one optimizer step gives the trainer.
 
-    metrics: dict[str, float]                                # logged scalars
+    ``tally`` holds the step's metrics (a plain dict is taken as already-global values). Nothing is
+    reduced over ranks until ``reduce()`` (or ``metrics``, the same) is called, on every rank: the
+    trainer does it on logging steps only.
+    """
+
+    tally: Any = None                                        # Tally, or a dict of global values
     rollouts: list[Rollout] = field(default_factory=list)    # the step's student samples (logged as text)
     skipped: bool = False                                    # nothing was updated (see ``Method.step``)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tally, Tally):
+            self.tally = Tally(self.tally)
+
+    def reduce(self) -> dict[str, float]:
+        """The logged scalars, global over ranks (a collective: every rank calls it)."""
+        return self.tally.reduce()
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.reduce()
 
 
 class Method:
@@ -155,10 +210,24 @@ def full_batches(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[dict
     return [to_device(collate_full(mb, ctx.pad_id)) for mb in micro_batches]
 
 
-def global_tokens(masks: list[torch.Tensor]) -> float:
-    """Loss tokens of the whole optimizer step over all ranks (shifted masks)."""
-    local = sum(float(m[:, 1:].sum()) for m in masks)
-    return float(dist.all_reduce_sum(local))
+def local_tokens(masks: list[torch.Tensor]) -> torch.Tensor:
+    """This rank's loss tokens (shifted masks), an fp64 device tensor: no host sync."""
+    return torch.stack([m[:, 1:].sum().to(torch.float64) for m in masks]).sum() if masks else \
+        torch.zeros((), dtype=torch.float64, device=dist.device())
+
+
+def global_tokens(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Loss tokens of the whole optimizer step over all ranks (shifted masks): one all-reduce, kept on the
+    device (it scales the loss before backward; nothing waits for it on the host)."""
+    return dist.all_reduce_sum(local_tokens(masks))
+
+
+def token_scale(n_global: torch.Tensor | float) -> torch.Tensor | float:
+    """The divisor max(n_global, 1) of a loss sum; a device tensor stays one, in fp32 like the loss, so the
+    division is what dividing by the Python float did."""
+    if isinstance(n_global, torch.Tensor):
+        return n_global.clamp(min=1.0).to(torch.float32)
+    return max(n_global, 1.0)
 
 
 def response_start(r: Rollout) -> int:
@@ -215,13 +284,18 @@ def has_dropout(model: torch.nn.Module) -> bool:
                for k, v in rates)
 
 
-def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: float) -> None:
+def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: torch.Tensor | float) -> None:
     """Backward + (boundary-aware) step through DeepSpeed with global normalisation.
 
     DeepSpeed averages gradients over data-parallel ranks, so each rank's loss
     is scaled by the world size; gradient-accumulation scaling is turned off.
+    ``n_global`` may stay a device tensor: the scale is computed in fp64 and applied in fp32,
+    which is what multiplying by the Python float did.
     """
-    scale = dist.world_size() / max(n_global, 1.0)
+    if isinstance(n_global, torch.Tensor):
+        scale = (dist.world_size() / n_global.clamp(min=1.0)).to(torch.float32)
+    else:
+        scale = dist.world_size() / max(n_global, 1.0)
     ctx.engine.backward(loss_sum * scale, scale_wrt_gas=False)
     ctx.engine.step()
 
@@ -258,9 +332,12 @@ def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
     """Student samples y ~ p_S(.|x) in eval mode, no grad, with the KV cache."""
     set_modes(ctx, student_train=False)
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
-    return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
-                    ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
-                    generator=ctx.generator, sync=ctx.sync_rollout)
+    # under ZeRO-3 the whole student is gathered once for the loop, not layer by layer per token; the stop
+    # flag stays synced across ranks (cheap: one scalar per token), so every rank steps alike either way
+    with gathered(ctx.engine.module, ctx.gather_student, "student rollouts"):
+        return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
+                        ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                        generator=ctx.generator, sync=ctx.sync_rollout)
 
 
 def student_rollouts(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[Rollout]:
@@ -290,8 +367,3 @@ def rows_of(r: Rollout, start: int, n: int, pad_id: int) -> Rollout:
     width = int(resp_att.sum(-1).max()) if resp_att.numel() else 0     # the longest response of these rows
     keep = list(range(left, r.prompt_len)) + list(range(r.prompt_len, r.prompt_len + width))
     return Rollout(ids[:, keep], att[:, keep], loss[:, keep], r.prompt_len - left)
-
-
-def global_mean(local_sum: float, n_global: float) -> float:
-    """A per-token mean over every rank, for logging."""
-    return float(dist.all_reduce_sum(local_sum)) / max(n_global, 1.0)

@@ -108,12 +108,13 @@ class DistiLLM(Method):
             seqs = ground_truth(ctx, self.buffer.sample([len(mb) for mb in micro_batches], ctx.generator))
         else:
             seqs = ground_truth(ctx, micro_batches)
-        metrics = distill_update(ctx, seqs, m.loss, alpha=m.skew_alpha)
+        tally = distill_update(ctx, seqs, m.loss, alpha=m.skew_alpha)
         phi_used = self.phi
-        self._update_schedule(metrics[f"loss/{m.loss}"])
-        metrics.update({"distillm/source": float(source), "distillm/phi": phi_used,
-                        "distillm/buffer_size": float(len(self.buffer))})
-        return StepResult(metrics, seqs if source == FRESH else [])
+        # the adaptive schedule reads the global step loss on every rank: reduced every step (control flow)
+        self._update_schedule(tally.reduce()[f"loss/{m.loss}"])
+        tally.values.update({"distillm/source": float(source), "distillm/phi": phi_used,
+                             "distillm/buffer_size": float(len(self.buffer))})
+        return StepResult(tally, seqs if source == FRESH else [])
 
     def _update_schedule(self, step_loss: float) -> None:
         m = self.ctx.opts

@@ -35,9 +35,9 @@ class GKD(Method):
                 seqs = student_rollouts(ctx, micro_batches)
         else:
             seqs = ground_truth(ctx, micro_batches)
-        metrics = distill_update(ctx, seqs, g.divergence, beta=g.beta, alpha=g.skew_alpha)
-        metrics["gkd/on_policy"] = float(on_policy)
-        return StepResult(metrics, seqs if on_policy else [])
+        tally = distill_update(ctx, seqs, g.divergence, beta=g.beta, alpha=g.skew_alpha)
+        tally.values["gkd/on_policy"] = float(on_policy)
+        return StepResult(tally, seqs if on_policy else [])
 
     def state_dict(self) -> dict:
         return {"draws": self.draws.state_dict()}

@@ -5,8 +5,8 @@ import torch
 
 from promptkd.config import Config, REGISTRY
 from promptkd.losses import cross_entropy, forward_kl
-from promptkd.methods.base import (Method, MicroBatch, StepResult, full_batches, global_mean, global_tokens, lm_logits,
-                                   student_backward, student_update_phase, teacher_logits)
+from promptkd.methods.base import (Method, MicroBatch, StepResult, Tally, full_batches, global_tokens, lm_logits,
+                                   local_tokens, student_backward, student_update_phase, teacher_logits)
 
 
 class KD(Method):
@@ -21,7 +21,12 @@ class KD(Method):
         w_ce = ctx.opts.ce_weight
         batches = full_batches(ctx, micro_batches)
         n_global = global_tokens([b["loss_mask"] for b in batches])
-        fkl_total = ce_total = 0.0
+        tally = Tally()
+        tally.add("tokens", local_tokens([b["loss_mask"] for b in batches]))
+        tally.mean("tokens", "tokens", per=None)
+        tally.mean("loss/fkl", "loss/fkl")
+        if w_ce > 0:
+            tally.mean("loss/ce", "loss/ce")
         with student_update_phase(ctx):
             for b in batches:
                 ids, attn, mask = b["input_ids"], b["attention_mask"], b["loss_mask"][:, 1:]
@@ -33,10 +38,7 @@ class KD(Method):
                 if w_ce > 0:
                     ce, _ = cross_entropy(s_logits, ids[:, 1:], mask, chunk_size=ctx.chunk)
                     loss = loss + w_ce * ce
-                    ce_total += float(ce.detach())
+                    tally.add("loss/ce", ce)
                 student_backward(ctx, loss, n_global)
-                fkl_total += float(fkl.detach())
-        out = {"loss/fkl": global_mean(fkl_total, n_global), "tokens": n_global}
-        if w_ce > 0:
-            out["loss/ce"] = global_mean(ce_total, n_global)
-        return StepResult(out)
+                tally.add("loss/fkl", fkl)
+        return StepResult(tally)

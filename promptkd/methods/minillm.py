@@ -32,14 +32,13 @@ from promptkd.data import collate_prompts
 from promptkd.data.corpus import LMCorpus, collate_lm, read_texts
 from promptkd.losses import cross_entropy
 from promptkd.losses.pg import importance_weights, minillm_terms, sampled_logprobs
-from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_tokens, lm_logits,
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, Tally, global_tokens, lm_logits,
+                                   local_tokens, token_scale,
                                    response_start, set_modes, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits, to_device)
 from promptkd.rollout import Rollout, generate, hf_step_fn, mixed_step_fn, teacher_step_fn
 
 log = logging.getLogger(__name__)
-
-SUMS = ("kl", "pg", "reward", "weight", "lm")
 
 
 def mixed_rollout(ctx: StepContext, micro_batch: MicroBatch, alpha: float) -> Rollout:
@@ -85,17 +84,17 @@ class MiniLLM(Method):
             seqs = [mixed_rollout(ctx, mb, ctx.opts.teacher_mix) for mb in micro_batches]
         lm = self.lm_batches(len(seqs))
         n_global = global_tokens([s.loss_mask for s in seqs])
-        n_lm = global_tokens([b["attention_mask"] for b in lm]) if lm else 0.0
-        sums = dict.fromkeys(SUMS, 0.0)
+        n_lm = global_tokens([b["attention_mask"] for b in lm]) if lm else None
+        tally = self.tally([s.loss_mask for s in seqs], [b["attention_mask"] for b in lm])
         with student_update_phase(ctx):
             for i, s in enumerate(seqs):
-                loss = self.policy_loss(s, sums) / max(n_global, 1.0)
+                loss = self.policy_loss(s, tally) / token_scale(n_global)
                 if lm:
-                    loss = loss + ctx.opts.lm_coef * self.lm_loss(lm[i], sums) / max(n_lm, 1.0)
+                    loss = loss + ctx.opts.lm_coef * self.lm_loss(lm[i], tally) / token_scale(n_lm)
                 student_backward(ctx, loss, 1.0)  # already divided by the global counts
-        return StepResult(self.metrics(sums, n_global, n_lm), seqs)
+        return StepResult(tally, seqs)
 
-    def policy_loss(self, s: Rollout, sums: dict[str, float]) -> torch.Tensor:
+    def policy_loss(self, s: Rollout, tally: Tally) -> torch.Tensor:
         """Σ over this micro-batch's response tokens of the MiniLLM objective (a sum, not a mean)."""
         ctx, m = self.ctx, self.ctx.opts
         start = response_start(s)  # no LM head on prompt positions
@@ -109,7 +108,7 @@ class MiniLLM(Method):
                               single_step=m.single_step, chunk_size=ctx.chunk, logprobs=logprobs)
         for key, value in (("kl", terms.kl), ("pg", terms.pg), ("reward", terms.reward_sum),
                            ("weight", terms.weight_sum)):
-            sums[key] += float(value)
+            tally.add(key, value)
         return terms.total
 
     def lm_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
@@ -118,22 +117,26 @@ class MiniLLM(Method):
         size, pad = self.lm_batch_size, self.ctx.pad_id
         return [to_device(collate_lm(self.corpus.draw(size), pad)) for _ in range(n)]
 
-    def lm_loss(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> torch.Tensor:
+    def lm_loss(self, batch: dict[str, torch.Tensor], tally: Tally) -> torch.Tensor:
         ctx = self.ctx
         logits = lm_logits(ctx.engine, batch["input_ids"], batch["attention_mask"], ctx.vocab_size)
         ce, _ = cross_entropy(logits, batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:], ctx.chunk)
-        sums["lm"] += float(ce.detach())
+        tally.add("lm", ce)
         return ce
 
-    def metrics(self, sums: dict[str, float], n_global: float, n_lm: float) -> dict[str, float]:
-        total = dist.all_reduce_sum(torch.tensor([sums[k] for k in SUMS], dtype=torch.float64)).tolist()
-        g = dict(zip(SUMS, total))
-        n = max(n_global, 1.0)
-        out = {"loss/minillm_kl": g["kl"] / n, "loss/minillm_pg": g["pg"] / n,
-               "minillm/mean_weight": g["weight"] / n, "minillm/mean_reward": g["reward"] / n, "tokens": n_global}
+    def tally(self, masks: list[torch.Tensor], lm_masks: list[torch.Tensor]) -> Tally:
+        """The step's metrics: kl, pg, reward, weight (and lm) sums, reduced over ranks only when logged."""
+        tally = Tally()
+        tally.add("tokens", local_tokens(masks))
+        tally.mean("tokens", "tokens", per=None)
+        for name, key in (("loss/minillm_kl", "kl"), ("loss/minillm_pg", "pg"), ("minillm/mean_weight", "weight"),
+                          ("minillm/mean_reward", "reward")):
+            tally.mean(name, key)
         if self.corpus is not None:
-            out.update({"loss/lm": g["lm"] / max(n_lm, 1.0), "minillm/lm_tokens": n_lm})
-        return out
+            tally.add("lm_tokens", local_tokens(lm_masks))
+            tally.mean("loss/lm", "lm", per="lm_tokens")
+            tally.mean("minillm/lm_tokens", "lm_tokens", per=None)
+        return tally
 
     def state_dict(self) -> dict:
         return {"lm_corpus": self.corpus.state_dict()} if self.corpus is not None else {}

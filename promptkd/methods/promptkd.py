@@ -14,12 +14,11 @@ from typing import Optional
 
 import torch
 
-from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, REGISTRY
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
-from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, global_mean, global_tokens, has_dropout, lm_logits,
-                                   response_start, set_modes, shifted_mask, student_backward, student_rollouts,
-                                   student_update_phase, teacher_logits)
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, Tally, global_tokens, has_dropout,
+                                   lm_logits, local_tokens, response_start, set_modes, shifted_mask, student_backward,
+                                   student_rollouts, student_update_phase, teacher_logits, token_scale)
 from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.rollout import Rollout
 
@@ -54,21 +53,23 @@ class PromptKD(Method):
         ctx = self.ctx
         with ctx.timer.phase("rollout"):
             rollouts = student_rollouts(ctx, micro_batches)
-        n_global = global_tokens([r.loss_mask for r in rollouts])
-        metrics = {"tokens": n_global, "rollout/mean_response_len": n_global / max(1.0, float(
-            dist.all_reduce_sum(sum(r.input_ids.shape[0] for r in rollouts))))}
+        n_global = global_tokens([r.loss_mask for r in rollouts])  # a device tensor: it only scales losses
+        tally = Tally()
+        tally.add("tokens", local_tokens([r.loss_mask for r in rollouts]))
+        tally.add("rows", float(sum(r.input_ids.shape[0] for r in rollouts)))
+        tally.mean("tokens", "tokens", per=None)
+        tally.mean("rollout/mean_response_len", "tokens", per="rows")
         kept = Kept.nothing(len(rollouts))
         if self.prompt is not None:
             with ctx.timer.phase("prompt_step"):
-                prompt_metrics, kept = self.prompt_update(rollouts, n_global, step)
-            metrics.update(prompt_metrics)
-            if not math.isfinite(metrics["prompt/grad_norm"]):
+                _, kept = self.prompt_update(rollouts, n_global, step, tally)
+            if not math.isfinite(tally.values["prompt/grad_norm"]):
                 # identical on every rank (the gradient was all-reduced): the whole step is skipped,
                 # and the kept student graph goes with ``kept``
-                return StepResult(metrics, rollouts, skipped=True)
+                return StepResult(tally, rollouts, skipped=True)
         with student_update_phase(ctx):
-            metrics.update(self.student_update(rollouts, n_global, kept))
-        return StepResult(metrics, rollouts)
+            self.student_update(rollouts, n_global, kept, tally)
+        return StepResult(tally, rollouts)
 
     @classmethod
     def from_config(cls, cfg: Config, ctx: StepContext) -> "PromptKD":
@@ -99,11 +100,13 @@ class PromptKD(Method):
             self.prompt.export(out_dir)
 
     # ------------------------------------------------------------------ phase 2
-    def prompt_update(self, rollouts: list[Rollout], n_global: float, step: int) -> tuple[dict[str, float], Kept]:
+    def prompt_update(self, rollouts: list[Rollout], n_global: torch.Tensor | float, step: int,
+                      tally: Optional[Tally] = None) -> tuple[Tally, Kept]:
+        """Phase 2 (only θ trains): (its metrics, added to ``tally``; what the student step may reuse)."""
+        tally = Tally() if tally is None else tally
         ctx, m = self.ctx, self.ctx.opts
         w = regularizer_weight(step, ctx.total_steps, m.reg_schedule, m.reg_weight)
         self.prompt.zero_grad()
-        sums = {"guidance": 0.0, "regularizer": 0.0, "total": 0.0}
         kept = Kept.nothing(len(rollouts))
         for i, r in enumerate(rollouts):
             start, mask = response_start(r), shifted_mask(r)
@@ -118,16 +121,17 @@ class PromptKD(Method):
             ctx.teacher.eval()
             pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
                              reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
-            (pl.total / max(n_global, 1.0)).backward()
+            (pl.total / token_scale(n_global)).backward()
             if m.stale_student_target:  # the documented shortcut: p_T^θ from before the update
                 kept.targets[i] = prompted.detach()
-            for key in sums:
-                sums[key] += float(getattr(pl, key).detach())
-        grad_norm = self.prompt.step()
-        return {"prompt/loss": global_mean(sums["total"], n_global),
-                "prompt/guidance_kl": global_mean(sums["guidance"], n_global),
-                "prompt/reg_kl": global_mean(sums["regularizer"], n_global),
-                "prompt/reg_weight": w, "prompt/grad_norm": grad_norm, "prompt/lr": self.prompt.lr}, kept
+            for key, name in (("total", "prompt/loss"), ("guidance", "prompt/guidance_kl"),
+                              ("regularizer", "prompt/reg_kl")):
+                tally.add(name, getattr(pl, key))
+                tally.mean(name, name)
+        # the norm is a host number on purpose: a non-finite one skips the step on every rank
+        tally.values.update({"prompt/reg_weight": w, "prompt/grad_norm": self.prompt.step(),
+                             "prompt/lr": self.prompt.lr})
+        return tally, kept
 
     def student_logits_for_prompt(self, r: Rollout, start: int, kept: Optional[Kept], index: int) -> torch.Tensor:
         """p_S for the guidance term (a constant there), from the student in eval mode (the kept forward below
@@ -161,10 +165,13 @@ class PromptKD(Method):
         return has_dropout(self.ctx.engine.module)
 
     # ------------------------------------------------------------------ phase 3
-    def student_update(self, rollouts: list[Rollout], n_global: float, kept: Kept) -> dict[str, float]:
+    def student_update(self, rollouts: list[Rollout], n_global: torch.Tensor | float, kept: Kept,
+                       tally: Optional[Tally] = None) -> Tally:
+        """Phase 3: the student's reverse-KL step; its metrics, added to ``tally``."""
+        tally = Tally() if tally is None else tally
         ctx = self.ctx
         use_prompt = self.uses_prompt()
-        total = 0.0
+        tally.mean("loss/rkl", "loss/rkl")
         for i, r in enumerate(rollouts):
             start, mask = response_start(r), shifted_mask(r)
             t_logits = kept.targets[i]
@@ -177,8 +184,8 @@ class PromptKD(Method):
                 s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
             rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
             student_backward(ctx, rkl, n_global)
-            total += float(rkl.detach())
-        return {"loss/rkl": global_mean(total, n_global)}
+            tally.add("loss/rkl", rkl)
+        return tally
 
 
 class RKL(PromptKD):

@@ -156,9 +156,9 @@ class SeqKD(Method):
         ctx = self.ctx
         with ctx.timer.phase("teacher_generate"):
             examples = [self.teacher_examples(mb) for mb in micro_batches]
-        metrics = ce_step(ctx, examples)
-        return StepResult({**metrics, "seqkd/generated": float(self.generated),
-                           "seqkd/cached": float(len(self.cache.entries))})
+        tally = ce_step(ctx, examples)
+        tally.values.update({"seqkd/generated": float(self.generated), "seqkd/cached": float(len(self.cache.entries))})
+        return StepResult(tally)
 
     def teacher_examples(self, micro_batch: MicroBatch) -> MicroBatch:
         """The micro-batch with each response replaced by the teacher's (cached or generated now)."""

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from promptkd.config import REGISTRY
 from promptkd.losses import cross_entropy
-from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, full_batches, global_mean, global_tokens,
-                                   lm_logits, student_backward, student_update_phase)
+from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, Tally, full_batches, global_tokens,
+                                   lm_logits, local_tokens, student_backward, student_update_phase)
 
 
 class SFT(Method):
@@ -13,15 +13,18 @@ class SFT(Method):
         return StepResult(ce_step(self.ctx, micro_batches))
 
 
-def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> dict[str, float]:
+def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> Tally:
     """Cross-entropy on the micro-batches' responses, normalised by the global token count (SFT, SeqKD)."""
     batches = full_batches(ctx, micro_batches)
     n_global = global_tokens([b["loss_mask"] for b in batches])
-    total = 0.0
+    tally = Tally()
+    tally.add("tokens", local_tokens([b["loss_mask"] for b in batches]))
+    tally.mean("tokens", "tokens", per=None)
+    tally.mean("loss/ce", "loss/ce")
     with student_update_phase(ctx):
         for b in batches:
             logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
             loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)
             student_backward(ctx, loss_sum, n_global)
-            total += float(loss_sum.detach())
-    return {"loss/ce": global_mean(total, n_global), "tokens": n_global}
+            tally.add("loss/ce", loss_sum)
+    return tally

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from promptkd.losses import token_divergence
-from promptkd.methods.base import (MicroBatch, StepContext, full_batches, global_mean, global_tokens, lm_logits,
+from promptkd.methods.base import (MicroBatch, StepContext, Tally, full_batches, global_tokens, lm_logits, local_tokens,
                                    response_start, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits)
 from promptkd.rollout import Rollout
@@ -52,14 +52,18 @@ def ground_truth(ctx: StepContext, micro_batches: list[MicroBatch]) -> list[Roll
 
 
 def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str, *, alpha: float,
-                   beta: float = 0.5) -> dict[str, float]:
+                   beta: float = 0.5) -> Tally:
     """Student step on ``divergence(p_T, p_S)`` over the response tokens of ``seqs``.
 
     ``alpha`` is the skew of sfkl/srkl, ``beta`` JSD's β (the caller's config section
     gives both). The teacher runs without its prompt (these baselines have none) and is a constant.
     """
     n_global = global_tokens([s.loss_mask for s in seqs])
-    total = 0.0
+    tally = Tally()
+    tally.add("tokens", local_tokens([s.loss_mask for s in seqs]))
+    tally.mean("tokens", "tokens", per=None)
+    name = f"loss/{divergence}"
+    tally.mean(name, name)
     with student_update_phase(ctx):
         for s in seqs:
             start, mask = response_start(s), shifted_mask(s)
@@ -70,5 +74,5 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str, *, al
             loss, _ = token_divergence(divergence, t_logits, s_logits, mask, ctx.chunk,
                                        beta=beta, alpha=alpha)
             student_backward(ctx, loss, n_global)
-            total += float(loss.detach())
-    return {f"loss/{divergence}": global_mean(total, n_global), "tokens": n_global}
+            tally.add(name, loss)
+    return tally

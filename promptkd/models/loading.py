@@ -121,22 +121,40 @@ def missing_local_dir(path_or_id: str) -> bool:
     return _looks_local(path_or_id) and not os.path.isdir(os.path.expanduser(path_or_id))
 
 
-def load_pretrained(path_or_id: str, dtype: torch.dtype, key: str = "model.path") -> PreTrainedModel:
-    """Load a causal LM from a local directory or hub id in ``dtype``.
+def load_pretrained(path_or_id: str, dtype: torch.dtype, key: str = "model.path",
+                    device: torch.device | str | None = None) -> PreTrainedModel:
+    """Load a causal LM from a local directory or hub id in ``dtype``, straight onto ``device``.
 
-    Raises ConfigError("<key>: cannot load ...") naming the config key and the
-    path on any failure, so a config typo reads as a config error (exit 2, one line).
+    The weights are read in ``dtype`` onto ``device`` (transformers 5 builds the model on the meta
+    device and fills it there): no rank holds a full fp32 copy in host RAM on the way. Under a live
+    ZeRO-3 ``HfDeepSpeedConfig`` the device is left to DeepSpeed (zero.Init partitions at construction).
+    Raises ConfigError("<key>: cannot load ...") naming the config key and the path when the model
+    cannot be read, so a config typo reads as a config error (exit 2, one line); running out of
+    device memory is not a config error and propagates.
     """
     expanded = os.path.expanduser(path_or_id)
     if missing_local_dir(path_or_id):
         raise ConfigError(f"{key}: cannot load '{path_or_id}': no such directory")
+    kwargs: dict[str, Any] = {"dtype": dtype}  # transformers 5 takes dtype=; torch_dtype= is deprecated there
+    if device is not None and not _zero3_live():
+        kwargs["device_map"] = torch.device(device)
     try:
-        # transformers 5 takes dtype=; torch_dtype= is deprecated there.
-        model = AutoModelForCausalLM.from_pretrained(expanded, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(expanded, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"{key}: cannot load '{path_or_id}': {exc}") from exc
-    logger.info("loaded %s (%s) in %s", path_or_id, type(model).__name__, dtype)
+    logger.info("loaded %s (%s) in %s on %s", path_or_id, type(model).__name__, dtype,
+                kwargs.get("device_map", "zero3 partitions" if device is not None else "cpu"))
     return model
+
+
+def _zero3_live() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers without the DeepSpeed integration
+        return False
+    return bool(is_deepspeed_zero3_enabled())
 
 
 def check_vocab(tokenizer_len: int, teacher_vocab: int, student_vocab: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from promptkd.config import REGISTRY, Config, load_ds_json, max_new_tokens
 from promptkd.plan import memory as M

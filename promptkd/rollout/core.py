@@ -11,16 +11,25 @@ an all-reduce says every rank is done; ranks still stop as soon as they all are.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from promptkd import distributed as dist
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+log = logging.getLogger(__name__)
+
+GATHER_CHOICES = ("auto", "always", "never")
+# "auto" gathers a ZeRO-3 model for a decode loop when its full weights take at most this share of the
+# accelerator's free memory (the KV cache and the activations of the loop need the rest)
+GATHER_FREE_FRACTION = 0.5
+_LOGGED: set[str] = set()
 
 
 @dataclass
@@ -122,6 +131,57 @@ def mixed_step_fn(student: StepFn, teacher: StepFn, alpha: float, vocab_size: in
     return step
 
 
+def _partitioned(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The module's ZeRO-3 partitioned parameters (empty when it is not partitioned)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def gather_fits(params: list[torch.nn.Parameter]) -> bool:
+    """Whether the full weights fit beside the decode loop, decided alike on every rank (one all-reduce)."""
+    full = sum(p.ds_numel * p.element_size() for p in params)
+    fits = True
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        fits = full <= GATHER_FREE_FRACTION * free
+    return dist.all_true(fits)
+
+
+@contextlib.contextmanager
+def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model") -> Iterator[bool]:
+    """Under ZeRO-3, hold every weight of ``module`` gathered for a loop of forwards (decoding, evaluation).
+
+    Without it each decoded token all-gathers every layer again (the whole model per token). With it the
+    loop all-gathers once. The weights are kept resident by marking them in use (a sentinel in DeepSpeed's
+    ``ds_active_sub_modules``), so the per-layer release after each forward leaves them gathered; on exit
+    the mark is removed and ``GatheredParameters`` partitions them again. Yields whether it gathered.
+    policy: auto (when they fit: ``gather_fits``), always, never. A no-op for a module that is not
+    partitioned. Every rank must enter it together (the gather is a collective).
+    """
+    if policy not in GATHER_CHOICES:
+        raise ValueError(f"gather policy must be one of {GATHER_CHOICES}, got {policy!r}")
+    params = _partitioned(module)
+    use = bool(params) and policy != "never" and (policy == "always" or gather_fits(params))
+    if params and what not in _LOGGED:
+        _LOGGED.add(what)
+        log.info("ZeRO-3 %s: %s for each decode loop (%.1f MB of weights, gather=%s)", what,
+                 "gathered once" if use else "gathered layer by layer per token",
+                 sum(p.ds_numel * p.element_size() for p in params) / 2 ** 20, policy)
+    if not use:
+        yield False
+        return
+    import deepspeed
+
+    sentinel = -1 - id(module)  # a submodule id no DeepSpeed module has
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.add(sentinel)
+        try:
+            yield True
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(sentinel)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus filtering on fp32 logits [B, V]; removed entries become -inf."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -137,27 +197,47 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def banned_ngram_mask(ids: torch.Tensor, start: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """[B, vocab_size] bool: the tokens that would repeat an n-gram already in each row, on the device.
+
+    ids: [B, L] left-padded sequences (prompt + tokens so far); start: [B] index of each row's first real
+    token. A window of n tokens that begins at or after ``start`` and whose first n-1 tokens equal the
+    row's last n-1 bans its n-th token (transformers' NoRepeatNGramLogitsProcessor, without a host loop).
+    """
+    batch, length = ids.shape
+    banned = torch.zeros(batch, vocab_size, dtype=torch.bool, device=ids.device)
+    if n <= 0 or length < n:
+        return banned
+    windows = ids.unfold(1, n, 1)                                       # [B, L-n+1, n]
+    suffix = ids[:, length - n + 1:]                                    # [B, n-1]
+    hit = (windows[:, :, :n - 1] == suffix[:, None, :]).all(-1)         # [B, L-n+1]
+    hit &= torch.arange(length - n + 1, device=ids.device)[None, :] >= start[:, None]
+    last = windows[:, :, n - 1].clamp(0, vocab_size - 1)
+    hit &= windows[:, :, n - 1] < vocab_size                            # ids beyond the logits cannot be banned
+    counts = torch.zeros(batch, vocab_size, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, last, hit.to(torch.int32))
+    return counts > 0
+
+
 def banned_ngram_tokens(seqs: list[list[int]], n: int) -> list[set[int]]:
-    """Tokens that would repeat an n-gram already present in each sequence."""
-    out = []
-    for seq in seqs:
-        banned: set[int] = set()
-        if n > 0 and len(seq) >= n:
-            prefix = tuple(seq[len(seq) - n + 1:])
-            for i in range(len(seq) - n + 1):
-                if tuple(seq[i:i + n - 1]) == prefix:
-                    banned.add(seq[i + n - 1])
-        out.append(banned)
-    return out
+    """Tokens that would repeat an n-gram already present in each sequence (``banned_ngram_mask`` on lists)."""
+    if not seqs:
+        return []
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[0] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    start = torch.tensor([width - len(s) for s in seqs], dtype=torch.long)
+    vocab = int(ids.max()) + 1 if ids.numel() else 1
+    mask = banned_ngram_mask(ids, start, n, vocab)
+    return [set(torch.nonzero(row).squeeze(-1).tolist()) for row in mask]
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
-                  history: Optional[list[list[int]]] = None) -> torch.Tensor:
-    """Next token per row from fp32 logits [B, V]."""
+                  history: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Next token per row from fp32 logits [B, V]; history: (ids [B, L], start [B]) for n-gram bans."""
     if params.no_repeat_ngram_size > 0 and history is not None:
-        for row, banned in enumerate(banned_ngram_tokens(history, params.no_repeat_ngram_size)):
-            if banned:
-                logits[row, list(banned)] = float("-inf")
+        ids, start = history
+        logits = logits.masked_fill(banned_ngram_mask(ids, start, params.no_repeat_ngram_size, logits.shape[-1]),
+                                    float("-inf"))
     if not params.do_sample:
         return logits.argmax(-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
@@ -177,7 +257,8 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
     batch, prompt_len = input_ids.shape
     mask = attention_mask.long()
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    history = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)] if params.no_repeat_ngram_size else None
+    # n-gram bans read (ids so far, first real position): left padding comes first in every row
+    history = (input_ids, prompt_len - mask.sum(-1)) if params.no_repeat_ngram_size else None
     tokens, keep = [], []
     cur, past = input_ids, None
     for _ in range(params.max_new_tokens):
@@ -187,8 +268,7 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
         keep.append((~finished).long())
         tokens.append(nxt)
         if history is not None:
-            for row, tok in enumerate(nxt.tolist()):
-                history[row].append(tok)
+            history = (torch.cat([history[0], nxt[:, None]], dim=1), history[1])
         finished = finished | (nxt == eos_id)
         mask = torch.cat([mask, keep[-1][:, None]], dim=1)
         cur = nxt[:, None]

@@ -162,7 +162,8 @@ def _plain_teacher(cfg: Config, tokenizer: Any) -> torch.nn.Module:
     t = cfg.model.teacher
     if not t.path:
         return _tiny(t.init, tokenizer, cfg.seed)
-    base = load_pretrained(t.path, DTYPES[t.dtype], key="model.teacher.path")
+    # in its dtype on this rank's device (a ZeRO-3 teacher: DeepSpeed places the partitions)
+    base = load_pretrained(t.path, DTYPES[t.dtype], key="model.teacher.path", device=dist.device())
     _check_covers_tokenizer(base, tokenizer, "model.teacher.path")  # before the prompt's text init indexes it
     return base
 
@@ -210,8 +211,8 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     s = cfg.model.student
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        model = (load_pretrained(s.path, torch.float32, key="model.student.path") if s.path
-                 else _tiny(s.init, tokenizer, cfg.seed + 1))
+        model = (load_pretrained(s.path, student_dtype(cfg), key="model.student.path", device=dist.device())
+                 if s.path else _tiny(s.init, tokenizer, cfg.seed + 1))
     finally:
         del keep_alive  # a live HfDeepSpeedConfig would also partition later models
         _unset_hf_ds_config()
@@ -220,6 +221,12 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     if s.gradient_checkpointing:
         enable_checkpointing(model)
     return model
+
+
+def student_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the student trains in (train.precision). Loading a checkpoint in it loses nothing: under
+    bf16/fp16 DeepSpeed casts the module to it and builds the fp32 master weights from those 16-bit values."""
+    return DTYPES[cfg.train.precision]
 
 
 def _check_covers_tokenizer(model: torch.nn.Module, tokenizer: Any, key: str) -> None:

@@ -22,6 +22,7 @@ from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
 from promptkd.methods import METHODS, Method, build_method, step_context
 from promptkd.models import PromptedTeacher
 from promptkd.rollout import hf_step_fn
+from promptkd.rollout.core import gathered
 from promptkd.training.builders import (Splits, build_student_engine, build_teacher, build_tokenizer,
                                         example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
 from promptkd.training.trainer import DevEval, Trainer
@@ -175,7 +176,8 @@ def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: li
 
     def run(step: int) -> dict[str, float]:
         engine.module.eval()
-        res = evaluate(student_decoder(engine, tokenizer, vocab), tokenizer, dev, dev_ev)
+        with gathered(engine.module, what="student dev evaluation"):  # ZeRO-3: once, not per token
+            res = evaluate(student_decoder(engine, tokenizer, vocab), tokenizer, dev, dev_ev)
         return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
 
     return run

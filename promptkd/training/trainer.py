@@ -126,13 +126,22 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.state.step += 1
         self._count_skips(result.skipped)
-        metrics = result.metrics
-        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
+        phases = ctx.timer.pop()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
-        self._log(metrics, seconds, ctx.timer.pop(), result.rollouts)
+        if self._logging_step():
+            # the step's metrics leave the device only here: one collective on every rank, logging steps only
+            metrics = result.reduce()
+            metrics["train/skipped_steps"] = float(self.state.skipped_steps)
+            if bar is not None:
+                bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
+            self._log(metrics, seconds, phases, result.rollouts)
         self._maybe_dev_eval()
+
+    def _logging_step(self) -> bool:
+        """logging.interval steps and the last one (the same on every rank)."""
+        step = self.state.step
+        return step % self.cfg.logging.interval == 0 or step == self.total_steps
 
     def _count_skips(self, skipped: bool) -> None:
         if not skipped:
@@ -161,8 +170,6 @@ class Trainer:
 
     def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float], rollouts: list) -> None:
         step, ctx = self.state.step, self.method.ctx
-        if step % self.cfg.logging.interval and step != self.total_steps:
-            return
         values = dict(metrics)
         values["student/lr"] = float(ctx.engine.get_lr()[0])
         norm = ctx.engine.get_global_grad_norm()

@@ -367,3 +367,49 @@ def test_rows_of_a_merged_batch_equal_each_micro_batch_alone():
         alone = generate(ScriptedStep(scripts[start:start + n]), alone_ids, alone_mask, params, eos_id=eos,
                          pad_id=PAD, vocab_size=VOCAB)
         assert _equal(rows_of(merged, start, n, PAD), alone), (start, n)
+
+
+def _python_banned(seq: list[int], n: int) -> set[int]:
+    """The loop the tensor version replaced (per row, per token, on the host): the reference."""
+    banned: set[int] = set()
+    if n > 0 and len(seq) >= n:
+        prefix = tuple(seq[len(seq) - n + 1:])
+        for i in range(len(seq) - n + 1):
+            if tuple(seq[i:i + n - 1]) == prefix:
+                banned.add(seq[i + n - 1])
+    return banned
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_banned_ngram_mask_equals_python_reference_on_left_padded_rows(n):
+    from promptkd.rollout import banned_ngram_mask
+
+    g = torch.Generator().manual_seed(100 + n)
+    vocab, batch, length = (2 if n >= 6 else 4), 16, 40
+    for _ in range(5):
+        ids = torch.randint(0, vocab, (batch, length), generator=g)   # small alphabet: many repeats
+        start = torch.randint(0, length, (batch,), generator=g)
+        start[0] = 0                                                   # one row without padding
+        ids[torch.arange(length)[None, :] < start[:, None]] = vocab - 1  # padding tokens that must not count
+        mask = banned_ngram_mask(ids, start, n, vocab)
+        assert mask.shape == (batch, vocab) and mask.dtype == torch.bool
+        for row in range(batch):
+            want = _python_banned(ids[row, int(start[row]):].tolist(), n)
+            assert set(torch.nonzero(mask[row]).squeeze(-1).tolist()) == want, (row, n)
+        assert mask.any()
+
+
+def test_generate_with_ngram_ban_never_repeats_an_ngram():
+    model = _model()
+    ids, mask = _left_pad(PROMPTS)
+    n = 2
+    params = SamplingParams(max_new_tokens=12, do_sample=False, no_repeat_ngram_size=n)
+    out = generate(hf_step_fn(model), ids, mask, params, eos_id=NO_EOS, pad_id=PAD, vocab_size=VOCAB,
+                   force_eos=False)
+    plain = generate(hf_step_fn(model), ids, mask, SamplingParams(max_new_tokens=12, do_sample=False),
+                     eos_id=NO_EOS, pad_id=PAD, vocab_size=VOCAB, force_eos=False)
+    for row, prompt in enumerate(PROMPTS):
+        seq = prompt + out.response_ids[row].tolist()
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        assert len(grams) == len(set(grams)), (row, seq)
+    assert not torch.equal(out.response_ids, plain.response_ids)  # the greedy rows did repeat: the ban acted

@@ -1,0 +1,109 @@
+"""2-rank ZeRO-3 checks of gathering the student once per decode loop (issue 19, item 3).
+
+    torchrun --nproc_per_node 2 tests/distributed/gather_scenarios.py --out DIR
+
+Writes ``DIR/gather.rank<r>.json``; tests/distributed/test_gather.py asserts on it. The parameter
+all-gathers are counted by wrapping torch.distributed's all-gather functions before the process
+group exists (DeepSpeed's comm backend keeps references to them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+
+GATHERS = {"n": 0}
+
+
+def count_gathers() -> None:
+    for name in ("all_gather_into_tensor", "all_gather", "_all_gather_base"):
+        fn = getattr(tdist, name, None)
+        if fn is None:
+            continue
+
+        def wrapper(*args, __fn=fn, **kwargs):
+            GATHERS["n"] += 1
+            return __fn(*args, **kwargs)
+
+        setattr(tdist, name, wrapper)
+
+
+def rollouts(m, batches, policy: str, seed: int) -> tuple[list[list[list[int]]], int, int]:
+    """Rollout token ids of ``batches`` under gather ``policy``, the all-gathers they cost and the decode steps."""
+    from promptkd.methods.base import student_rollout
+
+    m.ctx.gather_student = policy
+    m.ctx.generator.manual_seed(seed)
+    before = GATHERS["n"]
+    out, steps = [], 0
+    for mb in batches:
+        r = student_rollout(m.ctx, mb)
+        out.append(r.input_ids.tolist())
+        steps += r.input_ids.shape[1] - r.prompt_len
+    return out, GATHERS["n"] - before, steps
+
+
+def scenario_gather() -> dict:
+    from promptkd.rollout import SamplingParams
+    from promptkd.training.run import dev_eval_fn
+    from promptkd.config import EvalConfig
+    from tests.distributed import scenarios as sc
+
+    cfg = sc.tiny_cfg(sc.ZERO3)
+    m, splits, tok = sc.build_run(cfg, "rkl")
+    batches = [mb for step in range(2) for mb in sc.rank_batches(splits, step, cfg)]
+    out: dict = {}
+    hook = None
+    for mode, sampling in (("greedy", SamplingParams(max_new_tokens=16, do_sample=False)),
+                           ("sampled", m.ctx.sampling)):
+        m.ctx.sampling = sampling
+        if mode == "sampled":  # likely EOS: rows and ranks stop at different lengths
+            hook = sc.eos_bias_hook(m.ctx.engine.module, tok.eos_token_id, bias=3.0)
+        for policy in ("never", "always", "auto"):
+            ids, gathers, steps = rollouts(m, batches, policy, seed=123)
+            out[f"{mode}_{policy}"] = {"ids": ids, "gathers": gathers, "decode_steps": steps}
+    ev = EvalConfig(batch_size=3, max_new_tokens=12)
+    before = GATHERS["n"]
+    out["dev_eval"] = dev_eval_fn(ev, m.ctx.engine, tok, m.ctx.vocab_size, splits.train[:8])(0)
+    out["dev_eval_gathers"] = GATHERS["n"] - before
+    out["n_params"] = len(list(m.ctx.engine.module.parameters()))
+    out["released"] = all(p.ds_status.name == "NOT_AVAILABLE" for p in m.ctx.engine.module.parameters())
+    hook.remove()
+    # training still works after a gathered rollout (the weights were partitioned again)
+    result = m.step(sc.rank_batches(splits, 3, cfg), 3)
+    out["loss_after"] = result.metrics["loss/rkl"]
+    return out
+
+
+def main() -> None:
+    from promptkd import distributed as dist
+    from tests.distributed import scenarios as sc
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    count_gathers()
+    dist.init(timeout_s=60)
+    sc.SHARED = sc.broadcast_object(tempfile.mkdtemp(prefix="pkd_gather_") if dist.is_main() else None)
+    sc.prepare_shared()
+    try:
+        result = {"ok": True, **scenario_gather()}
+    except Exception as exc:  # recorded, the test reports it
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    with open(os.path.join(args.out, f"gather.rank{dist.rank()}.json"), "w") as fh:
+        json.dump(result, fh, default=str)
+    dist.barrier()
+    dist.shutdown(0)
+
+
+if __name__ == "__main__":
+    main()

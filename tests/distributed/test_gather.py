@@ -1,0 +1,59 @@
+"""ZeRO-3 student gathered once per rollout / dev evaluation: same tokens, far fewer all-gathers (2 gloo ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "tests", "distributed", "gather_scenarios.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gather")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    cmd = ["timeout", "600", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           SCRIPT, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    data = []
+    for r in range(2):
+        with open(os.path.join(out, f"gather.rank{r}.json")) as fh:
+            data.append(json.load(fh))
+        assert data[-1]["ok"], data[-1].get("trace")
+    return data
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_gathered_rollouts_equal_per_token_gathers(ranks, mode):
+    for r in ranks:
+        assert r[f"{mode}_always"]["ids"] == r[f"{mode}_never"]["ids"]
+        assert r[f"{mode}_auto"]["ids"] == r[f"{mode}_never"]["ids"]   # CPU: auto gathers (tiny model fits)
+    # the ranks decoded different prompts, and rows stopped at different lengths
+    assert ranks[0][f"{mode}_never"]["ids"] != ranks[1][f"{mode}_never"]["ids"]
+
+
+def test_gathering_once_cuts_the_all_gathers_per_token(ranks):
+    for r in ranks:
+        n_params, n_rollouts = r["n_params"], len(r["greedy_always"]["ids"])
+        never, once = r["greedy_never"], r["greedy_always"]
+        assert never["decode_steps"] >= 4 * n_rollouts        # long rollouts: the per-token cost shows
+        # without the gather every decoded token gathers every parameter (gloo: one call per parameter) ...
+        assert never["gathers"] >= n_params * never["decode_steps"]
+        # ... with it each rollout gathers every parameter once, whatever its length
+        assert once["gathers"] <= n_params * n_rollouts
+        assert r["greedy_auto"]["gathers"] == once["gathers"]
+        assert r["sampled_always"]["gathers"] <= n_params * n_rollouts
+
+
+def test_dev_eval_gathers_once_and_everything_is_released_after(ranks):
+    r0, r1 = ranks
+    assert r0["dev_eval"] == r1["dev_eval"]
+    # 8 examples, 2 ranks, batch 3, 12 tokens: gathered once for the evaluation, not per token
+    assert 0 < r0["dev_eval_gathers"] <= r0["n_params"]
+    assert r0["released"] and r1["released"]     # partitioned again after the loops
+    assert r0["loss_after"] == r1["loss_after"] and r0["loss_after"] > 0
