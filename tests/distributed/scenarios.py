@@ -594,12 +594,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="")
+    parser.add_argument("--skip", default="")
     args = parser.parse_args()
     OUT = args.out
     dist.init(timeout_s=60)
     SHARED = broadcast_object(tempfile.mkdtemp(prefix="pkd_shared_") if dist.is_main() else None)
     prepare_shared()
-    names = [n for n in SCENARIOS if not args.only or n in args.only.split(",")]
+    names = [n for n in SCENARIOS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
     for name in names:
         try:
             result = {"ok": True, **SCENARIOS[name]()}

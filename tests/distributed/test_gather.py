@@ -1,31 +1,14 @@
 """ZeRO-3 student gathered once per rollout / dev evaluation: same tokens, far fewer all-gathers (2 gloo ranks)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "tests", "distributed", "gather_scenarios.py")
+from tests.fixtures.ranks import run_two_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gather")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    cmd = ["timeout", "600", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           SCRIPT, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    data = []
-    for r in range(2):
-        with open(os.path.join(out, f"gather.rank{r}.json")) as fh:
-            data.append(json.load(fh))
-        assert data[-1]["ok"], data[-1].get("trace")
-    return data
+    return run_two_ranks("gather_scenarios.py", tmp_path_factory.mktemp("gather"), "gather", timeout_s=600)
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sampled"])

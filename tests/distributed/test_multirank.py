@@ -15,11 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(REPO, "tests", "distributed", "scenarios.py")
 
 
-def launch(tmp_path_factory, nproc: int = 2, only: str = ""):
+def launch(tmp_path_factory, nproc: int = 2, only: str = "", skip: str = ""):
     out = tmp_path_factory.mktemp(f"multirank{nproc}")
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     cmd = ["timeout", "600", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--standalone", SCRIPT, "--out", str(out)] + (["--only", only] if only else [])
+           "--standalone", SCRIPT, "--out", str(out)] + (["--only", only] if only else []) \
+        + (["--skip", skip] if skip else [])
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -37,7 +38,15 @@ def launch(tmp_path_factory, nproc: int = 2, only: str = ""):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return launch(tmp_path_factory)
+    return launch(tmp_path_factory, skip=SCENARIO)
+
+
+@pytest.fixture(scope="module")
+def pinned(tmp_path_factory):
+    """The pinned scenario in a launch of its own, as scripts/repin_numerics.py runs it: exact float results
+    depend on the process's allocation history (vectorized reductions over differently aligned buffers;
+    measured: after the export_zero3 scenario, ZeRO-2's loss differed in the 8th digit at step 3)."""
+    return launch(tmp_path_factory, only=SCENARIO)
 
 
 @pytest.mark.parametrize("name", ["promptkd_zero2", "promptkd_zero3"])
@@ -295,7 +304,7 @@ def test_train_eval_modes_follow_the_official_code(results):
         assert i["teacher"] == [["student_step", False, False, False, False]]
 
 
-def test_pinned_loss_curve_and_weights(results):
+def test_pinned_loss_curve_and_weights(pinned):
     """A refactor that should not change numerics reproduces the pinned curve exactly (DESIGN.md §3).
 
     Pins are kept per CPU kind (``hardware()``): the same code gives results that differ in the 7th digit
@@ -306,7 +315,7 @@ def test_pinned_loss_curve_and_weights(results):
     This test only compares: pins are written by ``python scripts/repin_numerics.py`` (this CPU kind), only for
     code that reproduces an existing pin (and for a change meant to alter numerics, repin every kind).
     """
-    got = result_of(results(SCENARIO))
+    got = result_of(pinned(SCENARIO))
     pins = load_pins()
     here = hardware()
     exact = here in pins

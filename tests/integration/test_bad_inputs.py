@@ -231,7 +231,7 @@ def _cases(p: Paths) -> dict[str, Case]:
         #     sub-runs): now before the launch writes anything
         "seqkd_vllm_teacher_without_dir": Case(["method.name=seqkd", "rollout.engine=vllm",
                                                 "model.teacher.placement=zero3"],
-                                               ["rollout.engine", "SeqKD", "model.teacher.path"]),
+                                               ["rollout.engine", "seqkd's teacher", "model.teacher.path"]),
         "vllm_sleep_without_gpu": Case(["rollout.engine=vllm", "rollout.vllm.sleep=true"],
                                        ["rollout.vllm.sleep", "needs a GPU"]),
         "exposure_without_teacher": Case(["stage=exposure"], ["exposure.teacher_path", "no teacher"]),

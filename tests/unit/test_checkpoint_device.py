@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptkd import distributed as dist
 from promptkd.models import build_tiny
 from promptkd.training import checkpoint
 

@@ -157,7 +157,7 @@ class _Method:
 
     def step(self, micro, step):
         self.micro_seen.append(micro)
-        return StepResult(metrics={})
+        return StepResult({})
 
 
 class _Logger:
