@@ -109,6 +109,22 @@ def _resume_path(cfg: Config) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- eval stage
 
+def student_eval_dtype(cfg: Config) -> torch.dtype:
+    """``eval.dtype``: auto is bf16 on a GPU that has it (decoding is memory-bound; the paper's models train in
+    bf16/fp16), fp32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    choice = cfg.eval.dtype
+    if choice == "auto":
+        choice = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return DTYPES[choice]
+
+
+def allow_tf32() -> None:
+    """TF32 matmuls for evaluation on CUDA (no effect elsewhere): fp32 weights then run on tensor cores too."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str = "",
                   cfg: Optional[Config] = None) -> Decoder:
     """A replicated HF model (optionally with a learned teacher prompt) ready to decode.
@@ -130,7 +146,7 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
     if prompt_dir:
         teacher = load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
         return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
-    base = load_pretrained(path, dtype).to(dist.device()).eval()
+    base = load_pretrained(path, dtype, device=dist.device()).eval()
     return Decoder(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
 
 
@@ -142,6 +158,7 @@ def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]]
     loaded once is also decoded greedily, into ``out_dir/greedy`` and the ``eval_greedy/`` scalars.
     """
     sets, info = eval_sets(cfg, tokenizer)
+    allow_tf32()
     views = {"": cfg.eval}
     if cfg.eval.greedy_too and cfg.eval.do_sample:
         views["greedy"] = greedy_eval(cfg.eval)
@@ -208,7 +225,7 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     models = _models_to_eval(cfg)
     key = "tokenizer.path" if cfg.tokenizer.path else ("eval.models" if cfg.eval.models else "eval.model_path")
     tokenizer = load_tokenizer(cfg.tokenizer.path or next(iter(models.values())), key=key)
-    dtype = DTYPES[cfg.model.teacher.dtype] if cfg.eval.prompt_path else torch.float32
+    dtype = DTYPES[cfg.model.teacher.dtype] if cfg.eval.prompt_path else student_eval_dtype(cfg)
     report, greedy = evaluate_models(cfg, {name: (path, cfg.eval.prompt_path, dtype) for name, path in models.items()},
                                      tokenizer, os.path.join(cfg.output.dir, "eval"))
     print_tables(report, greedy)
@@ -299,8 +316,8 @@ def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, te
     t_dtype = DTYPES[cfg.model.teacher.dtype]
     init, distilled = selected_student(student_dir), selected_student(distill_dir)
     models = {"teacher (SFT)": (os.path.join(teacher_dir, "export"), "", t_dtype),
-              f"student (SFT, {_selected_label(init)})": (init, "", torch.float32),
-              f"student ({cfg.method.name}, {_selected_label(distilled)})": (distilled, "", torch.float32)}
+              f"student (SFT, {_selected_label(init)})": (init, "", student_eval_dtype(cfg)),
+              f"student ({cfg.method.name}, {_selected_label(distilled)})": (distilled, "", student_eval_dtype(cfg))}
     if os.path.isdir(os.path.join(distilled, PROMPT_DIR)):  # the distillation exported a learned prompt
         models["teacher + learned prompt"] = (os.path.join(teacher_dir, "export"), distilled, t_dtype)
     ev_cfg = with_overrides(base, {"eval.file": test_file})

@@ -236,6 +236,9 @@ class EvalConfig:
                         "empty = eval.file / data.test_file as the set 'test'")
     engine: str = _f("hf", "what decodes stage=eval and the pipeline's evaluation: hf | vllm (HF model dirs; the "
                            "prompted teacher stays on hf)", choices=("hf", "vllm"))
+    dtype: str = _f("auto", "dtype of students loaded for evaluation (stage=eval, the pipeline's evaluation): "
+                            "auto = bf16 with TF32 matmuls on a GPU that has bf16, fp32 elsewhere | bf16 | fp32",
+                    choices=("auto", "bf16", "fp32"))
 
     def check(self, prefix: str, cfg: Any) -> None:
         if self.engine == "vllm":
