@@ -168,7 +168,7 @@ def mfu_section(ws: dict, p: dict, matmul_peak: float) -> dict[str, Any]:
 
     def update() -> None:
         s_logits = lm_logits(engine, ids, att, v)
-        loss, _ = reverse_kl(s_logits, t_logits, mask)
+        loss, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask)
         engine.backward(loss / n_tok, scale_wrt_gas=False)
         engine.step()
 

@@ -65,7 +65,7 @@ def fwd_bwd(loss: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch
         # computes without a gradient, and what it computed with one before the fused kernels)
         value = losses._run_chunked(losses._kl_chunk, [p, q], mask, None)
     else:
-        value, _ = losses.kl_divergence(p, q, mask, chunk_size=chunk)
+        value, _ = losses.kl_divergence(p, q, mask=mask, chunk_size=chunk)
     value.backward()
     return float(value.detach())
 

@@ -81,8 +81,8 @@ def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clo
     with clock("prompt/teacher_prompted_fwd"):
         prompted = teacher_logits(ctx.teacher, ids, att, vocab, True, start)
     with clock("prompt/loss"):
-        pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
-                         reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
+        pl = prompt_loss(s_logits, prompted=prompted, teacher=base if base is not None else prompted.detach(),
+                         mask=mask, reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
         loss = pl.total / max(n_global, 1.0)
     with clock("prompt/teacher_bwd"):
         loss.backward()
@@ -96,7 +96,7 @@ def instrumented_iteration(method: Any, micro_batch: list, step: int, clock: Clo
     with clock("student/fwd"):
         s_logits = kept if kept is not None else lm_logits(ctx.engine, ids, att, vocab, start)
     with clock("student/loss"):
-        rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
+        rkl, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
     with clock("student/bwd"):
         ctx.engine.backward(rkl / max(n_global, 1.0), scale_wrt_gas=False)
     with clock("student/optimizer"):

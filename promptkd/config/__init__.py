@@ -19,7 +19,8 @@ from promptkd.config.deepspeed import (RUN_CONFIG_KEYS, build_ds_config, build_t
 from promptkd.config.fields import ConfigError, get, validate
 from promptkd.config.loading import asdict, help_lines, load_config, parse_override, to_yaml, with_overrides
 from promptkd.config.registry import METHOD_NAMES, REGISTRY, MethodSpec, method_spec
-from promptkd.config.methods import (DIVERGENCES, MOVED, DistiLLMConfig, DivergenceConfig, GKDConfig,
+from promptkd.config.divergences import DIVERGENCE_NAMES, DIVERGENCES, DivergenceSpec
+from promptkd.config.methods import (MOVED, DistiLLMConfig, DivergenceConfig, GKDConfig,
                                      ImitKDConfig, KDConfig, MethodConfig, MiniLLMConfig, PromptKDConfig,
                                      SeqKDConfig)
 from promptkd.config.schema import (Config, DataConfig, EvalConfig, ExposureConfig, LoggingConfig, ModelConfig,
@@ -36,6 +37,7 @@ __all__ = [
     "VLLM_INSTALL", "PlanConfig", "parse_bytes",
     "MethodConfig", "PromptKDConfig", "KDConfig", "DivergenceConfig", "ImitKDConfig", "GKDConfig",
     "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "REGISTRY", "MethodSpec", "method_spec", "DIVERGENCES",
+    "DIVERGENCE_NAMES", "DivergenceSpec",
     "MOVED",
     "load_config", "with_overrides", "parse_override", "asdict", "to_yaml", "help_lines",
     "RUN_CONFIG_KEYS", "resolve_path", "load_ds_json", "build_ds_config", "build_teacher_ds_config", "zero_stage",

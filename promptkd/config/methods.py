@@ -10,25 +10,27 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from promptkd.config.divergences import DIVERGENCE_NAMES, SKEW_DIVERGENCES, divergence_help
 from promptkd.config.fields import ConfigError, _f
 from promptkd.config.registry import METHOD_NAMES
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")
+# read by promptkd.losses (prompt_loss, regularizer_weight) too: the choices are written once, here
+GUIDANCE_CHOICES = ("teacher_student", "student_teacher")
+SCHEDULE_CHOICES = ("linear", "constant", "off")
 SKEW_HELP = "skew α; sfkl = KL(p_T‖α·p_T + (1-α)·p_S), srkl = KL(p_S‖α·p_S + (1-α)·p_T)"
 
 
 def _divergence(default: str) -> Any:
-    return _f(default, "token divergence: fkl | rkl | jsd | tvd (0.5·Σ|p_T - p_S|) | sfkl | srkl",
-              choices=DIVERGENCES)
+    return _f(default, "token divergence: " + divergence_help(), choices=DIVERGENCE_NAMES)
 
 
 @dataclass
 class PromptKDConfig:
     guidance: str = _f("teacher_student", "prompt guidance term: teacher_student = KL(p_T^θ‖p_S) | "
                                           "student_teacher = KL(p_S‖p_T^θ)",
-                       choices=("teacher_student", "student_teacher"))
+                       choices=GUIDANCE_CHOICES)
     reg_schedule: str = _f("linear", "regularizer weight w(t): linear = 1 - t/T | constant | off",
-                           choices=("linear", "constant", "off"))
+                           choices=SCHEDULE_CHOICES)
     reg_weight: float = _f(1.0, "regularizer scale: w(t) = reg_weight · (1 - t/T) for linear, reg_weight for "
                                 "constant", min=0)
     reuse_student_forward: bool = _f(True, "without dropout, the prompt step's student forward runs with grad and "
@@ -71,7 +73,7 @@ class GKDConfig(DivergenceConfig):
 
 @dataclass
 class DistiLLMConfig:
-    loss: str = _f("srkl", "srkl (skew reverse KL) | sfkl (skew forward KL)", choices=("srkl", "sfkl"))
+    loss: str = _f("srkl", "the skew KL: " + " | ".join(SKEW_DIVERGENCES), choices=SKEW_DIVERGENCES)
     skew_alpha: float = _f(0.1, SKEW_HELP, unit=True, below_one=True)
     replay_capacity: int = _f(1000, "student samples kept per rank in the replay buffer (FIFO)", positive=True)
     replay_ratio: float = _f(0.5, "chance a student-sample step replays the buffer instead of generating", unit=True)

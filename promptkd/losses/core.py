@@ -7,7 +7,11 @@ Conventions shared by every function here:
 - ``mask`` is ``[B, T]`` (0/1, any dtype) and marks the positions that count;
 - the result is ``(loss_sum, n_tokens)``, both fp32 scalars, with
   ``n_tokens = mask.sum()``. Callers divide by a *global* token count (over
-  accumulation micro-batches and ranks), never by a per-batch mean.
+  accumulation micro-batches and ranks), never by a per-batch mean;
+- one argument order: the student's logits first, everything else keyword-only
+  (``forward_kl(s, teacher=t, mask=m)``), so no call can swap the two models.
+  ``kl_divergence(p, q)`` and ``skew_kl(p, q)`` are the role-free primitives
+  (KL(p || q) of any two distributions) the named losses are built from.
 
 All arithmetic runs in fp32. Only masked-in rows are selected before the
 softmax, so padding rows cost nothing and garbage (even inf/nan) logits at
@@ -34,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from promptkd.config.divergences import DIVERGENCES
+from promptkd.config.methods import GUIDANCE_CHOICES, SCHEDULE_CHOICES
 from promptkd.losses.fused import _FusedChunkedKL, _FusedPromptLoss, _select, auto_chunk
-
-GUIDANCE_CHOICES = ("teacher_student", "student_teacher")
-SCHEDULE_CHOICES = ("linear", "constant", "off")
 
 ChunkFn = Callable[..., torch.Tensor]
 
@@ -105,21 +108,22 @@ def _kl_chunk(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor
 
 
 def kl_divergence(
-    p_logits: torch.Tensor,
-    q_logits: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    *,
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level KL(p || q) = sum_v p (log p - log q), summed over masked positions.
 
-    p_logits, q_logits: [B, T, V]; mask: [B, T]. Gradients flow to whichever
+    p, q: logits [B, T, V]; mask: [B, T]. Gradients flow to whichever
     input requires grad; detach at the call site to make one side a constant.
     """
-    _check_shapes([p_logits, q_logits], mask)
-    if _fused(chunk_size, p_logits, q_logits):
-        chunk = chunk_size or auto_chunk(p_logits)
-        return _FusedChunkedKL.apply(p_logits, q_logits, mask, chunk), _n_tokens(mask)
-    loss = _run_chunked(_kl_chunk, [p_logits, q_logits], mask, chunk_size)
+    _check_shapes([p, q], mask)
+    if _fused(chunk_size, p, q):
+        chunk = chunk_size or auto_chunk(p)
+        return _FusedChunkedKL.apply(p, q, mask, chunk), _n_tokens(mask)
+    loss = _run_chunked(_kl_chunk, [p, q], mask, chunk_size)
     return loss, _n_tokens(mask)
 
 
@@ -131,23 +135,25 @@ def _fused(chunk_size: int | None, *logits: torch.Tensor) -> bool:
 
 
 def forward_kl(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(p_T || p_S): mass-covering distillation (KD, ImitKD)."""
-    return kl_divergence(teacher_logits, student_logits, mask, chunk_size)
+    """KL(p_T || p_S): mass-covering distillation (KD, ImitKD). Logits [B, T, V], mask [B, T]."""
+    return kl_divergence(teacher, student, mask=mask, chunk_size=chunk_size)
 
 
 def reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(p_S || p_T): mode-seeking distillation (PromptKD student update)."""
-    return kl_divergence(student_logits, teacher_logits, mask, chunk_size)
+    """KL(p_S || p_T): mode-seeking distillation (PromptKD student update). Logits [B, T, V], mask [B, T]."""
+    return kl_divergence(student, teacher, mask=mask, chunk_size=chunk_size)
 
 
 def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,22 +164,23 @@ def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
 
 
 def cross_entropy(
-    logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
     targets: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of -log p(target) over masked positions.
+    """Sum of -log p_S(target) over masked positions.
 
-    logits: [B, T, V]; targets: [B, T] long (values at masked-out positions are
-    never read, so -100 or pad ids are fine there); mask: [B, T].
+    student: logits [B, T, V] of the model being trained; targets: [B, T] long (values at
+    masked-out positions are never read, so -100 or pad ids are fine there); mask: [B, T].
     """
-    _check_shapes([logits], mask)
+    _check_shapes([student], mask)
     if targets.shape != mask.shape:
         raise ValueError(
             f"targets must be [B, T] = {tuple(mask.shape)}, got {tuple(targets.shape)}"
         )
-    loss = _run_chunked(_ce_chunk, [logits, targets], mask, chunk_size)
+    loss = _run_chunked(_ce_chunk, [student, targets], mask, chunk_size)
     return loss, _n_tokens(mask)
 
 
@@ -214,9 +221,10 @@ def _make_prompt_chunk(guidance: str, with_reg: bool) -> ChunkFn:
 
 
 def prompt_loss(
-    prompted_teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
-    base_teacher_logits: torch.Tensor | None,
+    student: torch.Tensor,
+    *,
+    prompted: torch.Tensor,
+    teacher: torch.Tensor | None,
     mask: torch.Tensor,
     reg_weight: float,
     guidance: str = "teacher_student",
@@ -224,31 +232,32 @@ def prompt_loss(
 ) -> PromptLoss:
     """PromptKD prompt objective: guidance + reg_weight * KL(p_T^theta || p_T).
 
-    guidance "teacher_student" is KL(p_T^theta || p_S) (paper default);
+    student: p_S's logits; prompted: p_T^theta's (the only input trained here); teacher: the
+    plain p_T's. guidance "teacher_student" is KL(p_T^theta || p_S) (paper default);
     "student_teacher" is KL(p_S || p_T^theta). All logits [B, T, V], mask [B, T].
     Student and plain-teacher logits are detached: only the prompt is trained here.
     With reg_weight == 0 the regularizer is not computed and reported as 0, and
-    base_teacher_logits may be None (the plain-teacher forward can be skipped).
+    ``teacher`` may be None (the plain-teacher forward can be skipped).
     """
     if guidance not in GUIDANCE_CHOICES:
         raise ValueError(f"guidance must be one of {GUIDANCE_CHOICES}, got {guidance!r}")
-    student = student_logits.detach()
+    student = student.detach()
     with_reg = reg_weight != 0
-    if with_reg and base_teacher_logits is None:
-        raise ValueError("prompt_loss: base_teacher_logits is required when reg_weight != 0")
+    if with_reg and teacher is None:
+        raise ValueError("prompt_loss: teacher (the plain teacher's logits) is required when reg_weight != 0")
     # Without the regularizer the base logits are never read; the student tensor
     # is a shape-compatible stand-in so the chunk driver needs no special case.
-    base = student if base_teacher_logits is None or not with_reg else base_teacher_logits.detach()
-    _check_shapes([prompted_teacher_logits, student, base], mask)
-    if _fused(chunk_size, prompted_teacher_logits):
-        chunk = chunk_size or auto_chunk(prompted_teacher_logits)
-        total, guide, reg = _FusedPromptLoss.apply(prompted_teacher_logits, student, base, mask, chunk,
+    base = student if teacher is None or not with_reg else teacher.detach()
+    _check_shapes([prompted, student, base], mask)
+    if _fused(chunk_size, prompted):
+        chunk = chunk_size or auto_chunk(prompted)
+        total, guide, reg = _FusedPromptLoss.apply(prompted, student, base, mask, chunk,
                                                    guidance == "teacher_student", float(reg_weight) if with_reg
                                                    else 0.0)
         return PromptLoss(total=total, guidance=guide, regularizer=reg, n_tokens=_n_tokens(mask))
     parts = _run_chunked(
         _make_prompt_chunk(guidance, with_reg),
-        [prompted_teacher_logits, student, base],
+        [prompted, student, base],
         mask,
         chunk_size,
     )
@@ -286,7 +295,7 @@ def regularizer_weight(step: int, total_steps: int, schedule: str, constant: flo
 
 # ----------------------------------------------------------------------------- baseline divergences
 #
-# Same conventions as above: (logits_a, logits_b, mask, chunk_size=None) -> (sum, n_tokens),
+# Same conventions as above: (student, *, teacher, mask, chunk_size=None) -> (sum, n_tokens),
 # fp32 inside, gradients flow to whichever input requires grad (also through mixtures).
 
 
@@ -315,45 +324,45 @@ def _make_skew_chunk(alpha: float) -> ChunkFn:
 
 
 def skew_kl(
-    p_logits: torch.Tensor,
-    q_logits: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    *,
     mask: torch.Tensor,
     chunk_size: int | None = None,
-    *,
     alpha: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Skew KL (DistiLLM): KL(p || alpha·p + (1-alpha)·q) per token, summed over the mask.
 
-    alpha = 0 is KL(p || q); alpha = 1 is 0. Logits [B, T, V], mask [B, T].
+    alpha = 0 is KL(p || q); alpha = 1 is 0. p, q: logits [B, T, V], mask [B, T].
     """
     _check_unit("alpha", alpha)
-    _check_shapes([p_logits, q_logits], mask)
-    loss = _run_chunked(_make_skew_chunk(float(alpha)), [p_logits, q_logits], mask, chunk_size)
+    _check_shapes([p, q], mask)
+    loss = _run_chunked(_make_skew_chunk(float(alpha)), [p, q], mask, chunk_size)
     return loss, _n_tokens(mask)
 
 
 def skew_forward_kl(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
-    *,
     alpha: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SFKL: KL(p_T || alpha·p_T + (1-alpha)·p_S)."""
-    return skew_kl(teacher_logits, student_logits, mask, chunk_size, alpha=alpha)
+    return skew_kl(teacher, student, mask=mask, chunk_size=chunk_size, alpha=alpha)
 
 
 def skew_reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
-    *,
     alpha: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SRKL: KL(p_S || alpha·p_S + (1-alpha)·p_T)."""
-    return skew_kl(student_logits, teacher_logits, mask, chunk_size, alpha=alpha)
+    return skew_kl(student, teacher, mask=mask, chunk_size=chunk_size, alpha=alpha)
 
 
 def _make_jsd_chunk(beta: float) -> ChunkFn:
@@ -372,11 +381,11 @@ def _make_jsd_chunk(beta: float) -> ChunkFn:
 
 
 def generalized_jsd(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
-    *,
     beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized JSD(beta) of GKD (Agarwal et al. 2024), per token, summed over the mask.
@@ -390,8 +399,8 @@ def generalized_jsd(
     under which JSD(beta) tends to a non-zero divergence (JSD itself tends to 0).
     """
     _check_unit("beta", beta)
-    _check_shapes([teacher_logits, student_logits], mask)
-    loss = _run_chunked(_make_jsd_chunk(float(beta)), [teacher_logits, student_logits], mask, chunk_size)
+    _check_shapes([teacher, student], mask)
+    loss = _run_chunked(_make_jsd_chunk(float(beta)), [teacher, student], mask, chunk_size)
     return loss, _n_tokens(mask)
 
 
@@ -403,45 +412,48 @@ def _tvd_chunk(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tenso
 
 
 def total_variation(
-    p_logits: torch.Tensor,
-    q_logits: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Total variation distance 0.5 · sum_v |p - q| per token (in [0, 1]), summed over the mask."""
-    _check_shapes([p_logits, q_logits], mask)
-    loss = _run_chunked(_tvd_chunk, [p_logits, q_logits], mask, chunk_size)
+    """Total variation distance 0.5 · sum_v |p_T - p_S| per token (in [0, 1]), summed over the mask."""
+    _check_shapes([teacher, student], mask)
+    loss = _run_chunked(_tvd_chunk, [teacher, student], mask, chunk_size)
     return loss, _n_tokens(mask)
 
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "sfkl", "srkl")
+DivergenceFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+# The loss of each divergence name. The names, and which keyword (``knob``) each reads, are
+# promptkd.config.divergences.DIVERGENCES (torch-free, for config validation); a test checks both hold the same names.
+DIVERGENCE_FNS: dict[str, DivergenceFn] = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "jsd": generalized_jsd,
+    "tvd": total_variation,
+    "sfkl": skew_forward_kl,
+    "srkl": skew_reverse_kl,
+}
 
 
 def token_divergence(
+    student: torch.Tensor,
+    *,
+    teacher: torch.Tensor,
     name: str,
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
     mask: torch.Tensor,
     chunk_size: int | None = None,
-    *,
     beta: float = 0.5,
     alpha: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher-student divergence ``name`` (one of DIVERGENCES), always called (teacher, student).
+    """The teacher-student divergence ``name`` (a key of DIVERGENCES).
 
-    beta is JSD's, alpha the skew of sfkl/srkl; the others ignore them.
+    beta is JSD's, alpha the skew of sfkl/srkl; each divergence reads only its own (its ``knob``).
     """
-    t, s = teacher_logits, student_logits
-    if name == "fkl":
-        return forward_kl(t, s, mask, chunk_size)
-    if name == "rkl":
-        return reverse_kl(s, t, mask, chunk_size)
-    if name == "jsd":
-        return generalized_jsd(t, s, mask, chunk_size, beta=beta)
-    if name == "tvd":
-        return total_variation(t, s, mask, chunk_size)
-    if name == "sfkl":
-        return skew_forward_kl(t, s, mask, chunk_size, alpha=alpha)
-    if name == "srkl":
-        return skew_reverse_kl(s, t, mask, chunk_size, alpha=alpha)
-    raise ValueError(f"unknown divergence {name!r}; expected one of {DIVERGENCES}")
+    if name not in DIVERGENCE_FNS:
+        raise ValueError(f"unknown divergence {name!r}; expected one of {tuple(DIVERGENCES)}")
+    knob = DIVERGENCES[name].knob
+    params = {knob: {"beta": beta, "alpha": alpha}[knob]} if knob else {}
+    return DIVERGENCE_FNS[name](student, teacher=teacher, mask=mask, chunk_size=chunk_size, **params)

@@ -41,16 +41,16 @@ def _picked_chunk(s_logits: torch.Tensor, t_logits: torch.Tensor, targets: torch
 
 
 @torch.no_grad()
-def sampled_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                     mask: torch.Tensor, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_logprobs(student: torch.Tensor, *, teacher: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                     chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_S(y_t), log p_T(y_t)), each fp32 [B, T], 0 at masked-out positions; no grad."""
-    _check_shapes([student_logits, teacher_logits], mask)
+    _check_shapes([student, teacher], mask)
     _check_targets(targets, mask)
     parts = []
     step = chunk_size if chunk_size else max(mask.shape[1], 1)
     for start in range(0, mask.shape[1], step):  # position-wise: chunks simply concatenate
         sl = slice(start, start + step)
-        parts.append(_picked_chunk(student_logits[:, sl], teacher_logits[:, sl], targets[:, sl], mask[:, sl]))
+        parts.append(_picked_chunk(student[:, sl], teacher[:, sl], targets[:, sl], mask[:, sl]))
     out = torch.cat(parts, dim=2) if parts else torch.zeros((2,) + mask.shape, device=mask.device)
     return out[0], out[1]
 
@@ -118,9 +118,9 @@ class MiniLLMTerms:
     n_tokens: torch.Tensor
 
 
-def minillm_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                  weights: torch.Tensor, mask: torch.Tensor, length_norm: bool = True, single_step: bool = True,
-                  long_term: bool = True, chunk_size: int | None = None,
+def minillm_terms(student: torch.Tensor, *, teacher: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                  mask: torch.Tensor, length_norm: bool = True, single_step: bool = True, long_term: bool = True,
+                  chunk_size: int | None = None,
                   logprobs: tuple[torch.Tensor, torch.Tensor] | None = None) -> MiniLLMTerms:
     """MiniLLM loss on sampled ``targets`` [B, T] with importance ``weights`` [B, T] (constants).
 
@@ -128,17 +128,17 @@ def minillm_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
     ``logprobs`` = ``sampled_logprobs(...)`` when the caller already has them; the
     teacher never receives a gradient. ``single_step`` / ``long_term`` switch the two terms.
     """
-    _check_shapes([student_logits, teacher_logits], mask)
+    _check_shapes([student, teacher], mask)
     _check_targets(targets, mask)
     _check_targets(weights, mask, "weights")
-    teacher = teacher_logits.detach()
+    teacher = teacher.detach()
     weights = weights.detach().to(torch.float32)
-    ls, lt = logprobs if logprobs is not None else sampled_logprobs(student_logits, teacher, targets, mask,
-                                                                     chunk_size)
+    ls, lt = logprobs if logprobs is not None else sampled_logprobs(student, teacher=teacher, targets=targets,
+                                                                     mask=mask, chunk_size=chunk_size)
     m = mask.to(torch.float32)
     rewards = (lt - ls) * m
     returns = future_returns(rewards, mask, length_norm)
     parts = _run_chunked(_make_minillm_chunk(single_step, long_term),
-                         [student_logits, teacher, targets, weights, returns], mask, chunk_size)
+                         [student, teacher, targets, weights, returns], mask, chunk_size)
     return MiniLLMTerms(total=parts[0] + parts[1], kl=parts[0].detach(), pg=parts[1].detach(),
                         reward_sum=rewards.sum(), weight_sum=(weights * m).sum(), n_tokens=_n_tokens(mask))

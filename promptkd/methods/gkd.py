@@ -10,7 +10,7 @@ the same branch (ZeRO-3 rollouts are collectives). The JSD(β) convention
 """
 from __future__ import annotations
 
-from promptkd.config import Config, REGISTRY
+from promptkd.config import DIVERGENCES, Config, REGISTRY
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, student_rollouts
 from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 
@@ -20,7 +20,7 @@ class GKD(Method):
 
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:
-        return cfg.method.gkd.divergence in ("fkl", "rkl")
+        return DIVERGENCES[cfg.method.gkd.divergence].fused
 
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)

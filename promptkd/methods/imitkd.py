@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from promptkd.config import Config, REGISTRY
+from promptkd.config import DIVERGENCES, Config, REGISTRY
 from promptkd.methods.base import Method, MicroBatch, StepResult, student_rollouts
 from promptkd.methods.token_kd import distill_update
 
@@ -14,7 +14,7 @@ class ImitKD(Method):
 
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:
-        return cfg.method.imitkd.divergence in ("fkl", "rkl")
+        return DIVERGENCES[cfg.method.imitkd.divergence].fused
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         ctx = self.ctx

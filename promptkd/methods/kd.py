@@ -33,10 +33,10 @@ class KD(Method):
                 with torch.no_grad():
                     t_logits = teacher_logits(ctx.teacher, ids, attn, ctx.vocab_size, use_prompt=False)
                 s_logits = lm_logits(ctx.engine, ids, attn, ctx.vocab_size)
-                fkl, _ = forward_kl(t_logits, s_logits, mask, chunk_size=ctx.chunk)
+                fkl, _ = forward_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
                 loss = (1.0 - w_ce) * fkl
                 if w_ce > 0:
-                    ce, _ = cross_entropy(s_logits, ids[:, 1:], mask, chunk_size=ctx.chunk)
+                    ce, _ = cross_entropy(s_logits, targets=ids[:, 1:], mask=mask, chunk_size=ctx.chunk)
                     loss = loss + w_ce * ce
                     tally.add("loss/ce", ce)
                 student_backward(ctx, loss, n_global)

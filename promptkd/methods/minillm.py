@@ -102,9 +102,10 @@ class MiniLLM(Method):
         with torch.no_grad():
             t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size, False, start)
         s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
-        logprobs = sampled_logprobs(s_logits, t_logits, targets, mask, ctx.chunk)
+        logprobs = sampled_logprobs(s_logits, teacher=t_logits, targets=targets, mask=mask, chunk_size=ctx.chunk)
         weights = importance_weights(*logprobs, mask, m.teacher_mix, m.clip_weight)
-        terms = minillm_terms(s_logits, t_logits, targets, weights, mask, length_norm=m.length_norm,
+        terms = minillm_terms(s_logits, teacher=t_logits, targets=targets, weights=weights, mask=mask,
+                              length_norm=m.length_norm,
                               single_step=m.single_step, chunk_size=ctx.chunk, logprobs=logprobs)
         for key, value in (("kl", terms.kl), ("pg", terms.pg), ("reward", terms.reward_sum),
                            ("weight", terms.weight_sum)):
@@ -120,7 +121,8 @@ class MiniLLM(Method):
     def lm_loss(self, batch: dict[str, torch.Tensor], tally: Tally) -> torch.Tensor:
         ctx = self.ctx
         logits = lm_logits(ctx.engine, batch["input_ids"], batch["attention_mask"], ctx.vocab_size)
-        ce, _ = cross_entropy(logits, batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:], ctx.chunk)
+        ce, _ = cross_entropy(logits, targets=batch["input_ids"][:, 1:], mask=batch["attention_mask"][:, 1:],
+                              chunk_size=ctx.chunk)
         tally.add("lm", ce)
         return ce
 

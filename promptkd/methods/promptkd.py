@@ -119,8 +119,8 @@ class PromptKD(Method):
             ctx.teacher.train(m.prompt_step_teacher_train)
             prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, True, start)
             ctx.teacher.eval()
-            pl = prompt_loss(prompted, s_logits, base if base is not None else prompted.detach(), mask,
-                             reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
+            pl = prompt_loss(s_logits, prompted=prompted, teacher=base if base is not None else prompted.detach(),
+                             mask=mask, reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
             (pl.total / token_scale(n_global)).backward()
             if m.stale_student_target:  # the documented shortcut: p_T^θ from before the update
                 kept.targets[i] = prompted.detach()
@@ -182,7 +182,7 @@ class PromptKD(Method):
             s_logits = kept.student[i]
             if s_logits is None:
                 s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
-            rkl, _ = reverse_kl(s_logits, t_logits, mask, chunk_size=ctx.chunk)
+            rkl, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
             student_backward(ctx, rkl, n_global)
             tally.add("loss/rkl", rkl)
         return tally

@@ -24,7 +24,8 @@ def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> Tally:
     with student_update_phase(ctx):
         for b in batches:
             logits = lm_logits(ctx.engine, b["input_ids"], b["attention_mask"], ctx.vocab_size)
-            loss_sum, _ = cross_entropy(logits, b["input_ids"][:, 1:], b["loss_mask"][:, 1:], chunk_size=ctx.chunk)
+            loss_sum, _ = cross_entropy(logits, targets=b["input_ids"][:, 1:], mask=b["loss_mask"][:, 1:],
+                                        chunk_size=ctx.chunk)
             student_backward(ctx, loss_sum, n_global)
             tally.add("loss/ce", loss_sum)
     return tally

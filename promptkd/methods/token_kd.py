@@ -71,7 +71,7 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str, *, al
                 t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size,
                                           use_prompt=False, start=start)
             s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
-            loss, _ = token_divergence(divergence, t_logits, s_logits, mask, ctx.chunk,
+            loss, _ = token_divergence(s_logits, teacher=t_logits, name=divergence, mask=mask, chunk_size=ctx.chunk,
                                        beta=beta, alpha=alpha)
             student_backward(ctx, loss, n_global)
             tally.add(name, loss)

@@ -200,13 +200,13 @@ def scenario_normalization() -> dict:
         base = teacher_logits(ctx.teacher, full.input_ids, full.attention_mask, ctx.vocab_size, False)
     theta.grad = None
     prompted = teacher_logits(ctx.teacher, full.input_ids, full.attention_mask, ctx.vocab_size, True)
-    (prompt_loss(prompted, s_logits, base, mask, reg_weight=w).total / n_total).backward()
+    (prompt_loss(s_logits, prompted=prompted, teacher=base, mask=mask, reg_weight=w).total / n_total).backward()
     ref_prompt_delta = -theta.grad.detach().clone()
     with torch.no_grad():
         theta.copy_(ref_prompt + ref_prompt_delta)  # the updated prompt the student step saw
         t_logits = teacher_logits(ctx.teacher, full.input_ids, full.attention_mask, ctx.vocab_size, True)
     s_logits = lm_logits(ref_student, full.input_ids, full.attention_mask, ctx.vocab_size)
-    (reverse_kl(s_logits, t_logits, mask)[0] / n_total).backward()
+    (reverse_kl(s_logits, teacher=t_logits, mask=mask)[0] / n_total).backward()
     ref_after = {n: (p.detach() - p.grad).float() for n, p in ref_student.named_parameters()}
     student_err = max(float((student_after[n] - ref_after[n]).abs().max()) for n in ref_after)
     student_scale = max(float((ref_after[n] - p.detach()).abs().max()) for n, p in ref_student.named_parameters())

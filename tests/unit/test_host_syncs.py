@@ -49,7 +49,7 @@ def _inputs(seed: int = 0, B: int = 3, T: int = 11, V: int = 17):
 def test_fused_kl_syncs_once_per_loss_whatever_the_chunk(chunk):
     p, q, mask = _inputs()
     with CountOps() as ops:
-        loss, _ = kl_divergence(p, q, mask, chunk_size=chunk)
+        loss, _ = kl_divergence(p, q, mask=mask, chunk_size=chunk)
         loss.backward()
     # before: a boolean-mask select per input and a masked write per gradient, per chunk (4 x 11 at chunk 1)
     assert ops.n == {"nonzero": 1, "bool_index": 0, "scalar": 0}, ops.n
@@ -60,7 +60,7 @@ def test_fused_prompt_loss_syncs_once_per_loss(chunk):
     p, q, mask = _inputs(1)
     base = torch.randn_like(q)
     with CountOps() as ops:
-        out = prompt_loss(p, q, base, mask, reg_weight=0.5, chunk_size=chunk)
+        out = prompt_loss(q, prompted=p, teacher=base, mask=mask, reg_weight=0.5, chunk_size=chunk)
         out.total.backward()
     assert ops.n == {"nonzero": 1, "bool_index": 0, "scalar": 0}, ops.n
 
@@ -70,7 +70,7 @@ def test_fused_chunks_by_rows_equal_one_chunk():
     ref = None
     for chunk in (None, 1, 2, 4, 100):
         p, q, mask = _inputs(2)
-        loss, _ = kl_divergence(p, q, mask, chunk_size=chunk)
+        loss, _ = kl_divergence(p, q, mask=mask, chunk_size=chunk)
         loss.backward()
         got = (loss.detach(), p.grad, q.grad)
         if ref is None:

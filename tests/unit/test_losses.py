@@ -56,7 +56,7 @@ def _ce_loops(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -
 
 def test_kl_matches_loops_and_torch_kl_div() -> None:
     p, q, m = random_logits(0), random_logits(1), random_mask()
-    loss, n = kl_divergence(p, q, m)
+    loss, n = kl_divergence(p, q, mask=m)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert n.item() == m.sum().item()
     assert loss.item() == pytest.approx(_kl_loops(p, q, m), rel=1e-5)
@@ -69,8 +69,8 @@ def test_kl_matches_loops_and_torch_kl_div() -> None:
 
 def test_forward_and_reverse_kl_are_the_right_directions() -> None:
     t, s, m = random_logits(2), random_logits(3), random_mask()
-    fkl, _ = forward_kl(t, s, m)
-    rkl, _ = reverse_kl(s, t, m)
+    fkl, _ = forward_kl(s, teacher=t, mask=m)
+    rkl, _ = reverse_kl(s, teacher=t, mask=m)
     assert fkl.item() == pytest.approx(_kl_loops(t, s, m), rel=1e-5)
     assert rkl.item() == pytest.approx(_kl_loops(s, t, m), rel=1e-5)
     assert abs(fkl.item() - rkl.item()) > 1e-3  # KL is asymmetric here
@@ -78,13 +78,13 @@ def test_forward_and_reverse_kl_are_the_right_directions() -> None:
 
 def test_kl_zero_for_equal_inputs_and_nonnegative() -> None:
     p, m = random_logits(4), random_mask()
-    zero, _ = kl_divergence(p, p.clone(), m)
+    zero, _ = kl_divergence(p, p.clone(), mask=m)
     assert abs(zero.item()) < 1e-5
     # Softmax is shift invariant: adding a per-row constant changes nothing.
-    shifted, _ = kl_divergence(p, p + 3.0, m)
+    shifted, _ = kl_divergence(p, p + 3.0, mask=m)
     assert abs(shifted.item()) < 1e-4
     for seed in range(5):
-        val, _ = kl_divergence(random_logits(10 + seed), random_logits(20 + seed), m)
+        val, _ = kl_divergence(random_logits(10 + seed), random_logits(20 + seed), mask=m)
         assert val.item() >= 0
 
 
@@ -96,13 +96,13 @@ def test_kl_gradient_matches_formula_on_each_side() -> None:
     ((lp.exp() * (lp - lq)).sum(-1) * m.double()).sum().backward()
 
     p1, q1 = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
-    kl_divergence(p1, q1, m)[0].backward()
+    kl_divergence(p1, q1, mask=m)[0].backward()
     assert torch.allclose(p1.grad.double(), p_ref.grad, atol=1e-5)
     assert torch.allclose(q1.grad.double(), q_ref.grad, atol=1e-5)
 
     # Only the side that requires grad receives one.
     p2 = p.clone().requires_grad_(True)
-    kl_divergence(p2, q, m)[0].backward()
+    kl_divergence(p2, q, mask=m)[0].backward()
     assert p2.grad is not None and torch.allclose(p2.grad.double(), p_ref.grad, atol=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_kl_gradient_matches_formula_on_each_side() -> None:
 def test_cross_entropy_matches_loops_and_torch() -> None:
     logits, m = random_logits(7), random_mask()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    loss, n = cross_entropy(logits, targets, m)
+    loss, n = cross_entropy(logits, targets=targets, mask=m)
     assert loss.dtype == torch.float32
     assert n.item() == m.sum().item()
     assert loss.item() == pytest.approx(_ce_loops(logits, targets, m), rel=1e-5)
@@ -125,7 +125,7 @@ def test_cross_entropy_ignores_targets_at_masked_positions() -> None:
     logits, m = random_logits(8), random_mask()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
     bad = targets.masked_fill(m == 0, -100)  # would be out of range if gathered
-    assert torch.equal(cross_entropy(logits, targets, m)[0], cross_entropy(logits, bad, m)[0])
+    assert torch.equal(cross_entropy(logits, targets=targets, mask=m)[0], cross_entropy(logits, targets=bad, mask=m)[0])
 
 
 # ---------------------------------------------------------------- masking
@@ -139,11 +139,11 @@ def test_masked_positions_do_not_affect_values_or_grads(garbage: float) -> None:
     p_bad[hidden] = garbage
     q_bad[hidden] = -garbage
     ref_p = p.clone().requires_grad_(True)
-    ref = kl_divergence(ref_p, q, m)[0]
+    ref = kl_divergence(ref_p, q, mask=m)[0]
     ref.backward()
     for chunk in (None, 3):
         bad_p = p_bad.clone().requires_grad_(True)
-        val = kl_divergence(bad_p, q_bad, m, chunk_size=chunk)[0]
+        val = kl_divergence(bad_p, q_bad, mask=m, chunk_size=chunk)[0]
         val.backward()
         assert torch.allclose(val, ref, rtol=1e-6)
         assert torch.isfinite(bad_p.grad).all()
@@ -153,16 +153,16 @@ def test_masked_positions_do_not_affect_values_or_grads(garbage: float) -> None:
 
 def test_mask_dtype_does_not_matter() -> None:
     p, q, m = random_logits(11), random_logits(12), random_mask()
-    ref = kl_divergence(p, q, m)[0]
+    ref = kl_divergence(p, q, mask=m)[0]
     for dtype in (torch.bool, torch.long, torch.bfloat16):
-        val, n = kl_divergence(p, q, m.to(dtype))
+        val, n = kl_divergence(p, q, mask=m.to(dtype))
         assert torch.equal(val, ref)
         assert n.dtype == torch.float32 and n.item() == m.sum().item()
 
 
 def test_all_masked_gives_zero() -> None:
     p, q = random_logits(13), random_logits(14)
-    val, n = kl_divergence(p, q, torch.zeros(B, T))
+    val, n = kl_divergence(p, q, mask=torch.zeros(B, T))
     assert val.item() == 0.0 and n.item() == 0.0
 
 
@@ -179,8 +179,8 @@ def _grads_of(fn, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 100])
 def test_chunked_equals_unchunked_kl(chunk: int) -> None:
     p, q, m = random_logits(15), random_logits(16), random_mask()
-    ref, ref_grads = _grads_of(lambda a, b: kl_divergence(a, b, m)[0], [p, q])
-    val, grads = _grads_of(lambda a, b: kl_divergence(a, b, m, chunk_size=chunk)[0], [p, q])
+    ref, ref_grads = _grads_of(lambda a, b: kl_divergence(a, b, mask=m)[0], [p, q])
+    val, grads = _grads_of(lambda a, b: kl_divergence(a, b, mask=m, chunk_size=chunk)[0], [p, q])
     assert torch.allclose(val, ref, rtol=1e-5)
     for g, rg in zip(grads, ref_grads):
         assert torch.allclose(g, rg, atol=1e-6)
@@ -190,8 +190,8 @@ def test_chunked_equals_unchunked_kl(chunk: int) -> None:
 def test_chunked_equals_unchunked_cross_entropy(chunk: int) -> None:
     logits, m = random_logits(17), random_mask()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
-    ref, (rg,) = _grads_of(lambda a: cross_entropy(a, targets, m)[0], [logits])
-    val, (g,) = _grads_of(lambda a: cross_entropy(a, targets, m, chunk_size=chunk)[0], [logits])
+    ref, (rg,) = _grads_of(lambda a: cross_entropy(a, targets=targets, mask=m)[0], [logits])
+    val, (g,) = _grads_of(lambda a: cross_entropy(a, targets=targets, mask=m, chunk_size=chunk)[0], [logits])
     assert torch.allclose(val, ref, rtol=1e-5)
     assert torch.allclose(g, rg, atol=1e-6)
 
@@ -210,9 +210,9 @@ def test_chunked_uses_checkpoint_only_with_grad(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(losses, "checkpoint", spy)
     logits, m = random_logits(18), random_mask()
     targets = torch.randint(0, logits.shape[-1], m.shape, generator=torch.Generator().manual_seed(0))
-    cross_entropy(logits, targets, m, chunk_size=3)
+    cross_entropy(logits, targets=targets, mask=m, chunk_size=3)
     assert calls == []  # no grad needed: plain loop
-    cross_entropy(logits.requires_grad_(True), targets, m, chunk_size=3)[0].backward()
+    cross_entropy(logits.requires_grad_(True), targets=targets, mask=m, chunk_size=3)[0].backward()
     assert len(calls) == math.ceil(T / 3)
 
 
@@ -231,7 +231,7 @@ def test_fused_chunked_kl_gradients_match_autograd(dtype: torch.dtype, which: st
         if chunk == "autograd":  # the plain formula, differentiated by autograd
             loss = losses._run_chunked(losses._kl_chunk, [a, b], m, None)
         else:
-            loss, _ = kl_divergence(a, b, m, chunk_size=chunk)
+            loss, _ = kl_divergence(a, b, mask=m, chunk_size=chunk)
         (loss * 0.37).backward()
         grads[chunk] = [t.grad for t in (a, b)]
     # bf16: the gradient is rounded to bf16 before the upstream scale is applied, so allow one ulp (2^-8 rel.)
@@ -268,8 +268,8 @@ def test_kl_keeps_no_fp32_intermediates_for_backward() -> None:
 
     full_bytes = 2 * big_t * vocab * 4
     assert saved_fp32_bytes(lambda: losses._run_chunked(losses._kl_chunk, [p, q], m, None)) >= full_bytes
-    assert saved_fp32_bytes(lambda: kl_divergence(p, q, m, chunk_size=None)) == 0
-    assert saved_fp32_bytes(lambda: kl_divergence(p, q, m, chunk_size=8)) == 0
+    assert saved_fp32_bytes(lambda: kl_divergence(p, q, mask=m, chunk_size=None)) == 0
+    assert saved_fp32_bytes(lambda: kl_divergence(p, q, mask=m, chunk_size=8)) == 0
 
 
 def test_auto_chunk_splits_large_vocabularies_only() -> None:
@@ -286,15 +286,15 @@ def test_auto_chunk_splits_large_vocabularies_only() -> None:
 def test_bf16_inputs_are_computed_in_fp32() -> None:
     p, q, m = random_logits(20), random_logits(21), random_mask()
     pb, qb = p.bfloat16(), q.bfloat16()
-    val, n = kl_divergence(pb, qb, m)
+    val, n = kl_divergence(pb, qb, mask=m)
     assert val.dtype == torch.float32 and n.dtype == torch.float32
     # Same as upcasting the rounded bf16 values first: no bf16 arithmetic inside.
-    ref = kl_divergence(pb.float(), qb.float(), m)[0]
+    ref = kl_divergence(pb.float(), qb.float(), mask=m)[0]
     assert torch.equal(val, ref)
-    ce, _ = cross_entropy(pb, torch.zeros(B, T, dtype=torch.long), m)
+    ce, _ = cross_entropy(pb, targets=torch.zeros(B, T, dtype=torch.long), mask=m)
     assert ce.dtype == torch.float32
     pb.requires_grad_(True)
-    kl_divergence(pb, qb, m, chunk_size=3)[0].backward()
+    kl_divergence(pb, qb, mask=m, chunk_size=3)[0].backward()
     assert pb.grad.dtype == torch.bfloat16
 
 
@@ -303,7 +303,7 @@ def test_bf16_inputs_are_computed_in_fp32() -> None:
 
 def test_prompt_loss_components() -> None:
     pt, s, bt, m = random_logits(30), random_logits(31), random_logits(32), random_mask()
-    out = prompt_loss(pt, s, bt, m, reg_weight=0.3)
+    out = prompt_loss(s, prompted=pt, teacher=bt, mask=m, reg_weight=0.3)
     assert isinstance(out, PromptLoss)
     assert out.guidance.item() == pytest.approx(_kl_loops(pt, s, m), rel=1e-5)
     assert out.regularizer.item() == pytest.approx(_kl_loops(pt, bt, m), rel=1e-5)
@@ -312,20 +312,20 @@ def test_prompt_loss_components() -> None:
     )
     assert out.n_tokens.item() == m.sum().item()
 
-    rev = prompt_loss(pt, s, bt, m, reg_weight=0.3, guidance="student_teacher")
+    rev = prompt_loss(s, prompted=pt, teacher=bt, mask=m, reg_weight=0.3, guidance="student_teacher")
     assert rev.guidance.item() == pytest.approx(_kl_loops(s, pt, m), rel=1e-5)
     assert rev.regularizer.item() == pytest.approx(out.regularizer.item(), rel=1e-6)
 
 
 def test_prompt_loss_zero_weight_skips_regularizer() -> None:
     pt, s, m = random_logits(33), random_logits(34), random_mask()
-    out = prompt_loss(pt, s, None, m, reg_weight=0.0)
+    out = prompt_loss(s, prompted=pt, teacher=None, mask=m, reg_weight=0.0)
     assert out.regularizer.item() == 0.0
-    assert torch.allclose(out.total, kl_divergence(pt, s, m)[0], rtol=1e-6)
-    with pytest.raises(ValueError, match="base_teacher_logits"):
-        prompt_loss(pt, s, None, m, reg_weight=0.5)
+    assert torch.allclose(out.total, kl_divergence(pt, s, mask=m)[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="teacher .* is required"):
+        prompt_loss(s, prompted=pt, teacher=None, mask=m, reg_weight=0.5)
     with pytest.raises(ValueError, match="guidance"):
-        prompt_loss(pt, s, s, m, reg_weight=0.5, guidance="nope")
+        prompt_loss(s, prompted=pt, teacher=s, mask=m, reg_weight=0.5, guidance="nope")
 
 
 @pytest.mark.parametrize("guidance", ["teacher_student", "student_teacher"])
@@ -334,7 +334,7 @@ def test_prompt_loss_grad_only_reaches_prompted_logits(guidance: str) -> None:
     s = random_logits(36).requires_grad_(True)
     bt = random_logits(37).requires_grad_(True)
     m = random_mask()
-    out = prompt_loss(pt, s, bt, m, reg_weight=0.7, guidance=guidance)
+    out = prompt_loss(s, prompted=pt, teacher=bt, mask=m, reg_weight=0.7, guidance=guidance)
     out.total.backward()
     assert s.grad is None and bt.grad is None
     assert pt.grad is not None and pt.grad.abs().sum() > 0
@@ -372,7 +372,8 @@ def test_fused_prompt_loss_matches_the_autograd_formula(guidance: str, reg_weigh
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2 ** -7, 1e-3)
     for chunk in (None, 3):
         leaf = pt.clone().requires_grad_(True)
-        out = prompt_loss(leaf, s, bt, m, reg_weight=reg_weight, guidance=guidance, chunk_size=chunk)
+        out = prompt_loss(s, prompted=leaf, teacher=bt, mask=m, reg_weight=reg_weight, guidance=guidance,
+                          chunk_size=chunk)
         assert out.total.grad_fn is not None and "Fused" in type(out.total.grad_fn).__name__
         (out.total * 1.7).backward()
         assert torch.allclose(out.total, ref_total.detach(), rtol=1e-5)
@@ -388,7 +389,7 @@ def test_prompt_loss_chunked_equals_unchunked() -> None:
     results = []
     for chunk in (None, 4):
         leaf = pt.clone().requires_grad_(True)
-        out = prompt_loss(leaf, s, bt, m, reg_weight=0.25, chunk_size=chunk)
+        out = prompt_loss(s, prompted=leaf, teacher=bt, mask=m, reg_weight=0.25, chunk_size=chunk)
         out.total.backward()
         results.append((out, leaf.grad))
     (a, ga), (b, gb) = results
@@ -417,8 +418,8 @@ def test_regularizer_weight_schedules() -> None:
 def test_shape_errors_are_clear() -> None:
     p = random_logits(41)
     with pytest.raises(ValueError, match="mask"):
-        kl_divergence(p, p, torch.ones(B, T + 1))
+        kl_divergence(p, p, mask=torch.ones(B, T + 1))
     with pytest.raises(ValueError, match="shapes differ"):
-        kl_divergence(p, p[:, :-1], torch.ones(B, T))
+        kl_divergence(p, p[:, :-1], mask=torch.ones(B, T))
     with pytest.raises(ValueError, match="chunk_size"):
-        kl_divergence(p, p, torch.ones(B, T), chunk_size=0)
+        kl_divergence(p, p, mask=torch.ones(B, T), chunk_size=0)

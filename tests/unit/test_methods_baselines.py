@@ -51,7 +51,7 @@ def test_new_methods_are_registered(name):
      "must be one of fkl, rkl, jsd, tvd, sfkl, srkl (got 'hellinger')"),
     ("method.gkd.divergence=auto", "method.gkd.divergence",
      "must be one of fkl, rkl, jsd, tvd, sfkl, srkl (got 'auto')"),
-    ("method.distillm.loss=jsd", "method.distillm.loss", "must be one of srkl, sfkl (got 'jsd')"),
+    ("method.distillm.loss=jsd", "method.distillm.loss", "must be one of sfkl, srkl (got 'jsd')"),
     ("method.promptkd.reg_weight=-1", "method.promptkd.reg_weight", "must be >= 0 (got -1.0)"),
     ("method.promptkd.guidance=both", "method.promptkd.guidance",
      "must be one of teacher_student, student_teacher (got 'both')"),

@@ -82,8 +82,8 @@ def test_loss_equals_written_out_loop(length_norm, single_step, chunk):
 
 def test_terms_report_rewards_and_weights():
     s, t, y, w, mask = _logits(1), _logits(2), _targets(), _weights(), _mask()
-    terms = minillm_terms(s, t, y, w, mask)
-    ls, lt = sampled_logprobs(s, t, y, mask)
+    terms = minillm_terms(s, teacher=t, targets=y, weights=w, mask=mask)
+    ls, lt = sampled_logprobs(s, teacher=t, targets=y, mask=mask)
     assert float(terms.reward_sum) == pytest.approx(float(((lt - ls) * mask).sum()), rel=1e-6)
     assert float(terms.weight_sum) == pytest.approx(float((w * mask).sum()), rel=1e-6)
     assert float(terms.total) == pytest.approx(float(terms.kl + terms.pg), rel=1e-6)
@@ -100,12 +100,12 @@ def test_garbage_at_masked_out_positions_does_not_leak():
 
 def test_single_step_gradient_with_unit_weights_is_the_reverse_kl_gradient():
     s, t, y, mask = _logits(1), _logits(2), _targets(), _mask()
-    ls, lt = sampled_logprobs(s, t, y, mask)
+    ls, lt = sampled_logprobs(s, teacher=t, targets=y, mask=mask)
     w = importance_weights(ls, lt, mask, alpha=0.0, clip=3.0)
     a = s.clone().requires_grad_(True)
     minillm_loss(a, t, y, w, mask, long_term=False)[0].backward()
     b = s.clone().requires_grad_(True)
-    reverse_kl(b, t, mask)[0].backward()
+    reverse_kl(b, teacher=t, mask=mask)[0].backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
     assert a.grad.abs().sum() > 0
 
@@ -116,7 +116,7 @@ def test_long_term_gradient_is_reinforce(chunk):
     s, t, y, w, mask = _logits(1), _logits(2), _targets(), _weights(), _mask()
     a = s.clone().requires_grad_(True)
     minillm_loss(a, t, y, w, mask, single_step=False, chunk_size=chunk)[0].backward()
-    ls, lt = sampled_logprobs(s, t, y, mask)
+    ls, lt = sampled_logprobs(s, teacher=t, targets=y, mask=mask)
     ret = future_returns((lt - ls) * mask, mask)
     expected = -(w * ret * mask).unsqueeze(-1) * (torch.nn.functional.one_hot(y, V) - torch.softmax(s, -1))
     assert torch.allclose(a.grad, expected, atol=1e-6)
@@ -198,8 +198,8 @@ def _cfg_ctx(*overrides: str, seed: int = 0, teacher_bias: float = 0.0, tokenize
 def minillm_loss(student_logits, teacher_logits, targets, weights, mask, length_norm=True, single_step=True,
                  long_term=True, chunk_size=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum, n_tokens) of ``minillm_terms``, the house's pure-loss form."""
-    terms = minillm_terms(student_logits, teacher_logits, targets, weights, mask, length_norm, single_step,
-                          long_term, chunk_size)
+    terms = minillm_terms(student_logits, teacher=teacher_logits, targets=targets, weights=weights, mask=mask,
+                          length_norm=length_norm, single_step=single_step, long_term=long_term, chunk_size=chunk_size)
     return terms.total, terms.n_tokens
 
 
@@ -321,9 +321,9 @@ def test_train_step_normalises_and_lm_position_resumes(tmp_path):
         with torch.no_grad():
             t = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, VOCAB, use_prompt=False)
         s = lm_logits(module, r.input_ids, r.attention_mask, VOCAB)
-        w = importance_weights(*sampled_logprobs(s, t, y, mask), mask, 0.3, 3.0)
-        ce = cross_entropy(lm_logits(module, b["input_ids"], b["attention_mask"], VOCAB), b["input_ids"][:, 1:],
-                           b["attention_mask"][:, 1:])[0]
+        w = importance_weights(*sampled_logprobs(s, teacher=t, targets=y, mask=mask), mask, 0.3, 3.0)
+        ce = cross_entropy(lm_logits(module, b["input_ids"], b["attention_mask"], VOCAB),
+                           targets=b["input_ids"][:, 1:], mask=b["attention_mask"][:, 1:])[0]
         total = total + minillm_loss(s, t, y, w, mask)[0] / n + 0.5 * ce / n_lm
     total.backward()
     for name, p in module.named_parameters():
