@@ -41,14 +41,15 @@ def load_prompts(ws: dict, batch: int, max_prompt_length: int, device: torch.dev
 
 def full_logits_step_fn(model: torch.nn.Module):
     """hf_step_fn as it was before logits_to_keep: the LM head runs on every prefill position."""
-    from promptkd.rollout.core import _cache_kwarg, _output_cache, position_ids
+    from promptkd.models.forward import cache_kwarg, output_cache
+    from promptkd.rollout.core import position_ids
 
-    kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
 
     def step(ids, mask, past):
         pos = position_ids(mask)[:, -ids.shape[1]:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kwarg: past})
-        return out.logits[:, -1], _output_cache(out)
+        return out.logits[:, -1], output_cache(out)
 
     return step
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -19,6 +17,7 @@ from promptkd import distributed as dist
 from promptkd.config import Config, MethodSpec
 from promptkd.data import TokenizedExample, collate_full, collate_prompts
 from promptkd.metrics import PhaseTimer
+from promptkd.models.forward import keep_kwargs
 from promptkd.rollout import Rollout, SamplingParams, generate, hf_step_fn, position_ids
 from promptkd.rollout.core import gathered
 
@@ -245,24 +244,12 @@ def shifted_mask(r: Rollout) -> torch.Tensor:
     return r.loss_mask[:, response_start(r) + 1:]
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_logits_to_keep(forward_cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(forward_cls.forward).parameters
-
-
-def _keep_kwargs(model: Any, seq_len: int, start: int) -> dict[str, int]:
-    module = getattr(model, "module", model)  # a DeepSpeed engine forwards kwargs to its module
-    if start <= 0 or not _takes_logits_to_keep(type(module)):
-        return {}
-    return {"logits_to_keep": seq_len - start}
-
-
 def lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int,
               start: int = 0) -> torch.Tensor:
     """Next-token logits [B, T-1-start, V'] of an HF model for positions start..T-2 (V' = tokenizer size)."""
     seq_len = input_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False, **_keep_kwargs(model, seq_len, start))
+                use_cache=False, **keep_kwargs(model, seq_len - start, seq_len))
     return out.logits[:, -(seq_len - start):][:, :-1, :vocab_size]
 
 

@@ -22,7 +22,6 @@ mask that forgot a column raises instead of silently shifting positions.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
+
+from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def _random_init(embedding: nn.Embedding, length: int, seed: int) -> torch.Tenso
         device = weight.device
     rows = torch.randn(length, embedding.embedding_dim, generator=generator, device="cpu") * std
     return rows.to(device)
-
-
-def _output_cache(output: Any) -> Any:
-    # transformers 5 renamed the output field to `cache`; 4.x calls it past_key_values.
-    # Reading the old name on 5.x logs a deprecation warning, so test the new one first.
-    if hasattr(output, "cache"):
-        return output.cache
-    return getattr(output, "past_key_values", None)
 
 
 def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
@@ -179,9 +172,7 @@ class PromptedTeacher(nn.Module):
             rows = _random_init(embedding, prompt_length, seed)
         self.prompt = nn.Parameter(rows)
         self._checkpointable = checkpointable_modules(base)  # fixed with the architecture: found once
-        params = inspect.signature(base.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._takes_keep = "logits_to_keep" in params
+        self._cache_kwarg = cache_kwarg(base)
 
     @property
     def hidden_size(self) -> int:
@@ -240,14 +231,9 @@ class PromptedTeacher(nn.Module):
                 position_ids=positions,
                 use_cache=use_cache,
                 **{self._cache_kwarg: past_key_values},
-                **self._keep_kwargs(logits_to_keep, n_new),
+                **keep_kwargs(self.base, logits_to_keep, n_new),
             )
-        return output.logits[:, -n_new:], _output_cache(output)
-
-    def _keep_kwargs(self, logits_to_keep: int, n_new: int) -> dict[str, int]:
-        if logits_to_keep <= 0 or logits_to_keep >= n_new or not self._takes_keep:
-            return {}
-        return {"logits_to_keep": logits_to_keep}
+        return output.logits[:, -n_new:], output_cache(output)
 
     @staticmethod
     def _full_mask(attention_mask: torch.Tensor, prefix: int) -> torch.Tensor:

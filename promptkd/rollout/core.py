@@ -12,7 +12,6 @@ an all-reduce says every rank is done; ranks still stop as soon as they all are.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from promptkd import distributed as dist
+from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 log = logging.getLogger(__name__)
@@ -69,28 +69,18 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5.x renamed past_key_values to cache (the old name warns)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _output_cache(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 def hf_step_fn(model: torch.nn.Module) -> StepFn:
     """Step function for a Hugging Face causal LM (a DeepSpeed engine's module too)."""
-    kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
     # Only the last position's logits are used: on the prefill step this skips the LM head
     # for every other prompt position (and a [B, Tp, V] tensor), as HF generate does.
     # Same logits bit for bit; bench/rollout.py: 1.11x faster rollouts at vocab 32000 on CPU.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = keep_kwargs(model, 1)
 
     def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
         pos = position_ids(mask)[:, -ids.shape[1]:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kwarg: past}, **keep)
-        return out.logits[:, -1], _output_cache(out)
+        return out.logits[:, -1], output_cache(out)
 
     return step
 

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2] / "promptkd"
 LAYERS = [
     {"distributed", "config"},
     {"data", "metrics"},
-    {"models", "losses", "rollout", "optim"},
+    {"models"},                                  # below rollout: the decode loop asks models.forward what a forward takes
+    {"losses", "rollout", "optim"},
     {"methods", "evaluation"},
     {"training"},
     {"stages", "compare", "consolidate", "plan"},
