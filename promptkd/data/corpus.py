@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from promptkd.data.formats import DataError
+from promptkd.seeding import derive_seed
 
 Encode = Callable[[list[str]], list[list[int]]]
 
@@ -63,7 +64,7 @@ class LMCorpus:
 
     def _order(self, epoch: int) -> list[int]:
         if self._perm[0] != epoch:
-            g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, "lm_corpus", index=epoch))
             self._perm = (epoch, torch.randperm(len(self.texts), generator=g, device="cpu").tolist())
         return self._perm[1]
 

@@ -27,7 +27,8 @@ from promptkd.config import EvalConfig
 from promptkd.data import TokenizedExample, collate_prompts, load_examples, sniff_format, tokenize_examples
 from promptkd.evaluation.report import AVERAGE, METRICS, results_markdown
 from promptkd.rollout import SamplingParams, StepFn, generate
-from promptkd.rollout.vllm import request_seed, vllm_answers
+from promptkd.rollout.vllm import vllm_answers
+from promptkd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,12 @@ def generate_answers(gen: Decoder, tokenizer: Any, examples: list[TokenizedExamp
     local = [(i, examples[i if i >= 0 else 0]) for i in slots]
     local.sort(key=lambda item: len(item[1].prompt_ids))  # batch by prompt length
     # on the device of the probabilities it samples from: multinomial on CUDA rejects a CPU generator
-    g = torch.Generator(device=dist.device()).manual_seed(seed * 1000 + dist.rank())
+    g = torch.Generator(device=dist.device()).manual_seed(derive_seed(seed, "eval", rank=dist.rank()))
     results: list[tuple[int, str]] = []
     if gen.vllm is not None:
         local = [(i, ex) for i, ex in local if i >= 0]
         # each request's seed follows (eval seed, example index): answers do not depend on ranks or batching
-        seeds = [request_seed(seed, 0, 0, i) for i, _ in local]
+        seeds = [derive_seed(seed, "request", index=i) for i, _ in local]
         rows = vllm_answers(gen.vllm, [ex.prompt_ids for _, ex in local], seeds, params, gen.eos_id, gen.vocab_size)
         results = [(i, _decode(tokenizer, row, gen.eos_id)) for (i, _), row in zip(local, rows)]
     for start in range(0, len(local) if gen.vllm is None else 0, batch_size):

@@ -42,6 +42,7 @@ from promptkd import distributed as dist
 from promptkd.data import TokenizedExample, collate_prompts
 from promptkd.evaluation.core import shard_indices
 from promptkd.rollout import SamplingParams, StepFn, generate, hf_step_fn, position_ids, teacher_step_fn
+from promptkd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def prompt_curves(student: LM, teacher: LM, examples: list[TokenizedExample], n_
     """(A [n, N], B [n, N]): accumulated errors on student / teacher samples, every prompt once, all ranks."""
     slots = shard_indices(len(examples), dist.rank(), dist.world_size())
     local = sorted(((i, examples[i if i >= 0 else 0]) for i in slots), key=lambda item: len(item[1].prompt_ids))
-    gen = torch.Generator(device=dist.device()).manual_seed(seed * 1000 + dist.rank())  # where the batches are
+    # on the device of the batches it samples for
+    gen = torch.Generator(device=dist.device()).manual_seed(derive_seed(seed, "eval", rank=dist.rank()))
     mine: list[tuple[int, list[float], list[float]]] = []
     for start in range(0, len(local), batch_size):
         chunk = local[start:start + batch_size]

@@ -184,12 +184,13 @@ class SeqKD(Method):
         prompts = to_device(collate_prompts(examples, ctx.pad_id))
         if self.make_teacher_llm is not None:
             from promptkd.rollout import rollout_from_responses
-            from promptkd.rollout.vllm import request_seed, vllm_answers
+            from promptkd.rollout.vllm import vllm_answers
+            from promptkd.seeding import derive_seed
 
             if self.teacher_llm is None:
                 self.teacher_llm = self.make_teacher_llm()
             # each request's seed follows its example (id), so a rerun or resume samples the same response
-            seeds = [request_seed(ctx.seed, 0, 0, int(hashlib.sha256(ex.id.encode()).hexdigest()[:7], 16))
+            seeds = [derive_seed(ctx.seed, "request", index=int(hashlib.sha256(ex.id.encode()).hexdigest()[:7], 16))
                      for ex in examples]
             rows = vllm_answers(self.teacher_llm, [ex.prompt_ids for ex in examples], seeds, ctx.sampling,
                                 ctx.eos_id, ctx.vocab_size)

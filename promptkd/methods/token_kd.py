@@ -15,9 +15,7 @@ from promptkd.methods.base import (MicroBatch, StepContext, Tally, full_batches,
                                    response_start, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits)
 from promptkd.rollout import Rollout
-
-# Keeps the shared stream apart from the rollout generators (seeded cfg.seed * 7919 + rank).
-SHARED_SEED_OFFSET = 104_729
+from promptkd.seeding import derive_seed
 
 
 class SharedDraws:
@@ -33,7 +31,7 @@ class SharedDraws:
 
     def __init__(self, seed: int):
         # on the CPU on purpose: the draws are host-side control flow, read with .tolist()
-        self.generator = torch.Generator(device="cpu").manual_seed(seed + SHARED_SEED_OFFSET)
+        self.generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, "shared"))
 
     def draw(self, n: int = 1) -> list[float]:
         return torch.rand(n, generator=self.generator, dtype=torch.float64, device="cpu").tolist()

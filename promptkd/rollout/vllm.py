@@ -16,7 +16,6 @@ uninterrupted one draws.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Any, Iterator, Optional
@@ -26,6 +25,7 @@ import torch
 from promptkd import distributed as dist
 from promptkd.config import VLLM_INSTALL, ConfigError, VLLMConfig
 from promptkd.rollout.core import Rollout, SamplingParams, rollout_from_responses
+from promptkd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ def require_vllm(key: str) -> None:
         import vllm  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"{key}=vllm: vLLM cannot be imported here ({exc}); {VLLM_INSTALL}") from None
-
-
-def request_seed(seed: int, step: int, rank: int, index: int) -> int:
-    """A per-request sampling seed that depends only on where the request sits in the run."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def vllm_sampling(params: SamplingParams, eos_id: int, vocab_size: int, model_vocab: int, seed: Optional[int]):
@@ -125,11 +119,13 @@ def engine_kwargs(model_dir: str, dtype: str, max_model_len: int, seed: int, opt
                   world_size: int) -> dict[str, Any]:
     """``vllm.LLM`` arguments for the rank's colocated rollout engine (``placement``: on its own device).
 
-    The seed differs per rank, so no two engines draw the same stream.
+    ``seed`` is the run's; the engine's differs per rank (the rank's rollout seed), so no two engines draw
+    the same stream.
     """
     return {"model": model_dir, "load_format": "dummy", "dtype": dtype, "max_model_len": max_model_len,
-            "enforce_eager": True, "seed": seed + rank, "gpu_memory_utilization": opts.gpu_memory_utilization,
-            "enable_sleep_mode": opts.sleep, **placement(world_size)}
+            "enforce_eager": True, "seed": derive_seed(seed, "rollout", rank=rank),
+            "gpu_memory_utilization": opts.gpu_memory_utilization, "enable_sleep_mode": opts.sleep,
+            **placement(world_size)}
 
 
 class VLLMRollouts:
@@ -178,7 +174,8 @@ class VLLMRollouts:
                  pad_id: int, step: int, force_eos: bool = True) -> Rollout:
         """One call for every prompt of the step (rows of the left-padded [B, Tp] batch)."""
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
-        seeds = [request_seed(self.seed, step, dist.rank(), i) for i in range(len(prompts))]
+        seeds = [derive_seed(self.seed, "rollout_request", step=step, rank=dist.rank(), index=i)
+                 for i in range(len(prompts))]
         self._wake()
         responses = vllm_answers(self.llm, prompts, seeds, params, eos_id, self.vocab_size)
         if self.opts.sleep:  # the KV cache goes while the student trains; weights are synced on waking

@@ -23,6 +23,7 @@ from promptkd.data import (DataError, Example, TokenizedExample, load_examples, 
                            tokenize_examples, train_tokenizer)
 from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
 from promptkd.optim import adamw, cpu_adam_loadable, lr_factor, offload_optimizer_choice
+from promptkd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
         model = (load_pretrained(s.path, student_dtype(cfg), key="model.student.path", device=dist.device())
-                 if s.path else _tiny(s.init, tokenizer, cfg.seed + 1))
+                 if s.path else _tiny(s.init, tokenizer, derive_seed(cfg.seed, "model_init", index=1)))
     finally:
         del keep_alive  # a live HfDeepSpeedConfig would also partition later models
         _unset_hf_ds_config()

@@ -23,15 +23,12 @@ from promptkd.methods import METHODS, Method, build_method, step_context
 from promptkd.models import PromptedTeacher
 from promptkd.rollout import hf_step_fn
 from promptkd.rollout.core import gathered
+from promptkd.seeding import derive_seed
 from promptkd.training.builders import (Splits, build_student_engine, build_teacher, build_tokenizer,
                                         example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
 from promptkd.training.trainer import DevEval, Trainer
 
 log = logging.getLogger(__name__)
-
-# The rollout generator of rank r starts at ROLLOUT_SEED_FACTOR * seed + r (a separate stream per rank).
-ROLLOUT_SEED_FACTOR = 7919
-
 
 @dataclass
 class Run:
@@ -68,7 +65,7 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
     train=True also writes ``config.yaml`` into ``output.dir`` (refusing another run's dir)
     and builds the trainer, restored from ``resume_from`` when given. total_steps replaces the
     step count the data and ``train.*`` give (benchmarks, tests); rollout_seed the base seed
-    of the per-rank rollout generators (default ``ROLLOUT_SEED_FACTOR * cfg.seed``).
+    of the per-rank rollout generators (default: ``derive_seed``'s rule for ``rollout``).
     """
     run_dir = cfg.output.dir
     if train:
@@ -84,11 +81,11 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
     teacher = build_teacher(cfg, tokenizer, method_cls.teacher_prompt_length(cfg)) if spec.uses_teacher else None
     engine, ds_config = build_student_engine(cfg, tokenizer, total)
     vocab = vocab_size(tokenizer, teacher, engine.module)
-    seed = ROLLOUT_SEED_FACTOR * cfg.seed if rollout_seed is None else rollout_seed
     ctx = step_context(cfg, spec.section, engine, pad_id=tokenizer.pad_token_id,
                        eos_id=tokenizer.eos_token_id, vocab_size=vocab, total_steps=total, teacher=teacher,
                        tokenizer=tokenizer,
-                       generator=torch.Generator(device=dist.device()).manual_seed(seed + dist.rank()),
+                       generator=torch.Generator(device=dist.device()).manual_seed(
+                           derive_seed(cfg.seed, "rollout", rank=dist.rank(), base=rollout_seed)),
                        sync_rollout=zero_stage(ds_config) == 3)
     if cfg.rollout.engine == "vllm" and spec.samples_student:
         ctx.vllm = vllm_rollouts(cfg, engine, tokenizer, vocab)
@@ -109,7 +106,7 @@ def vllm_rollouts(cfg: Config, engine: Any, tokenizer: Any, vocab: int) -> Any:
     log.info("rollout.engine=vllm: starting a colocated vLLM engine on rank %d", dist.rank())
     work_dir = tempfile.mkdtemp(prefix="promptkd_vllm_")  # the student's config + tokenizer, for vLLM to start from
     return VLLMRollouts(engine.module, tokenizer, vocab, cfg.rollout.vllm, cfg.data.max_length,
-                        seed=ROLLOUT_SEED_FACTOR * cfg.seed, work_dir=work_dir)
+                        seed=cfg.seed, work_dir=work_dir)
 
 
 # ----------------------------------------------------------------------------- output dir

@@ -199,7 +199,8 @@ def _vllm_kwargs(rank: int, world: int, sleep: bool = False) -> dict:
 
 def test_vllm_engine_is_single_process_in_a_world_of_one():
     kw = _vllm_kwargs(0, 1)
-    assert "distributed_executor_backend" not in kw and kw["seed"] == 100
+    # the run seed 100 gives the engine of rank 0 the seed of rank 0's rollout generator
+    assert "distributed_executor_backend" not in kw and kw["seed"] == 7919 * 100
     assert kw["load_format"] == "dummy" and kw["max_model_len"] == 256 and kw["enable_sleep_mode"] is False
 
 
@@ -210,7 +211,7 @@ def test_vllm_engines_use_the_external_launcher_one_per_rank():
     for kw in ranks:
         assert kw["distributed_executor_backend"] == "external_launcher"
         assert kw["tensor_parallel_size"] == 1 and kw["enable_sleep_mode"] is True
-    assert [kw["seed"] for kw in ranks] == [100, 101]
+    assert [kw["seed"] for kw in ranks] == [7919 * 100, 7919 * 100 + 1]
     assert {k: v for k, v in ranks[0].items() if k != "seed"} == {k: v for k, v in ranks[1].items() if k != "seed"}
 
 

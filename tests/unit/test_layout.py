@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2] / "promptkd"
 
 # lowest first; a part is a top-level module or package of promptkd/
 LAYERS = [
-    {"distributed", "config"},
+    {"distributed", "config", "seeding"},
     {"data", "metrics"},
     {"models"},                                  # below rollout: the decode loop asks models.forward what a forward takes
     {"losses", "rollout", "optim"},
