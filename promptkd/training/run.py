@@ -30,6 +30,7 @@ from promptkd.training.trainer import DevEval, Trainer
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Run:
     """A built run: everything a training launch holds."""
