@@ -111,3 +111,13 @@ def test_the_seed_scan_can_fail():
                 "def request_seed(seed, step, rank, index): pass"):
         assert _seed_arithmetic(ast.parse(old)), old
     assert not _seed_arithmetic(ast.parse("g.manual_seed(derive_seed(seed, 'eval', rank=r)); torch.manual_seed(seed)"))
+
+
+def test_the_rule_imports_only_the_standard_library():
+    """Config-level code (data, the planner) can derive seeds without torch."""
+    import sys
+
+    tree = ast.parse(SEEDING_FILE.read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names and names <= set(sys.stdlib_module_names) | {"__future__"}, names
