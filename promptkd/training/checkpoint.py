@@ -37,7 +37,8 @@ MARKER = "COMPLETE"
 
 @runtime_checkable
 class Stateful(Protocol):
-    """What a checkpoint saves and restores (torch's ``state_dict`` convention)."""
+    """What a checkpoint saves and restores (torch's ``state_dict`` convention). Every rank calls both, at the
+    same point: either may be a collective."""
 
     def state_dict(self) -> dict: ...
 
@@ -134,6 +135,7 @@ def save(run_dir: str, step: int, engine: Any, state: Mapping[str, Stateful],
     (``rank_<r>.pt``; default: its RNGs).
     """
     rank_state = {"rng": ProcessRNG()} if rank_state is None else rank_state
+    shared = _state_dicts(state)  # on every rank: a state_dict may be a collective (DistiLLM gathers its buffers)
     root = os.path.join(run_dir, "checkpoints")
     name = f"step_{step}"
     tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
@@ -144,7 +146,7 @@ def save(run_dir: str, step: int, engine: Any, state: Mapping[str, Stateful],
     engine.save_checkpoint(tmp, tag="ds", save_latest=False)
     torch.save(_state_dicts(rank_state), os.path.join(tmp, f"rank_{dist.rank()}.pt"))
     if dist.is_main():
-        torch.save(_state_dicts(state), os.path.join(tmp, "state.pt"))
+        torch.save(shared, os.path.join(tmp, "state.pt"))
         # what `python -m promptkd.consolidate` needs to rebuild an HF model offline
         engine.module.config.to_json_file(os.path.join(tmp, "hf_config.json"))
         if tokenizer is not None:

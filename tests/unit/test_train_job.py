@@ -243,3 +243,24 @@ def test_the_launcher_runs_plan_through_stages(monkeypatch, capsys):
                                                             distributed=False, takes_path=True))
     assert main.main(["stage=plan", "data.train_file=unused.jsonl"]) == 0
     assert seen == [("plan", main.DEFAULT_CONFIG)]
+
+
+def test_every_rank_takes_the_state_dicts_a_collective_one_included(tmp_path, monkeypatch):
+    """DistiLLM's state_dict gathers every rank's buffer: a rank that is not rank 0 must call it too (it then
+    writes only its own rank file)."""
+    calls = []
+
+    class Collective:
+        def state_dict(self):
+            calls.append("state_dict")
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    monkeypatch.setattr(checkpoint.dist, "is_main", lambda: False)
+    monkeypatch.setattr(checkpoint.dist, "rank", lambda: 1)
+    (tmp_path / "checkpoints" / ".tmp_step_1").mkdir(parents=True)   # rank 0 made it
+    checkpoint.save(str(tmp_path), 1, _Engine(), {"method": Collective()}, {})
+    assert calls == ["state_dict"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / ".tmp_step_1").iterdir()) == ["rank_1.pt"]
