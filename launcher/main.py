@@ -53,26 +53,17 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if cfg.stage == "plan":  # before launch, on any machine: no process group, no weights
-        return plan(cfg, args.config or DEFAULT_CONFIG, args.debug)
+    from promptkd.stages import STAGES
+
+    stage = STAGES[cfg.stage]
+    if not stage.distributed:  # stage=plan: before launch, on any machine: no process group, no weights
+        return run(cfg, args.config or DEFAULT_CONFIG, args.debug)
     from promptkd import distributed as dist
 
     dist.init(cfg.dist_timeout_s)
-    code = run(cfg, args.debug)
+    code = run(cfg, args.config or DEFAULT_CONFIG, args.debug)
     dist.shutdown(code)
     return code  # not reached: shutdown exits
-
-
-def plan(cfg, title: str, debug: bool) -> int:
-    from promptkd.plan import run_plan
-
-    from promptkd.data import DataError
-
-    try:
-        run_plan(cfg, os.path.relpath(title))
-        return 0
-    except (ConfigError, DataError) as exc:  # bad input only: any other error keeps its traceback (exit 1)
-        return bad_input(exc, debug)
 
 
 def bad_input(exc: Exception, debug: bool) -> int:
@@ -83,15 +74,18 @@ def bad_input(exc: Exception, debug: bool) -> int:
     return EXIT_BAD_INPUT
 
 
-def run(cfg, debug: bool) -> int:
+def run(cfg, config_path: str, debug: bool) -> int:
+    """Run ``cfg.stage`` through ``STAGES``; its outcome as the exit code."""
     from promptkd.data import DataError
     from promptkd.metrics import setup_logging
     from promptkd.training.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, TrainingAborted
     from promptkd.stages import STAGES
 
-    setup_logging()
+    stage = STAGES[cfg.stage]
+    if stage.distributed:  # plan prints its table and nothing else
+        setup_logging()
     try:
-        STAGES[cfg.stage](cfg)
+        stage(cfg, config_path)
         return 0
     except Preempted as exc:
         print(f"preempted: {exc}; checkpoint saved, exit code {EXIT_PREEMPTED}", file=sys.stderr)

@@ -1,110 +1,38 @@
-"""What the launcher runs: ``train``, ``eval`` and the quickstart ``pipeline``."""
+"""What the launcher runs: every stage (``train``, ``eval``, ``pipeline``, ``exposure``, ``plan``), dispatched
+from ``STAGES`` alone."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import Config, ConfigError, with_overrides, zero_stage
+from promptkd.config import Config, ConfigError, with_overrides
 from promptkd.data import load_tokenizer, make_synthetic_splits
+from promptkd.evaluation.core import load_sets
 from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
-from promptkd.evaluation.exposure import run_exposure
+from promptkd.evaluation import exposure
 from promptkd.evaluation.report import main_tables, protocol_table
 from promptkd.metrics import MetricsLogger
-from promptkd.models import (DTYPES, PROMPT_DIR, PROMPT_WEIGHTS, load_pretrained, load_prompted_teacher,
-                             missing_local_dir)
+from promptkd.models import (DTYPES, PROMPT_DIR, PROMPT_WEIGHTS, PromptedTeacher, load_pretrained,
+                             load_prompted_teacher, missing_local_dir)
 from promptkd.models.prompted_teacher import prompt_files_dir
 from promptkd.rollout import hf_step_fn, teacher_step_fn
-from promptkd.training import checkpoint
 from promptkd.training.builders import build_tokenizer, example_texts, load_raw_splits
-from promptkd.training.run import Run, build_run, eval_sets, greedy_eval, write_config
+from promptkd.training.job import seed_everything, train
+from promptkd.training.run import eval_sets, greedy_eval, write_config
 
 log = logging.getLogger(__name__)
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run_train(cfg: Config) -> dict[str, Any]:
-    """Train the student with ``cfg.method``; checkpoint, export, evaluate on the test split."""
-    _seed_everything(cfg.seed)
-    run = build_run(cfg, resume_from=_resume_path(cfg))
-    try:
-        summary = _train_and_evaluate(cfg, run)
-    except BaseException:  # preempted, aborted, failed: the first error is the one to report
-        close_run(run, quiet=True)
-        raise
-    close_run(run)
-    return summary
-
-
-def close_run(run: Run, quiet: bool = False) -> None:
-    """Close the run's TensorBoard writer (flushing its events) and its vLLM engines, on every exit path.
-
-    The launcher ends the process with ``dist.shutdown`` (``os._exit``), which runs no atexit hook or finalizer:
-    what is not closed here is lost. ``quiet``: an error while closing is logged, not raised (the run is
-    already failing with another one).
-    """
-    closers = [run.close]
-    if run.trainer is not None and run.trainer.logger is not None:
-        closers.insert(0, run.trainer.logger.close)
-    for close in closers:
-        try:
-            close()
-        except Exception:
-            if not quiet:
-                raise
-            log.exception("while closing a failed run")
-
-
-def _train_and_evaluate(cfg: Config, run: Run) -> dict[str, Any]:
-    trainer, splits = run.trainer, run.splits
-    log.info("%s: %d train / %d dev / %d test examples, %d optimizer steps, world size %d, ZeRO-%d",
-             cfg.method.name, len(splits.train), len(splits.dev), len(splits.test), run.total_steps,
-             dist.world_size(), zero_stage(run.ds_config))
-    trainer.run()
-    trainer.save()
-    summary: dict[str, Any] = {"steps": trainer.state.step}
-    if splits.dev:
-        last = trainer.state.history[-1] if trainer.state.history else None
-        done = last is not None and last["step"] == trainer.state.step  # the loop just scored this step
-        summary["dev_rougeL"] = last["rougeL"] if done else trainer.run_dev_eval()
-    if cfg.output.export:
-        trainer.export(os.path.join(cfg.output.dir, "export"))
-    if splits.test or run.eval_sets:
-        sets = ({"test": splits.test} if splits.test else {}) | run.eval_sets
-        res = evaluate_sets(run.student_decoder(), run.tokenizer, sets, cfg.eval)
-        info = ({"test": {"path": cfg.data.test_file, "n": len(splits.test)}} if splits.test else {}) | run.eval_info
-        report = write_results(os.path.join(cfg.output.dir, "eval"), {"student": res}, sets, cfg.eval, info)
-        trainer.logger.scalars(trainer.state.step, scalars(report))
-        summary["test_rougeL"] = {name: r["rougeL"] for name, r in res.items()}
-    return summary
-
-
-def _resume_path(cfg: Config) -> Optional[str]:
-    if not cfg.output.resume:
-        return None
-    path = checkpoint.latest(cfg.output.dir) if cfg.output.resume == "auto" else cfg.output.resume
-    if path is None:
-        log.info("resume=auto: no complete checkpoint in %s, starting fresh", cfg.output.dir)
-        return None
-    if not os.path.isdir(path):
-        raise ConfigError(f"output.resume: no checkpoint at {path}")
-    if not os.path.exists(os.path.join(path, checkpoint.MARKER)):
-        raise ConfigError(f"output.resume: {path} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
-    return path
+    """Train the student with ``cfg.method``; checkpoint, export, evaluate on the test split (``TrainJob``)."""
+    return train(cfg)
 
 
 # ----------------------------------------------------------------------------- eval stage
@@ -144,7 +72,7 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
                            v.gpu_memory_utilization)
             return Decoder(None, tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, vllm=llm)
     if prompt_dir:
-        teacher = load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
+        teacher = load_teacher(path, dtype, prompt_dir)
         return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
     base = load_pretrained(path, dtype, device=dist.device()).eval()
     return Decoder(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
@@ -220,8 +148,15 @@ def check_prompt_dir(key: str, path: str) -> None:
         raise ConfigError(f"{key}: no {PROMPT_WEIGHTS} in {path} (nor in its {PROMPT_DIR}/)")
 
 
+def load_teacher(path: str, dtype: torch.dtype, prompt_dir: str = "") -> PromptedTeacher:
+    """A trained teacher to evaluate with: frozen, on this rank's device, in eval mode, with the learned prompt in
+    ``prompt_dir`` (none: a zero-length prompt). Evaluation and exposure load teachers here; training builds its
+    own (``build_teacher``: a prompt to train, a placement)."""
+    return load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
+
+
 def run_eval(cfg: Config) -> dict[str, Any]:
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     models = _models_to_eval(cfg)
     key = "tokenizer.path" if cfg.tokenizer.path else ("eval.models" if cfg.eval.models else "eval.model_path")
     tokenizer = load_tokenizer(cfg.tokenizer.path or next(iter(models.values())), key=key)
@@ -326,4 +261,59 @@ def _pipeline_eval(cfg: Config, base: Config, tokenizer: Any, test_file: str, te
     return _rouge_by_model(report)
 
 
-STAGES = {"train": run_train, "eval": run_eval, "pipeline": run_pipeline, "exposure": run_exposure}
+# ----------------------------------------------------------------------------- exposure
+
+def run_exposure(cfg: Config) -> dict[str, Any]:
+    """ExAccErr of each student in ``exposure.students`` against the teacher; writes <output.dir>/exposure/."""
+    ex = cfg.exposure
+    students, teacher_path = exposure.check_inputs(cfg)
+    source = cfg.eval.file or cfg.data.test_file  # set: the config's validation checks it (ExposureConfig.check)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer.path or students[0],
+                               key="tokenizer.path" if cfg.tokenizer.path else "exposure.students")
+    sets, _ = load_sets({"prompts": source}, cfg.data.format, tokenizer, cfg.data.max_prompt_length,
+                        cfg.data.max_length)
+    examples = sets["prompts"][:cfg.eval.max_examples or None]
+    n_pos = ex.max_tokens or cfg.data.max_length - cfg.data.max_prompt_length
+    teacher = load_teacher(teacher_path, DTYPES[cfg.model.teacher.dtype], ex.prompt_path)
+    loaders = [(path, functools.partial(_exposure_student, path)) for path in students]
+    rows = exposure.measure(loaders, teacher, examples, n_pos, ex.samples, len(tokenizer), tokenizer.eos_token_id,
+                            tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
+    result = {"teacher": teacher_path, "prompt": ex.prompt_path, "prompts": source, "samples": ex.samples,
+              "positions": n_pos, "se": "delta method over prompts", "students": rows}
+    exposure.write_report(os.path.join(cfg.output.dir, "exposure"), result, len(examples), ex.samples)
+    return result
+
+
+def _exposure_student(path: str) -> torch.nn.Module:
+    return load_pretrained(path, torch.float32, key="exposure.students").to(dist.device()).eval()
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def run_plan(cfg: Config, config_path: str = "") -> Any:
+    """Memory plan of ``cfg`` (before launch, on any machine: no process group, no weights)."""
+    from promptkd.plan import run_plan as plan
+
+    return plan(cfg, os.path.relpath(config_path) if config_path else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage the launcher runs: ``fn(cfg)`` (``plan`` also takes the config file's path, its table's title)."""
+
+    fn: Callable[..., Any]
+    distributed: bool = True       # needs the process group (every stage but plan)
+    takes_path: bool = False
+
+    def __call__(self, cfg: Config, config_path: str = "") -> Any:
+        return self.fn(cfg, config_path) if self.takes_path else self.fn(cfg)
+
+
+STAGES: dict[str, Stage] = {
+    "train": Stage(run_train),
+    "eval": Stage(run_eval),
+    "pipeline": Stage(run_pipeline),
+    "exposure": Stage(run_exposure),
+    "plan": Stage(run_plan, distributed=False, takes_path=True),
+}

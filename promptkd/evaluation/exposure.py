@@ -192,13 +192,6 @@ def exposure_table(rows: list[dict[str, Any]], n_pos: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_teacher(cfg: Any, path: str) -> torch.nn.Module:
-    from promptkd.models import DTYPES, load_prompted_teacher
-
-    teacher = load_prompted_teacher(path, DTYPES[cfg.model.teacher.dtype], cfg.exposure.prompt_path)
-    return teacher.to(dist.device()).eval()
-
-
 def check_inputs(cfg: Any) -> tuple[list[str], str]:
     """The students' and the teacher's dirs, each checked to exist before anything loads (bad input: exit 2).
 
@@ -221,41 +214,28 @@ def check_inputs(cfg: Any) -> tuple[list[str], str]:
     return students, teacher_path
 
 
-def run_exposure(cfg: Any) -> dict[str, Any]:
-    """ExAccErr of each student in ``exposure.students`` against the teacher; writes <output.dir>/exposure/."""
-    from promptkd.data import load_tokenizer
-    from promptkd.evaluation.core import load_sets
-    from promptkd.models import load_pretrained
-
-    ex = cfg.exposure
-    students, teacher_path = check_inputs(cfg)
-    source = cfg.eval.file or cfg.data.test_file  # set: the config's validation checks it (ExposureConfig.check)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.path or students[0],
-                               key="tokenizer.path" if cfg.tokenizer.path else "exposure.students")
-    sets, _ = load_sets({"prompts": source}, cfg.data.format, tokenizer, cfg.data.max_prompt_length,
-                        cfg.data.max_length)
-    examples = sets["prompts"][:cfg.eval.max_examples or None]
-    n_pos = ex.max_tokens or cfg.data.max_length - cfg.data.max_prompt_length
-    teacher = teacher_lm(_load_teacher(cfg, teacher_path))
+def measure(students: list[tuple[str, Callable[[], torch.nn.Module]]], teacher: torch.nn.Module,
+            examples: list[TokenizedExample], n_pos: int, samples: int, vocab: int, eos_id: int, pad_id: int,
+            batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """ExAccErr rows, one per student: ``students`` are (name, loader) pairs (one student in memory at a time)."""
+    t_lm = teacher_lm(teacher)
     rows = []
-    for path in students:
-        student = hf_lm(load_pretrained(path, torch.float32, key="exposure.students").to(dist.device()).eval())
-        a, b = prompt_curves(student, teacher, examples, n_pos, ex.samples, len(tokenizer), tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
-        rows.append({"student": path, "n_prompts": len(examples), **exacc_stats(a, b)})
+    for name, load in students:
+        a, b = prompt_curves(hf_lm(load()), t_lm, examples, n_pos, samples, vocab, eos_id, pad_id, batch_size, seed)
+        rows.append({"student": name, "n_prompts": len(examples), **exacc_stats(a, b)})
         last = rows[-1]["exacc_err"][-1]
-        log.info("exposure %s: ExAccErr(%d) = %s", path, n_pos, "n/a" if last is None else f"{last:.2f}%")
-    result = {"teacher": teacher_path, "prompt": ex.prompt_path, "prompts": source, "samples": ex.samples,
-              "positions": n_pos, "se": "delta method over prompts", "students": rows}
+        log.info("exposure %s: ExAccErr(%d) = %s", name, n_pos, "n/a" if last is None else f"{last:.2f}%")
+    return rows
+
+
+def write_report(out_dir: str, result: dict[str, Any], n_prompts: int, samples: int) -> None:
+    """results.json and results.md (the table) in ``out_dir``, by rank 0; all ranks call."""
     if dist.is_main():
-        out = os.path.join(cfg.output.dir, "exposure")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as fh:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.json"), "w") as fh:
             json.dump(result, fh, indent=2)
-        table = exposure_table(rows, n_pos)
-        with open(os.path.join(out, "results.md"), "w") as fh:
-            fh.write(f"# ExAccErr (%), mean ± SE over {len(examples)} prompts, k={ex.samples}\n\n{table}")
+        table = exposure_table(result["students"], result["positions"])
+        with open(os.path.join(out_dir, "results.md"), "w") as fh:
+            fh.write(f"# ExAccErr (%), mean ± SE over {n_prompts} prompts, k={samples}\n\n{table}")
         print(table, flush=True)
     dist.barrier()
-    return result

@@ -23,6 +23,9 @@ from promptkd.rollout.core import gathered
 
 MicroBatch = list[TokenizedExample]
 
+KEPT_STUDENT = "student"        # Method.kept_forwards: the student's forward with grad, run early and reused
+KEPT_TARGET = "target"          # the student step's target logits, computed in an earlier phase
+
 
 @dataclass
 class StepContext:
@@ -58,6 +61,9 @@ def step_context(cfg: Config, section: Optional[str], engine: Any, *, pad_id: in
                        teacher_sharded=cfg.model.teacher.placement == "zero3")
 
 
+TOKENS = "tokens"
+
+
 class Tally:
     """A step's metrics, kept on the device until a logging step asks for them.
 
@@ -73,12 +79,20 @@ class Tally:
         self.sums: dict[str, torch.Tensor] = {}
         self.reported: dict[str, tuple[str, Optional[str]]] = {}
         self._global: Optional[dict[str, float]] = None
+        self.counts_tokens = False       # count_tokens was called
 
     def add(self, key: str, value: torch.Tensor | float) -> None:
         """sums[key] += value, in fp64 on the device (the same additions as Python floats: exact)."""
         t = torch.as_tensor(value).detach().to(device=dist.device(), dtype=torch.float64).reshape(())
         self.sums[key] = self.sums[key] + t if key in self.sums else torch.zeros_like(t) + t
         self._global = None
+
+    def count_tokens(self, local: torch.Tensor | float) -> None:
+        """The step's loss tokens on this rank: the ``tokens`` metric, the divisor of every ``mean`` with the
+        default ``per``, and what ``StepResult.tokens`` (throughput) reports."""
+        self.add(TOKENS, local)
+        self.mean(TOKENS, TOKENS, per=None)
+        self.counts_tokens = True
 
     def mean(self, name: str, key: str, per: Optional[str] = "tokens") -> None:
         """Log ``name`` = global sums[key] / max(global sums[per], 1) (per=None: the global sum)."""
@@ -106,10 +120,20 @@ class StepResult:
     tally: Any = None                                        # Tally, or a dict of global values
     rollouts: list[Rollout] = field(default_factory=list)    # the step's student samples (logged as text)
     skipped: bool = False                                    # nothing was updated (see ``Method.step``)
+    tokens: Any = None          # this rank's loss tokens (device tensor); None: the method counts none
+                                # (default: what ``tally.count_tokens`` counted)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tally, Tally):
             self.tally = Tally(self.tally)
+        if self.tokens is not None and not self.tally.counts_tokens:
+            self.tally.count_tokens(self.tokens)
+        elif self.tokens is None and self.tally.counts_tokens:
+            self.tokens = self.tally.sums[TOKENS]
+
+    def global_tokens(self) -> Optional[float]:
+        """The step's loss tokens over all ranks (None: not counted); a collective like ``reduce``."""
+        return None if self.tokens is None else self.reduce()[TOKENS]
 
     def reduce(self) -> dict[str, float]:
         """The logged scalars, global over ranks (a collective: every rank calls it)."""
@@ -129,6 +153,7 @@ class Method:
     spec: MethodSpec = MethodSpec("")
     uses_teacher = samples_student = samples_teacher = samples_mixture = trains_prompt = fused = False
     section: Optional[str] = None
+    progress_keys: tuple[str, ...] = ()   # the metrics the progress bar shows (``shown_keys``)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -151,6 +176,13 @@ class Method:
         method.loss_chunk_size is set. The memory planner counts them so. A method whose settings can turn
         its loss into something else narrows ``spec.fused`` here."""
         return cls.fused
+
+    @classmethod
+    def kept_forwards(cls, cfg: Config, student_dropout: bool) -> frozenset[str]:
+        """Forwards one phase of a step runs and a later phase reuses instead of running again
+        (``KEPT_STUDENT``: the student's forward with grad; ``KEPT_TARGET``: the student's target logits).
+        The memory planner counts a kept forward as carried; the step itself asks the same question."""
+        return frozenset()
 
     @classmethod
     def teacher_prompt_length(cls, cfg: Config) -> int:
@@ -176,6 +208,10 @@ class Method:
 
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         raise NotImplementedError
+
+    def shown_keys(self) -> list[str]:
+        """The metrics the progress bar shows, by name (a method whose loss name follows its settings overrides)."""
+        return list(self.progress_keys)
 
     def snapshot(self) -> Optional[dict]:
         """State outside the student engine that a skipped step must not change (None: nothing)."""
@@ -284,7 +320,9 @@ def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: torch.T
     else:
         scale = dist.world_size() / max(n_global, 1.0)
     ctx.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+    ctx.timer.lap("student/bwd")
     ctx.engine.step()
+    ctx.timer.lap("student/optimizer")
 
 
 def rollout_params(cfg: Config) -> SamplingParams:

@@ -84,6 +84,9 @@ class ReplayBuffer:
 class DistiLLM(Method):
     spec = REGISTRY["distillm"]
 
+    def shown_keys(self) -> list[str]:
+        return [f"loss/{self.ctx.opts.loss}"]
+
     def __init__(self, ctx: StepContext):
         super().__init__(ctx)
         m = ctx.opts

@@ -18,6 +18,9 @@ from promptkd.methods.token_kd import SharedDraws, distill_update, ground_truth
 class GKD(Method):
     spec = REGISTRY["gkd"]
 
+    def shown_keys(self) -> list[str]:
+        return [f"loss/{self.ctx.opts.divergence}"]
+
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:
         return DIVERGENCES[cfg.method.gkd.divergence].fused

@@ -12,6 +12,9 @@ from promptkd.methods.token_kd import distill_update
 class ImitKD(Method):
     spec = REGISTRY["imitkd"]
 
+    def shown_keys(self) -> list[str]:
+        return [f"loss/{self.ctx.opts.divergence}"]
+
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:
         return DIVERGENCES[cfg.method.imitkd.divergence].fused

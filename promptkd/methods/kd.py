@@ -11,6 +11,7 @@ from promptkd.methods.base import (Method, MicroBatch, StepResult, Tally, full_b
 
 class KD(Method):
     spec = REGISTRY["kd"]
+    progress_keys = ("loss/fkl", "loss/ce")
 
     @classmethod
     def fused_loss(cls, cfg: Config) -> bool:
@@ -22,8 +23,7 @@ class KD(Method):
         batches = full_batches(ctx, micro_batches)
         n_global = global_tokens([b["loss_mask"] for b in batches])
         tally = Tally()
-        tally.add("tokens", local_tokens([b["loss_mask"] for b in batches]))
-        tally.mean("tokens", "tokens", per=None)
+        tally.count_tokens(local_tokens([b["loss_mask"] for b in batches]))
         tally.mean("loss/fkl", "loss/fkl")
         if w_ce > 0:
             tally.mean("loss/ce", "loss/ce")

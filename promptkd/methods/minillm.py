@@ -67,6 +67,7 @@ def build_lm_corpus(cfg: Config, tokenizer: Any) -> LMCorpus:
 
 class MiniLLM(Method):
     spec = REGISTRY["minillm"]
+    progress_keys = ("loss/minillm_kl", "loss/minillm_pg", "loss/lm")
 
     def __init__(self, ctx: StepContext, corpus: Optional[LMCorpus] = None, lm_batch_size: int = 0):
         super().__init__(ctx)
@@ -129,8 +130,7 @@ class MiniLLM(Method):
     def tally(self, masks: list[torch.Tensor], lm_masks: list[torch.Tensor]) -> Tally:
         """The step's metrics: kl, pg, reward, weight (and lm) sums, reduced over ranks only when logged."""
         tally = Tally()
-        tally.add("tokens", local_tokens(masks))
-        tally.mean("tokens", "tokens", per=None)
+        tally.count_tokens(local_tokens(masks))
         for name, key in (("loss/minillm_kl", "kl"), ("loss/minillm_pg", "pg"), ("minillm/mean_weight", "weight"),
                           ("minillm/mean_reward", "reward")):
             tally.mean(name, key)

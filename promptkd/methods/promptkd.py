@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from promptkd.config import Config, ConfigError, REGISTRY
 from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
-from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, Tally, global_tokens, has_dropout,
+from promptkd.methods.base import (KEPT_STUDENT, KEPT_TARGET, Method, MicroBatch, StepContext, StepResult, Tally, global_tokens, has_dropout,
                                    lm_logits, local_tokens, response_start, set_modes, shifted_mask, student_backward,
                                    student_rollouts, student_update_phase, teacher_logits, token_scale)
 from promptkd.methods.soft_prompt import SoftPrompt
@@ -29,6 +29,7 @@ class Kept:
 
     student: list[Optional[torch.Tensor]]   # the student forward run with grad in the prompt step
     targets: list[Optional[torch.Tensor]]   # stale_student_target: p_T^θ from before the prompt update
+    prompt_finite: bool = True              # the prompt's gradient was finite (else the whole step is skipped)
 
     @staticmethod
     def nothing(n: int) -> "Kept":
@@ -37,6 +38,7 @@ class Kept:
 
 class PromptKD(Method):
     spec = REGISTRY["promptkd"]  # RKL is PromptKD without a prompt, reading the same section
+    progress_keys = ("loss/rkl", "prompt/loss")
 
     def __init__(self, ctx: StepContext, prompt: Optional[SoftPrompt] = None) -> None:
         super().__init__(ctx)
@@ -55,15 +57,14 @@ class PromptKD(Method):
             rollouts = student_rollouts(ctx, micro_batches)
         n_global = global_tokens([r.loss_mask for r in rollouts])  # a device tensor: it only scales losses
         tally = Tally()
-        tally.add("tokens", local_tokens([r.loss_mask for r in rollouts]))
+        tally.count_tokens(local_tokens([r.loss_mask for r in rollouts]))
         tally.add("rows", float(sum(r.input_ids.shape[0] for r in rollouts)))
-        tally.mean("tokens", "tokens", per=None)
         tally.mean("rollout/mean_response_len", "tokens", per="rows")
         kept = Kept.nothing(len(rollouts))
         if self.prompt is not None:
             with ctx.timer.phase("prompt_step"):
                 _, kept = self.prompt_update(rollouts, n_global, step, tally)
-            if not math.isfinite(tally.values["prompt/grad_norm"]):
+            if not kept.prompt_finite:
                 # identical on every rank (the gradient was all-reduced): the whole step is skipped,
                 # and the kept student graph goes with ``kept``
                 return StepResult(tally, rollouts, skipped=True)
@@ -78,6 +79,20 @@ class PromptKD(Method):
             prompt = SoftPrompt(ctx.teacher, cfg.optim.prompt, ctx.total_steps, cfg.train.grad_clip,
                                 cfg.model.teacher.path or "tiny-from-config")
         return cls(ctx, prompt)
+
+    @classmethod
+    def kept_forwards(cls, cfg: Config, student_dropout: bool) -> frozenset[str]:
+        if cls.teacher_prompt_length(cfg) == 0:
+            return frozenset()  # no prompt step: nothing runs early
+        return cls._kept(cfg.method.promptkd, student_dropout)
+
+    @staticmethod
+    def _kept(opts: Any, student_dropout: bool) -> frozenset[str]:
+        """The rule of ``student_logits_for_prompt`` and ``stale_student_target``, for the step and the planner."""
+        kept = {KEPT_TARGET} if opts.stale_student_target else set()
+        if opts.reuse_student_forward and not student_dropout:
+            kept.add(KEPT_STUDENT)
+        return frozenset(kept)
 
     def uses_prompt(self) -> bool:
         return self.prompt is not None
@@ -109,19 +124,25 @@ class PromptKD(Method):
         self.prompt.zero_grad()
         kept = Kept.nothing(len(rollouts))
         for i, r in enumerate(rollouts):
+            ctx.timer.restart()
             start, mask = response_start(r), shifted_mask(r)
             # official modes: p_S and the plain teacher p_T in eval mode, the prompted teacher in train mode
             set_modes(ctx, student_train=False)
             s_logits = self.student_logits_for_prompt(r, start, kept if i == 0 else None, i)
+            ctx.timer.lap("prompt/student_fwd")
             with torch.no_grad():
                 base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, False, start)
                         if w > 0 else None)
+            ctx.timer.lap("prompt/teacher_base_fwd_nograd")
             ctx.teacher.train(m.prompt_step_teacher_train)
             prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, True, start)
             ctx.teacher.eval()
+            ctx.timer.lap("prompt/teacher_prompted_fwd")
             pl = prompt_loss(s_logits, prompted=prompted, teacher=base if base is not None else prompted.detach(),
                              mask=mask, reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
+            ctx.timer.lap("prompt/loss")
             (pl.total / token_scale(n_global)).backward()
+            ctx.timer.lap("prompt/teacher_bwd")
             if m.stale_student_target:  # the documented shortcut: p_T^θ from before the update
                 kept.targets[i] = prompted.detach()
             for key, name in (("total", "prompt/loss"), ("guidance", "prompt/guidance_kl"),
@@ -129,8 +150,11 @@ class PromptKD(Method):
                 tally.add(name, getattr(pl, key))
                 tally.mean(name, name)
         # the norm is a host number on purpose: a non-finite one skips the step on every rank
-        tally.values.update({"prompt/reg_weight": w, "prompt/grad_norm": self.prompt.step(),
-                             "prompt/lr": self.prompt.lr})
+        ctx.timer.restart()
+        norm = self.prompt.step()
+        ctx.timer.lap("prompt/optimizer")
+        kept.prompt_finite = math.isfinite(norm)
+        tally.values.update({"prompt/reg_weight": w, "prompt/grad_norm": norm, "prompt/lr": self.prompt.lr})
         return tally, kept
 
     def student_logits_for_prompt(self, r: Rollout, start: int, kept: Optional[Kept], index: int) -> torch.Tensor:
@@ -146,7 +170,7 @@ class PromptKD(Method):
         the gradients (measured with accumulation 2).
         """
         ctx = self.ctx
-        if kept is not None and ctx.opts.reuse_student_forward and not self.student_has_dropout:
+        if kept is not None and KEPT_STUDENT in self._kept(ctx.opts, self.student_has_dropout):
             # Without dropout train mode computes what eval mode does, and only in train mode does activation
             # checkpointing (model.student.gradient_checkpointing) cover this graph, which stays alive through
             # the whole prompt step (measured: bench/plan_check.py, zero0_fp32_ckpt).
@@ -173,16 +197,20 @@ class PromptKD(Method):
         use_prompt = self.uses_prompt()
         tally.mean("loss/rkl", "loss/rkl")
         for i, r in enumerate(rollouts):
+            ctx.timer.restart()
             start, mask = response_start(r), shifted_mask(r)
             t_logits = kept.targets[i]
             if t_logits is None:
                 with torch.no_grad():
                     t_logits = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt,
                                               start)
+            ctx.timer.lap("student/teacher_fwd_nograd")
             s_logits = kept.student[i]
             if s_logits is None:
                 s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+            ctx.timer.lap("student/fwd")
             rkl, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
+            ctx.timer.lap("student/loss")
             student_backward(ctx, rkl, n_global)
             tally.add("loss/rkl", rkl)
         return tally

@@ -131,6 +131,7 @@ class TeacherCache:
 
 class SeqKD(Method):
     spec = REGISTRY["seqkd"]
+    progress_keys = ("loss/ce",)
 
     def __init__(self, ctx: StepContext, cache: "TeacherCache", max_length: int,
                  teacher_llm: Optional[Callable[[], Any]] = None):

@@ -9,6 +9,7 @@ from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, 
 
 class SFT(Method):
     spec = REGISTRY["sft"]
+    progress_keys = ("loss/ce",)
     def train_step(self, micro_batches: list[MicroBatch], step: int) -> StepResult:
         return StepResult(ce_step(self.ctx, micro_batches))
 
@@ -18,8 +19,7 @@ def ce_step(ctx: StepContext, micro_batches: list[MicroBatch]) -> Tally:
     batches = full_batches(ctx, micro_batches)
     n_global = global_tokens([b["loss_mask"] for b in batches])
     tally = Tally()
-    tally.add("tokens", local_tokens([b["loss_mask"] for b in batches]))
-    tally.mean("tokens", "tokens", per=None)
+    tally.count_tokens(local_tokens([b["loss_mask"] for b in batches]))
     tally.mean("loss/ce", "loss/ce")
     with student_update_phase(ctx):
         for b in batches:

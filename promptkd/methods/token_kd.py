@@ -58,8 +58,7 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str, *, al
     """
     n_global = global_tokens([s.loss_mask for s in seqs])
     tally = Tally()
-    tally.add("tokens", local_tokens([s.loss_mask for s in seqs]))
-    tally.mean("tokens", "tokens", per=None)
+    tally.count_tokens(local_tokens([s.loss_mask for s in seqs]))
     name = f"loss/{divergence}"
     tally.mean(name, name)
     with student_update_phase(ctx):

@@ -152,6 +152,7 @@ def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[t
 
 def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optional[tuple[int, int]]) -> Plan:
     from promptkd.methods import METHODS
+    from promptkd.methods.base import KEPT_STUDENT
 
     z = M.Zero.from_json(load_ds_json(cfg.deepspeed), bf16=cfg.train.precision == "bf16")
     e_s = PRECISION_BYTES[cfg.train.precision]
@@ -168,7 +169,8 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
     prompt_len = method.teacher_prompt_length(cfg) if t is not None else 0
     kept: list[Line] = []
     if prompt_len > 0:
-        phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len)
+        keeps_student = KEPT_STUDENT in method.kept_forwards(cfg, student_dropout=s.dropout > 0)
+        phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len, keeps_student)
     phases["student_step"] = _student_step(cfg, z, s, t, shape, e_s, kept)
     phases["optimizer_step"] = [Line("optimizer step: fp32 gradients + AdamW's temporaries", M.optimizer_step(
         s, z, e_s, world), f"deepspeed ({cfg.deepspeed}), train.precision")]
@@ -248,14 +250,14 @@ def _rollout(cfg: Config, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int) 
     return lines
 
 
-def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int,
-                 prompt_len: int) -> tuple[list[Line], list[Line]]:
+def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int, prompt_len: int,
+                 keeps_student: bool) -> tuple[list[Line], list[Line]]:
     """The prompt update: the kept student graph, p_T, the prompted teacher's graph through all its layers."""
     opts, tc = cfg.method.promptkd, cfg.model.teacher
     e_t = PRECISION_BYTES[tc.dtype]
     s_logits = Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
     kept: list[Line] = []
-    if opts.reuse_student_forward and s.dropout == 0:  # the student step's forward, run here (promptkd.py)
+    if keeps_student:  # the student step's forward, run here (Method.kept_forwards)
         kept = [Line("student activations (kept for the student step)",
                      M.activations(s, shape, e_s, False, False, cfg.model.student.gradient_checkpointing),
                      "model.student.gradient_checkpointing, method.promptkd.reuse_student_forward"), s_logits]

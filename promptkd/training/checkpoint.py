@@ -1,8 +1,17 @@
 """Atomic checkpoints, resume and export.
 
 A checkpoint is written into ``checkpoints/.tmp_step_N``; rank 0 adds the
-``COMPLETE`` marker last, renames the dir to ``step_N`` and only then points
-``latest`` at it. A dir without the marker is never loaded.
+``COMPLETE`` marker last and renames the dir to ``step_N``. A dir without the
+marker is never loaded, and the newest dir with one is the run's latest
+checkpoint (``latest``): the marker and the rename are the one commit point,
+so no second pointer file can disagree with them (a pointer written after the
+rename lags it when a run dies in between, and goes stale when a dir is
+removed or copied by hand).
+
+What a checkpoint holds beside the DeepSpeed engine is a set of named
+``Stateful`` objects (the loop, the method, the data sampler; per rank: the
+RNGs and the rollout generator) that save and load themselves:
+``state.pt`` = {name: obj.state_dict()}, ``rank_<r>.pt`` likewise per rank.
 """
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,6 +33,54 @@ from promptkd.training import faults
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What a checkpoint saves and restores (torch's ``state_dict`` convention). Every rank calls both, at the
+    same point: either may be a collective."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class ProcessRNG:
+    """This rank's Python, NumPy, torch CPU and accelerator RNGs (DeepSpeed saves none of them)."""
+
+    def state_dict(self) -> dict:
+        return _rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        _set_rng_state(state, f"rank_{dist.rank()}.pt")
+
+
+class GeneratorState:
+    """A ``torch.Generator`` (e.g. the rank's rollout stream); its state is a CPU byte tensor."""
+
+    def __init__(self, generator: Optional[torch.Generator]) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, state: Any) -> None:
+        saved = state.get("state") if isinstance(state, dict) else state  # older files: the bare tensor
+        if self.generator is not None and saved is not None:
+            self.generator.set_state(saved)
+
+
+class Snapshot:
+    """A plain dict as a ``Stateful`` (tools and tests that save values, not objects)."""
+
+    def __init__(self, state: Optional[dict] = None) -> None:
+        self.state = dict(state or {})
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
 
 
 def _accelerator() -> Any:
@@ -70,12 +127,15 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(run_dir: str, step: int, engine: Any, trainer_state: dict, generator: Optional[torch.Generator] = None,
-         keep_last: int = 0, tokenizer: Any = None) -> str:
+def save(run_dir: str, step: int, engine: Any, state: Mapping[str, Stateful],
+         rank_state: Optional[Mapping[str, Stateful]] = None, *, keep_last: int = 0, tokenizer: Any = None) -> str:
     """Save everything needed to resume at ``step``; returns the final dir (all ranks call).
 
-    ``trainer_state`` holds the loop's state and, under "method", the method's own (e.g. its prompt).
+    ``state``: objects the same on every rank (rank 0 writes ``state.pt``); ``rank_state``: each rank's own
+    (``rank_<r>.pt``; default: its RNGs).
     """
+    rank_state = {"rng": ProcessRNG()} if rank_state is None else rank_state
+    shared = _state_dicts(state)  # on every rank: a state_dict may be a collective (DistiLLM gathers its buffers)
     root = os.path.join(run_dir, "checkpoints")
     name = f"step_{step}"
     tmp, final = os.path.join(root, f".tmp_{name}"), os.path.join(root, name)
@@ -84,10 +144,9 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, generator: O
         os.makedirs(tmp)
     dist.barrier()
     engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-    rank_state = {"rng": _rng_state(), "generator": generator.get_state() if generator is not None else None}
-    torch.save(rank_state, os.path.join(tmp, f"rank_{dist.rank()}.pt"))
+    torch.save(_state_dicts(rank_state), os.path.join(tmp, f"rank_{dist.rank()}.pt"))
     if dist.is_main():
-        torch.save({"trainer": trainer_state}, os.path.join(tmp, "state.pt"))
+        torch.save(shared, os.path.join(tmp, "state.pt"))
         # what `python -m promptkd.consolidate` needs to rebuild an HF model offline
         engine.module.config.to_json_file(os.path.join(tmp, "hf_config.json"))
         if tokenizer is not None:
@@ -98,7 +157,6 @@ def save(run_dir: str, step: int, engine: Any, trainer_state: dict, generator: O
         _write_text(os.path.join(tmp, MARKER), f"{step}\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_text(os.path.join(root, "latest"), name + "\n")
     dist.barrier()  # every rank has finished with the new checkpoint before old ones go
     if dist.is_main():
         _prune(root, keep_last)
@@ -118,6 +176,10 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _state_dicts(objects: Mapping[str, Stateful]) -> dict[str, dict]:
+    return {name: obj.state_dict() for name, obj in objects.items()}
+
+
 def latest(run_dir: str) -> Optional[str]:
     """The newest complete checkpoint dir, or None; incomplete dirs are reported and skipped."""
     root = os.path.join(run_dir, "checkpoints")
@@ -135,30 +197,50 @@ def latest(run_dir: str) -> Optional[str]:
     return max(candidates)[1] if candidates else None
 
 
-def load(path: str, engine: Any, generator: Optional[torch.Generator] = None) -> dict:
-    """Restore the engine, RNG and generator; returns ``{"trainer": ...}``.
+def load(path: str, engine: Any, state: Optional[Mapping[str, Stateful]] = None,
+         rank_state: Optional[Mapping[str, Stateful]] = None) -> dict:
+    """Restore the engine and every object of ``state`` / ``rank_state`` (as ``save`` took them) from ``path``.
 
-    A checkpoint of an older version kept the prompt beside the trainer state; it is moved
-    into the method's state, where it lives now.
+    An object the checkpoint holds nothing for keeps its state. Returns what ``state.pt`` held (``read_state``).
     """
+    rank_state = {"rng": ProcessRNG()} if rank_state is None else rank_state
     if not os.path.exists(os.path.join(path, MARKER)):
         raise ValueError(f"resume: {path} is not a complete checkpoint (no {MARKER} marker)")
     engine.load_checkpoint(path, tag="ds")
-    # On the CPU: rank 0 wrote these from its own device, and each consumer copies them onto its rank's
-    # (the prompt into its parameter, optimizer state to the parameter's device); RNG states must be CPU tensors.
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    saved = read_state(path)
+    for name, obj in (state or {}).items():
+        if name in saved:
+            obj.load_state_dict(saved[name])
     rank_file = os.path.join(path, f"rank_{dist.rank()}.pt")
     if os.path.exists(rank_file):
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        _set_rng_state(rank_state["rng"], rank_file)
-        if generator is not None and rank_state["generator"] is not None:
-            generator.set_state(rank_state["generator"])
+        # RNG states must be CPU tensors; rank 0 wrote the others from its own device
+        mine = torch.load(rank_file, map_location="cpu", weights_only=False)
+        for name, obj in rank_state.items():
+            if name in mine:
+                obj.load_state_dict(mine[name])
     else:
         _warn_missing_rank_file(path)
-    if state.get("prompt") is not None:
-        state["trainer"].setdefault("method", {}).setdefault("prompt", state.pop("prompt"))
-    log.info("resumed from %s (step %s)", path, state["trainer"].get("step"))
-    return state
+    log.info("resumed from %s (step %s)", path, saved.get("trainer", {}).get("step"))
+    return saved
+
+
+def read_state(path: str) -> dict:
+    """``state.pt`` of a checkpoint dir as {name: state}, older layouts moved to where they live now.
+
+    Older versions nested the method's state (and, before that, the prompt beside the loop's) and the data
+    position inside the loop's state ("trainer"); each is moved to its own object's name.
+    """
+    # On the CPU: each consumer copies onto its rank's device (the prompt into its parameter, optimizer state
+    # to the parameter's device)
+    saved = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    trainer = saved.get("trainer", {})
+    if "prompt" in saved and saved["prompt"] is not None:
+        trainer.setdefault("method", {}).setdefault("prompt", saved.pop("prompt"))
+    if "method" in trainer:
+        saved.setdefault("method", trainer.pop("method"))
+    if "epoch" in trainer:
+        saved.setdefault("sampler", {"epoch": trainer.pop("epoch"), "batch_in_epoch": trainer.pop("batch_in_epoch", 0)})
+    return saved
 
 
 def export_student(engine: Any, tokenizer: Any, out_dir: str, extra: Optional[Callable[[str], None]] = None) -> None:

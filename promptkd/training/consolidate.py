@@ -49,9 +49,9 @@ def consolidate(ckpt: str, out_dir: str) -> None:
     if os.path.isdir(os.path.join(ckpt, "tokenizer")):
         for name in os.listdir(os.path.join(ckpt, "tokenizer")):
             shutil.copy(os.path.join(ckpt, "tokenizer", name), tmp)
-    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
-    # the method's prompt state (older checkpoints kept it beside the trainer state)
-    prompt = state["trainer"].get("method", {}).get("prompt") or state.get("prompt")
+    from promptkd.training.checkpoint import read_state
+
+    prompt = read_state(ckpt).get("method", {}).get("prompt")  # older layouts are moved where it lives now
     if prompt:
         from promptkd.models import PROMPT_DIR, PROMPT_WEIGHTS
 

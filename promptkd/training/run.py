@@ -59,12 +59,12 @@ class Run:
             self.method.ctx.vllm = None
 
 
-def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = None,
-              total_steps: Optional[int] = None, rollout_seed: Optional[int] = None) -> Run:
+def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = None,
+              rollout_seed: Optional[int] = None) -> Run:
     """Build the run ``cfg`` describes.
 
     train=True also writes ``config.yaml`` into ``output.dir`` (refusing another run's dir)
-    and builds the trainer, restored from ``resume_from`` when given. total_steps replaces the
+    and builds the trainer, at step 0 (``Trainer.restore`` continues a checkpoint). total_steps replaces the
     step count the data and ``train.*`` give (benchmarks, tests); rollout_seed the base seed
     of the per-rank rollout generators (default: ``derive_seed``'s rule for ``rollout``).
     """
@@ -95,8 +95,7 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
     if train:
         write_config(cfg, run_dir)
         dev = dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev, cfg.seed) if splits.dev else None
-        run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer,
-                              resume_from=resume_from)
+        run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer)
     return run
 
 

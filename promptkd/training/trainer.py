@@ -4,6 +4,7 @@ No loss math lives here: a ``Method`` computes each optimizer step.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ from promptkd import distributed as dist
 from promptkd.config import Config
 from promptkd.data import ListDataset, TokenizedExample
 from promptkd.methods import Method
+from promptkd.methods.base import StepResult
 from promptkd.metrics import MetricsLogger, format_scalars
 from promptkd.training import checkpoint
 from promptkd.training.faults import before_step, configured
@@ -26,41 +28,62 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopState:
-    """Where the loop is: saved in checkpoints so a resume continues exactly."""
+    """Where the loop is (step, dev history, skip counters): checkpointed as "trainer"."""
 
     step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0        # micro-batches already consumed in ``epoch``
     best_dev: Optional[float] = None
     history: list = field(default_factory=list)
     skipped_steps: int = 0         # non-finite steps skipped so far
     bad_in_a_row: int = 0
     evals_since_best: int = 0      # dev evaluations since the last new best (early stopping)
 
+    def state_dict(self) -> dict:
+        return copy.deepcopy(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        fresh = LoopState(**copy.deepcopy(state))  # an unknown key is an error, as constructing one is
+        vars(self).update(vars(fresh))
+
+
+@dataclass
+class Position:
+    """Where the data stream is: checkpointed as "sampler"."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0        # micro-batches already consumed in ``epoch``
+
 
 class MicroBatches:
-    """Endless, resumable stream of per-rank micro-batches over epochs."""
+    """Endless, resumable stream of per-rank micro-batches over epochs; it owns (and saves) its position."""
 
-    def __init__(self, data: list[TokenizedExample], batch_size: int, seed: int, state: LoopState):
+    def __init__(self, data: list[TokenizedExample], batch_size: int, seed: int,
+                 position: Optional[Position] = None):
         self.sampler = DistributedSampler(ListDataset(data), num_replicas=dist.world_size(), rank=dist.rank(),
                                           shuffle=True, seed=seed, drop_last=False)
         self.loader = DataLoader(ListDataset(data), batch_size=batch_size, sampler=self.sampler,
                                  collate_fn=list, num_workers=0)
-        self.state = state
+        self.position = position or Position()
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[list[TokenizedExample]]:
+        pos = self.position
         while True:
-            self.sampler.set_epoch(self.state.epoch)
+            self.sampler.set_epoch(pos.epoch)
             for i, batch in enumerate(self.loader):
-                if i < self.state.batch_in_epoch:
+                if i < pos.batch_in_epoch:
                     continue  # resuming mid-epoch
-                self.state.batch_in_epoch = i + 1
+                pos.batch_in_epoch = i + 1
                 yield batch
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            pos.epoch += 1
+            pos.batch_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self.position))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = Position(**state)
 
 
 def epoch_micro_batches(n_examples: int, micro_batch_size: int) -> int:
@@ -73,7 +96,7 @@ DevEval = Callable[[int], dict[str, float]]
 
 @dataclass
 class Trainer:
-    """Complete once constructed: restored from ``resume_from`` (if given), with its metrics logger open."""
+    """The loop over optimizer steps, and what it checkpoints: ``checkpointed()`` names the objects."""
 
     cfg: Config
     run_dir: str
@@ -82,22 +105,19 @@ class Trainer:
     total_steps: int
     dev_eval: Optional[DevEval] = None
     tokenizer: Any = None              # to log sampled responses as text and export best/
-    resume_from: Optional[str] = None  # a complete checkpoint dir to continue from
-    logger: Optional[MetricsLogger] = None  # default: TensorBoard + metrics.jsonl in run_dir
+    logger: Optional[MetricsLogger] = None  # default: TensorBoard + metrics.jsonl in run_dir (opened lazily)
     state: LoopState = field(default_factory=LoopState)
     stop: StopRequest = field(default_factory=StopRequest)
 
     def __post_init__(self) -> None:
-        if self.resume_from:
-            self.restore(self.resume_from)
-        if self.logger is None:  # after the restore: a resumed run's event files drop the steps it redoes
-            self.logger = MetricsLogger(self.run_dir, self.cfg.logging.tensorboard,
-                                        purge_step=self.state.step + 1 if self.resume_from else None)
+        self.batches = MicroBatches(self.train_data, self.cfg.train.micro_batch_size, self.cfg.seed)
+        if self.logger is None:
+            self.logger = MetricsLogger(self.run_dir, self.cfg.logging.tensorboard)
 
     def run(self) -> LoopState:
         cfg = self.cfg
         self.stop.install()
-        stream = iter(MicroBatches(self.train_data, cfg.train.micro_batch_size, cfg.seed, self.state))
+        stream = iter(self.batches)
         bar = self._progress_bar()
         fault = configured()
         try:
@@ -134,8 +154,8 @@ class Trainer:
             metrics = result.reduce()
             metrics["train/skipped_steps"] = float(self.state.skipped_steps)
             if bar is not None:
-                bar.set_postfix_str(format_scalars(metrics, [k for k in metrics if k.startswith("loss/")]))
-            self._log(metrics, seconds, phases, result.rollouts)
+                bar.set_postfix_str(format_scalars(metrics, self.method.shown_keys()))
+            self._log(metrics, seconds, phases, result)
         self._maybe_dev_eval()
 
     def _logging_step(self) -> bool:
@@ -168,7 +188,7 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method.name, dynamic_ncols=True,
                     mininterval=interval)
 
-    def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float], rollouts: list) -> None:
+    def _log(self, metrics: dict[str, float], seconds: float, phases: dict[str, float], result: StepResult) -> None:
         step, ctx = self.state.step, self.method.ctx
         values = dict(metrics)
         values["student/lr"] = float(ctx.engine.get_lr()[0])
@@ -176,10 +196,12 @@ class Trainer:
         if norm is not None:
             values["student/grad_norm"] = float(norm)
         values["perf/step_seconds"] = seconds
-        values["perf/tokens_per_second"] = metrics.get("tokens", 0.0) / max(seconds, 1e-9)
+        tokens = result.global_tokens()
+        if tokens is not None:  # a method that counts no tokens logs no throughput (not a rate of 0)
+            values["perf/tokens_per_second"] = tokens / max(seconds, 1e-9)
         values.update({f"time/{k}": v for k, v in phases.items()})
         self.logger.scalars(step, values)
-        self._log_samples(step, rollouts)
+        self._log_samples(step, result.rollouts)
         if not self.cfg.logging.progress_bar:
             log.info("step %d/%d %s", step, self.total_steps, format_scalars(values))
 
@@ -222,7 +244,8 @@ class Trainer:
         per_epoch = epoch_micro_batches(len(self.train_data), self.cfg.train.micro_batch_size)
         if not per_epoch:
             return False
-        done = self.state.epoch * per_epoch + self.state.batch_in_epoch  # micro-batches consumed so far
+        pos = self.batches.position
+        done = pos.epoch * per_epoch + pos.batch_in_epoch  # micro-batches consumed so far
         span = every * per_epoch
         return done // span > (done - self.cfg.train.grad_accum) // span
 
@@ -248,16 +271,22 @@ class Trainer:
         checkpoint.export_student(self.method.ctx.engine, self.tokenizer, out_dir, extra=self.method.export)
         log.info("exported to %s", out_dir)
 
+    def checkpointed(self) -> dict[str, checkpoint.Stateful]:
+        """What a checkpoint holds beside the engine, by name: the same on every rank (``state.pt``)."""
+        return {"trainer": self.state, "method": self.method, "sampler": self.batches}
+
+    def rank_checkpointed(self) -> dict[str, checkpoint.Stateful]:
+        """Each rank's own (``rank_<r>.pt``): its RNGs and its rollout generator."""
+        return {"rng": checkpoint.ProcessRNG(), "generator": checkpoint.GeneratorState(self.method.ctx.generator)}
+
     def save(self) -> str:
-        ctx = self.method.ctx
-        trainer_state = dict(vars(self.state))
-        trainer_state["method"] = self.method.state_dict()
-        return checkpoint.save(self.run_dir, self.state.step, ctx.engine, trainer_state, ctx.generator,
-                               keep_last=self.cfg.output.keep_last, tokenizer=self.tokenizer)
+        return checkpoint.save(self.run_dir, self.state.step, self.method.ctx.engine, self.checkpointed(),
+                               self.rank_checkpointed(), keep_last=self.cfg.output.keep_last,
+                               tokenizer=self.tokenizer)
 
     def restore(self, path: str) -> None:
-        ctx = self.method.ctx
-        state = checkpoint.load(path, ctx.engine, ctx.generator)
-        trainer = dict(state["trainer"])
-        self.method.load_state_dict(trainer.pop("method", {}))
-        self.state = LoopState(**trainer)
+        """Continue from the checkpoint at ``path``; the metrics logger then drops the points the interrupted run
+        logged after it (they are logged again)."""
+        checkpoint.load(path, self.method.ctx.engine, self.checkpointed(), self.rank_checkpointed())
+        if isinstance(self.logger, MetricsLogger):
+            self.logger.resume_at(self.state.step + 1)

@@ -67,7 +67,7 @@ def export_zero3(out: str) -> dict:
     export = os.path.join(sc.SHARED, "export")
     with counting_gathers() as count:
         checkpoint.export_student(engine, tok, export)
-    ckpt = checkpoint.save(os.path.join(sc.SHARED, "run"), 1, engine, {"step": 1})
+    ckpt = checkpoint.save(os.path.join(sc.SHARED, "run"), 1, engine, {"trainer": checkpoint.Snapshot({"step": 1})})
     sizes = {n: sum(p.ds_numel for p in sub.parameters(recurse=False)) for n, sub in module.named_modules()}
     total = sum(p.ds_numel for p in module.parameters())
     result = {"partitioned": partitioned, "peak": count["peak"], "gathers": count["gathers"],

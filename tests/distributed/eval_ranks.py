@@ -29,7 +29,7 @@ def main() -> int:
     dist.init(timeout_s=60)
     from promptkd.config import load_config
     from promptkd.stages import run_eval
-    from promptkd.evaluation.exposure import run_exposure
+    from promptkd.stages import run_exposure
     from tests.fixtures.eval_workspace import OVERRIDES, eval_overrides
 
     with open(args.ws) as fh:

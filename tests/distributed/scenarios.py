@@ -357,10 +357,11 @@ def scenario_distillm_zero3() -> dict:
     restored = DistiLLM(m.ctx)
     restored.load_state_dict(state)
     run_dir = os.path.join(SHARED, "distillm_ckpt")
-    path = checkpoint.save(run_dir, 3, m.ctx.engine, {"step": 3, "method": m.state_dict()},
-                           generator=m.ctx.generator)
+    gen = checkpoint.GeneratorState(m.ctx.generator)
+    path = checkpoint.save(run_dir, 3, m.ctx.engine, {"trainer": checkpoint.Snapshot({"step": 3}), "method": m},
+                           {"rng": checkpoint.ProcessRNG(), "generator": gen})
     from_disk = DistiLLM(m.ctx)
-    from_disk.load_state_dict(checkpoint.load(path, m.ctx.engine, generator=m.ctx.generator)["trainer"]["method"])
+    checkpoint.load(path, m.ctx.engine, {"method": from_disk}, {"rng": checkpoint.ProcessRNG(), "generator": gen})
     out.update({
         "buffer": digest_items(buffer), "buffer_len": len(buffer),
         "restored_buffer": digest_items(list(restored.buffer.items)),

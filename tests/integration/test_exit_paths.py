@@ -58,13 +58,18 @@ if mode == "valueerror":  # a bug deep in a step, e.g. two shapes that do not li
         return before_step(fault, step, student)
 
     trainer.before_step = planted
-elif mode == "oserror":  # a full disk while the run is built
-    from promptkd import stages
+elif mode in ("oserror", "oserror_at_save", "oserror_at_export"):  # a full disk: building, saving, exporting
+    from promptkd.training import checkpoint, job
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "planted: No space left on device")
 
-    stages.build_run = full_disk
+    if mode == "oserror":
+        job.build_run = full_disk
+    elif mode == "oserror_at_save":  # output.save_interval=0: the final checkpoint is the only save
+        checkpoint.save = full_disk
+    else:
+        trainer.Trainer.export = full_disk
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -116,6 +121,19 @@ def test_full_disk_os_error_is_exit_1_with_traceback(tiny):
     assert "Traceback (most recent call last)" in proc.stderr, shown
     assert "No space left on device" in proc.stderr, shown
     assert not last_line(proc.stderr).startswith("error:"), shown
+
+
+@pytest.mark.parametrize("plant", ["oserror_at_save", "oserror_at_export"])
+def test_failure_after_training_closes_the_run(tiny, plant):
+    """The run's end (final checkpoint, export) fails: exit 1, and the writer and engines are closed all the same,
+    with every trained step's events on disk."""
+    root, cfg = tiny
+    proc, out, calls, shown = launch(root, cfg, plant, plant, "train.max_steps=2")
+    assert proc.returncode == 1, shown
+    assert "No space left on device" in proc.stderr, shown
+    assert calls.count("run.close") == 1 and calls.count("tensorboard.close") == 1, (calls, shown)
+    assert scalar_steps(out) >= {1, 2}, shown
+    assert not (out / "eval").exists(), shown  # nothing after the failing part ran
 
 
 def test_aborted_run_exits_3_and_is_closed(tiny):

@@ -174,6 +174,8 @@ def test_tensorboard_scalars_and_text(tb):
 
 
 def test_checkpoints_complete_and_latest(run_dir):
+    from promptkd.training import checkpoint
+
     root = run_dir / "checkpoints"
     for step in (2, 4):
         ckpt = root / f"step_{step}"
@@ -181,7 +183,8 @@ def test_checkpoints_complete_and_latest(run_dir):
         assert (ckpt / "COMPLETE").is_file()
         for rank in (0, 1):  # per-rank RNG state: both ranks took part
             assert (ckpt / f"rank_{rank}.pt").is_file()
-    assert (root / "latest").read_text().strip() == "step_4"
+    assert checkpoint.latest(str(run_dir)) == str(root / "step_4")
+    assert not (root / "latest").exists()  # the COMPLETE markers are the one record of what is complete
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
 
 

@@ -40,7 +40,7 @@ def test_torchrun_two_nodes(tmp_path):
     logs = [p.communicate()[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "world size 2" in logs[0]
-    assert (out / "export" / "config.json").exists() and (out / "checkpoints" / "latest").exists()
+    assert (out / "export" / "config.json").exists() and (out / "checkpoints" / "step_2" / "COMPLETE").exists()
     # dev is scored at every step; the end of training reuses step 2's score instead of logging it twice
     dev_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
                  if "dev/rougeL" in line]

@@ -20,6 +20,7 @@ sys.path.insert(0, REPO)
 
 from tests.fixtures.cli import cli_env  # noqa: E402
 from tests.fixtures.tiny_run import write_tiny_run  # noqa: E402
+from promptkd.training import checkpoint  # noqa: E402
 from promptkd.training.signals import EXIT_PREEMPTED  # noqa: E402
 
 STEPS = 6
@@ -151,7 +152,7 @@ def test_sigusr1_checkpoints_exits_and_resumes(setup):
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-    latest = (out / "checkpoints" / "latest").read_text().strip()
+    latest = os.path.basename(checkpoint.latest(str(out)))
     stopped_at = int(latest.split("_")[1])
     assert 2 <= stopped_at < steps
     assert not (out / "export").exists()
@@ -178,7 +179,7 @@ def test_a_failing_rank_ends_every_rank_quickly(setup):
 
 def _model_states(ckpt) -> dict[str, torch.Tensor]:
     states = torch.load(os.path.join(ckpt, "ds", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-    method = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["trainer"]["method"]
+    method = checkpoint.read_state(ckpt)["method"]
     prompt = method.get("prompt")  # the SoftPrompt's state, kept in the method's state
     return {**states, "prompt": prompt["prompt"]["prompt"]} if prompt else dict(states)
 

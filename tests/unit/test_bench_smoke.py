@@ -37,8 +37,11 @@ def test_bench_core_functions_run_at_toy_sizes(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
 
     ph = out["phases"]
-    assert set(ph["seconds_per_phase_median"]) >= {"rollout", "prompt/teacher_bwd", "student/bwd"}
-    assert all(v >= 0 for v in ph["seconds_per_phase_median"].values())
+    # every span is timed inside the real train_step (PhaseTimer laps): one that never fires stays at 0
+    from bench.phases import PHASES
+
+    assert set(ph["seconds_per_phase_median"]) == set(PHASES)
+    assert all(v > 0 for v in ph["seconds_per_phase_median"].values()), ph["seconds_per_phase_median"]
     assert ph["params"]["teacher"] > ph["params"]["student"] > 0 and ph["response_tokens_per_s"] > 0
 
     ov = out["overhead"]

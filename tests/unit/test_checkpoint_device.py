@@ -52,10 +52,19 @@ def engine():
     return FakeEngine(build_tiny("llama", 1, 16, 2, vocab_size=64))
 
 
+def _rank_state(generator=None) -> dict:
+    """What the Trainer checkpoints per rank: the process RNGs and the rollout generator."""
+    return {"rng": checkpoint.ProcessRNG(), "generator": checkpoint.GeneratorState(generator)}
+
+
 def _save(tmp_path, engine, generator=None) -> str:
     prompt = torch.arange(6, dtype=torch.float32).view(2, 3)
-    return checkpoint.save(str(tmp_path), 4, engine, {"step": 4, "method": {"prompt": {"prompt": prompt}}},
-                           generator=generator)
+    state = {"trainer": checkpoint.Snapshot({"step": 4}), "method": checkpoint.Snapshot({"prompt": {"prompt": prompt}})}
+    return checkpoint.save(str(tmp_path), 4, engine, state, _rank_state(generator))
+
+
+def _load(path, engine, generator=None) -> dict:
+    return checkpoint.load(path, engine, {}, _rank_state(generator))
 
 
 def test_accelerator_rng_is_saved_and_restored(tmp_path, engine, monkeypatch):
@@ -67,7 +76,7 @@ def test_accelerator_rng_is_saved_and_restored(tmp_path, engine, monkeypatch):
     expect = (random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=gen)))
     accel.state = torch.tensor([9, 9, 9], dtype=torch.uint8)          # the device RNG moves on after the save
     random.seed(2), np.random.seed(2), torch.manual_seed(2), gen.manual_seed(2)
-    checkpoint.load(path, engine, gen)
+    _load(path, engine, gen)
     assert [s.tolist() for s in accel.set_calls] == [[1, 2, 3]]
     assert accel.state.tolist() == [1, 2, 3]
     got = (random.random(), float(np.random.rand()), float(torch.rand(1)), float(torch.rand(1, generator=gen)))
@@ -78,7 +87,7 @@ def test_missing_rank_file_warns_what_is_not_restored(tmp_path, engine, caplog):
     path = _save(tmp_path, engine, torch.Generator(device="cpu"))
     (tmp_path / "checkpoints" / "step_4" / "rank_0.pt").rename(tmp_path / "checkpoints" / "step_4" / "rank_7.pt")
     with caplog.at_level(logging.WARNING, logger="promptkd.training.checkpoint"):
-        checkpoint.load(path, engine, torch.Generator(device="cpu"))
+        _load(path, engine, torch.Generator(device="cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     msg = warnings[0]
@@ -92,7 +101,7 @@ def test_accelerator_state_without_an_accelerator_warns(tmp_path, engine, monkey
     path = _save(tmp_path, engine)
     monkeypatch.setattr(checkpoint, "_accelerator", lambda: None)      # resumed on a CPU machine
     with caplog.at_level(logging.WARNING, logger="promptkd.training.checkpoint"):
-        checkpoint.load(path, engine)
+        _load(path, engine)
     assert any("accelerator RNG" in r.getMessage() and "not" in r.getMessage() for r in caplog.records)
 
 
@@ -101,7 +110,7 @@ def test_cpu_checkpoint_resumed_on_an_accelerator_warns(tmp_path, engine, monkey
     accel = FakeAccelerator()
     monkeypatch.setattr(checkpoint, "_accelerator", lambda: accel)
     with caplog.at_level(logging.WARNING, logger="promptkd.training.checkpoint"):
-        checkpoint.load(path, engine)
+        _load(path, engine)
     assert not accel.set_calls
     assert any("no accelerator RNG state" in r.getMessage() and "not restored" in r.getMessage()
                for r in caplog.records)
@@ -117,9 +126,9 @@ def test_every_load_maps_onto_the_cpu(tmp_path, engine, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    state = checkpoint.load(path, engine, torch.Generator(device="cpu"))
+    state = _load(path, engine, torch.Generator(device="cpu"))
     assert seen == ["cpu", "cpu"]                                       # state.pt and this rank's rank_0.pt
-    assert state["trainer"]["method"]["prompt"]["prompt"].device == torch.device("cpu")
+    assert state["method"]["prompt"]["prompt"].device == torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 export, module by module

@@ -191,7 +191,7 @@ def test_dev_eval_runs_at_epoch_boundaries(tmp_path, n, mb, ga, steps, every, ex
     evals, trainer = _run(tmp_path, n, mb, ga, steps, [f"eval.dev_interval_epochs={every}"])
     assert evals == expected
     # the arithmetic is the loop's own epoch length
-    assert epoch_micro_batches(n, mb) == len(MicroBatches(list(range(n)), mb, 0, LoopState()))
+    assert epoch_micro_batches(n, mb) == len(MicroBatches(list(range(n)), mb, 0))
     assert len(trainer.method.micro_seen) == steps and all(len(m) == ga for m in trainer.method.micro_seen)
 
 
@@ -208,7 +208,8 @@ def test_epoch_cadence_continues_after_a_resume(tmp_path):
                                     "logging.interval=1000", "eval.dev_interval_epochs=1"])
     trainer = Trainer(cfg, str(tmp_path), _Method(), list(range(10)), 8, dev_eval=lambda s: {"rougeL": 0.0},
                       logger=_Logger())
-    trainer.state = LoopState(step=4, epoch=1, batch_in_epoch=3)    # 8 micro-batches consumed
+    trainer.state = LoopState(step=4)
+    trainer.batches.load_state_dict({"epoch": 1, "batch_in_epoch": 3})    # 8 micro-batches consumed
     evals: list[int] = []
     trainer.run_dev_eval = lambda: evals.append(trainer.state.step) or 0.0
     trainer.run()

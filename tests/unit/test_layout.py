@@ -14,7 +14,8 @@ LAYERS = [
     {"losses", "rollout", "optim"},
     {"methods", "evaluation"},
     {"training"},
-    {"stages", "compare", "consolidate", "plan"},
+    {"compare", "consolidate", "plan"},
+    {"stages"},                      # the one dispatch of every stage, plan included
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

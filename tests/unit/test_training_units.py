@@ -15,7 +15,7 @@ from promptkd.methods import Method, StepContext, StepResult
 from promptkd.optim import lr_factor
 from promptkd.training import checkpoint
 from promptkd.training.builders import steps_for
-from promptkd.training.trainer import LoopState, MicroBatches, Trainer
+from promptkd.training.trainer import MicroBatches, Trainer
 
 
 # ----------------------------------------------------------------------------- lr_factor
@@ -94,7 +94,7 @@ def test_steps_for_counts_the_per_rank_shard(monkeypatch):
 
 @pytest.mark.parametrize("n,mb,ga", [(7, 2, 3), (16, 4, 2), (5, 8, 1), (33, 5, 4)])
 def test_steps_for_agrees_with_the_loader(n, mb, ga):
-    loader = MicroBatches(list(range(n)), mb, seed=0, state=LoopState())
+    loader = MicroBatches(list(range(n)), mb, seed=0)
     assert steps_for(_cfg(epochs=3), n, mb, ga) == 3 * max(1, math.ceil(len(loader) / ga))
 
 
@@ -120,7 +120,7 @@ def test_keep_last_deletes_old_checkpoints_and_stale_temp_dirs(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp_step_9").mkdir(parents=True)  # a save that died before its rename
     for step in range(1, 5):
-        checkpoint.save(str(tmp_path), step, _Engine(), {"step": step}, keep_last=2)
+        checkpoint.save(str(tmp_path), step, _Engine(), {"trainer": checkpoint.Snapshot({"step": step})}, keep_last=2)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_3", "step_4"]
     assert checkpoint.latest(str(tmp_path)) == str(root / "step_4")
 
@@ -129,7 +129,7 @@ def test_keep_last_zero_keeps_every_checkpoint_but_no_temp_dir(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp_step_2").mkdir(parents=True)
     for step in (1, 3):
-        checkpoint.save(str(tmp_path), step, _Engine(), {"step": step}, keep_last=0)
+        checkpoint.save(str(tmp_path), step, _Engine(), {"trainer": checkpoint.Snapshot({"step": step})}, keep_last=0)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_1", "step_3"]
 
 
@@ -155,13 +155,18 @@ class _Logger:
         pass
 
 
-def _train(tmp_path, data: list[int], steps: int, ga: int, state: LoopState) -> tuple[list, LoopState]:
+def _train(tmp_path, data: list[int], steps: int, ga: int, saved: dict | None = None) -> tuple[list, dict]:
+    """Train ``steps`` steps (continuing ``saved``, the checkpointed objects' states); (steps seen, states)."""
     cfg = _cfg(micro_batch_size=2, grad_accum=ga)
     cfg.output.save_interval, cfg.logging.progress_bar, cfg.seed = 0, False, 3
     method = _Recorder(StepContext(engine=_Engine(), pad_id=0, eos_id=0, vocab_size=1, total_steps=steps,
                                    sampling=None))
-    trainer = Trainer(cfg, str(tmp_path), method, data, steps, logger=_Logger(), state=state)
-    return method.seen, trainer.run()
+    trainer = Trainer(cfg, str(tmp_path), method, data, steps, logger=_Logger())
+    for name, obj in trainer.checkpointed().items():  # what Trainer.restore does with a checkpoint's state.pt
+        if saved is not None:
+            obj.load_state_dict(copy.deepcopy(saved[name]))
+    trainer.run()
+    return method.seen, {name: obj.state_dict() for name, obj in trainer.checkpointed().items()}
 
 
 @pytest.mark.parametrize("ga,first,where", [(3, 2, (1, 2)), (2, 2, (0, 4)), (3, 3, (2, 1))])
@@ -170,14 +175,13 @@ def test_resume_across_an_epoch_boundary_keeps_the_data_order(tmp_path, ga, firs
     ga=2: at the end of epoch 0; ga=3, 3 steps: mid-epoch 2), restore the loop state as a checkpoint does, and
     continue past the next epoch boundary: the steps see what the uninterrupted run saw."""
     data, total = list(range(7)), 6
-    whole, end = _train(tmp_path, data, total, ga, LoopState())
-    head, stopped = _train(tmp_path, data, first, ga, LoopState())
-    assert (stopped.epoch, stopped.batch_in_epoch) == where
-    saved = copy.deepcopy(vars(stopped))  # what Trainer.save writes and Trainer.restore reads back
-    tail, resumed_end = _train(tmp_path, data, total, ga, LoopState(**saved))
+    whole, end = _train(tmp_path, data, total, ga)
+    head, stopped = _train(tmp_path, data, first, ga)
+    assert (stopped["sampler"]["epoch"], stopped["sampler"]["batch_in_epoch"]) == where
+    tail, resumed_end = _train(tmp_path, data, total, ga, stopped)
     assert head + tail == whole
-    assert resumed_end.epoch > stopped.epoch, "the resumed part must cross an epoch boundary"
-    assert vars(resumed_end) == vars(end)
+    assert resumed_end["sampler"]["epoch"] > stopped["sampler"]["epoch"], "the resumed part must cross an epoch"
+    assert resumed_end == end
     # each epoch sees every example, in an order of its own (the sampler is reshuffled per epoch)
     flat = [e for step in whole for e in step]
     assert flat[:7] != flat[7:14] and sorted(flat[:7]) == sorted(flat[7:14]) == data
