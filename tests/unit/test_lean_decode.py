@@ -100,3 +100,22 @@ def test_partitioned_weights_keep_no_grad():
         assert not mixed_step_fn(hf_step_fn(student), teacher_step_fn(teacher, False), 0.2, VOCAB).inference_safe
     finally:
         del next(student.parameters()).ds_id
+
+
+def test_one_host_read_per_decoded_token():
+    """The stop check is the loop's only host read per token: transformers' mask builder (can the padding mask
+    be dropped?) no longer runs on one-token steps. Counted under no_grad: a dispatch mode sees no op inside
+    inference_mode."""
+    from tests.unit.test_host_syncs import CountOps
+
+    model = _model("llama")
+    ids, mask = _prompts(True)
+    step = hf_step_fn(model)
+    step.inference_safe = False
+    n = 8
+    with CountOps() as ops:
+        r = generate(step, ids, mask, SamplingParams(max_new_tokens=n), eos_id=10_000, pad_id=PAD, vocab_size=VOCAB,
+                     generator=torch.Generator().manual_seed(0))
+    assert r.response_ids.shape[1] == n  # no row finished: n decode steps, n stop checks
+    # + the prefill's mask check (one 2D-mask forward) + _assemble's one nonzero; before: 2 reads per token
+    assert ops.n == {"nonzero": 1, "bool_index": 0, "scalar": n + 2}, ops.n
