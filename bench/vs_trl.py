@@ -88,6 +88,52 @@ def _trl_args(sizes, ws: dict, torch, trl_defaults: bool = False):
         max_new_tokens=sizes.max_new_tokens, disable_dropout=True, disable_tqdm=True)
 
 
+class PassTimer:
+    """Wall seconds in each model's forward passes outside generation, per side of the comparison.
+
+    Forward hooks on the shared teacher, on our student and on TRL's student copy: the same few
+    microseconds of hook on both sides. Forwards inside a generation are left to the generate phase.
+    """
+
+    def __init__(self) -> None:
+        self.side = ""
+        self.generating = False
+        self.start: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
+
+    def attach(self, module: Any, name: str) -> None:
+        from bench.common import sync
+
+        def pre(*_a: Any) -> None:
+            if not self.generating:
+                sync()
+                self.start[name] = time.perf_counter()
+
+        def post(*_a: Any) -> None:
+            if not self.generating:
+                sync()
+                key = f"{self.side}:{name}"
+                self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - self.start[name]
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def pop(self, side: str) -> dict[str, float]:
+        out = {k.split(":", 1)[1]: v for k, v in self.totals.items() if k.startswith(side + ":")}
+        self.totals = {k: v for k, v in self.totals.items() if not k.startswith(side + ":")}
+        return out
+
+
+def _pass_medians(per_step: list[dict], ours_phases: list[dict] | None) -> dict[str, float]:
+    """Median seconds per step of each timed forward (and, for ours, the student step minus them)."""
+    keys = sorted({k for d in per_step for k in d})
+    out = {k: statistics.median(d.get(k, 0.0) for d in per_step) for k in keys}
+    if ours_phases:
+        out["student_step minus forwards (loss, backward, clip, optimizer, ...)"] = statistics.median(
+            p["student_step"] - sum(d.values()) for p, d in zip(ours_phases, per_step))
+    return out
+
+
 def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_defaults: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -122,11 +168,33 @@ def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_de
 
     trl_phases: dict[str, list[float]] = {"generate": [], "compute_loss": []}
     ours_phases: list[dict] = []
+    cpu: dict[str, list[float]] = {"ours": [], "trl": []}
+    passes = PassTimer()
+    passes.attach(teacher, "teacher_forward")
+    passes.attach(ctx.engine.module, "student_forward")
+    passes.attach(student, "student_forward")
+    pass_times: dict[str, list[dict]] = {"ours": [], "trl": []}
+    import promptkd.methods.promptkd as pk_method
+
+    orig_rollouts = pk_method.student_rollouts
+
+    def rollouts_unhooked(*a, **k):
+        passes.generating = True
+        try:
+            return orig_rollouts(*a, **k)
+        finally:
+            passes.generating = False
+
+    pk_method.student_rollouts = rollouts_unhooked
 
     def counting_gen(model, inputs, generation_config):
         sync()
         t0 = time.perf_counter()
-        out = orig_gen(model, inputs, generation_config)
+        passes.generating = True
+        try:
+            out = orig_gen(model, inputs, generation_config)
+        finally:
+            passes.generating = False
         sync()
         trl_phases["generate"].append(time.perf_counter() - t0)
         tokens["trl"].append(float((out[2] != -100).sum()))
@@ -143,20 +211,26 @@ def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_de
 
     class Interleave(TrainerCallback):
         def on_step_begin(self, *_a, **_k):
+            passes.side = "trl"
             sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args_, state, *_a, **_k):
             sync()
             times["trl"].append(time.perf_counter() - self.t0)
+            cpu["trl"].append(time.process_time() - self.c0)
+            pass_times["trl"].append(passes.pop("trl"))
             i = state.global_step - 1
+            passes.side = "ours"
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ctx.timer.pop()
             metrics = ours.step([mbs[i]], i).metrics
             sync()
             times["ours"].append(time.perf_counter() - t0)
+            cpu["ours"].append(time.process_time() - c0)
             ours_phases.append(ctx.timer.pop())
+            pass_times["ours"].append(passes.pop("ours"))
             tokens["ours"].append(metrics["tokens"])
 
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
@@ -172,6 +246,7 @@ def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_de
     finally:
         GKDTrainer.generate_on_policy_outputs = staticmethod(orig_gen)
         GKDTrainer.compute_loss = orig_loss
+        pk_method.student_rollouts = orig_rollouts
     assert torch.get_num_threads() == threads, "something changed the thread count during the bench"
     t = {k: v[warmup:] for k, v in times.items()}
     r = ratio(t["ours"], t["trl"])
@@ -189,6 +264,10 @@ def run(sizes, repeats: int = 5, warmup: int = 1, ws: dict | None = None, trl_de
                     "rest (backward, clip, optimizer, ...)": statistics.median(
                         a - b - c for a, b, c in zip(t["trl"], trl_phases["generate"][warmup:],
                                                      trl_phases["compute_loss"][warmup:]))}},
+        "pass_seconds_median": {side: _pass_medians(pass_times[side][warmup:], phases)
+                                for side, phases in (("ours", ours_phases[warmup:]), ("trl", None))},
+        "step_cpu_seconds": {k: stats(v[warmup:]) for k, v in cpu.items()},
+        "ratio_cpu_of_medians": statistics.median(cpu["ours"][warmup:]) / statistics.median(cpu["trl"][warmup:]),
         "ratio_ours_over_trl": r["median_of_round_ratios"], "ratio_detail": r,
         "target": TARGET, "meets_target": r["median_of_round_ratios"] <= TARGET,
         "repeats": repeats, "warmup": warmup, "same_process": True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -69,6 +70,31 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
+def ready_decode_mask(model: torch.nn.Module) -> bool:
+    """Whether a one-token decode step may hand ``model`` its attention mask ready-made, [B, 1, 1, L] bool.
+
+    transformers 5 passes a 4D mask through as it is (``masking_utils``), and for a one-token query over
+    full attention the mask its builder makes for SDPA is exactly the padding mask as bool (True = attend).
+    Building it here skips the builder's Python on every token and its host read (can the mask be dropped?).
+    Only for SDPA over full attention in a model built on that builder; other cases keep the 2D mask.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sliding_window", None):
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
+        return False
+    return hasattr(sys.modules.get(type(model).__module__), "create_causal_mask")
+
+
+def inference_safe(*modules: torch.nn.Module) -> bool:
+    """Whether a decode loop over these modules may run under ``torch.inference_mode`` (cheaper than no_grad).
+
+    Not with ZeRO-3 partitioned weights: their gathers inside the loop would leave inference tensors in the
+    parameters, which a later training forward cannot save for backward.
+    """
+    return not any(_partitioned(m) for m in modules)
+
+
 def hf_step_fn(model: torch.nn.Module) -> StepFn:
     """Step function for a Hugging Face causal LM (a DeepSpeed engine's module too)."""
     kwarg = cache_kwarg(model)
@@ -76,12 +102,19 @@ def hf_step_fn(model: torch.nn.Module) -> StepFn:
     # for every other prompt position (and a [B, Tp, V] tensor), as HF generate does.
     # Same logits bit for bit; bench/rollout.py: 1.11x faster rollouts at vocab 32000 on CPU.
     keep = keep_kwargs(model, 1)
+    ready_mask = ready_decode_mask(model)
 
     def step(ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
-        pos = position_ids(mask)[:, -ids.shape[1]:]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kwarg: past}, **keep)
+        if ids.shape[1] == 1 and past is not None:
+            # one new token: its position is the count of real tokens before it (the last cumsum entry)
+            pos = (mask.sum(-1, keepdim=True) - 1).clamp_(min=0)
+            att = mask.bool()[:, None, None, :] if ready_mask else mask
+        else:
+            pos, att = position_ids(mask)[:, -ids.shape[1]:], mask
+        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, **{kwarg: past}, **keep)
         return out.logits[:, -1], output_cache(out)
 
+    step.inference_safe = inference_safe(model)  # type: ignore[attr-defined]
     return step
 
 
@@ -92,6 +125,7 @@ def teacher_step_fn(teacher: torch.nn.Module, use_prompt: bool) -> StepFn:
         logits, cache = teacher(ids, mask, use_prompt=use_prompt, past_key_values=past, use_cache=True)
         return logits[:, -1], cache
 
+    step.inference_safe = inference_safe(teacher)  # type: ignore[attr-defined]
     return step
 
 
@@ -118,7 +152,12 @@ def mixed_step_fn(student: StepFn, teacher: StepFn, alpha: float, vocab_size: in
         t_logp = torch.log_softmax(t_logits[:, :vocab_size].float(), dim=-1)
         return torch.logaddexp(t_logp + log_t, s_logp + log_s), (s_past, t_past)
 
+    step.inference_safe = _inference_safe_fn(student) and _inference_safe_fn(teacher)  # type: ignore[attr-defined]
     return step
+
+
+def _inference_safe_fn(step_fn: StepFn) -> bool:
+    return bool(getattr(step_fn, "inference_safe", False))
 
 
 def _partitioned(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -230,12 +269,13 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optio
                                     float("-inf"))
     if not params.do_sample:
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    if params.temperature != 1.0:  # x / 1.0 == x: skip the kernel
+        logits = logits / params.temperature
+    logits = filter_logits(logits, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int,
              generator: Optional[torch.Generator] = None, sync: bool = False,
@@ -243,7 +283,22 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
     """Decode from left-padded prompts [B, Tp]; returns the prompts with their responses.
 
     vocab_size: sample only among the tokenizer's tokens (model vocabularies may be padded).
+    The loop runs under ``torch.inference_mode`` when the step function says it may (``inference_safe``), else
+    under ``no_grad``; the Rollout is assembled outside it, so its tensors are ordinary ones that training
+    forwards can use.
     """
+    grad_off = torch.inference_mode() if _inference_safe_fn(step_fn) else torch.no_grad()
+    with grad_off:
+        tokens, keep, finished = _decode(step_fn, input_ids, attention_mask, params, eos_id, pad_id, vocab_size,
+                                         generator, sync)
+    with torch.no_grad():
+        return _assemble(input_ids, attention_mask, tokens, keep, finished, eos_id, input_ids.shape[1], force_eos)
+
+
+def _decode(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
+            eos_id: int, pad_id: int, vocab_size: int, generator: Optional[torch.Generator],
+            sync: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The decode loop: per step the new tokens [B] and their keep flags [B]; and which rows ended on EOS."""
     batch, prompt_len = input_ids.shape
     mask = attention_mask.long()
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
@@ -254,7 +309,7 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
     for _ in range(params.max_new_tokens):
         logits, past = step_fn(cur, mask, past)
         nxt = choose_tokens(logits[:, :vocab_size].float(), params, generator, history)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        nxt = nxt.masked_fill(finished, pad_id)
         keep.append((~finished).long())
         tokens.append(nxt)
         if history is not None:
@@ -265,7 +320,7 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
         done = bool(finished.all())
         if dist.all_true(done) if sync else done:
             break
-    return _assemble(input_ids, attention_mask, tokens, keep, finished, eos_id, prompt_len, force_eos)
+    return tokens, keep, finished
 
 
 def rollout_from_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: list[list[int]],
