@@ -68,7 +68,8 @@ def head_chunk_rows(vocab: int, device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------- per-chunk kernels
 #
-# A kernel takes one fp32 [n, V] logits chunk per side (None for an absent side) and which sides need a
+# A kernel takes a list of one fp32 [n, V] logits chunk per side (None for an absent side; the kernel may
+# set entries to None once read, so their memory goes early) and which sides need a
 # gradient; it returns (parts [k] fp32 sums over the chunk's rows, the gradient of the objective
 # sum_i coeffs[i] * parts[i] w.r.t. each side's logits, or None).
 
@@ -92,8 +93,11 @@ def _kl_kernel(a: int, b: int) -> Kernel:
     """KL(side a || side b), analytic gradients."""
 
     def kernel(logits, need):
+        # the kernel owns the chunk's logits: dropping them as soon as read keeps fewer fp32 buffers alive
         logp_a = F.log_softmax(logits[a], dim=-1)
+        logits[a] = None
         logp_b = F.log_softmax(logits[b], dim=-1)
+        logits[b] = None
         total, grad_a, grad_b = _kl_with_grads(logp_a, logp_b, need[a], need[b])
         grads: list[Optional[torch.Tensor]] = [None] * len(logits)
         grads[a], grads[b] = grad_a, grad_b
@@ -175,6 +179,7 @@ def prompt_kernel(teacher_student: bool, reg_weight: float) -> Kernel:
         logp = F.log_softmax(logits[1], dim=-1)
         p = logp.exp()
         logs = F.log_softmax(logits[0], dim=-1)
+        logits[0] = logits[1] = None                         # owned by the kernel (as in _kl_kernel)
         if teacher_student:                                   # KL(p_T^θ || p_S)
             diff = logp - logs
             rows = torch.linalg.vecdot(p, diff)
@@ -186,7 +191,7 @@ def prompt_kernel(teacher_student: bool, reg_weight: float) -> Kernel:
         guide = rows.sum()
         reg = torch.zeros((), dtype=torch.float32, device=p.device)
         if reg_weight != 0.0:                                 # w · KL(p_T^θ || p_T)
-            diff = logp.sub_(F.log_softmax(logits[2], dim=-1))
+            diff = logp.sub_(F.log_softmax(logits.pop(2), dim=-1))
             rows = torch.linalg.vecdot(p, diff)
             reg = rows.sum()
             if grad is not None:
@@ -252,7 +257,7 @@ class _FusedHead(torch.autograd.Function):
             hs = [None if h is None else h.index_select(0, idx) for h in hiddens]
             logits = [None if h is None else _side_logits(h, flat[3 * i + 1], flat[3 * i + 2], plan.vocab)
                       for i, h in enumerate(hs)]
-            chunk_parts, g_logits = plan.kernel(logits, need_logits)
+            chunk_parts, g_logits = plan.kernel(logits, need_logits)   # may empty `logits` as it goes
             del logits
             parts += chunk_parts
             for i, g in enumerate(g_logits):

@@ -227,3 +227,14 @@ def test_bad_input_names_the_problem():
         fused_token_divergence(student, teacher=teacher, name="kl", mask=gapped_mask(), vocab=VOCAB)
     with pytest.raises(ValueError, match="base"):
         fused_prompt_loss(student, prompted=teacher, base=None, mask=gapped_mask(), vocab=VOCAB, reg_weight=1.0)
+
+
+@pytest.mark.parametrize("step", ["student", "prompt"])
+def test_bench_case_at_toy_size(step):
+    """bench/fused_head.py's two sides compute the same loss, and its peak measurement sees the logits."""
+    from bench import fused_head as bench
+
+    case = bench.run_case(step, "fp32", t=16, h=8, v=70, vocab=64, device=torch.device("cpu"), repeats=0)
+    assert case["loss_rel_diff"] < 1e-6 and case["unfused"]["loss"] > 0
+    # today's path holds at least one full [T, vocab] fp32 logits tensor; the peaks are real byte counts
+    assert case["unfused"]["peak_bytes"] >= 16 * 64 * 4 and case["fused"]["peak_bytes"] > 0
