@@ -267,8 +267,10 @@ class _FusedHead(torch.autograd.Function):
             if grads[i] is not None:
                 grads[i] = grads[i].reshape(t.shape).to(t.dtype)
         ctx.grads = grads
-        coeffs = torch.tensor(plan.coeffs, dtype=torch.float32, device=device)
-        objective = torch.linalg.vecdot(coeffs, parts)
+        # python-float coefficients: no host-to-device copy (a tensor of them would be one on CUDA)
+        objective = parts[0] * plan.coeffs[0]
+        for i in range(1, len(plan.coeffs)):
+            objective = objective + parts[i] * plan.coeffs[i]
         ctx.mark_non_differentiable(parts)
         return objective, parts
 
