@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import sys
 import time
@@ -186,6 +187,40 @@ def run_case(step: str, dtype: str, t: int, h: int, v: int, vocab: int, device: 
             "meets_memory_target": peak_ratio <= MEM_TARGET, "meets_time_target": cpu_ratio <= TIME_TARGET}
 
 
+def _fit(ts: list[int], ys: list[float]) -> tuple[float, float, float]:
+    """Least-squares line y = a + b T; and its largest relative residual at the measured points."""
+    n, mt, my = len(ts), sum(ts) / len(ts), sum(ys) / len(ys)
+    b = sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / max(1e-30, sum((t - mt) ** 2 for t in ts))
+    a = my - b * mt
+    return a, b, max(abs(a + b * t - y) / y for t, y in zip(ts, ys))
+
+
+def extrapolate(cases: list[dict], targets: tuple[int, ...] = (8192, 16384)) -> list[dict]:
+    """Peaks at T's too large to run here, from a line through the measured T's (per step, dtype, side).
+
+    Every buffer of both paths is [T, V], [T, H] or T-independent ([V, H] gradients, chunk buffers), so the
+    peak is linear in T; the residual at the measured points says how well. NOT a measurement.
+    """
+    out = []
+    for step in sorted({c["step"] for c in cases}):
+        for dtype in sorted({c["dtype"] for c in cases}):
+            group = sorted((c for c in cases if c["step"] == step and c["dtype"] == dtype), key=lambda c: c["T"])
+            ts = [c["T"] for c in group]
+            if len(set(ts)) < 2:
+                continue
+            fits = {side: _fit(ts, [c[side]["peak_bytes"] for c in group]) for side in ("unfused", "fused")}
+            for t in targets:
+                if t in ts:
+                    continue
+                peak = {side: a + b * t for side, (a, b, _) in fits.items()}
+                out.append({"step": step, "dtype": dtype, "T": t, "from_T": ts, "extrapolated": True,
+                            "peak_bytes": {k: int(v) for k, v in peak.items()},
+                            "peak_ratio_fused_over_unfused": peak["fused"] / peak["unfused"],
+                            "fit_max_rel_residual": {k: f[2] for k, f in fits.items()},
+                            "meets_memory_target": peak["fused"] / peak["unfused"] <= MEM_TARGET})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
@@ -198,7 +233,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="fused_head", help="results name: bench/results/<out>.json")
+    p.add_argument("--extrapolate-only", metavar="JSON", help="add the linear extrapolation to a results file")
     args = p.parse_args(argv)
+    if args.extrapolate_only:
+        with open(args.extrapolate_only) as fh:
+            done = json.load(fh)
+        done["extrapolated"] = extrapolate(done["cases"])
+        with open(args.extrapolate_only, "w") as fh:
+            fh.write(json.dumps(done, indent=2) + "\n")
+        return done
     set_threads(args.threads)
     quiet()
     load = list(os.getloadavg())
@@ -210,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cases.append(run_case(step, dtype, t, args.hidden, args.V, args.vocab or args.V, device, args.repeats))
                 print(f"# {cases[-1]['step']} {dtype} T={t}: peak x{cases[-1]['peak_ratio_fused_over_unfused']:.3f} "
                       f"cpu x{cases[-1]['cpu_ratio_fused_over_unfused']:.3f}", file=sys.stderr, flush=True)
-    res = {"cases": cases, "memory_target": MEM_TARGET, "time_target": TIME_TARGET,
+    res = {"cases": cases, "extrapolated": extrapolate(cases), "memory_target": MEM_TARGET, "time_target": TIME_TARGET,
            "memory_method": "CUDA: max_memory_allocated; CPU: torch.profiler allocator trace (peak of the running "
                             "sum of [memory] events of one call)", "repeats": args.repeats, "threads": args.threads}
     return emit(args.out, res, load_before=load)
