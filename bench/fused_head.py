@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import emit, quiet, set_threads  # noqa: E402
+from bench.common import RESULTS, emit, quiet, set_threads  # noqa: E402
 from promptkd.losses import core  # noqa: E402
 from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_reverse_kl  # noqa: E402
 
@@ -253,10 +253,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cases.append(run_case(step, dtype, t, args.hidden, args.V, args.vocab or args.V, device, args.repeats))
                 print(f"# {cases[-1]['step']} {dtype} T={t}: peak x{cases[-1]['peak_ratio_fused_over_unfused']:.3f} "
                       f"cpu x{cases[-1]['cpu_ratio_fused_over_unfused']:.3f}", file=sys.stderr, flush=True)
+                # every case is minutes on CPU: keep what is done if the run is cut short
+                os.makedirs(RESULTS, exist_ok=True)
+                with open(os.path.join(RESULTS, f"{args.out}.partial.json"), "w") as fh:
+                    fh.write(json.dumps({"cases": cases}, indent=2) + "\n")
     res = {"cases": cases, "extrapolated": extrapolate(cases), "memory_target": MEM_TARGET, "time_target": TIME_TARGET,
            "memory_method": "CUDA: max_memory_allocated; CPU: torch.profiler allocator trace (peak of the running "
                             "sum of [memory] events of one call)", "repeats": args.repeats, "threads": args.threads}
-    return emit(args.out, res, load_before=load)
+    out = emit(args.out, res, load_before=load)
+    partial = os.path.join(RESULTS, f"{args.out}.partial.json")
+    if os.path.exists(partial):
+        os.remove(partial)
+    return out
 
 
 if __name__ == "__main__":
