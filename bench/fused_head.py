@@ -183,7 +183,8 @@ def run_case(step: str, dtype: str, t: int, h: int, v: int, vocab: int, device: 
             "peak_ratio_fused_over_unfused": peak_ratio,
             "wall_ratio_fused_over_unfused": med["fused"]["wall"] / med["unfused"]["wall"],
             "cpu_ratio_fused_over_unfused": cpu_ratio,
-            "loss_rel_diff": abs(res["fused"]["loss"] - res["unfused"]["loss"]) / max(1e-30, abs(res["unfused"]["loss"])),
+            "loss_rel_diff": abs(res["fused"]["loss"] - res["unfused"]["loss"])
+            / max(1e-30, abs(res["unfused"]["loss"])),
             "meets_memory_target": peak_ratio <= MEM_TARGET, "meets_time_target": cpu_ratio <= TIME_TARGET}
 
 
