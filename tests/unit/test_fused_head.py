@@ -1,0 +1,240 @@
+"""Fused LM head + loss (issue 22) against the unfused path: ``promptkd.losses.core`` on full logits.
+
+Every divergence, the prompt loss, padded vocabularies, biases, masks with gaps, a tied head (GPT-2):
+values and gradients (hidden states, head weight/bias, the prompted teacher's hidden states and the θ
+behind them) agree to 1e-6 in fp32 and in float64 (both paths compute the divergence in fp32).
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from promptkd.losses import core
+from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_token_divergence
+from tests.unit.test_host_syncs import CountOps
+
+B, T, HS, HT, VPAD, VOCAB = 3, 9, 8, 12, 23, 19
+# core computes the divergence in fp32 whatever the input dtype (so do we): 1e-6 in both
+TOL = {torch.float32: 1e-6, torch.float64: 1e-6}
+# core's function per divergence, and whether its old (pre student-first) positional order is (student, teacher)
+CORE = {"fkl": ("forward_kl", False), "rkl": ("reverse_kl", True), "jsd": ("generalized_jsd", False),
+        "tvd": ("total_variation", False), "sfkl": ("skew_forward_kl", False), "srkl": ("skew_reverse_kl", True)}
+
+
+def core_divergence(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, **kw):
+    """The unfused loss on full logits, in whichever argument order core has (student-first keywords or old)."""
+    fn_name, student_first = CORE[name]
+    fn = getattr(core, fn_name)
+    if "student" in inspect.signature(fn).parameters:
+        return fn(student=student, teacher=teacher, mask=mask, **kw)
+    a, b = (student, teacher) if student_first else (teacher, student)
+    return fn(a, b, mask, **kw)
+
+
+def core_prompt_loss(prompted, student, base, mask, **kw) -> core.PromptLoss:
+    """core.prompt_loss with its three logits matched by parameter name (old or new signature)."""
+    names = list(inspect.signature(core.prompt_loss).parameters)
+    pick = {}
+    for key, value in (("prompt", prompted), ("base", base), ("student", student)):
+        pick[next(n for n in names if key in n and n not in pick)] = value
+    return core.prompt_loss(mask=mask, **pick, **kw)
+
+
+def gapped_mask(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(B, T, generator=g) > 0.35).long()
+    mask[0, 3:6] = 0                  # a gap inside a row
+    mask[1, :2] = 0                   # left padding
+    mask[2, -1] = 0
+    mask[0, 0] = 1
+    return mask
+
+
+def make_side(hidden: int, dtype: torch.dtype, seed: int, grad: bool, bias: bool = True) -> HeadStates:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, hidden, generator=g, dtype=dtype).requires_grad_(grad)
+    w = (torch.randn(VPAD, hidden, generator=g, dtype=dtype) / hidden ** 0.5).requires_grad_(grad)
+    b = (0.3 * torch.randn(VPAD, generator=g, dtype=dtype)).requires_grad_(grad) if bias else None
+    return HeadStates(h, w, b)
+
+
+def full_logits(side: HeadStates) -> torch.Tensor:
+    """What the model's head gives, cut to the tokenizer's vocabulary (methods/base.lm_logits does the cut)."""
+    out = side.hidden @ side.weight.t()
+    if side.bias is not None:
+        out = out + side.bias
+    return out[..., :VOCAB]
+
+
+def leaves(*sides: HeadStates) -> list[torch.Tensor]:
+    return [t for s in sides for t in (s.hidden, s.weight, s.bias) if t is not None and t.requires_grad]
+
+
+def grads_of(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,kw", [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.2}),
+                                     ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("tvd", {}),
+                                     ("sfkl", {"alpha": 0.1}), ("srkl", {"alpha": 0.3})])
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_divergence_equals_unfused(dtype, name, kw, chunk):
+    """Student trains (hidden, weight, bias); the teacher's hidden states also need a gradient here, so
+    both sides' gradient paths are checked; padded head (23 rows, vocabulary 19); mask with gaps."""
+    student, teacher = make_side(HS, dtype, 1, True), make_side(HT, dtype, 2, False)
+    teacher.hidden.requires_grad_(True)
+    mask = gapped_mask()
+    ref, n_ref = core_divergence(name, full_logits(student), full_logits(teacher), mask, **kw)
+    ref_grads = grads_of(ref, leaves(student, teacher))
+    out, n = fused_token_divergence(student, teacher=teacher, name=name, mask=mask, vocab=VOCAB, chunk_size=chunk,
+                                    **kw)
+    assert out.dtype == torch.float32 and n == n_ref == mask.sum()
+    assert_close(out, ref.to(torch.float32), TOL[dtype] * max(1.0, abs(ref.item())))
+    assert ref.item() != 0.0
+    for got, want in zip(grads_of(out, leaves(student, teacher)), ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, TOL[dtype])
+    # the padded rows of the head never count: their gradient is exactly zero
+    weight_grad = grads_of(fused_token_divergence(student, teacher=teacher, name=name, mask=mask, vocab=VOCAB,
+                                                  **kw)[0], [student.weight])[0]
+    assert weight_grad[VOCAB:].abs().max() == 0 and weight_grad[:VOCAB].abs().max() > 0
+
+
+@pytest.mark.parametrize("guidance", ["teacher_student", "student_teacher"])
+@pytest.mark.parametrize("reg_weight", [0.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prompt_loss_equals_unfused_into_theta(guidance, reg_weight, dtype):
+    """The gradient reaches the prompted teacher's hidden states and, through autograd, θ behind them."""
+    student, base = make_side(HS, dtype, 3, False), make_side(HT, dtype, 4, False)
+    g = torch.Generator().manual_seed(5)
+    theta = torch.randn(HT, generator=g, dtype=dtype, requires_grad=True)
+    mix = torch.randn(HT, HT, generator=g, dtype=dtype) / HT ** 0.5
+
+    def prompted() -> HeadStates:   # a stand-in for the prompted forward: hidden states that depend on θ
+        return HeadStates(torch.tanh(base.hidden + theta @ mix), base.weight, base.bias)
+
+    mask = gapped_mask(1)
+    ref = core_prompt_loss(full_logits(prompted()), full_logits(student), full_logits(base), mask,
+                           reg_weight=reg_weight, guidance=guidance)
+    (ref_theta,) = grads_of(ref.total, [theta])
+    side = prompted()
+    side.hidden.retain_grad()
+    out = fused_prompt_loss(student, prompted=side, base=base if reg_weight else None, mask=mask, vocab=VOCAB,
+                            reg_weight=reg_weight, guidance=guidance, chunk_size=2)
+    tol = TOL[dtype]
+    assert_close(out.total, ref.total.float(), tol * abs(ref.total.item()))
+    assert_close(out.guidance, ref.guidance.float(), tol * abs(ref.total.item()))
+    assert_close(out.regularizer, ref.regularizer.float(), tol * abs(ref.total.item()))
+    assert (out.regularizer != 0) == (reg_weight != 0)
+    assert out.n_tokens == mask.sum()
+    out.total.backward()
+    assert_close(theta.grad, ref_theta, tol)
+    assert theta.grad.abs().max() > 0
+    # the student and the plain teacher are constants of the prompt step
+    assert student.hidden.grad is None and base.weight.grad is None
+
+
+def test_tied_gpt2_head_weight_gradient():
+    """GPT-2 ties lm_head.weight to wte.weight: the fused path's head gradient adds to the embedding's,
+    and the sum equals the unfused model's; the head is padded (tokenizer 50 of 64 rows)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                       attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)).double()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    vocab = 50
+    ids = torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    teacher = torch.randn(2, 9, vocab, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    ref, _ = core_divergence("rkl", model(ids).logits[:, :-1, :vocab], teacher, mask)
+    ref.backward()
+    ref_grad = model.transformer.wte.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+
+    hidden = model.transformer(ids).last_hidden_state[:, :-1]
+    # a frozen teacher whose head is the identity on the first `vocab` hidden units gives back `teacher`
+    eye = torch.eye(vocab, dtype=torch.float64)
+    out, _ = fused_token_divergence(HeadStates(hidden, model.lm_head.weight), teacher=HeadStates(teacher, eye),
+                                    name="rkl", mask=mask, vocab=vocab, chunk_size=3)
+    out.backward()
+    assert_close(out, ref.float(), 1e-6 * ref.item())
+    assert_close(model.transformer.wte.weight.grad, ref_grad, 1e-6)
+    # both uses contributed: the embedding rows of the ids and the head rows of the vocabulary
+    assert ref_grad[vocab:].abs().max() == 0
+
+
+def test_masked_rows_never_read_and_no_grad_mode():
+    """inf/nan hidden states at masked-out positions change nothing; under no_grad the value is the same."""
+    student, teacher = make_side(HS, torch.float64, 6, True), make_side(HT, torch.float64, 7, False)
+    mask = gapped_mask(2)
+    clean, _ = fused_token_divergence(student, teacher=teacher, name="rkl", mask=mask, vocab=VOCAB)
+    (clean_grad,) = grads_of(clean, [student.hidden])
+    with torch.no_grad():
+        student.hidden[mask == 0] = float("nan")
+        teacher.hidden[mask == 0] = float("inf")
+    dirty, _ = fused_token_divergence(student, teacher=teacher, name="rkl", mask=mask, vocab=VOCAB, chunk_size=2)
+    (dirty_grad,) = grads_of(dirty, [student.hidden])
+    assert torch.isfinite(dirty) and dirty == clean
+    assert torch.equal(dirty_grad, clean_grad) and dirty_grad[mask == 0].abs().max() == 0
+    with torch.no_grad():
+        again, _ = fused_token_divergence(student, teacher=teacher, name="rkl", mask=mask, vocab=VOCAB)
+    assert again == clean and not again.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_one_host_sync_per_loss(chunk):
+    """One nonzero per loss (the kept rows), however many chunks; no boolean indexing, no .item()."""
+    student, teacher = make_side(HS, torch.float32, 8, True), make_side(HT, torch.float32, 9, False)
+    mask = gapped_mask(3)
+    with CountOps() as ops:
+        out, _ = fused_token_divergence(student, teacher=teacher, name="jsd", mask=mask, vocab=VOCAB,
+                                        chunk_size=chunk)
+        out.backward()
+    assert ops.n == {"nonzero": 1, "bool_index": 0, "scalar": 0}, ops.n
+
+
+def test_bf16_matches_unfused_roughly():
+    """bf16 heads: the fused path rounds where the model's head would; it stays within bf16 noise."""
+    student, teacher = make_side(HS, torch.bfloat16, 10, True, bias=False), make_side(HT, torch.bfloat16, 11, False)
+    mask = gapped_mask(4)
+    ref, _ = core_divergence("rkl", full_logits(student), full_logits(teacher), mask)
+    ref_grads = grads_of(ref, leaves(student))
+    out, _ = fused_token_divergence(student, teacher=teacher, name="rkl", mask=mask, vocab=VOCAB, chunk_size=4)
+    got = grads_of(out, leaves(student))
+    assert_close(out, ref, 1e-2 * ref.item())
+    for a, b in zip(got, ref_grads):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
+
+
+def test_bad_input_names_the_problem():
+    student, teacher = make_side(HS, torch.float32, 12, True), make_side(HT, torch.float32, 13, False)
+    with pytest.raises(ValueError, match="vocab"):
+        fused_token_divergence(student, teacher=teacher, name="rkl", mask=gapped_mask(), vocab=VPAD + 1)
+    with pytest.raises(ValueError, match="mask"):
+        fused_token_divergence(student, teacher=teacher, name="rkl", mask=gapped_mask()[:, 1:], vocab=VOCAB)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        fused_token_divergence(student, teacher=teacher, name="kl", mask=gapped_mask(), vocab=VOCAB)
+    with pytest.raises(ValueError, match="base"):
+        fused_prompt_loss(student, prompted=teacher, base=None, mask=gapped_mask(), vocab=VOCAB, reg_weight=1.0)
+
+
+@pytest.mark.parametrize("step", ["student", "prompt"])
+def test_bench_case_at_toy_size(step):
+    """bench/fused_head.py's two sides compute the same loss, and its peak measurement sees the logits."""
+    from bench import fused_head as bench
+
+    case = bench.run_case(step, "fp32", t=16, h=8, v=70, vocab=64, device=torch.device("cpu"), repeats=0)
+    assert case["loss_rel_diff"] < 1e-6 and case["unfused"]["loss"] > 0
+    # today's path holds at least one full [T, vocab] fp32 logits tensor; the peaks are real byte counts
+    assert case["unfused"]["peak_bytes"] >= 16 * 64 * 4 and case["fused"]["peak_bytes"] > 0
