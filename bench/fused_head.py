@@ -32,7 +32,6 @@ default: on a shared 2-core machine the CPU seconds are the steadier number.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -65,18 +64,11 @@ def make_inputs(t: int, h: int, v: int, dtype: torch.dtype, device: torch.device
 
 
 def _core_rkl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor):
-    """core.reverse_kl in whichever argument order it has (student first with keywords, or the old one)."""
-    if "student" in inspect.signature(core.reverse_kl).parameters:
-        return core.reverse_kl(student=student, teacher=teacher, mask=mask)
-    return core.reverse_kl(student, teacher, mask)
+    return core.reverse_kl(student, teacher=teacher, mask=mask)
 
 
 def _core_prompt(prompted: torch.Tensor, student: torch.Tensor, base: torch.Tensor, mask: torch.Tensor):
-    names = list(inspect.signature(core.prompt_loss).parameters)
-    pick: dict[str, torch.Tensor] = {}
-    for key, value in (("prompt", prompted), ("base", base), ("student", student)):
-        pick[next(n for n in names if key in n and n not in pick)] = value
-    return core.prompt_loss(mask=mask, reg_weight=REG_WEIGHT, **pick)
+    return core.prompt_loss(student, prompted=prompted, teacher=base, mask=mask, reg_weight=REG_WEIGHT)
 
 
 def student_step(x: dict, fused: bool, vocab: int) -> float:
@@ -97,7 +89,7 @@ def prompt_step(x: dict, fused: bool, vocab: int) -> float:
     h_p = x["h_t"].requires_grad_(True)          # the prompted teacher's states (θ behind them)
     if fused:
         out = fused_prompt_loss(HeadStates(x["h_s"].detach(), x["w_s"].detach()),
-                                prompted=HeadStates(h_p, x["w_t"]), base=HeadStates(x["h_base"], x["w_t"]),
+                                prompted=HeadStates(h_p, x["w_t"]), teacher=HeadStates(x["h_base"], x["w_t"]),
                                 mask=x["mask"], vocab=vocab, reg_weight=REG_WEIGHT)
     else:
         with torch.no_grad():

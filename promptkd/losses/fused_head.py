@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from promptkd.config.divergences import SKEW_DIVERGENCES
 from promptkd.losses.core import DIVERGENCES, GUIDANCE_CHOICES, PromptLoss
 from promptkd.losses.fused import chunk_elements
 
@@ -167,7 +168,7 @@ def divergence_kernel(name: str, beta: float = 0.5, alpha: float = 0.1) -> Kerne
         return _autograd_kernel(_jsd_value(float(beta)))
     if name == "tvd":
         return _autograd_kernel(_tvd_value)
-    if name in ("sfkl", "srkl"):
+    if name in SKEW_DIVERGENCES:  # srkl skews toward the student, sfkl toward the teacher
         return _autograd_kernel(_skew_value(float(alpha), student_first=name == "srkl"))
     raise ValueError(f"unknown divergence {name!r}; expected one of {DIVERGENCES}")
 
@@ -357,7 +358,7 @@ def fused_prompt_loss(
     student: HeadStates,
     *,
     prompted: HeadStates,
-    base: Optional[HeadStates],
+    teacher: Optional[HeadStates],
     mask: torch.Tensor,
     vocab: int,
     reg_weight: float,
@@ -366,17 +367,17 @@ def fused_prompt_loss(
 ) -> PromptLoss:
     """PromptKD's prompt objective ``guidance + reg_weight · KL(p_T^θ || p_T)`` through the heads.
 
-    As ``promptkd.losses.core.prompt_loss``: the student and the plain teacher (``base``) are constants
+    As ``promptkd.losses.core.prompt_loss``: the student and the plain teacher (``teacher``) are constants
     (detached here); the gradient flows into the prompted teacher's hidden states (and on to θ through
-    autograd). ``base`` may be None when reg_weight == 0 (the regularizer is then not computed, reported 0).
+    autograd). ``teacher`` may be None when reg_weight == 0 (the regularizer is then not computed, reported 0).
     """
     if guidance not in GUIDANCE_CHOICES:
         raise ValueError(f"guidance must be one of {GUIDANCE_CHOICES}, got {guidance!r}")
     with_reg = reg_weight != 0
-    if with_reg and base is None:
-        raise ValueError("fused_prompt_loss: base is required when reg_weight != 0")
+    if with_reg and teacher is None:
+        raise ValueError("fused_prompt_loss: teacher (the plain teacher's states) is required when reg_weight != 0")
     w = float(reg_weight) if with_reg else 0.0
-    sides = [student.detached(), prompted, base.detached() if with_reg and base is not None else None]
+    sides = [student.detached(), prompted, teacher.detached() if with_reg and teacher is not None else None]
     total, parts = run_fused(sides, mask, vocab, prompt_kernel(guidance == "teacher_student", w), (1.0, w),
                              chunk_size)
     return PromptLoss(total=total, guidance=parts[0].clone(), regularizer=parts[1].clone(), n_tokens=_n_tokens(mask))

@@ -6,7 +6,6 @@ behind them) agree to 1e-6 in fp32 and in float64 (both paths compute the diverg
 """
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -19,27 +18,18 @@ B, T, HS, HT, VPAD, VOCAB = 3, 9, 8, 12, 23, 19
 # core computes the divergence in fp32 whatever the input dtype (so do we): 1e-6 in both
 TOL = {torch.float32: 1e-6, torch.float64: 1e-6}
 # core's function per divergence, and whether its old (pre student-first) positional order is (student, teacher)
-CORE = {"fkl": ("forward_kl", False), "rkl": ("reverse_kl", True), "jsd": ("generalized_jsd", False),
-        "tvd": ("total_variation", False), "sfkl": ("skew_forward_kl", False), "srkl": ("skew_reverse_kl", True)}
+CORE = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "generalized_jsd", "tvd": "total_variation",
+        "sfkl": "skew_forward_kl", "srkl": "skew_reverse_kl"}
 
 
 def core_divergence(name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, **kw):
-    """The unfused loss on full logits, in whichever argument order core has (student-first keywords or old)."""
-    fn_name, student_first = CORE[name]
-    fn = getattr(core, fn_name)
-    if "student" in inspect.signature(fn).parameters:
-        return fn(student=student, teacher=teacher, mask=mask, **kw)
-    a, b = (student, teacher) if student_first else (teacher, student)
-    return fn(a, b, mask, **kw)
+    """The unfused loss on full logits."""
+    return getattr(core, CORE[name])(student, teacher=teacher, mask=mask, **kw)
 
 
 def core_prompt_loss(prompted, student, base, mask, **kw) -> core.PromptLoss:
-    """core.prompt_loss with its three logits matched by parameter name (old or new signature)."""
-    names = list(inspect.signature(core.prompt_loss).parameters)
-    pick = {}
-    for key, value in (("prompt", prompted), ("base", base), ("student", student)):
-        pick[next(n for n in names if key in n and n not in pick)] = value
-    return core.prompt_loss(mask=mask, **pick, **kw)
+    """core.prompt_loss on full logits (``teacher`` there is the plain teacher)."""
+    return core.prompt_loss(student, prompted=prompted, teacher=base, mask=mask, **kw)
 
 
 def gapped_mask(seed: int = 0) -> torch.Tensor:
@@ -126,7 +116,7 @@ def test_prompt_loss_equals_unfused_into_theta(guidance, reg_weight, dtype):
     (ref_theta,) = grads_of(ref.total, [theta])
     side = prompted()
     side.hidden.retain_grad()
-    out = fused_prompt_loss(student, prompted=side, base=base if reg_weight else None, mask=mask, vocab=VOCAB,
+    out = fused_prompt_loss(student, prompted=side, teacher=base if reg_weight else None, mask=mask, vocab=VOCAB,
                             reg_weight=reg_weight, guidance=guidance, chunk_size=2)
     tol = TOL[dtype]
     assert_close(out.total, ref.total.float(), tol * abs(ref.total.item()))
@@ -225,8 +215,8 @@ def test_bad_input_names_the_problem():
         fused_token_divergence(student, teacher=teacher, name="rkl", mask=gapped_mask()[:, 1:], vocab=VOCAB)
     with pytest.raises(ValueError, match="unknown divergence"):
         fused_token_divergence(student, teacher=teacher, name="kl", mask=gapped_mask(), vocab=VOCAB)
-    with pytest.raises(ValueError, match="base"):
-        fused_prompt_loss(student, prompted=teacher, base=None, mask=gapped_mask(), vocab=VOCAB, reg_weight=1.0)
+    with pytest.raises(ValueError, match="plain teacher"):
+        fused_prompt_loss(student, prompted=teacher, teacher=None, mask=gapped_mask(), vocab=VOCAB, reg_weight=1.0)
 
 
 @pytest.mark.parametrize("step", ["student", "prompt"])
