@@ -11,7 +11,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, with_overrides, zero_stage
-from promptkd.data import load_tokenizer, make_synthetic_splits
+from promptkd.data import eos_for, load_tokenizer, make_synthetic_splits
 from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
 from promptkd.evaluation.exposure import run_exposure
 from promptkd.evaluation.report import main_tables, protocol_table
@@ -133,6 +133,7 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
     prompt is a sequence of embeddings, not tokens, and this engine takes token-id requests only.
     """
     vocab = len(tokenizer)
+    data = cfg.data if cfg is not None else None  # the template decides the end-of-turn stop
     if cfg is not None and cfg.eval.engine == "vllm":
         if prompt_dir:
             log.info("eval.engine=vllm: %s carries a learned soft prompt, decoded with the hf engine", path)
@@ -142,12 +143,12 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
             v = cfg.rollout.vllm
             llm = eval_llm(path, str(dtype).removeprefix("torch."), v.max_model_len or cfg.data.max_length,
                            v.gpu_memory_utilization)
-            return Decoder(None, tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, vllm=llm)
+            return Decoder(None, tokenizer.pad_token_id, eos_for(tokenizer, data, path), vocab, vllm=llm)
     if prompt_dir:
         teacher = load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
-        return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+        return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, eos_for(tokenizer, data, path), vocab)
     base = load_pretrained(path, dtype, device=dist.device()).eval()
-    return Decoder(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+    return Decoder(hf_step_fn(base), tokenizer.pad_token_id, eos_for(tokenizer, data, base), vocab)
 
 
 def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]], tokenizer: Any,

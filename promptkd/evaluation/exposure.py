@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from promptkd import distributed as dist
-from promptkd.data import TokenizedExample, collate_prompts
+from promptkd.data import Template, TokenizedExample, collate_prompts, eos_for
 from promptkd.evaluation.core import shard_indices
 from promptkd.rollout import SamplingParams, StepFn, generate, hf_step_fn, position_ids, teacher_step_fn
 
@@ -232,14 +232,14 @@ def run_exposure(cfg: Any) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.tokenizer.path or students[0],
                                key="tokenizer.path" if cfg.tokenizer.path else "exposure.students")
     sets, _ = load_sets({"prompts": source}, cfg.data.format, tokenizer, cfg.data.max_prompt_length,
-                        cfg.data.max_length)
+                        cfg.data.max_length, Template.of(cfg.data))
     examples = sets["prompts"][:cfg.eval.max_examples or None]
     n_pos = ex.max_tokens or cfg.data.max_length - cfg.data.max_prompt_length
     teacher = teacher_lm(_load_teacher(cfg, teacher_path))
     rows = []
     for path in students:
         student = hf_lm(load_pretrained(path, torch.float32, key="exposure.students").to(dist.device()).eval())
-        a, b = prompt_curves(student, teacher, examples, n_pos, ex.samples, len(tokenizer), tokenizer.eos_token_id,
+        a, b = prompt_curves(student, teacher, examples, n_pos, ex.samples, len(tokenizer), eos_for(tokenizer, cfg.data),
                              tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
         rows.append({"student": path, "n_prompts": len(examples), **exacc_stats(a, b)})
         last = rows[-1]["exacc_err"][-1]
