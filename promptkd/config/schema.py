@@ -52,6 +52,10 @@ class TeacherConfig:
                                                 "official code does (OPT, LLaMA: the first prompt row is the BOS "
                                                 "embedding; GPT-2 adds none); false = the text's own tokens only")
     attn_implementation: str = _f("", ATTN_HELP, choices=ATTN_CHOICES)
+    prompt_position: str = _f("start", "where the soft prompt sits: start (before every input token, BOS and a chat "
+                              "system header included: the paper's place) | after_bos (after each row's first token, "
+                              "which must be the tokenizer's BOS: Llama-3's <|begin_of_text|>)",
+                              choices=("start", "after_bos"))
     placement: str = _f("replicated", "replicated (a full copy per rank) | zero3 (weights partitioned across ranks)",
                         choices=("replicated", "zero3"))
     deepspeed: str = _f("ds_configs/teacher_zero3.json",

@@ -127,10 +127,13 @@ def build_teacher(cfg: Config, tokenizer: Any, prompt_length: int) -> PromptedTe
     t = cfg.model.teacher
     dtype = DTYPES[t.dtype]
     zero3 = t.placement == "zero3"
+    if t.prompt_position == "after_bos" and tokenizer.bos_token_id is None:
+        raise ConfigError("model.teacher.prompt_position: after_bos needs a tokenizer with a BOS token "
+                          f"({getattr(tokenizer, 'name_or_path', '')!r} has none); use start")
     base = _zero3_teacher(cfg, tokenizer) if zero3 else _plain_teacher(cfg, tokenizer)
     teacher = PromptedTeacher(base, prompt_length=prompt_length, init=t.prompt_init, init_text=t.prompt_init_text,
                               tokenizer=tokenizer, dtype=dtype, seed=cfg.seed,
-                              init_special_tokens=t.prompt_init_special_tokens)
+                              init_special_tokens=t.prompt_init_special_tokens, position=t.prompt_position)
     if t.gradient_checkpointing:
         checkpoint_frozen_layers(teacher.base)
     return teacher if zero3 else teacher.to(dist.device())

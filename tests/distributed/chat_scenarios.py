@@ -114,6 +114,8 @@ def mode_families(root: str, data: str) -> dict[str, dict]:
         cfg = family_cfg(root, data, family)
         for method in METHOD_NAMES:
             results[f"{family}_{method}"] = lambda cfg=cfg, method=method: one_step(cfg, method)
+    after_bos = family_cfg(root, data, "llama3", **{"model.teacher.prompt_position": "after_bos"})
+    results["llama3_promptkd_after_bos"] = lambda: one_step(after_bos, "promptkd")
     return results
 
 

@@ -61,6 +61,13 @@ def test_every_method_takes_a_step_on_each_chat_family(families, family, method)
         assert r["rollouts_end_on_stop"], "on-policy methods sample rollouts"
 
 
+def test_promptkd_with_the_prompt_after_bos(families):
+    (r,) = families("llama3_promptkd_after_bos")
+    (start,) = families("llama3_promptkd")
+    assert r["loss_finite"] and all(r["rollouts_end_on_stop"])
+    assert r["metrics"]["prompt/guidance_kl"] != start["metrics"]["prompt/guidance_kl"]   # the teacher reads it elsewhere
+
+
 def test_promptkd_zero3_with_zero3_teacher_on_a_chat_family(tmp_path_factory):
     r0, r1 = _launch(tmp_path_factory, "zero3", 2)("qwen3_promptkd_zero3")
     assert r0["teacher_partitioned"] and r0["student_partitioned"]

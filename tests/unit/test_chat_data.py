@@ -266,3 +266,39 @@ def test_teacher_tokenizer_must_render_chat_prompts_like_the_student(tmp_path, t
     with pytest.raises(ConfigError, match="model.teacher.path: the tokenizer in .* differs from the student's"):
         check_teacher_tokenizer(str(toks["root"] / "llama3"), _data(), toks["chatml"], examples)
     check_teacher_tokenizer("", _data(), toks["chatml"], examples)           # tiny teacher: nothing to compare
+
+
+# ----------------------------------------------------------------------------- soft prompt after BOS
+
+def test_prompt_after_bos_reads_bos_then_prompt_then_the_rest_with_left_padding(tmp_path):
+    from promptkd.models import PromptedTeacher, build_tiny
+    from promptkd.models.prompted_teacher import load_prompted_teacher
+
+    torch.manual_seed(0)
+    base = build_tiny("llama3", 2, 32, 4, vocab_size=50, bos_token_id=1)
+    teacher = PromptedTeacher(base, prompt_length=3, init="random", dtype=torch.float32, position="after_bos")
+    rows = [[1, 7, 8, 9, 10], [1, 11, 12]]                      # BOS first in each row, left padded below
+    ids = torch.tensor([rows[0], [0, 0] + rows[1]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    logits, _ = teacher(ids, mask)
+    emb = base.get_input_embeddings()
+    for r, row in enumerate(rows):                               # reference: one unpadded row, built by hand
+        x = emb(torch.tensor([row]))
+        seq = torch.cat([x[:, :1], teacher.prompt[None].float(), x[:, 1:]], dim=1)
+        ref = base(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).logits[0, -(len(row) - 1):]
+        torch.testing.assert_close(logits[r, -(len(row) - 1):], ref, atol=1e-5, rtol=1e-5)
+    # decoding with the cache gives the full forward's last logits
+    _, cache = teacher(ids[:, :-1], mask[:, :-1], use_cache=True)
+    step, _ = teacher(ids[:, -1:], mask, past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(step[:, -1], logits[:, -1], atol=1e-5, rtol=1e-5)
+    start = PromptedTeacher(base, prompt_length=3, init="random", dtype=torch.float32)
+    start.load_prompt_state(teacher.prompt_state())
+    assert not torch.allclose(start(ids, mask)[0][0, -1], logits[0, -1], atol=1e-4)   # the position matters
+    base.save_pretrained(str(tmp_path / "m"))
+    teacher.save_prompt(str(tmp_path / "p"), "tiny")
+    assert load_prompted_teacher(str(tmp_path / "m"), torch.float32, str(tmp_path / "p")).position == "after_bos"
+
+
+def test_prompt_after_bos_needs_a_bos_token():
+    with pytest.raises(ConfigError, match="model.teacher.prompt_position: must be one of start, after_bos"):
+        load_config(None, ["data.train_file=x.jsonl", "model.teacher.prompt_position=after_system"])
