@@ -239,7 +239,8 @@ def run_exposure(cfg: Any) -> dict[str, Any]:
     rows = []
     for path in students:
         student = hf_lm(load_pretrained(path, torch.float32, key="exposure.students").to(dist.device()).eval())
-        a, b = prompt_curves(student, teacher, examples, n_pos, ex.samples, len(tokenizer), eos_for(tokenizer, cfg.data),
+        eos = eos_for(tokenizer, cfg.data)
+        a, b = prompt_curves(student, teacher, examples, n_pos, ex.samples, len(tokenizer), eos,
                              tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
         rows.append({"student": path, "n_prompts": len(examples), **exacc_stats(a, b)})
         last = rows[-1]["exacc_err"][-1]

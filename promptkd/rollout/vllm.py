@@ -47,7 +47,8 @@ def request_seed(seed: int, step: int, rank: int, index: int) -> int:
 def vllm_sampling(params: SamplingParams, eos_id: int, vocab_size: int, model_vocab: int, seed: Optional[int]):
     from vllm import SamplingParams as VSP
 
-    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stop_token_ids": list(stop_tuple(eos_id)), "seed": seed,
+    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stop_token_ids": list(stop_tuple(eos_id)),
+                              "seed": seed,
                               "skip_special_tokens": False, "detokenize": False}
     if params.do_sample:
         kwargs.update(temperature=params.temperature, top_p=params.top_p,

@@ -19,8 +19,8 @@ from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, TinyInit, build_ds_config, zero_stage
 from promptkd.config.deepspeed import offloads_optimizer
 from promptkd.config.versions import check_installed
-from promptkd.data import (DataError, Example, Template, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
-                           tokenize_examples, train_tokenizer)
+from promptkd.data import (DataError, Example, Template, TokenizedExample, load_examples, load_tokenizer,
+                           split_train_dev, tokenize_examples, train_tokenizer)
 from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
 from promptkd.optim import adamw, cpu_adam_loadable, lr_factor, offload_optimizer_choice
 

@@ -89,7 +89,8 @@ def build_run(cfg: Config, *, train: bool = True, resume_from: Optional[str] = N
     vocab = vocab_size(tokenizer, teacher, engine.module)
     seed = ROLLOUT_SEED_FACTOR * cfg.seed if rollout_seed is None else rollout_seed
     ctx = step_context(cfg, spec.section, engine, pad_id=tokenizer.pad_token_id,
-                       eos_id=eos_for(tokenizer, cfg.data, engine.module), vocab_size=vocab, total_steps=total, teacher=teacher,
+                       eos_id=eos_for(tokenizer, cfg.data, engine.module), vocab_size=vocab, total_steps=total,
+                       teacher=teacher,
                        tokenizer=tokenizer,
                        generator=torch.Generator(device=dist.device()).manual_seed(seed + dist.rank()),
                        sync_rollout=zero_stage(ds_config) == 3)

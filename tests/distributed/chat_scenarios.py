@@ -29,7 +29,8 @@ from promptkd.config import METHOD_NAMES, load_config, with_overrides  # noqa: E
 
 FAMILIES = {"qwen3": "chatml", "qwen2": "chatml", "llama3": "llama3"}
 ZERO3 = "ds_configs/zero3_tiny_test.json"
-ZERO3_TEACHER = {"model.teacher.placement": "zero3", "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}
+ZERO3_TEACHER = {"model.teacher.placement": "zero3",
+                 "model.teacher.deepspeed": "ds_configs/teacher_zero3_tiny_test.json"}
 
 
 def write_messages(root: str) -> str:

@@ -15,7 +15,8 @@ from promptkd.data.tokenizer import generation_eos_ids
 from promptkd.rollout import SamplingParams, generate, rollout_from_responses
 
 TEXTS = [f"the answer to question {i} is {i * 7} and the sky is blue today" for i in range(120)]
-CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."},
+CHAT = [{"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Add 2 and 3."},
                       {"role": "assistant", "content": "5"}, {"role": "user", "content": "Now double it."},
                       {"role": "assistant", "content": "10"}]},
         {"id": "b", "messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "blue"}]}]
