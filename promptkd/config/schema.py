@@ -85,6 +85,8 @@ class TokenizerConfig:
     path: str = _f("", "tokenizer dir or hub id; empty = the student's path, or train one when `train` is set")
     train: bool = _f(False, "train a BPE tokenizer on the training text (quickstart / tests)")
     vocab_size: int = _f(800, "vocabulary size of a trained tokenizer", positive=True)
+    chat: str = _f("", "train=true: '' (plain <pad>/<s>/</s>) | chatml (Qwen's special tokens and chat template) | "
+                   "llama3 (Llama-3's), for data.template=chat with tiny models", choices=("", "chatml", "llama3"))
 
 
 @dataclass

@@ -43,7 +43,7 @@ def build_tokenizer(cfg: Config, run_dir: str, texts: Optional[list[str]] = None
         raise ConfigError("tokenizer.path: set a tokenizer (or model.student.path), or tokenizer.train=true")
     out_dir = os.path.join(run_dir, "tokenizer")
     if dist.is_main() and not os.path.exists(os.path.join(out_dir, "tokenizer.json")):
-        train_tokenizer(texts or [], cfg.tokenizer.vocab_size, out_dir)
+        train_tokenizer(texts or [], cfg.tokenizer.vocab_size, out_dir, chat=cfg.tokenizer.chat)
     dist.barrier()
     return load_tokenizer(out_dir)
 

@@ -303,3 +303,15 @@ def test_prompt_after_bos_reads_bos_then_prompt_then_the_rest_with_left_padding(
 def test_prompt_after_bos_needs_a_bos_token():
     with pytest.raises(ConfigError, match="model.teacher.prompt_position: must be one of start, after_bos"):
         load_config(None, ["data.train_file=x.jsonl", "model.teacher.prompt_position=after_system"])
+
+
+def test_a_trained_tokenizer_can_carry_a_family_chat_template(tmp_path):
+    from promptkd.training.builders import build_tokenizer
+
+    cfg = load_config(None, ["data.train_file=x.jsonl", "tokenizer.train=true", "tokenizer.vocab_size=400",
+                             "tokenizer.chat=llama3", "data.template=chat"])
+    tok = build_tokenizer(cfg, str(tmp_path), TEXTS)
+    assert tok.bos_token == "<|begin_of_text|>" and end_of_turn_id(tok, Template("chat")) == \
+        tok.convert_tokens_to_ids("<|eot_id|>")
+    with pytest.raises(ConfigError, match="tokenizer.chat: must be one of"):
+        load_config(None, ["data.train_file=x.jsonl", "tokenizer.chat=gemma"])
