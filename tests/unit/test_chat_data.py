@@ -315,3 +315,20 @@ def test_a_trained_tokenizer_can_carry_a_family_chat_template(tmp_path):
         tok.convert_tokens_to_ids("<|eot_id|>")
     with pytest.raises(ConfigError, match="tokenizer.chat: must be one of"):
         load_config(None, ["data.train_file=x.jsonl", "tokenizer.chat=gemma"])
+
+
+def test_attn_implementation_reaches_transformers(monkeypatch, tmp_path):
+    import importlib.util
+
+    from promptkd.models import build_tiny, load_pretrained
+    from promptkd.models.loading import attn_kwargs
+
+    model = build_tiny("qwen3", 1, 32, 4, vocab_size=64, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    model.save_pretrained(str(tmp_path))
+    assert load_pretrained(str(tmp_path), torch.float32, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ConfigError, match="model.student.attn_implementation: flash_attention_2 needs the flash-attn"):
+        attn_kwargs("flash_attention_2", "model.student.attn_implementation")
+    assert attn_kwargs("") == {}
