@@ -13,7 +13,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, with_overrides
-from promptkd.data import load_tokenizer, make_synthetic_splits
+from promptkd.data import Template, eos_for, load_tokenizer, make_synthetic_splits
 from promptkd.evaluation.core import load_sets
 from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
 from promptkd.evaluation import exposure
@@ -61,6 +61,7 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
     prompt is a sequence of embeddings, not tokens, and this engine takes token-id requests only.
     """
     vocab = len(tokenizer)
+    data = cfg.data if cfg is not None else None  # the template decides the end-of-turn stop
     if cfg is not None and cfg.eval.engine == "vllm":
         if prompt_dir:
             log.info("eval.engine=vllm: %s carries a learned soft prompt, decoded with the hf engine", path)
@@ -70,12 +71,12 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
             v = cfg.rollout.vllm
             llm = eval_llm(path, str(dtype).removeprefix("torch."), v.max_model_len or cfg.data.max_length,
                            v.gpu_memory_utilization)
-            return Decoder(None, tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, vllm=llm)
+            return Decoder(None, tokenizer.pad_token_id, eos_for(tokenizer, data, path), vocab, vllm=llm)
     if prompt_dir:
         teacher = load_teacher(path, dtype, prompt_dir)
-        return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+        return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, eos_for(tokenizer, data, path), vocab)
     base = load_pretrained(path, dtype, device=dist.device()).eval()
-    return Decoder(hf_step_fn(base), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab)
+    return Decoder(hf_step_fn(base), tokenizer.pad_token_id, eos_for(tokenizer, data, base), vocab)
 
 
 def evaluate_models(cfg: Config, models: dict[str, tuple[str, str, torch.dtype]], tokenizer: Any,
@@ -272,12 +273,12 @@ def run_exposure(cfg: Config) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.tokenizer.path or students[0],
                                key="tokenizer.path" if cfg.tokenizer.path else "exposure.students")
     sets, _ = load_sets({"prompts": source}, cfg.data.format, tokenizer, cfg.data.max_prompt_length,
-                        cfg.data.max_length)
+                        cfg.data.max_length, Template.of(cfg.data))
     examples = sets["prompts"][:cfg.eval.max_examples or None]
     n_pos = ex.max_tokens or cfg.data.max_length - cfg.data.max_prompt_length
     teacher = load_teacher(teacher_path, DTYPES[cfg.model.teacher.dtype], ex.prompt_path)
     loaders = [(path, functools.partial(_exposure_student, path)) for path in students]
-    rows = exposure.measure(loaders, teacher, examples, n_pos, ex.samples, len(tokenizer), tokenizer.eos_token_id,
+    rows = exposure.measure(loaders, teacher, examples, n_pos, ex.samples, len(tokenizer), eos_for(tokenizer, cfg.data),
                             tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
     result = {"teacher": teacher_path, "prompt": ex.prompt_path, "prompts": source, "samples": ex.samples,
               "positions": n_pos, "se": "delta method over prompts", "students": rows}

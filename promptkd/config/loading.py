@@ -68,6 +68,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     elif typ is list or origin is list:
         if isinstance(value, list):
             return list(value)
+    elif typ is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
     else:  # pragma: no cover - every field above uses one of these types
         return value
     name = getattr(typ, "__name__", str(typ))
@@ -136,6 +139,8 @@ def _set_path(tree: dict, path: list[str], value: Any, cls: type) -> None:
     node, typ = tree, cls
     for i, part in enumerate(path):
         known = _field_types(typ) if dataclasses.is_dataclass(typ) else {}
+        if typ is dict:  # a free-form mapping field (data.template_kwargs): any key below it
+            known = {part: Any}
         if part not in known:
             raise unknown_key(".".join(path[:i + 1]))
         typ = known[part]

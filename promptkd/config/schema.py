@@ -15,16 +15,28 @@ from promptkd.config.registry import REGISTRY
 
 @dataclass
 class TinyInit:
-    arch: str = _f("llama", "architecture built from config: llama | gpt2", choices=("llama", "gpt2"))
+    arch: str = _f("llama", "architecture built from config: llama | gpt2 | qwen2 | qwen3 | llama3 (the chat "
+                   "families: GQA; qwen3 with q/k norm and tied embeddings; llama3 with rope scaling)",
+                   choices=("llama", "gpt2", "qwen2", "qwen3", "llama3"))
     layers: int = _f(2, "number of transformer layers", positive=True)
     hidden: int = _f(64, "hidden size", positive=True)
     heads: int = _f(4, "attention heads", positive=True)
+    kv_heads: int = _f(0, "key/value heads (GQA); 0 = heads for llama/gpt2, heads/2 for the chat families", min=0)
     intermediate: int = _f(0, "MLP size (0 = 4 x hidden)")
     max_positions: int = _f(512, "maximum sequence length", positive=True)
+    vocab_multiple: int = _f(0, "pad the embedding rows to a multiple of this (0 = the tokenizer's length), as "
+                             "Qwen pads its checkpoints", min=0)
 
     def check(self, prefix: str, cfg: Any) -> None:
         if self.hidden % self.heads:
             raise ConfigError(f"{prefix}hidden: must be divisible by {prefix}heads ({self.heads})")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ConfigError(f"{prefix}kv_heads: must divide {prefix}heads ({self.heads})")
+
+
+ATTN_CHOICES = ("", "sdpa", "eager", "flash_attention_2")
+ATTN_HELP = ("attention kernel passed to transformers: '' (its default) | sdpa | eager | flash_attention_2 "
+             "(needs the flash-attn package)")
 
 
 @dataclass
@@ -39,6 +51,11 @@ class TeacherConfig:
     prompt_init_special_tokens: bool = _f(True, "tokenize prompt_init_text with the tokenizer's special tokens, as the "
                                                 "official code does (OPT, LLaMA: the first prompt row is the BOS "
                                                 "embedding; GPT-2 adds none); false = the text's own tokens only")
+    attn_implementation: str = _f("", ATTN_HELP, choices=ATTN_CHOICES)
+    prompt_position: str = _f("start", "where the soft prompt sits: start (before every input token, BOS and a chat "
+                              "system header included: the paper's place) | after_bos (after each row's first token, "
+                              "which must be the tokenizer's BOS: Llama-3's <|begin_of_text|>)",
+                              choices=("start", "after_bos"))
     placement: str = _f("replicated", "replicated (a full copy per rank) | zero3 (weights partitioned across ranks)",
                         choices=("replicated", "zero3"))
     deepspeed: str = _f("ds_configs/teacher_zero3.json",
@@ -54,6 +71,7 @@ class StudentConfig:
     path: str = _f("", "HF dir or hub id of the (SFT'd) student; empty = build from `init`")
     init: TinyInit = _f(TinyInit(layers=2, hidden=64, heads=4), "tiny student built from config when path is empty")
     gradient_checkpointing: bool = _f(False, "activation checkpointing in the student")
+    attn_implementation: str = _f("", ATTN_HELP, choices=ATTN_CHOICES)
 
 
 @dataclass
@@ -67,6 +85,8 @@ class TokenizerConfig:
     path: str = _f("", "tokenizer dir or hub id; empty = the student's path, or train one when `train` is set")
     train: bool = _f(False, "train a BPE tokenizer on the training text (quickstart / tests)")
     vocab_size: int = _f(800, "vocabulary size of a trained tokenizer", positive=True)
+    chat: str = _f("", "train=true: '' (plain <pad>/<s>/</s>) | chatml (Qwen's special tokens and chat template) | "
+                   "llama3 (Llama-3's), for data.template=chat with tiny models", choices=("", "chatml", "llama3"))
 
 
 @dataclass
@@ -86,8 +106,22 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = _f("", "training data: JSONL path or `datasets` hub id")
-    format: str = _f("dolly", "data format: dolly | prompt_output", choices=("dolly", "prompt_output"))
+    train_file: str = _f("", "training data: JSONL path, `datasets` hub id or local dataset directory")
+    format: str = _f("dolly", "data format: dolly | prompt_output | messages (TRL conversational: the last "
+                     "assistant turn is the response) | prompt_completion (TRL conversational prompt/completion)",
+                     choices=("dolly", "prompt_output", "messages", "prompt_completion"))
+    template: str = _f("alpaca", "prompt template: alpaca (the paper's) | chat (the student tokenizer's "
+                       "apply_chat_template with add_generation_prompt) | none (the instruction text as is)",
+                       choices=("alpaca", "chat", "none"))
+    template_kwargs: dict = _f({}, "template=chat: extra apply_chat_template arguments, e.g. "
+                               "{enable_thinking: false} for Qwen3")
+    teacher_template: str = _f("check", "template=chat with a teacher path: check (an error when the teacher's "
+                               "tokenizer renders prompts to other tokens than the student's) | student (accept: "
+                               "the teacher reads the student's rendering; logged)", choices=("check", "student"))
+    hub_config: str = _f("", "the `datasets` config name of a hub dataset (load_dataset's second argument)")
+    train_split: str = _f("train", "split of a hub dataset read as training data")
+    dev_split: str = _f("validation", "split of a hub data.dev_file")
+    test_split: str = _f("test", "split of a hub data.test_file")
     dev_file: str = _f("", "dev data; empty = carve `dev_size` examples out of train")
     dev_size: int = _f(200, "dev examples carved from train when dev_file is empty", min=0)
     test_file: str = _f("", "test data evaluated at the end / by stage=eval")
@@ -98,6 +132,12 @@ class DataConfig:
     def check(self, prefix: str, cfg: Any) -> None:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"{prefix}max_prompt_length: must be < {prefix}max_length ({self.max_length})")
+        if self.template_kwargs and self.template != "chat":
+            raise ConfigError(f"{prefix}template_kwargs: only used with {prefix}template=chat "
+                              f"(got template={self.template})")
+        bad = [k for k in self.template_kwargs if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"{prefix}template_kwargs: keys must be names, got {bad[0]!r}")
 
 
 @dataclass

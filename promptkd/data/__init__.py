@@ -7,6 +7,7 @@ from promptkd.data.dataset import (
     collate_prompts,
     tokenize_examples,
 )
+from promptkd.data.chat import Template, end_of_turn_id, eos_for, stop_ids, strip_thinking
 from promptkd.data.formats import DataError, Example, load_examples, sniff_format, split_train_dev
 from promptkd.data.synthetic import FAMILIES, generate_synthetic, make_synthetic_splits, write_jsonl
 from promptkd.data.template import build_prompt
@@ -16,6 +17,11 @@ __all__ = [
     "DataError",
     "Example",
     "FAMILIES",
+    "Template",
+    "end_of_turn_id",
+    "eos_for",
+    "stop_ids",
+    "strip_thinking",
     "ListDataset",
     "TokenizedExample",
     "build_prompt",

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from promptkd.data.chat import Template, end_of_turn_id, render_prompt
 from promptkd.data.formats import DataError, Example
 
 logger = logging.getLogger(__name__)
@@ -40,23 +41,31 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     max_prompt_length: int,
     max_length: int,
+    template: Optional[Template] = None,
 ) -> tuple[list[TokenizedExample], int]:
     """Tokenize examples; return (kept, n_dropped).
 
     Prompts longer than `max_prompt_length` are dropped rather than cut, since a
     truncated instruction asks a different question. Responses are truncated so
-    that prompt + response fits in `max_length` (EOS may be cut).
+    that prompt + response fits in `max_length` (EOS may be cut). With a chat
+    template the prompt is the tokenizer's rendering of `Example.messages` and the
+    response ends with the template's end-of-turn token instead of EOS.
     """
+    template = template or Template()
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
             f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}"
         )
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    if tokenizer.eos_token_id is None and template.name != "chat":
         raise ValueError("tokenizer has no EOS token; responses must end with one")
     if not examples:
         raise DataError("no examples to tokenize")
-    prompts = _encode(tokenizer, [ex.prompt for ex in examples])
+    eos_id = end_of_turn_id(tokenizer, template)
+    if template.name == "chat":
+        texts = [render_prompt(tokenizer, ex.messages, template.kwargs) for ex in examples]
+    else:
+        texts = [ex.prompt for ex in examples]
+    prompts = _encode(tokenizer, texts)
     responses = _encode(tokenizer, [ex.references[0] if ex.references else "" for ex in examples])
     kept: list[TokenizedExample] = []
     for ex, prompt_ids, response_ids in zip(examples, prompts, responses):

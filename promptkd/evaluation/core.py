@@ -24,9 +24,11 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.config import EvalConfig
-from promptkd.data import TokenizedExample, collate_prompts, load_examples, sniff_format, tokenize_examples
+from promptkd.data import (Template, TokenizedExample, collate_prompts, load_examples, sniff_format, strip_thinking,
+                           tokenize_examples)
 from promptkd.evaluation.report import AVERAGE, METRICS, results_markdown
 from promptkd.rollout import SamplingParams, StepFn, generate
+from promptkd.rollout.stops import StopIds, first_stop
 from promptkd.rollout.vllm import vllm_answers
 from promptkd.seeding import derive_seed
 
@@ -39,7 +41,7 @@ class Decoder:
 
     step_fn: StepFn
     pad_id: int
-    eos_id: int
+    eos_id: StopIds      # one EOS id or a chat model's stop ids (end-of-turn first)
     vocab_size: int
     sync: bool = False   # True when the model is ZeRO-3 partitioned
     vllm: Any = None     # eval.engine=vllm: a vllm.LLM on the model dir (step_fn unused)
@@ -57,10 +59,13 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
     return mine + [-1] * (per - len(mine))
 
 
-def _decode(tokenizer: Any, ids: list[int], eos_id: int) -> str:
-    if eos_id in ids:
-        ids = ids[:ids.index(eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+def _decode(tokenizer: Any, ids: list[int], eos_id: StopIds) -> str:
+    """The answer's text: up to the first stop id, special tokens dropped, thinking blocks stripped."""
+    cut = first_stop(ids, eos_id)
+    if cut >= 0:
+        ids = ids[:cut]
+    # Qwen3's <think>/</think> are added tokens that are not "special": decoding keeps them, the score must not
+    return strip_thinking(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def generate_answers(gen: Decoder, tokenizer: Any, examples: list[TokenizedExample], params: SamplingParams,
@@ -214,13 +219,17 @@ def resolve_sets(specs: list[str], fallback: str = "") -> dict[str, str]:
 
 
 def load_sets(paths: dict[str, str], default_fmt: str, tokenizer: Any, max_prompt_length: int,
-              max_length: int) -> tuple[dict[str, list[TokenizedExample]], dict[str, dict[str, Any]]]:
-    """Load and tokenize every set (format sniffed per file); returns ({set: examples}, {set: info})."""
+              max_length: int, template: Optional[Template] = None,
+              ) -> tuple[dict[str, list[TokenizedExample]], dict[str, dict[str, Any]]]:
+    """Load and tokenize every set (format sniffed per file); returns ({set: examples}, {set: info}).
+
+    template: the data template (a chat model's test sets go through its chat template)."""
     examples, info = {}, {}
+    template = template or Template()
     for name, path in paths.items():
         fmt = sniff_format(path, default_fmt)
-        examples[name], dropped = tokenize_examples(load_examples(path, fmt, split="test"), tokenizer,
-                                                    max_prompt_length, max_length)
+        examples[name], dropped = tokenize_examples(load_examples(path, fmt, split="test", template=template.name),
+                                                    tokenizer, max_prompt_length, max_length, template)
         info[name] = {"path": path, "format": fmt, "n": len(examples[name]), "dropped_long_prompts": dropped}
     return examples, info
 

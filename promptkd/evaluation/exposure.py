@@ -42,6 +42,7 @@ from promptkd import distributed as dist
 from promptkd.data import TokenizedExample, collate_prompts
 from promptkd.evaluation.core import shard_indices
 from promptkd.rollout import SamplingParams, StepFn, generate, hf_step_fn, position_ids, teacher_step_fn
+from promptkd.rollout.stops import StopIds
 from promptkd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def token_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- per-prompt curves
 
 def sample_errors(sampler: LM, teacher: LM, student: LM, batch: dict[str, torch.Tensor], n_pos: int, vocab: int,
-                  eos_id: int, pad_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                  eos_id: StopIds, pad_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample per prompt from ``sampler``; returns (e_t [B, N], alive [B, N]), zero-padded to N."""
     params = SamplingParams(max_new_tokens=n_pos, do_sample=True)
     out = generate(sampler.step_fn, batch["input_ids"], batch["attention_mask"], params, eos_id, pad_id, vocab,
@@ -113,7 +114,7 @@ def per_prompt_curve(err: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prompt_curves(student: LM, teacher: LM, examples: list[TokenizedExample], n_pos: int, samples: int, vocab: int,
-                  eos_id: int, pad_id: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                  eos_id: StopIds, pad_id: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(A [n, N], B [n, N]): accumulated errors on student / teacher samples, every prompt once, all ranks."""
     slots = shard_indices(len(examples), dist.rank(), dist.world_size())
     local = sorted(((i, examples[i if i >= 0 else 0]) for i in slots), key=lambda item: len(item[1].prompt_ids))
@@ -215,7 +216,7 @@ def check_inputs(cfg: Any) -> tuple[list[str], str]:
 
 
 def measure(students: list[tuple[str, Callable[[], torch.nn.Module]]], teacher: torch.nn.Module,
-            examples: list[TokenizedExample], n_pos: int, samples: int, vocab: int, eos_id: int, pad_id: int,
+            examples: list[TokenizedExample], n_pos: int, samples: int, vocab: int, eos_id: StopIds, pad_id: int,
             batch_size: int, seed: int) -> list[dict[str, Any]]:
     """ExAccErr rows, one per student: ``students`` are (name, loader) pairs (one student in memory at a time)."""
     t_lm = teacher_lm(teacher)

@@ -33,7 +33,7 @@ class StepContext:
 
     engine: Any                      # DeepSpeed engine of the student
     pad_id: int
-    eos_id: int
+    eos_id: Any                  # int, or a chat model's stop ids (tuple, end-of-turn first): promptkd/rollout/stops.py
     vocab_size: int                  # tokenizer size: logits beyond it are padding
     total_steps: int
     sampling: SamplingParams         # the student's rollout decoding (rollout.*)

@@ -7,13 +7,14 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from promptkd.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-TINY_ARCHS = ("llama", "gpt2")
+TINY_ARCHS = ("llama", "gpt2", "qwen2", "qwen3", "llama3")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # config names -> torch
 
 
@@ -66,6 +67,36 @@ def _gpt2_config(
     )
 
 
+def _kv(heads: int, kv_heads: int) -> int:
+    # the chat families use GQA: two query heads per key/value head unless told otherwise
+    return kv_heads or max(1, heads // 2)
+
+
+def _qwen_config(arch: str, layers: int, hidden: int, heads: int, vocab_size: int, max_positions: int,
+                 intermediate: int, special: dict[str, Any], kv_heads: int) -> PretrainedConfig:
+    from transformers import Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=_kv(heads, kv_heads),
+                  max_position_embeddings=max_positions, attention_dropout=0.0, **special)
+    if arch == "qwen3":
+        # Qwen3: q/k RMSNorm per head, tied embeddings (the 0.6B-4B checkpoints tie them), no qkv bias
+        return Qwen3Config(**common, head_dim=hidden // heads, tie_word_embeddings=True)
+    # Qwen2(.5): a bias on q/k/v, untied at 7B (the 0.5B ties; the untied case is the one that differs from Qwen3)
+    return Qwen2Config(**common, tie_word_embeddings=False)
+
+
+def _llama3_config(layers: int, hidden: int, heads: int, vocab_size: int, max_positions: int, intermediate: int,
+                   special: dict[str, Any], kv_heads: int) -> LlamaConfig:
+    # Llama-3.1/3.2: GQA and "llama3" rope scaling (factor 8 over an original context; scaled to this size)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": max(16, max_positions // 4)}
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=_kv(heads, kv_heads),
+                       max_position_embeddings=max_positions, attention_dropout=0.0, tie_word_embeddings=False,
+                       rope_parameters=rope, **special)
+
+
 def tiny_config(
     arch: str,
     layers: int,
@@ -76,20 +107,34 @@ def tiny_config(
     intermediate: int = 0,
     pad_token_id: int | None = None,
     bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-) -> GPT2Config | LlamaConfig:
+    eos_token_id: int | list[int] | None = None,
+    kv_heads: int = 0,
+    vocab_multiple: int = 0,
+) -> PretrainedConfig:
     """The config of a tiny model (``build_tiny`` builds it; the memory planner reads its shapes).
 
-    arch: "llama" or "gpt2". intermediate=0 picks the architecture default (4 * hidden).
+    arch: one of TINY_ARCHS. intermediate=0 picks the architecture default (4 * hidden). kv_heads: GQA
+    (0 = heads for llama/gpt2, heads/2 for the chat families). vocab_multiple: pad the embedding rows up to
+    a multiple (real checkpoints do: Qwen2.5-7B has 152,064 rows for a 151,665-token tokenizer).
+    eos_token_id may be a list (generation_config of chat models lists several).
     """
-    builders = {"llama": _llama_config, "gpt2": _gpt2_config}
-    if arch not in builders:
+    if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {TINY_ARCHS}")
+    if vocab_multiple:
+        vocab_size = -(-vocab_size // vocab_multiple) * vocab_multiple
     special = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-    return builders[arch](layers, hidden, heads, vocab_size, max_positions, intermediate, special)
+    if arch in ("qwen2", "qwen3"):
+        return _qwen_config(arch, layers, hidden, heads, vocab_size, max_positions, intermediate, special, kv_heads)
+    if arch == "llama3":
+        return _llama3_config(layers, hidden, heads, vocab_size, max_positions, intermediate, special, kv_heads)
+    builders = {"llama": _llama_config, "gpt2": _gpt2_config}
+    config = builders[arch](layers, hidden, heads, vocab_size, max_positions, intermediate, special)
+    if kv_heads and arch == "llama":
+        config.num_key_value_heads = kv_heads
+    return config
 
 
-def build_tiny(*args: Any, **kwargs: Any) -> PreTrainedModel:
+def build_tiny(*args: Any, attn_implementation: str = "", **kwargs: Any) -> PreTrainedModel:
     """Randomly initialised causal LM from ``tiny_config(*args, **kwargs)`` (no hub access), dropout 0.
 
     arch: "llama" or "gpt2". intermediate=0 picks the architecture default
@@ -98,12 +143,28 @@ def build_tiny(*args: Any, **kwargs: Any) -> PreTrainedModel:
     50256 would be outside a tiny vocab).
     """
     config = tiny_config(*args, **kwargs)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, **attn_kwargs(attn_implementation))
     logger.info(
         "built tiny %s: %d layers, hidden %d, vocab %d, %.2fM params", config.model_type, config.num_hidden_layers,
         config.hidden_size, config.vocab_size, sum(p.numel() for p in model.parameters()) / 1e6,
     )
     return model
+
+
+def attn_kwargs(attn_implementation: str, key: str = "model.attn_implementation") -> dict[str, str]:
+    """``attn_implementation=`` for transformers ('' = its default). flash_attention_2 needs the flash-attn
+    package: a clear ConfigError here rather than transformers' ImportError deep in loading."""
+    if not attn_implementation:
+        return {}
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{key}: must be one of {', '.join(ATTN_IMPLEMENTATIONS)} (got {attn_implementation!r})")
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(f"{key}: flash_attention_2 needs the flash-attn package (pip install flash-attn); "
+                              "use sdpa")
+    return {"attn_implementation": attn_implementation}
 
 
 def _looks_local(path_or_id: str) -> bool:
@@ -122,7 +183,7 @@ def missing_local_dir(path_or_id: str) -> bool:
 
 
 def load_pretrained(path_or_id: str, dtype: torch.dtype, key: str = "model.path",
-                    device: torch.device | str | None = None) -> PreTrainedModel:
+                    device: torch.device | str | None = None, attn_implementation: str = "") -> PreTrainedModel:
     """Load a causal LM from a local directory or hub id in ``dtype``, straight onto ``device``.
 
     The weights are read in ``dtype`` onto ``device`` (transformers 5 builds the model on the meta
@@ -136,6 +197,7 @@ def load_pretrained(path_or_id: str, dtype: torch.dtype, key: str = "model.path"
     if missing_local_dir(path_or_id):
         raise ConfigError(f"{key}: cannot load '{path_or_id}': no such directory")
     kwargs: dict[str, Any] = {"dtype": dtype}  # transformers 5 takes dtype=; torch_dtype= is deprecated there
+    kwargs.update(attn_kwargs(attn_implementation, key.rsplit(".", 1)[0] + ".attn_implementation"))
     if device is not None and not _zero3_live():
         kwargs["device_map"] = torch.device(device)
     try:

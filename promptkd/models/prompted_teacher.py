@@ -42,6 +42,9 @@ PROMPT_META = "teacher_prompt.json"
 # loaders that read every *.safetensors of a model dir (vLLM) would otherwise take the prompt for a weight.
 PROMPT_DIR = "teacher_prompt"
 INIT_CHOICES = ("text", "random")
+# start: the prompt before every input token (the paper's prompt tuning; before BOS and a chat system header);
+# after_bos: after each row's first real token (BOS), which then opens the teacher's context as in pre-training
+POSITIONS = ("start", "after_bos")
 
 
 @contextlib.contextmanager
@@ -102,6 +105,17 @@ def _random_init(embedding: nn.Embedding, length: int, seed: int) -> torch.Tenso
     return rows.to(device)
 
 
+def _first_real(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of each row's first real (mask 1) column, on the device (left padding: after the pads)."""
+    return ((mask.cumsum(-1) == 1) & (mask == 1)).to(torch.int8).argmax(-1)
+
+
+def _first_real_embeds(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, d] the embedding of each row's first real token."""
+    index = _first_real(mask.to(torch.long))[:, None, None].expand(-1, 1, embeds.shape[-1])
+    return embeds.gather(1, index)
+
+
 def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
     """Modules that checkpoint when their own ``training`` flag is set (HF layers, or the 4.x base model)."""
     # the class attribute, not getattr on the module: nn.Module's __getattr__ is slow for names it lacks
@@ -152,8 +166,12 @@ class PromptedTeacher(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
         init_special_tokens: bool = True,
+        position: str = "start",
     ) -> None:
         super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"unknown prompt position {position!r}; expected one of {POSITIONS}")
+        self.position = position
         if prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0, got {prompt_length}")
         if init not in INIT_CHOICES:
@@ -211,14 +229,16 @@ class PromptedTeacher(nn.Module):
         See the module docstring for the cache protocol.
         """
         prefix = self.prompt_length if use_prompt else 0
+        lead = int(prefix > 0 and self.position == "after_bos")   # the BOS column moved in front of the prompt
         n_new = input_ids.shape[1]
         embeds = self.base.get_input_embeddings()(input_ids)
         if past_key_values is None and prefix > 0:
             # .to() keeps the graph to the fp32 master prompt.
-            prompt = self.prompt.to(embeds.dtype).unsqueeze(0)
-            embeds = torch.cat([prompt.expand(embeds.shape[0], -1, -1), embeds], dim=1)
-        full_mask = self._full_mask(attention_mask, prefix)
-        self._check_cache(past_key_values, embeds.shape[1], full_mask.shape[1], prefix)
+            prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            front = [_first_real_embeds(embeds, attention_mask)] if lead else []
+            embeds = torch.cat([*front, prompt, embeds], dim=1)
+        full_mask = self._full_mask(attention_mask, prefix, lead)
+        self._check_cache(past_key_values, embeds.shape[1], full_mask.shape[1], prefix + lead)
         # Positions count real (and prompt) tokens only, so left padding does not
         # shift them: the first real token sits at P in every row.
         positions = (full_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
@@ -236,11 +256,15 @@ class PromptedTeacher(nn.Module):
         return output.logits[:, -n_new:], output_cache(output)
 
     @staticmethod
-    def _full_mask(attention_mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    def _full_mask(attention_mask: torch.Tensor, prefix: int, lead: int = 0) -> torch.Tensor:
+        """[1]*(lead+prefix) + the mask; with lead, each row's first real column is masked out: its token (BOS)
+        sits in front of the prompt, so the row reads [BOS, prompt, rest] (a masked column takes no position)."""
         mask = attention_mask.to(torch.long)
         if prefix == 0:
             return mask
-        ones = torch.ones(mask.shape[0], prefix, dtype=mask.dtype, device=mask.device)
+        if lead:
+            mask = mask * (1 - torch.nn.functional.one_hot(_first_real(mask), mask.shape[1]).to(mask.dtype))
+        ones = torch.ones(mask.shape[0], prefix + lead, dtype=mask.dtype, device=mask.device)
         return torch.cat([ones, mask], dim=1)
 
     @staticmethod
@@ -277,6 +301,8 @@ class PromptedTeacher(nn.Module):
             "teacher": teacher_id,
             "hidden_size": self.hidden_size,
         }
+        if self.position != "start":   # a start prompt's meta stays what it always was
+            meta["position"] = self.position
         weights = os.path.join(path_dir, PROMPT_WEIGHTS)
         # Write then rename so an interrupted save never leaves a torn file.
         save_file({"prompt": self.prompt.detach().float().cpu().contiguous()}, weights + ".tmp")
@@ -313,13 +339,23 @@ def load_prompt(path_dir: str) -> torch.Tensor:
     return prompt
 
 
+def prompt_position(path_dir: str) -> str:
+    """Where the saved prompt was trained to sit (teacher_prompt.json; prompts saved before the option: start)."""
+    meta_path = os.path.join(prompt_files_dir(path_dir), PROMPT_META)
+    if not os.path.isfile(meta_path):
+        return "start"
+    with open(meta_path, encoding="utf-8") as handle:
+        return json.load(handle).get("position", "start")
+
+
 def load_prompted_teacher(path: str, dtype: torch.dtype, prompt_dir: str = "") -> PromptedTeacher:
     """An HF model from ``path`` wrapped with the learned prompt in ``prompt_dir`` (none: a zero-length prompt)."""
     from promptkd.models.loading import load_pretrained
 
     prompt = load_prompt(prompt_dir) if prompt_dir else None
+    position = prompt_position(prompt_dir) if prompt_dir else "start"
     teacher = PromptedTeacher(load_pretrained(path, dtype), prompt_length=0 if prompt is None else prompt.shape[0],
-                              init="random", dtype=dtype)
+                              init="random", dtype=dtype, position=position)
     if prompt is not None:
         teacher.load_prompt_state({"prompt": prompt})
     return teacher

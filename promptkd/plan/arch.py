@@ -18,7 +18,8 @@ from promptkd.config import ConfigError
 log = logging.getLogger(__name__)
 
 ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "archs")
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "opt": "opt"}
+# Qwen3 is Llama's layout plus q/k RMSNorm (weights only, no activation term the planner counts)
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2", "opt": "opt"}
 
 
 def shipped() -> list[str]:
@@ -39,10 +40,11 @@ class Arch:
     layer_params: int         # parameters of one decoder layer
     param_sizes: tuple        # numel of every parameter tensor (ZeRO-3 persistence)
     dropout: float            # the largest hidden-state dropout rate in the config
+    explicit_head_dim: int = 0  # config.head_dim where it is not hidden / heads (Qwen3: 128 at hidden 1024, 16 heads)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
 
 
 def from_hf_config(config: Any, name: str, key: str) -> Arch:
@@ -65,7 +67,8 @@ def from_hf_config(config: Any, name: str, key: str) -> Arch:
     drop = max(float(c.get(k) or 0.0) for k in ("dropout", "resid_pdrop", "hidden_dropout"))
     return Arch(name=name, family=family, layers=c.get("num_hidden_layers") or c["n_layer"], hidden=hidden, heads=heads,
                 kv_heads=c.get("num_key_value_heads") or heads, intermediate=inter, vocab=c["vocab_size"],
-                n_params=sum(sizes), layer_params=layer, param_sizes=sizes, dropout=drop)
+                n_params=sum(sizes), layer_params=layer, param_sizes=sizes, dropout=drop,
+                explicit_head_dim=int(c.get("head_dim") or 0))
 
 
 def load_shipped(name: str, key: str) -> Arch:
@@ -95,8 +98,10 @@ def _shipped_match(path: str) -> Optional[str]:
     """A shipped arch named by a component of ``path`` (``runs/sft/gpt2-xl/export``, ``huggyllama/llama-7b``)."""
     names = set(shipped())
     for part in reversed(os.path.normpath(path).split(os.sep)):
-        if part.lower() in names:
-            return part.lower()
+        # hub ids of chat models end in -Instruct (meta-llama/Llama-3.2-1B-Instruct): the shape is the base's
+        for name in (part.lower(), part.lower().removesuffix("-instruct")):
+            if name in names:
+                return name
     return None
 
 

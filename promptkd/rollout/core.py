@@ -22,6 +22,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
+from promptkd.rollout.stops import StopIds, first_stop, forced_id, is_stop, stop_tensor
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optio
 
 
 def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             params: SamplingParams, eos_id: int, pad_id: int, vocab_size: int,
+             params: SamplingParams, eos_id: StopIds, pad_id: int, vocab_size: int,
              generator: Optional[torch.Generator] = None, sync: bool = False,
              force_eos: bool = True) -> Rollout:
     """Decode from left-padded prompts [B, Tp]; returns the prompts with their responses.
@@ -296,7 +297,7 @@ def generate(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def _decode(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
-            eos_id: int, pad_id: int, vocab_size: int, generator: Optional[torch.Generator],
+            eos_id: StopIds, pad_id: int, vocab_size: int, generator: Optional[torch.Generator],
             sync: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The decode loop: per step the new tokens [B] and their keep flags [B]; and which rows ended on EOS."""
     batch, prompt_len = input_ids.shape
@@ -305,6 +306,7 @@ def _decode(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tens
     # n-gram bans read (ids so far, first real position): left padding comes first in every row
     history = (input_ids, prompt_len - mask.sum(-1)) if params.no_repeat_ngram_size else None
     tokens, keep = [], []
+    stops = stop_tensor(eos_id, input_ids.device)
     cur, past = input_ids, None
     for _ in range(params.max_new_tokens):
         logits, past = step_fn(cur, mask, past)
@@ -314,7 +316,7 @@ def _decode(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tens
         tokens.append(nxt)
         if history is not None:
             history = (torch.cat([history[0], nxt[:, None]], dim=1), history[1])
-        finished = finished | (nxt == eos_id)
+        finished = finished | is_stop(nxt, stops)
         mask = torch.cat([mask, keep[-1][:, None]], dim=1)
         cur = nxt[:, None]
         done = bool(finished.all())
@@ -324,7 +326,7 @@ def _decode(step_fn: StepFn, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def rollout_from_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: list[list[int]],
-                           eos_id: int, pad_id: int, max_new_tokens: int, force_eos: bool = True) -> Rollout:
+                           eos_id: StopIds, pad_id: int, max_new_tokens: int, force_eos: bool = True) -> Rollout:
     """The ``generate`` layout for responses decoded elsewhere (e.g. by vLLM), one token list per row.
 
     A response is cut after its first EOS; one shorter than ``max_new_tokens`` without an EOS stopped on it
@@ -333,12 +335,13 @@ def rollout_from_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor
     rows, ended = [], []
     for resp in responses:
         resp = list(resp)
-        if eos_id in resp:
-            resp = resp[:resp.index(eos_id) + 1]
+        cut = first_stop(resp, eos_id)
+        if cut >= 0:
+            resp = resp[:cut + 1]
         elif len(resp) < max_new_tokens:
-            resp.append(eos_id)
+            resp.append(forced_id(eos_id))
         rows.append(resp[:max_new_tokens])
-        ended.append(bool(rows[-1]) and rows[-1][-1] == eos_id)
+        ended.append(bool(rows[-1]) and first_stop(rows[-1][-1:], eos_id) == 0)
     device = input_ids.device
     width = max((len(r) for r in rows), default=0)
     tokens = [torch.tensor([r[t] if t < len(r) else pad_id for r in rows], dtype=torch.long, device=device)
@@ -349,7 +352,7 @@ def rollout_from_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def _assemble(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: list[torch.Tensor],
-              keep: list[torch.Tensor], finished: torch.Tensor, eos_id: int, prompt_len: int,
+              keep: list[torch.Tensor], finished: torch.Tensor, eos_id: StopIds, prompt_len: int,
               force_eos: bool) -> Rollout:
     if not tokens:
         return Rollout(input_ids, attention_mask.long(), torch.zeros_like(attention_mask.long()), prompt_len)
@@ -359,7 +362,7 @@ def _assemble(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: lis
         # An unfinished row ends on EOS: the last token it kept becomes EOS.
         last = resp_mask.sum(-1) - 1
         rows = torch.nonzero(~finished & (last >= 0)).squeeze(-1)
-        resp[rows, last[rows]] = eos_id
+        resp[rows, last[rows]] = forced_id(eos_id)
     full_ids = torch.cat([input_ids, resp], dim=1)
     full_mask = torch.cat([attention_mask.long(), resp_mask], dim=1)
     loss_mask = torch.cat([torch.zeros_like(attention_mask.long()), resp_mask], dim=1)

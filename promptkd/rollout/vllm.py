@@ -25,6 +25,7 @@ import torch
 from promptkd import distributed as dist
 from promptkd.config import VLLM_INSTALL, ConfigError, VLLMConfig
 from promptkd.rollout.core import Rollout, SamplingParams, rollout_from_responses
+from promptkd.rollout.stops import stop_tuple
 from promptkd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def require_vllm(key: str) -> None:
 def vllm_sampling(params: SamplingParams, eos_id: int, vocab_size: int, model_vocab: int, seed: Optional[int]):
     from vllm import SamplingParams as VSP
 
-    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stop_token_ids": [eos_id], "seed": seed,
+    kwargs: dict[str, Any] = {"max_tokens": params.max_new_tokens, "stop_token_ids": list(stop_tuple(eos_id)),
+                              "seed": seed,
                               "skip_special_tokens": False, "detokenize": False}
     if params.do_sample:
         kwargs.update(temperature=params.temperature, top_p=params.top_p,

@@ -19,8 +19,8 @@ from promptkd import distributed as dist
 from promptkd.config import Config, ConfigError, TinyInit, build_ds_config, zero_stage
 from promptkd.config.deepspeed import offloads_optimizer
 from promptkd.config.versions import check_installed
-from promptkd.data import (DataError, Example, TokenizedExample, load_examples, load_tokenizer, split_train_dev,
-                           tokenize_examples, train_tokenizer)
+from promptkd.data import (DataError, Example, Template, TokenizedExample, load_examples, load_tokenizer,
+                           split_train_dev, tokenize_examples, train_tokenizer)
 from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
 from promptkd.optim import adamw, cpu_adam_loadable, lr_factor, offload_optimizer_choice
 from promptkd.seeding import derive_seed
@@ -44,7 +44,7 @@ def build_tokenizer(cfg: Config, run_dir: str, texts: Optional[list[str]] = None
         raise ConfigError("tokenizer.path: set a tokenizer (or model.student.path), or tokenizer.train=true")
     out_dir = os.path.join(run_dir, "tokenizer")
     if dist.is_main() and not os.path.exists(os.path.join(out_dir, "tokenizer.json")):
-        train_tokenizer(texts or [], cfg.tokenizer.vocab_size, out_dir)
+        train_tokenizer(texts or [], cfg.tokenizer.vocab_size, out_dir, chat=cfg.tokenizer.chat)
     dist.barrier()
     return load_tokenizer(out_dir)
 
@@ -64,16 +64,17 @@ def load_raw_splits(cfg: Config) -> tuple[list[Example], list[Example], list[Exa
     d = cfg.data
     if not d.train_file:
         raise ConfigError("data.train_file: no training data configured")
-    train = load_examples(d.train_file, d.format, split="train")
+    kw = {"template": d.template, "name": d.hub_config}
+    train = load_examples(d.train_file, d.format, split=d.train_split, **kw)
     if d.dev_file:
-        dev = load_examples(d.dev_file, d.format, split="validation")
+        dev = load_examples(d.dev_file, d.format, split=d.dev_split, **kw)
     elif d.dev_size > 0:
         if d.dev_size >= len(train):
             raise ConfigError(f"data.dev_size: {d.dev_size} must be smaller than the {len(train)} training examples")
         train, dev = split_train_dev(train, d.dev_size, cfg.seed)
     else:
         dev = []
-    test = load_examples(d.test_file, d.format, split="test") if d.test_file else []
+    test = load_examples(d.test_file, d.format, split=d.test_split, **kw) if d.test_file else []
     return train, dev, test
 
 
@@ -85,7 +86,8 @@ def tokenize_splits(cfg: Config, tokenizer: Any, raw: tuple[list[Example], ...])
             out.append([])
             continue
         try:
-            toks, dropped = tokenize_examples(examples, tokenizer, d.max_prompt_length, d.max_length)
+            toks, dropped = tokenize_examples(examples, tokenizer, d.max_prompt_length, d.max_length,
+                                              Template.of(d))
         except DataError as exc:  # every prompt too long: name the key and the file
             source = {"train": d.train_file, "dev": d.dev_file or d.train_file, "test": d.test_file}[name]
             raise DataError(f"data.max_prompt_length: {exc} (in {source})") from exc
@@ -101,18 +103,19 @@ def tokenize_splits(cfg: Config, tokenizer: Any, raw: tuple[list[Example], ...])
 
 # ----------------------------------------------------------------------------- models
 
-def _tiny(init: TinyInit, tokenizer: Any, seed: int) -> torch.nn.Module:
+def _tiny(init: TinyInit, tokenizer: Any, seed: int, attn: str = "") -> torch.nn.Module:
     # Same weights on every rank whatever the RNG state: a replicated teacher is never broadcast.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_tiny(init, tokenizer)
+        return _build_tiny(init, tokenizer, attn)
 
 
-def _build_tiny(init: TinyInit, tokenizer: Any) -> torch.nn.Module:
+def _build_tiny(init: TinyInit, tokenizer: Any, attn: str = "") -> torch.nn.Module:
     return build_tiny(init.arch, init.layers, init.hidden, init.heads, vocab_size=len(tokenizer),
                       max_positions=init.max_positions, intermediate=init.intermediate,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+                      eos_token_id=tokenizer.eos_token_id, kv_heads=init.kv_heads,
+                      vocab_multiple=init.vocab_multiple, attn_implementation=attn)
 
 
 def build_teacher(cfg: Config, tokenizer: Any, prompt_length: int) -> PromptedTeacher:
@@ -125,10 +128,13 @@ def build_teacher(cfg: Config, tokenizer: Any, prompt_length: int) -> PromptedTe
     t = cfg.model.teacher
     dtype = DTYPES[t.dtype]
     zero3 = t.placement == "zero3"
+    if t.prompt_position == "after_bos" and tokenizer.bos_token_id is None:
+        raise ConfigError("model.teacher.prompt_position: after_bos needs a tokenizer with a BOS token "
+                          f"({getattr(tokenizer, 'name_or_path', '')!r} has none); use start")
     base = _zero3_teacher(cfg, tokenizer) if zero3 else _plain_teacher(cfg, tokenizer)
     teacher = PromptedTeacher(base, prompt_length=prompt_length, init=t.prompt_init, init_text=t.prompt_init_text,
                               tokenizer=tokenizer, dtype=dtype, seed=cfg.seed,
-                              init_special_tokens=t.prompt_init_special_tokens)
+                              init_special_tokens=t.prompt_init_special_tokens, position=t.prompt_position)
     if t.gradient_checkpointing:
         checkpoint_frozen_layers(teacher.base)
     return teacher if zero3 else teacher.to(dist.device())
@@ -162,9 +168,10 @@ def checkpoint_frozen_layers(model: torch.nn.Module) -> None:
 def _plain_teacher(cfg: Config, tokenizer: Any) -> torch.nn.Module:
     t = cfg.model.teacher
     if not t.path:
-        return _tiny(t.init, tokenizer, cfg.seed)
+        return _tiny(t.init, tokenizer, cfg.seed, t.attn_implementation)
     # in its dtype on this rank's device (a ZeRO-3 teacher: DeepSpeed places the partitions)
-    base = load_pretrained(t.path, DTYPES[t.dtype], key="model.teacher.path", device=dist.device())
+    base = load_pretrained(t.path, DTYPES[t.dtype], key="model.teacher.path", device=dist.device(),
+                           attn_implementation=t.attn_implementation)
     _check_covers_tokenizer(base, tokenizer, "model.teacher.path")  # before the prompt's text init indexes it
     return base
 
@@ -183,7 +190,8 @@ def _zero3_teacher(cfg: Config, tokenizer: Any) -> torch.nn.Module:
         del keep_alive
         _unset_hf_ds_config()
     if not cfg.model.teacher.path:
-        _copy_into_partitions(base, _tiny(cfg.model.teacher.init, tokenizer, cfg.seed))
+        _copy_into_partitions(base, _tiny(cfg.model.teacher.init, tokenizer, cfg.seed,
+                                          cfg.model.teacher.attn_implementation))
     base.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=base, config=ds)  # installs the gather/release hooks
     engine.module.eval()
@@ -212,8 +220,10 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
     s = cfg.model.student
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     try:
-        model = (load_pretrained(s.path, student_dtype(cfg), key="model.student.path", device=dist.device())
-                 if s.path else _tiny(s.init, tokenizer, derive_seed(cfg.seed, "model_init", index=1)))
+        model = (load_pretrained(s.path, student_dtype(cfg), key="model.student.path", device=dist.device(),
+                                 attn_implementation=s.attn_implementation)
+                 if s.path else _tiny(s.init, tokenizer, derive_seed(cfg.seed, "model_init", index=1),
+                                      s.attn_implementation))
     finally:
         del keep_alive  # a live HfDeepSpeedConfig would also partition later models
         _unset_hf_ds_config()

@@ -18,6 +18,8 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.config import REGISTRY, Config, ConfigError, EvalConfig, to_yaml, zero_stage
+from promptkd.data import Template, eos_for
+from promptkd.data.chat import check_teacher_tokenizer
 from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
 from promptkd.methods import METHODS, Method, build_method, step_context
 from promptkd.models import PromptedTeacher
@@ -49,7 +51,7 @@ class Run:
     trainer: Optional[Trainer] = None    # only when built with train=True
 
     def student_decoder(self) -> Decoder:
-        return student_decoder(self.engine, self.tokenizer, self.vocab_size)
+        return student_decoder(self.engine, self.tokenizer, self.vocab_size, self.method.ctx.eos_id)
 
     def close(self) -> None:
         """Shut down what holds resources beyond this run (vLLM engines: the rollouts', the method's own)."""
@@ -74,6 +76,7 @@ def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = N
     raw = load_raw_splits(cfg)
     tokenizer = build_tokenizer(cfg, run_dir, example_texts(raw[0]))
     splits = tokenize_splits(cfg, tokenizer, raw)
+    check_teacher_tokenizer(cfg.model.teacher.path, cfg.data, tokenizer, raw[0])
     sets, info = eval_sets(cfg, tokenizer) if cfg.eval.sets else ({}, {})
     if cfg.train.early_stop_patience and not splits.dev:
         raise ConfigError("train.early_stop_patience: needs a dev split (data.dev_file or data.dev_size)")
@@ -83,7 +86,8 @@ def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = N
     engine, ds_config = build_student_engine(cfg, tokenizer, total)
     vocab = vocab_size(tokenizer, teacher, engine.module)
     ctx = step_context(cfg, spec.section, engine, pad_id=tokenizer.pad_token_id,
-                       eos_id=tokenizer.eos_token_id, vocab_size=vocab, total_steps=total, teacher=teacher,
+                       eos_id=eos_for(tokenizer, cfg.data, engine.module), vocab_size=vocab, total_steps=total,
+                       teacher=teacher,
                        tokenizer=tokenizer,
                        generator=torch.Generator(device=dist.device()).manual_seed(
                            derive_seed(cfg.seed, "rollout", rank=dist.rank(), base=rollout_seed)),
@@ -94,7 +98,8 @@ def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = N
     run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, method)
     if train:
         write_config(cfg, run_dir)
-        dev = dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev, cfg.seed) if splits.dev else None
+        dev = (dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev, cfg.seed, eos=ctx.eos_id)
+               if splits.dev else None)
         run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer)
     return run
 
@@ -140,12 +145,15 @@ def eval_sets(cfg: Config, tokenizer: Any) -> tuple[dict[str, list], dict[str, d
         paths = resolve_sets(cfg.eval.sets, cfg.eval.file or cfg.data.test_file)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return load_sets(paths, cfg.data.format, tokenizer, cfg.data.max_prompt_length, cfg.data.max_length)
+    return load_sets(paths, cfg.data.format, tokenizer, cfg.data.max_prompt_length, cfg.data.max_length,
+                     Template.of(cfg.data))
 
 
-def student_decoder(engine: Any, tokenizer: Any, vocab: int) -> Decoder:
+def student_decoder(engine: Any, tokenizer: Any, vocab: int, eos: Any = None) -> Decoder:
+    """eos: the run's stop ids (``StepContext.eos_id``); None = the tokenizer's EOS."""
     zero3 = engine.zero_optimization_stage() == 3
-    return Decoder(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id, vocab, sync=zero3)
+    return Decoder(hf_step_fn(engine.module), tokenizer.pad_token_id, tokenizer.eos_token_id if eos is None else eos,
+                   vocab, sync=zero3)
 
 
 def greedy_eval(ev: EvalConfig) -> EvalConfig:
@@ -167,14 +175,15 @@ def dev_eval_config(ev: EvalConfig, seed: int) -> EvalConfig:
     return dev
 
 
-def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: list, seed: int = 0) -> DevEval:
+def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: list, seed: int = 0,
+                eos: Any = None) -> DevEval:
     """Dev ROUGE-L of the student, decoded as ``dev_eval_config`` says (every check with the same seed)."""
     dev_ev = dev_eval_config(ev, seed)
 
     def run(step: int) -> dict[str, float]:
         engine.module.eval()
         with gathered(engine.module, what="student dev evaluation"):  # ZeRO-3: once, not per token
-            res = evaluate(student_decoder(engine, tokenizer, vocab), tokenizer, dev, dev_ev)
+            res = evaluate(student_decoder(engine, tokenizer, vocab, eos), tokenizer, dev, dev_ev)
         return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
 
     return run

@@ -85,6 +85,13 @@ OFFICIAL = {
     "opt-13b_to_opt-2.7b": ("scripts/opt/promptkd/promptkd_2.7B.sh", 16, 1, 5e-6, 10, True),
     "opt-13b_to_opt-6.7b": ("scripts/opt/promptkd/promptkd_6.7B.sh", 16, 1, 5e-6, 10, True),
     "llama-13b_to_llama-7b": ("scripts/llama/promptkd/promptkd_7B.sh", 16, 1, 5e-6, 10, True),
+    # the chat configs (issue 21) take the OPT setups of their sizes: ~10B teacher, ~1B student
+    "sft_qwen3-8b": ("scripts/opt/sft/sft_13B.sh", 2, 4, 1e-5, 10, True),
+    "sft_llama-3.1-8b": ("scripts/opt/sft/sft_13B.sh", 2, 4, 1e-5, 10, True),
+    "sft_qwen3-0.6b": ("scripts/opt/sft/sft_1.3B.sh", 8, 1, 5e-5, 10, False),
+    "sft_llama-3.2-1b": ("scripts/opt/sft/sft_1.3B.sh", 8, 1, 5e-5, 10, False),
+    "qwen3-8b_to_qwen3-0.6b": ("scripts/opt/promptkd/promptkd_1.3B.sh", 16, 1, 5e-6, 10, True),
+    "llama-3.1-8b_to_llama-3.2-1b": ("scripts/opt/promptkd/promptkd_1.3B.sh", 16, 1, 5e-6, 10, True),
 }
 
 
