@@ -32,7 +32,8 @@ def test_promptkd_zero3_student_and_teacher_trains_adapters_only(ranks):
         assert r["before"]["adapters"] != r["after"]["adapters"]
         # the optimizer holds this rank's partition of the adapters only, not of the base
         assert 0 < r["optimizer_numel"] <= -(-r["counts"]["trainable"] // 2) + 64
-        assert r["counts"]["frozen"] > 10 * r["counts"]["trainable"]
+        # r=8 on every linear layer of 2 layers, h=32, MLP 128: q,k,v,o 8·(32+32), gate, up, down 8·(32+128)
+        assert r["counts"]["trainable"] == 2 * 8 * (4 * 64 + 3 * 160) == 11_776 < r["counts"]["frozen"]
     assert r0["after"] == r1["after"]  # the ranks agree
     losses = [m["loss/rkl"] for m in r0["metrics"]]
     assert losses[-1] < losses[0] and sum(losses[-2:]) < sum(losses[:2]), losses  # same prompts: the loss falls
