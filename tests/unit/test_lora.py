@@ -202,7 +202,7 @@ def test_planner_counts_adapter_params_exactly():
 
 
 def test_plan_counts_the_frozen_base_and_the_adapters_states():
-    from promptkd.plan.core import plan_config
+    from promptkd.plan.core import plan_config, resolve_models
     from promptkd.plan.memory import lora_params
 
     over = ["data.synthetic.enabled=true", "stage=plan", "plan.student_arch=llama-7b", "plan.teacher_arch=llama-13b",
@@ -213,8 +213,7 @@ def test_plan_counts_the_frozen_base_and_the_adapters_states():
     lines = {line.check or line.term: line.bytes for line in plan.resident}
     full_lines = {line.check or line.term: line.bytes for line in full.resident}
     n_base = 6_738_415_616  # LLaMA-7B
-    n = lora_params(__import__("promptkd.plan.core", fromlist=["resolve_models"]).resolve_models(cfg).student, 16,
-                    ["q_proj", "v_proj"])
+    n = lora_params(resolve_models(cfg).student, 16, ["q_proj", "v_proj"])
     assert n == 32 * 2 * 16 * (4096 + 4096) == 8_388_608
     # weights: the frozen base in bf16 plus the adapters in bf16 (ZeRO-2 keeps them whole)
     assert lines["params"] == (n_base + n) * 2 == full_lines["params"] + 2 * n
