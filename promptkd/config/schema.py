@@ -67,11 +67,32 @@ class TeacherConfig:
 
 
 @dataclass
+class StudentLoraConfig:
+    r: int = _f(0, "LoRA rank of the student's adapters (0 = off: the whole student trains)", min=0)
+    alpha: float = _f(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r", positive=True)
+    dropout: float = _f(0.0, "dropout on the adapters' input (train mode only)", unit=True, below_one=True)
+    target_modules: Any = _f("all-linear", "modules that get adapters: all-linear (every linear layer but the LM "
+                                           "head) or a list of module names, e.g. [q_proj, v_proj]")
+
+    def check(self, prefix: str, cfg: Any) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise ConfigError(f"{prefix}r: expected int, got {self.r!r}")
+        t = self.target_modules
+        if isinstance(t, str):
+            if t != "all-linear":
+                raise ConfigError(f"{prefix}target_modules: must be all-linear or a list of module names (got {t!r})")
+        elif not (isinstance(t, list) and t and all(isinstance(n, str) and n for n in t)):
+            raise ConfigError(f"{prefix}target_modules: must be all-linear or a non-empty list of module names "
+                              f"(got {t!r})")
+
+
+@dataclass
 class StudentConfig:
     path: str = _f("", "HF dir or hub id of the (SFT'd) student; empty = build from `init`")
     init: TinyInit = _f(TinyInit(layers=2, hidden=64, heads=4), "tiny student built from config when path is empty")
     gradient_checkpointing: bool = _f(False, "activation checkpointing in the student")
     attn_implementation: str = _f("", ATTN_HELP, choices=ATTN_CHOICES)
+    lora: StudentLoraConfig = _f(StudentLoraConfig(), "LoRA adapters on a frozen student (PEFT); r = 0: off")
 
 
 @dataclass

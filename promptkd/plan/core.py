@@ -158,11 +158,12 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
     e_s = PRECISION_BYTES[cfg.train.precision]
     method, spec = METHODS[cfg.method.name], REGISTRY[cfg.method.name]
     s, t = models.student, models.teacher
+    held, trained = _lora_counts(cfg, s)
     seq, keep = lengths or (cfg.data.max_length, max_new_tokens(cfg) + 1)
     if not spec.samples_student and lengths is None:
         keep = seq  # off-policy methods score every position of the ground truth
     shape = M.Shape(batch, seq, keep)
-    resident = _resident(cfg, z, s, t, e_s, world)
+    resident = _resident(cfg, z, s, t, e_s, world, held, trained)
     phases: dict[str, list[Line]] = {}
     if spec.samples_student or spec.samples_mixture:
         phases["rollout"] = _rollout(cfg, s, t if spec.samples_mixture else None, shape, e_s)
@@ -173,11 +174,11 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
         phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len, keeps_student)
     phases["student_step"] = _student_step(cfg, z, s, t, shape, e_s, kept)
     phases["optimizer_step"] = [Line("optimizer step: fp32 gradients + AdamW's temporaries", M.optimizer_step(
-        s, z, e_s, world), f"deepspeed ({cfg.deepspeed}), train.precision")]
+        trained, z, e_s, world), f"deepspeed ({cfg.deepspeed}), train.precision")]
     _add_gathers(cfg, z, s, t, e_s, phases, bool(kept))
     plan = Plan(world, cfg.plan.gpu_bytes(), batch, resident, phases, Line("framework overhead (stated allowance)", cfg.plan.overhead_bytes(),
                                                           "plan.overhead"),
-                _cpu_lines(cfg, z, s, t, e_s, world), _alternatives(cfg, s, t, shape, e_s, prompt_len),
+                _cpu_lines(cfg, z, s, t, e_s, world, held, trained), _alternatives(cfg, s, t, shape, e_s, prompt_len),
                 list(models.notes))
     return plan
 
@@ -199,16 +200,31 @@ def _add_gathers(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, p
                     t, tz, PRECISION_BYTES[tc.dtype]), f"model.teacher.deepspeed ({tc.deepspeed})"))
 
 
-def _resident(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int) -> list[Line]:
+def _lora_counts(cfg: Config, s: Arch) -> tuple[Arch, Arch]:
+    """(what the student holds, what trains): both the student, or with LoRA the frozen base + the adapters and
+    the adapters alone (gradients and optimizer states exist for those only)."""
+    lora = cfg.model.student.lora
+    if lora.r <= 0:
+        return s, s
+    n = M.lora_params(s, lora.r, lora.target_modules)
+    return M.with_params(s, s.n_params + n), M.with_params(s, n)
+
+
+def _resident(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int,
+              held: Optional[Arch] = None, trained: Optional[Arch] = None) -> list[Line]:
     from promptkd.methods import METHODS
 
+    held, trained = held or s, trained or s
     stage = f"deepspeed ({cfg.deepspeed}: ZeRO-{z.stage}{', optimizer offload' if z.offload_optimizer else ''})"
+    lora = (f", frozen + {trained.n_params / 1e6:.3g}M LoRA (r={cfg.model.student.lora.r})"
+            if trained is not held else "")
+    keys = f"{stage}, train.precision" + (", model.student.lora" if lora else "")
     lines = [
-        Line(f"student parameters ({s.n_params / 1e9:.3g}B, {cfg.train.precision})",
-             M.student_params(s, z, e_s, world), f"{stage}, train.precision", "params"),
-        Line("student gradients", M.student_grads(s, z, e_s, world), f"{stage}, train.precision", "grads"),
-        Line("student optimizer states (AdamW moments + fp32 master)", M.student_optimizer(s, z, e_s, world),
-             f"{stage}, train.precision", "optimizer"),
+        Line(f"student parameters ({s.n_params / 1e9:.3g}B{lora}, {cfg.train.precision})",
+             M.student_params(held, z, e_s, world), keys, "params"),
+        Line("student gradients", M.student_grads(trained, z, e_s, world), keys, "grads"),
+        Line("student optimizer states (AdamW moments + fp32 master)", M.student_optimizer(trained, z, e_s, world),
+             keys, "optimizer"),
     ]
     if t is not None:
         tc = cfg.model.teacher
@@ -319,13 +335,15 @@ def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.S
     return lines + after
 
 
-def _cpu_lines(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int) -> list[Line]:
+def _cpu_lines(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], e_s: int, world: int,
+               held: Optional[Arch] = None, trained: Optional[Arch] = None) -> list[Line]:
     lines = []
+    held, trained = held or s, trained or s
     if z.offload_optimizer:
-        lines.append(Line("student optimizer states (offloaded)", M.student_optimizer_cpu(s, z, e_s, world)
-                          + M.FP32 * -(-s.n_params // world), "offload_optimizer in the DeepSpeed JSON"))
+        lines.append(Line("student optimizer states (offloaded)", M.student_optimizer_cpu(trained, z, e_s, world)
+                          + M.FP32 * -(-trained.n_params // world), "offload_optimizer in the DeepSpeed JSON"))
     if z.offload_param:
-        lines.append(Line("student parameters (offloaded)", -(-s.n_params // world) * e_s,
+        lines.append(Line("student parameters (offloaded)", -(-held.n_params // world) * e_s,
                           "offload_param in the DeepSpeed JSON"))
     if t is not None and cfg.model.teacher.offload_params:
         e_t = PRECISION_BYTES[cfg.model.teacher.dtype]

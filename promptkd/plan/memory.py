@@ -7,7 +7,8 @@ L layers, h hidden, i MLP width, a heads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Union
 
 from promptkd.losses.fused import FUSED_CHUNK_ELEMENTS  # fp32 elements of one automatic loss chunk
 from promptkd.plan.arch import Arch
@@ -252,3 +253,38 @@ def teacher_weights(arch: Arch, placement: str, e: int, world: int, offload: boo
         return float(arch.n_params * e)
     part = 0 if offload else -(-arch.n_params // world) * e
     return float(part) + zero3_persistent(arch, z, e)
+
+
+# ----------------------------------------------------------------------------- LoRA students
+
+def lora_shapes(arch: Arch) -> dict[str, list[tuple[int, int]]]:
+    """(in, out) features of each linear layer of one decoder layer, by the module name PEFT matches."""
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
+    if arch.family == "llama":
+        return {"q_proj": [(h, h)], "k_proj": [(h, kv)], "v_proj": [(h, kv)], "o_proj": [(h, h)],
+                "gate_proj": [(h, i)], "up_proj": [(h, i)], "down_proj": [(i, h)]}
+    if arch.family == "gpt2":  # attention's c_proj and the MLP's c_proj share a name
+        return {"c_attn": [(h, 3 * h)], "c_proj": [(h, h), (i, h)], "c_fc": [(h, i)]}
+    return {"q_proj": [(h, h)], "k_proj": [(h, h)], "v_proj": [(h, h)], "out_proj": [(h, h)],
+            "fc1": [(h, i)], "fc2": [(i, h)]}
+
+
+def lora_params(arch: Arch, r: int, targets: Union[str, list[str]]) -> int:
+    """Adapter parameters: r · (in + out) per adapted linear layer (A is [r, in], B is [out, r]).
+
+    targets: "all-linear" (every linear layer of the decoder, not the LM head) or module names.
+    """
+    shapes = lora_shapes(arch)
+    names = list(shapes) if targets == "all-linear" else list(targets)
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        from promptkd.config import ConfigError
+
+        raise ConfigError(f"model.student.lora.target_modules: the planner knows no {', '.join(unknown)} in a "
+                          f"{arch.family} layer (known: {', '.join(shapes)})")
+    return arch.layers * sum(r * (fan_in + fan_out) for n in names for fan_in, fan_out in shapes[n])
+
+
+def with_params(arch: Arch, n: int) -> Arch:
+    """``arch`` holding ``n`` parameters (a LoRA student's trainable or total count) for the state formulas."""
+    return replace(arch, n_params=n, layer_params=-(-n // max(1, arch.layers)))

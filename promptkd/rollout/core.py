@@ -23,6 +23,7 @@ import torch
 from promptkd import distributed as dist
 from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
 from promptkd.rollout.stops import StopIds, first_stop, forced_id, is_stop, stop_tensor
+from promptkd.models.lora import has_lora
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model")
     if policy not in GATHER_CHOICES:
         raise ValueError(f"gather policy must be one of {GATHER_CHOICES}, got {policy!r}")
     params = _partitioned(module)
+    if params and has_lora(module):  # ZeRO-3 + LoRA: see promptkd.models.lora.GATHER_NOTE
+        policy = "never"
     use = bool(params) and policy != "never" and (policy == "always" or gather_fits(params))
     if params and what not in _LOGGED:
         _LOGGED.add(what)

@@ -24,6 +24,7 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.config import VLLM_INSTALL, ConfigError, VLLMConfig
+from promptkd.models.lora import has_lora, merged_parameters
 from promptkd.rollout.core import Rollout, SamplingParams, rollout_from_responses
 from promptkd.rollout.stops import stop_tuple
 from promptkd.seeding import derive_seed
@@ -169,7 +170,8 @@ class VLLMRollouts:
         if self.synced == version:
             return
         # one reload with a generator: vLLM consumes the parameters as they are gathered, one at a time
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _parameters(module)})
+        weights = merged_parameters(module) if has_lora(module) else _parameters(module)  # LoRA: W + scale·B·A
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.synced = version
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, eos_id: int,

@@ -22,6 +22,7 @@ from promptkd.config.versions import check_installed
 from promptkd.data import (DataError, Example, Template, TokenizedExample, load_examples, load_tokenizer,
                            split_train_dev, tokenize_examples, train_tokenizer)
 from promptkd.models import DTYPES, PromptedTeacher, build_tiny, check_vocab, load_pretrained, missing_local_dir
+from promptkd.models.lora import apply_lora
 from promptkd.optim import adamw, cpu_adam_loadable, lr_factor, offload_optimizer_choice
 from promptkd.seeding import derive_seed
 
@@ -231,7 +232,8 @@ def build_student_module(cfg: Config, tokenizer: Any, ds_config: dict) -> torch.
         _check_covers_tokenizer(model, tokenizer, "model.student.path")
     if s.gradient_checkpointing:
         enable_checkpointing(model)
-    return model
+    # LoRA: freeze the base, add the adapters (before the optimizer sees the parameters)
+    return apply_lora(model, s.lora, derive_seed(cfg.seed, "model_init", index=2))
 
 
 def student_dtype(cfg: Config) -> torch.dtype:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from promptkd import distributed as dist
+from promptkd.models import lora
 from promptkd.training import faults
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def export_student(engine: Any, tokenizer: Any, out_dir: str, extra: Optional[Ca
     if dist.is_main():
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        state = lora.export_state(module, state, tmp)  # LoRA: merged weights; the adapter goes to tmp/adapter
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
