@@ -34,7 +34,6 @@ printed the clean line and no traceback, and reads the child's real exit code
 from __future__ import annotations
 
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import pytest
 import yaml
 
 from promptkd.config import MOVED
-from tests.fixtures.cli import cli_env, last_line, tail
+from tests.fixtures.cli import cli_env, last_line, main_in_process, tail
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
@@ -274,29 +273,12 @@ def _argv(p: Paths, case: Case) -> list[str]:
 @pytest.fixture
 def in_process(monkeypatch, capsys):
     """``run(p, case)``: the launcher's ``main`` in this process -> rc, stderr, the output dir before and after."""
-    import launcher.main as launcher
-    from promptkd import distributed as dist
-
-    def shutdown(code: int) -> None:  # the real one os._exits: the exit code must still come out of main
-        raise SystemExit(code)
-
-    monkeypatch.setattr(dist, "init", lambda timeout_s=0: None)
-    monkeypatch.setattr(dist, "shutdown", shutdown)
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers))
-
     def run(p: Paths, case: Case) -> SimpleNamespace:
         before = _snapshot(case.out_dir)
-        capsys.readouterr()
-        try:
-            rc = launcher.main(_argv(p, case))
-        except SystemExit as exc:
-            rc = exc.code
-        return SimpleNamespace(rc=rc, stderr=capsys.readouterr().err, before=before, after=_snapshot(case.out_dir))
+        rc, stderr = main_in_process(_argv(p, case), monkeypatch, capsys)
+        return SimpleNamespace(rc=rc, stderr=stderr, before=before, after=_snapshot(case.out_dir))
 
-    yield run
-    root.handlers[:] = saved[1]  # setup_logging(force=True) pointed the root logger at this test's capture
-    root.setLevel(saved[0])
+    return run
 
 
 def _launch(p: Paths, name: str, case: Case, ranks: int = 1) -> SimpleNamespace:
