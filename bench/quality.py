@@ -277,14 +277,17 @@ def split_files(a: argparse.Namespace, cfg: dict[str, Any], base: str, smoke: bo
 class Plan:
     teacher: Job
     student: Job
-    refs: Job
+    refs: Optional[Job]                              # headline only: teacher and SFT init on dev and test
     runs: dict[tuple[str, int, float], Job]          # (label, seed, lr) -> training job
     evals: dict[tuple[str, int, float], Job]         # headline only: test evaluation of best/ and last
     exposure: Optional[Job]
+    # (label, seed, lr) -> {"best": name, "last": name}: the run's two models in its eval job's results
+    eval_names: dict[tuple[str, int, float], dict[str, str]] = field(default_factory=dict)
 
     def all_jobs(self) -> list[Job]:
-        return [self.teacher, self.student, self.refs, *self.runs.values(), *self.evals.values(),
-                *([self.exposure] if self.exposure else [])]
+        jobs = [self.teacher, self.student, *([self.refs] if self.refs else []), *self.runs.values(),
+                *self.evals.values(), *([self.exposure] if self.exposure else [])]
+        return list({id(j): j for j in jobs}.values())  # --smoke: every run shares one eval job
 
 
 def sft_args(bench: dict, model: dict, steps: int) -> list[str]:
@@ -308,13 +311,14 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
                                    f"output.dir={os.path.join(base, 'student')}"], os.path.join(base, "student"))
     teacher_dir, init = os.path.join(base, "teacher", "export"), os.path.join(base, "student", "best")
     sets = f"eval.sets=[dev={files['dev']},test={files['test']}]"
-    refs = Job("ref", [*shared, "stage=eval", f"eval.models=[teacher={teacher_dir},student={init}]", sets,
-                       f"output.dir={os.path.join(w, 'ref')}"], os.path.join(w, "ref"), after=[teacher, student])
+    dev_only = a.search or a.ablation  # their reports read dev only: no reference evaluation on test
+    refs = None if dev_only else Job("ref", [*shared, "stage=eval", f"eval.models=[teacher={teacher_dir},student={init}]",
+                                         sets, f"output.dir={os.path.join(w, 'ref')}"], os.path.join(w, "ref"),
+                                     after=[teacher, student])
     train = [*shared, "stage=train", f"model.teacher.path={teacher_dir}", f"model.student.path={init}",
              f"train.max_steps={bench['steps']}", f"eval.dev_interval={bench['dev_interval']}",
              f"method.seqkd.cache_dir={os.path.join(w, 'seqkd_cache')}"]
     runs, evals = {}, {}
-    dev_only = a.search or a.ablation
     seeds = [1] if dev_only else a.seeds
     for label in sorted(a.methods, key=COST_ORDER.index):
         lrs = bench["lr_grid"] if a.search else [float(bench["lr"][label.split("-")[0]])]
@@ -330,8 +334,29 @@ def plan_jobs(a: argparse.Namespace, bench: dict, common: list[str], files: dict
                         *shared, "stage=eval", f"eval.models=[best={out}/best,last={out}/export]",
                         f"eval.sets=[test={files['test']}]", f"output.dir={out}/eval_out"],
                         os.path.join(out, "eval_out"), after=[runs[label, seed, lr]])
+    eval_names = {key: {"best": "best", "last": "last"} for key in evals}
+    if a.smoke and evals:
+        evals, eval_names = smoke_evals(w, shared, files, runs, a.workers)
     exposure = None if dev_only else exposure_job(a, bench, shared, files, runs, init, teacher_dir)
-    return Plan(teacher, student, refs, runs, evals, exposure)
+    return Plan(teacher, student, refs, runs, evals, exposure, eval_names)
+
+
+def smoke_evals(w: str, shared: list[str], files: dict[str, str], runs: dict, workers: int) -> tuple[dict, dict]:
+    """--smoke: ``workers`` eval launches, each for the best/ and last export of its share of the runs, instead of
+    one launch per run (a launch is ~10 s of imports on 2 cores, a toy evaluation about one)."""
+    names = {key: {c: f"{job.label}/{c}" for c in ("best", "last")} for key, job in runs.items()}
+    keys = list(runs)
+    evals = {}
+    for i in range(min(workers, len(keys))):
+        share = keys[i::workers]
+        models = ",".join(f"{names[k][c]}={runs[k].out_dir}/{d}" for k in share
+                          for c, d in (("best", "best"), ("last", "export")))
+        out = os.path.join(w, "smoke_eval", str(i))
+        job = Job(f"smoke_eval/{i}", [*shared, "stage=eval", f"eval.models=[{models}]",
+                                      f"eval.sets=[test={files['test']}]", f"output.dir={out}"], out,
+                  after=[runs[k] for k in share])
+        evals.update({k: job for k in share})
+    return evals, names
 
 
 def run_dir(work_dir: str, label: str, seed: int, lr: float) -> str:

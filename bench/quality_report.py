@@ -41,13 +41,17 @@ def read_metrics(run_dir: str, keys: tuple[str, ...]) -> dict[str, list[tuple[in
     return out
 
 
-def run_scores(run_dir: str) -> dict[str, Any]:
-    """Every view's test score (+ per category) of one run, its best-dev step and its curves."""
+def run_scores(run_dir: str, eval_dir: str, names: dict[str, str]) -> dict[str, Any]:
+    """Every view's test score (+ per category) of one run, its best-dev step and its curves.
+
+    ``eval_dir``: the eval job's output dir; ``names``: the run's best/ and last export there ({"best": ..,
+    "last": ..}).
+    """
     out: dict[str, Any] = {}
     for decoding in ("sampled", "greedy"):
-        models = read_view(os.path.join(run_dir, "eval_out"), decoding)
+        models = read_view(eval_dir, decoding)
         for ckpt in ("best", "last"):
-            test = models[ckpt]["test"]
+            test = models[names[ckpt]]["test"]
             out[f"{decoding}/{ckpt}"] = {"rougeL": test["rougeL"], "by_category": test.get("by_category", {})}
     out["best_step"] = _json(os.path.join(run_dir, "best", "best.json"))["step"]
     out["curves"] = read_metrics(run_dir, ("dev/rougeL", "prompt/guidance_kl", "prompt/reg_kl"))
@@ -92,8 +96,9 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 def headline_report(plan: Any, bench: dict, meta: dict, results_dir: str) -> dict[str, Any]:
     ref = {d: read_view(plan.refs.out_dir, d) for d in ("sampled", "greedy")}
     scores: dict[str, dict[int, dict]] = {}
-    for (label, seed, _lr), job in plan.runs.items():
-        scores.setdefault(label, {})[seed] = run_scores(job.out_dir)
+    for key, job in plan.runs.items():
+        label, seed, _lr = key
+        scores.setdefault(label, {})[seed] = run_scores(job.out_dir, plan.evals[key].out_dir, plan.eval_names[key])
     families = sorted(ref["sampled"]["teacher"]["test"].get("by_category", {}))
     table = {label: {f"{d}/{c}": mean_std([r[f"{d}/{c}"]["rougeL"] for r in by.values()]) for d, c in VIEWS}
              for label, by in scores.items()}

@@ -5,13 +5,50 @@
 # torch (e.g. a GPU build you installed yourself), it is left alone.
 #
 #   bash scripts/install.sh           # .venv: the project and its tests
+#   bash scripts/install.sh --tests   # the same, plus what the test suite needs outside Python: SLURM (slurmctld,
+#                                     # slurmd, slurm-client, munge) for tests/integration/test_slurm.py, from apt
+#                                     # when missing and this is root with apt-get; elsewhere a warning, and those
+#                                     # 3 tests skip with the reason. The README's test command uses it.
 #   bash scripts/install.sh --vllm    # .venv-vllm: the same plus vLLM's CPU build (rollout.engine=vllm on CPU,
 #                                     # tests/engine_vllm); vLLM pins its own transformers, so it gets a venv of its own.
 #                                     # On a GPU machine, pip install vllm into your own environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM=0
-if [ "${1:-}" = "--vllm" ]; then VLLM=1; fi
+TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --vllm) VLLM=1 ;;
+    --tests) TESTS=1 ;;
+    *) echo "error: unknown argument $arg (known: --vllm, --tests)" >&2; exit 2 ;;
+  esac
+done
+
+# SLURM's clients and daemons, as tests/integration/test_slurm.py looks for them (daemons live in /usr/sbin)
+SLURM_BINARIES=(sinfo sbatch scontrol scancel squeue slurmctld slurmd munged)
+SLURM_PACKAGES=(slurmctld slurmd slurm-client munge)
+
+install_slurm() {
+  local missing=() b
+  for b in "${SLURM_BINARIES[@]}"; do
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$b" >/dev/null 2>&1 || missing+=("$b")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "warning: SLURM is missing (${missing[*]}) and this is not root with apt-get: the 3 tests of" \
+         "tests/integration/test_slurm.py will skip. To run them: apt-get install -y --no-install-recommends" \
+         "${SLURM_PACKAGES[*]} (as root)" >&2
+    return 0
+  fi
+  echo "installing SLURM for tests/integration/test_slurm.py: ${SLURM_PACKAGES[*]}"
+  if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${SLURM_PACKAGES[@]}" >/dev/null); then
+    echo "warning: could not install SLURM; tests/integration/test_slurm.py will skip (or fail under" \
+         "PROMPTKD_SLURM_TESTS=1)" >&2
+  fi
+}
+
+if [ "$TESTS" = 1 ]; then install_slurm; fi
 if [ "$VLLM" = 1 ]; then VENV="${VENV:-.venv-vllm}"; else VENV="${VENV:-.venv}"; fi
 PY="${PYTHON:-python3}"
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)

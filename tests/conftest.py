@@ -31,10 +31,6 @@ SLOW_UNIT = (
     "tests/unit/test_bench_smoke.py::test_quality_bench_smoke_on_a_dolly_dir_runs_every_method",  # ~9 min
     "tests/unit/test_bench_smoke.py::test_quality_lr_search_picks_on_dev_and_writes_the_config",  # ~2 min
     "tests/unit/test_config.py::test_config_package_imports_only_stdlib_and_yaml",
-    "tests/unit/test_config.py::test_launcher_unknown_key_exits_2",
-    "tests/unit/test_config.py::test_launcher_bad_type_exits_2",
-    "tests/unit/test_config.py::test_launcher_help_lists_keys",
-    "tests/unit/test_config.py::test_launcher_old_method_key_exits_2_with_the_new_key",
     "tests/unit/test_eval_stage.py::test_compare_cli_entry_point",
 )
 

@@ -587,6 +587,23 @@ def scenario_pinned_numerics() -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the device-discipline checks (issue 19)
+# They live in their own files (each still runs alone: torchrun ... device_ranks.py / gather_scenarios.py) and run
+# here, in the same launch as everything else: a launch costs ~10 s of imports and init.
+
+def scenario_export_gathers() -> dict:
+    from tests.distributed import device_ranks
+
+    return device_ranks.export_zero3(OUT)
+
+
+def scenario_gather() -> dict:
+    """Needs gather_scenarios.count_gathers() before the process group exists: main() installs it."""
+    from tests.distributed import gather_scenarios
+
+    return gather_scenarios.scenario_gather()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
@@ -598,10 +615,14 @@ def main() -> None:
     parser.add_argument("--skip", default="")
     args = parser.parse_args()
     OUT = args.out
+    names = [n for n in SCENARIOS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
+    if "gather" in names:  # wraps torch.distributed's all-gathers: only a launch that counts them pays for it
+        from tests.distributed import gather_scenarios
+
+        gather_scenarios.count_gathers()
     dist.init(timeout_s=60)
     SHARED = broadcast_object(tempfile.mkdtemp(prefix="pkd_shared_") if dist.is_main() else None)
     prepare_shared()
-    names = [n for n in SCENARIOS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
     for name in names:
         try:
             result = {"ok": True, **SCENARIOS[name]()}
@@ -614,4 +635,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run as the importable module: device_ranks and gather_scenarios import it by name, and must see the same
+    # OUT and SHARED (a script's globals live in __main__, a second copy of this file)
+    from tests.distributed import scenarios
+
+    scenarios.main()

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.ranks import run_two_ranks
-
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return run_two_ranks("device_ranks.py", tmp_path_factory.mktemp("device_ranks"), "export", timeout_s=300)
+def ranks(scenario_results):
+    return scenario_results("export_gathers")  # the session's one 2-rank launch (tests/distributed/conftest.py)
 
 
 def test_zero3_export_equals_the_consolidated_weights(ranks):

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.ranks import run_two_ranks
-
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return run_two_ranks("gather_scenarios.py", tmp_path_factory.mktemp("gather"), "gather", timeout_s=600)
+def ranks(scenario_results):
+    return scenario_results("gather")  # the session's one 2-rank launch (tests/distributed/conftest.py)
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sampled"])

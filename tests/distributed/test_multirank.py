@@ -1,44 +1,19 @@
 """2-rank gloo scenarios (tiny models, ZeRO-3 persistence knobs at 0), one launch for all."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.fixtures.pins import SCENARIO, hardware, load_pins, result_of
+from tests.fixtures.ranks import launch_scenarios
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "tests", "distributed", "scenarios.py")
-
-
-def launch(tmp_path_factory, nproc: int = 2, only: str = "", skip: str = ""):
-    out = tmp_path_factory.mktemp(f"multirank{nproc}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    cmd = ["timeout", "600", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--standalone", SCRIPT, "--out", str(out)] + (["--only", only] if only else []) \
-        + (["--skip", skip] if skip else [])
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-    def load(name: str) -> list[dict]:
-        ranks = []
-        for r in range(nproc):
-            with open(os.path.join(out, f"{name}.rank{r}.json")) as fh:
-                data = json.load(fh)
-            assert data["ok"], data.get("trace")
-            ranks.append(data)
-        return ranks
-
-    return load
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return launch(tmp_path_factory, skip=SCENARIO)
+def results(scenario_results):
+    """Every scenario but the pinned one, in the session's one launch (tests/distributed/conftest.py)."""
+    return scenario_results
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +21,7 @@ def pinned(tmp_path_factory):
     """The pinned scenario in a launch of its own, as scripts/repin_numerics.py runs it: exact float results
     depend on the process's allocation history (vectorized reductions over differently aligned buffers;
     measured: after the export_zero3 scenario, ZeRO-2's loss differed in the 8th digit at step 3)."""
-    return launch(tmp_path_factory, only=SCENARIO)
+    return launch_scenarios(tmp_path_factory.mktemp("pinned"), only=SCENARIO)
 
 
 @pytest.mark.parametrize("name", ["promptkd_zero2", "promptkd_zero3"])
@@ -215,7 +190,8 @@ def test_promptkd_ablations_run_from_config(results):
 @pytest.fixture(scope="module")
 def results3(tmp_path_factory):
     """The same scenarios with 3 ranks (each holding a different number of prompts)."""
-    return launch(tmp_path_factory, nproc=3, only="zero3_student_zero3_teacher,teacher_placement")
+    return launch_scenarios(tmp_path_factory.mktemp("multirank3"), nproc=3,
+                            only="zero3_student_zero3_teacher,teacher_placement")
 
 
 def test_zero3_teacher_matches_replicated(results):

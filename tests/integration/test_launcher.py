@@ -1,8 +1,8 @@
 """The real CLI through the real launcher (DESIGN.md §2 outputs, §4 launch facts).
 
 One 2-rank ``deepspeed`` launch of a tiny PromptKD run (module-scoped) feeds
-most assertions; the single-process SFT run, the bad-input runs and the
-``stage=eval`` run are separate, cheap subprocesses.
+most assertions; the single-process SFT run and the ``stage=eval`` run are
+separate, cheap subprocesses; the bad inputs run in process (``main_in_process``).
 
 On this CPU-only machine DeepSpeed's CPU accelerator counts NUMA nodes (1 here)
 as devices, so ``--num_gpus 2`` is what makes the launcher start 2 local ranks
@@ -23,7 +23,7 @@ import yaml
 
 from promptkd.config import load_config
 from promptkd.data import make_synthetic_splits
-from tests.fixtures.cli import cli_env, tail
+from tests.fixtures.cli import cli_env, main_in_process, tail
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
@@ -345,33 +345,19 @@ def _bad_inputs(workdir: Path, data: dict[str, str]) -> dict[str, tuple[list[str
     }
 
 
-@pytest.fixture(scope="module")
-def bad_runs(workdir, config_yaml, data) -> dict[str, tuple[SimpleNamespace, list[str]]]:
-    """All bad-input CLIs started at once (each dies before training): one wait for all."""
-    cases = _bad_inputs(workdir, data)
-    procs = {}
-    for name, (overrides, _) in cases.items():
-        args = ["--config", str(config_yaml), f"output.dir={workdir / 'bad' / name}", *overrides]
-        procs[name] = subprocess.Popen(["timeout", str(CLI_TIMEOUT_S), sys.executable, str(MAIN), *args],
-                                       cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate()
-        out[name] = (SimpleNamespace(rc=proc.returncode, stdout=stdout, stderr=stderr), cases[name][1])
-    return out
-
-
 @pytest.mark.parametrize("case", ["unknown_key", "missing_data", "malformed_line", "ds_train_batch_size",
                                   "ds_zero_stage_7"])
-def test_bad_input_is_a_one_line_error(bad_runs, case):
-    res, needles = bad_runs[case]
-    shown = f"rc={res.rc}\n--- stderr tail\n{tail(res.stderr, 30)}"
-    assert res.rc == 2, shown
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
+def test_bad_input_is_a_one_line_error(workdir, config_yaml, data, case, monkeypatch, capsys):
+    """In process through the launcher's main (tests/integration/test_bad_inputs.py launches the real process)."""
+    overrides, needles = _bad_inputs(workdir, data)[case]
+    rc, stderr = main_in_process(["--config", str(config_yaml), f"output.dir={workdir / 'bad' / case}", *overrides],
+                                 monkeypatch, capsys)
+    shown = f"rc={rc}\n--- stderr tail\n{tail(stderr, 30)}"
+    assert rc == 2, shown
+    lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines, shown
     last = lines[-1]
     assert last.startswith("error:"), shown
     for needle in needles:
         assert needle in last, f"{needle!r} not in {last!r}"
-    assert "Traceback" not in res.stderr, shown
+    assert "Traceback" not in stderr, shown

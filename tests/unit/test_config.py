@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -493,39 +494,44 @@ def test_to_yaml_round_trips(tmp_path):
 
 # ----------------------------------------------------------------------------- launcher CLI
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "launcher/main.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+def _launch(capsys, *args: str) -> SimpleNamespace:
+    """``launcher/main.py ARGS`` in process: these fail (or print help) before any process group exists.
+    tests/integration/test_bad_inputs.py launches the real process once for the exit code and the format."""
+    import launcher.main as launcher
+
+    capsys.readouterr()
+    code = launcher.main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
-def test_launcher_unknown_key_exits_2():
-    proc = _launch("foo.bar=1")
+def test_launcher_unknown_key_exits_2(capsys):
+    proc = _launch(capsys, "foo.bar=1")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "foo" in lines[0] and "unknown config key" in lines[0]
 
 
-def test_launcher_bad_type_exits_2():
-    proc = _launch("train.micro_batch_size=abc")
+def test_launcher_bad_type_exits_2(capsys):
+    proc = _launch(capsys, "train.micro_batch_size=abc")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "train.micro_batch_size" in lines[0]
 
 
-def test_launcher_help_lists_keys():
-    proc = _launch("--help")
+def test_launcher_help_lists_keys(capsys):
+    proc = _launch(capsys, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "model.teacher.prompt_length" in proc.stdout
     assert "train.micro_batch_size" in proc.stdout
     assert "method.gkd.lmbda" in proc.stdout and "method.promptkd.reg_schedule" in proc.stdout
 
 
-def test_launcher_old_method_key_exits_2_with_the_new_key():
+def test_launcher_old_method_key_exits_2_with_the_new_key(capsys):
     old = next(k for k, v in MOVED.items() if v == "method.gkd.lmbda")  # the flat key of earlier versions
-    proc = _launch(f"{old}=0.3")
+    proc = _launch(capsys, f"{old}=0.3")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
