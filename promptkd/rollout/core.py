@@ -22,8 +22,8 @@ import torch
 
 from promptkd import distributed as dist
 from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
-from promptkd.rollout.stops import StopIds, first_stop, forced_id, is_stop, stop_tensor
 from promptkd.models.lora import has_lora
+from promptkd.rollout.stops import StopIds, first_stop, forced_id, is_stop, stop_tensor
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 log = logging.getLogger(__name__)
