@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures.cli import cli_env
-from tests.fixtures.ranks import REPO, run_two_ranks
+from tests.fixtures.ranks import REPO, launch_scenarios
 from tests.fixtures.tiny_run import write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_two_ranks("lora_scenarios.py", tmp_path_factory.mktemp("lora"), "lora", timeout_s=900)
+    return launch_scenarios(tmp_path_factory.mktemp("lora"), timeout_s=900, script="lora_scenarios.py")("lora")
 
 
 def _ok(case: dict) -> dict:
