@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/distributed/lora_scenarios.py --out DIR
 
-Writes ``DIR/lora.rank<r>.json`` (one entry per scenario); tests/distributed/test_lora.py asserts on it.
+Writes ``DIR/lora.rank<r>.json`` (one entry per scenario); tests/distributed/test_lora_ranks.py asserts on it.
 The helpers (tiny config, run builder, per-rank batches) are tests/distributed/scenarios.py's.
 """
 from __future__ import annotations
