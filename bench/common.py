@@ -140,6 +140,23 @@ def interleave(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
     return times
 
 
+def traced_peak(fn: Callable[[], Any]) -> tuple[Any, int, int]:
+    """(fn(), peak live bytes, bytes still live at the end) of torch's CPU allocations during ``fn``.
+
+    From the profiler's allocator trace (profile_memory): every allocation and free in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        value = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return value, peak, live
+
+
 def stats(xs: list[float]) -> dict[str, float]:
     s = sorted(xs)
     q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import RESULTS, emit, quiet, set_threads  # noqa: E402
+from bench.common import RESULTS, emit, quiet, set_threads, traced_peak  # noqa: E402
 from promptkd.losses import core  # noqa: E402
 from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_reverse_kl  # noqa: E402
 
@@ -126,19 +126,9 @@ def measured_call(step: str, x: dict, fused: bool, vocab: int) -> dict[str, Any]
         peak = torch.cuda.max_memory_allocated(device) - base
         retained = torch.cuda.memory_allocated(device) - base
     else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            wall, cpu = time.perf_counter(), time.process_time()
-            value = fn(x, fused, vocab)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
-        retained = live
+        wall, cpu = time.perf_counter(), time.process_time()
+        value, peak, retained = traced_peak(lambda: fn(x, fused, vocab))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     _clear(x)
     return {"peak_bytes": int(peak), "retained_bytes": int(retained), "wall_s": wall, "cpu_s": cpu, "loss": value}
 
@@ -182,7 +172,7 @@ def run_case(step: str, dtype: str, t: int, h: int, v: int, vocab: int, device: 
 
 def _fit(ts: list[int], ys: list[float]) -> tuple[float, float, float]:
     """Least-squares line y = a + b T; and its largest relative residual at the measured points."""
-    n, mt, my = len(ts), sum(ts) / len(ts), sum(ys) / len(ys)
+    mt, my = sum(ts) / len(ts), sum(ys) / len(ys)
     b = sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / max(1e-30, sum((t - mt) ** 2 for t in ts))
     a = my - b * mt
     return a, b, max(abs(a + b * t - y) / y for t, y in zip(ts, ys))

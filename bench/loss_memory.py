@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import emit, interleave, quiet, ratio, set_threads, stats  # noqa: E402
+from bench.common import emit, interleave, quiet, ratio, set_threads, stats, traced_peak  # noqa: E402
 
 MEM_TARGET, TIME_TARGET = 0.25, 1.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,18 +72,9 @@ def fwd_bwd(loss: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch
 
 def profiler_peak(loss: str, inputs, chunk: Optional[int]) -> dict[str, int]:
     """Peak of live torch CPU bytes during one forward+backward (allocator trace)."""
-    from torch.profiler import ProfilerActivity, profile
-
     student, teacher, mask = inputs
     student.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        value = fwd_bwd(loss, student, teacher, mask, chunk)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    value, peak, live = traced_peak(lambda: fwd_bwd(loss, student, teacher, mask, chunk))
     student.grad = None
     return {"peak_bytes": peak, "retained_bytes": live, "loss_value": value}
 

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import tempfile
-import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 
 from promptkd import distributed as dist  # noqa: E402
 from promptkd.config import METHOD_NAMES, load_config, with_overrides  # noqa: E402
+from tests.distributed import scenarios as sc  # noqa: E402
 
 FAMILIES = {"qwen3": "chatml", "qwen2": "chatml", "llama3": "llama3"}
 ZERO3 = "ds_configs/zero3_tiny_test.json"
@@ -163,13 +163,7 @@ def main() -> None:
     jobs = mode_families(root, data) if args.mode == "families" else {"qwen3_promptkd_zero3":
                                                                        lambda: zero3_promptkd(root, data)}
     for name, job in jobs.items():
-        try:
-            result = {"ok": True, **job()}
-        except Exception as exc:  # recorded; the test reports it
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        with open(os.path.join(args.out, f"{name}.rank{dist.rank()}.json"), "w") as fh:
-            json.dump(result, fh, default=str)
-        dist.barrier()
+        sc.record(args.out, name, sc.guarded(job))
     dist.shutdown(0)
 
 

@@ -1,25 +1,19 @@
-"""2-rank ZeRO-3 checks of the device-discipline work (issue 19), in one launch.
-
-    torchrun --nproc_per_node 2 tests/distributed/device_ranks.py --out DIR
+"""2-rank ZeRO-3 checks of the device-discipline work (issue 19), run as the scenario ``export_gathers`` of
+tests/distributed/scenarios.py (one launch for the session).
 
 The export of a ZeRO-3 student, gathered one module at a time, equals the weights consolidated from a
 checkpoint of the same engine (deepspeed's zero_to_fp32), and the most parameter elements gathered at
-once are one module's. Writes DIR/export.rank<r>.json; tests/distributed/test_device_ranks.py asserts.
+once are one module's; tests/distributed/test_device_ranks.py asserts on the result.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import sys
-import tempfile
-import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
 
 from promptkd import distributed as dist  # noqa: E402
 from tests.distributed import scenarios as sc  # noqa: E402
@@ -80,24 +74,3 @@ def export_zero3(out: str) -> dict:
         result["max_err"] = max(float((exported[k].float() - consolidated[k].float()).abs().max()) for k in exported)
         result["n_tensors"] = len(exported)
     return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    dist.init(timeout_s=60)
-    sc.SHARED = sc.broadcast_object(tempfile.mkdtemp(prefix="pkd_dev_") if dist.is_main() else None)
-    sc.prepare_shared()
-    try:
-        result = {"ok": True, **export_zero3(args.out)}
-    except Exception as exc:  # recorded, the test reports it
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-    with open(os.path.join(args.out, f"export.rank{dist.rank()}.json"), "w") as fh:
-        json.dump(result, fh)
-    dist.shutdown(0)
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main()

@@ -1,24 +1,18 @@
 """2-rank ZeRO-3 checks of gathering the student once per decode loop (issue 19, item 3).
 
-    torchrun --nproc_per_node 2 tests/distributed/gather_scenarios.py --out DIR
-
-Writes ``DIR/gather.rank<r>.json``; tests/distributed/test_gather.py asserts on it. The parameter
+Run as the scenario ``gather`` of tests/distributed/scenarios.py (one launch for the session); test_gather.py
+asserts on its ``gather.rank<r>.json``. The parameter
 all-gathers are counted by wrapping torch.distributed's all-gather functions before the process
 group exists (DeepSpeed's comm backend keeps references to them).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
-import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
 GATHERS = {"n": 0}
@@ -82,28 +76,3 @@ def scenario_gather() -> dict:
     result = m.step(sc.rank_batches(splits, 3, cfg), 3)
     out["loss_after"] = result.metrics["loss/rkl"]
     return out
-
-
-def main() -> None:
-    from promptkd import distributed as dist
-    from tests.distributed import scenarios as sc
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    count_gathers()
-    dist.init(timeout_s=60)
-    sc.SHARED = sc.broadcast_object(tempfile.mkdtemp(prefix="pkd_gather_") if dist.is_main() else None)
-    sc.prepare_shared()
-    try:
-        result = {"ok": True, **scenario_gather()}
-    except Exception as exc:  # recorded, the test reports it
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-    with open(os.path.join(args.out, f"gather.rank{dist.rank()}.json"), "w") as fh:
-        json.dump(result, fh, default=str)
-    dist.barrier()
-    dist.shutdown(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,11 +8,9 @@ The helpers (tiny config, run builder, per-rank batches) are tests/distributed/s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -107,18 +105,11 @@ def method_run(method: str, ds_json: str) -> dict:
 
 def scenario_methods_zero3() -> dict:
     """Every other method trains its adapters at ZeRO-3 and leaves the base alone."""
-    return {name: _guard(method_run, name, sc.ZERO3) for name in METHODS}
+    return {name: sc.guarded(method_run, name, sc.ZERO3) for name in METHODS}
 
 
 def scenario_promptkd_zero0_to_2() -> dict:
-    return {ds: _guard(method_run, "promptkd", f"ds_configs/{ds}.json") for ds in ("zero0", "zero1", "zero2")}
-
-
-def _guard(fn, *args) -> dict:
-    try:
-        return {"ok": True, **fn(*args)}
-    except Exception as exc:  # recorded per case, the test reports it
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    return {ds: sc.guarded(method_run, "promptkd", f"ds_configs/{ds}.json") for ds in ("zero0", "zero1", "zero2")}
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
@@ -133,11 +124,9 @@ def main() -> None:
     sc.prepare_shared()
     result: dict = {"ok": True}
     for name, fn in SCENARIOS.items():
-        result[name] = _guard(fn)
+        result[name] = sc.guarded(fn)
         dist.barrier()
-    with open(os.path.join(args.out, f"lora.rank{dist.rank()}.json"), "w") as fh:
-        json.dump(result, fh, default=str)
-    dist.barrier()
+    sc.record(args.out, "lora", result)
     dist.shutdown(0)
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import traceback
+from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -588,8 +589,8 @@ def scenario_pinned_numerics() -> dict:
 
 
 # ----------------------------------------------------------------------------- the device-discipline checks (issue 19)
-# They live in their own files (each still runs alone: torchrun ... device_ranks.py / gather_scenarios.py) and run
-# here, in the same launch as everything else: a launch costs ~10 s of imports and init.
+# They live in their own files and run here, in the same launch as everything else: a launch costs ~10 s of
+# imports and init.
 
 def scenario_export_gathers() -> dict:
     from tests.distributed import device_ranks
@@ -605,6 +606,21 @@ def scenario_gather() -> dict:
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+
+def guarded(fn: Callable[..., dict], *args: Any) -> dict:
+    """``{"ok": True, **fn(*args)}``, or the failure with its traceback (recorded: the test reports it)."""
+    try:
+        return {"ok": True, **fn(*args)}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+
+
+def record(out: str, name: str, result: dict) -> None:
+    """This rank's ``<out>/<name>.rank<r>.json``, then a barrier (every rank is done with ``name``)."""
+    with open(os.path.join(out, f"{name}.rank{dist.rank()}.json"), "w") as fh:
+        json.dump(result, fh, default=str)
+    dist.barrier()
 
 
 def main() -> None:
@@ -624,13 +640,7 @@ def main() -> None:
     SHARED = broadcast_object(tempfile.mkdtemp(prefix="pkd_shared_") if dist.is_main() else None)
     prepare_shared()
     for name in names:
-        try:
-            result = {"ok": True, **SCENARIOS[name]()}
-        except Exception as exc:  # recorded, the test reports it
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        with open(os.path.join(OUT, f"{name}.rank{dist.rank()}.json"), "w") as fh:
-            json.dump(result, fh, default=str)
-        dist.barrier()
+        record(OUT, name, guarded(SCENARIOS[name]))
     dist.shutdown(0)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures.cli import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "eval_ranks.py"
 WORLDS = (2, 3)
 LAUNCH_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _echo_set(ws: dict, ref_dir: Path) -> str:
@@ -69,7 +64,7 @@ def runs(tmp_path_factory):
         out = root / f"world{world}"
         out.mkdir()
         cmd = ["timeout", str(LAUNCH_TIMEOUT_S), sys.executable, "-m", "torch.distributed.run",
-               "--nproc_per_node", str(world), "--master_port", str(_free_port()), str(SCRIPT),
+               "--nproc_per_node", str(world), "--master_port", str(free_port()), str(SCRIPT),
                "--ws", str(ws_file), "--out", str(out), "--sets", sets]
         procs[world] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)

@@ -7,7 +7,6 @@ These are the README's "Your own chat models" commands at toy size.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +16,13 @@ import pytest
 import yaml
 
 from promptkd.data import load_examples, load_tokenizer, make_synthetic_splits, train_tokenizer
-from tests.fixtures.cli import MAIN, REPO, cli_env, last_line, tail
+from tests.fixtures.cli import MAIN, REPO, cli_env, free_port, last_line, tail
 from tests.fixtures.shipped import save_tiny_chat_model
 
 BIN = Path(sys.executable).parent
 DEEPSPEED = BIN / "deepspeed" if (BIN / "deepspeed").exists() else REPO / ".venv" / "bin" / "deepspeed"
 TIMEOUT_S = 300
 TAIL = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _messages(dolly: str, out: Path) -> str:
@@ -42,7 +35,7 @@ def _messages(dolly: str, out: Path) -> str:
 
 
 def _launch(args: list[str], log: Path, ranks: int = 1) -> SimpleNamespace:
-    cmd = ["timeout", str(TIMEOUT_S), str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+    cmd = ["timeout", str(TIMEOUT_S), str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(MAIN), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True)
     text = proc.stdout + proc.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 
 from promptkd.config import load_config
 from promptkd.data import make_synthetic_splits
-from tests.fixtures.cli import cli_env, main_in_process, tail
+from tests.fixtures.cli import cli_env, free_port, main_in_process, tail
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
@@ -49,12 +48,6 @@ SCALAR_TAGS = (
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_cli(args: list[str], log: Path, timeout: int = CLI_TIMEOUT_S) -> SimpleNamespace:
     """Single-process ``python launcher/main.py ...``; stdout+stderr kept apart and logged."""
@@ -117,7 +110,7 @@ def ds_run(workdir, config_yaml) -> SimpleNamespace:
     overrides = [f"output.dir={run_dir}"]
     log = workdir / "ds_launch.log"
     cmd = ["timeout", str(LAUNCH_TIMEOUT_S), str(DEEPSPEED), "--num_gpus", "2",
-           "--master_port", str(_free_port()), str(MAIN), "--config", str(config_yaml), *overrides]
+           "--master_port", str(free_port()), str(MAIN), "--config", str(config_yaml), *overrides]
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT)
     return SimpleNamespace(rc=proc.returncode, run_dir=run_dir, log=log.read_text(),

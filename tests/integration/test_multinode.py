@@ -3,26 +3,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 from promptkd.data import load_examples, make_synthetic_splits, train_tokenizer
+from tests.fixtures.cli import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_nodes(tmp_path):
     files = make_synthetic_splits(str(tmp_path / "data"), 64, 8, 8, seed=2)
     texts = [e.prompt + " " + e.references[0] for e in load_examples(files["train"])]
     train_tokenizer(texts, 512, str(tmp_path / "tok"))
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "run"
     overrides = ["stage=train", "method.name=promptkd", f"tokenizer.path={tmp_path / 'tok'}", "tokenizer.train=false",
                  "data.synthetic.enabled=false", f"data.train_file={files['train']}", "data.dev_size=4", "eval.dev_interval=1",

@@ -20,7 +20,6 @@ The pipeline configs are not train runs and are launched by the tests named in C
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import yaml
 
 from promptkd.config import load_ds_json, zero_stage
 from promptkd.config.deepspeed import offloads_optimizer
-from tests.fixtures.cli import MAIN, REPO, cli_env, tail
+from tests.fixtures.cli import MAIN, REPO, cli_env, free_port, tail
 from tests.fixtures.shipped import build_workspace, shipped_overrides
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -79,18 +78,12 @@ def _two_rank_configs() -> set[str]:
 TWO_RANKS = _two_rank_configs()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(config: Path, ws: dict, root: Path) -> SimpleNamespace:
     out = root / "runs" / config.stem
     overrides = shipped_overrides(config, ws, out, steps=STEPS) + ["dist_timeout_s=120"]
     world = 2 if config.name in TWO_RANKS else 1
     runner = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port())] if world == 2 else [sys.executable])
+               "--master_port", str(free_port())] if world == 2 else [sys.executable])
     cmd = ["timeout", str(LAUNCH_TIMEOUT_S), *runner, str(MAIN), "--config", str(config), *overrides]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True)

@@ -20,6 +20,7 @@ from promptkd.config import Config, ConfigError, DistiLLMConfig, DivergenceConfi
 from promptkd.config.divergences import DIVERGENCE_NAMES, DIVERGENCES, SKEW_DIVERGENCES
 from promptkd.losses import forward_kl, reverse_kl
 from promptkd.losses.core import DIVERGENCE_FNS
+from tests.fixtures.scan import literal_names, scan_library
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "promptkd"
@@ -143,21 +144,8 @@ def test_config_choices_come_from_the_table():
 
 
 def _divergence_lists(tree: ast.AST, allowed: set[int] = frozenset()) -> list[tuple[int, list[str]]]:
-    """(line, names) of every list/tuple/set literal, and dict literal's keys, naming two or more divergences."""
-    out = []
-    for node in ast.walk(tree):
-        if id(node) in allowed:
-            continue
-        if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
-            items = node.elts
-        elif isinstance(node, ast.Dict):
-            items = [k for k in node.keys if k is not None]
-        else:
-            continue
-        names = [e.value for e in items if isinstance(e, ast.Constant) and e.value in DIVERGENCES]
-        if len(names) >= 2:
-            out.append((node.lineno, names))
-    return out
+    """(line, names) of every literal collection naming two or more divergences (but the ``allowed`` nodes)."""
+    return literal_names(tree, DIVERGENCES, allowed)
 
 
 def _the_function_map(tree: ast.AST) -> set[int]:
@@ -168,14 +156,12 @@ def _the_function_map(tree: ast.AST) -> set[int]:
 
 
 def test_no_other_list_of_divergence_names_in_the_library():
-    found = []
-    for path in sorted(PKG.rglob("*.py")):
-        if path == TABLE_FILE:
-            continue
-        tree = ast.parse(path.read_text())
+    def find(path: Path, tree: ast.AST) -> list[tuple[int, list[str]]]:
         allowed = _the_function_map(tree) if path == FNS_FILE else set()
         assert path != FNS_FILE or len(allowed) == 1
-        found += [f"{path.relative_to(ROOT)}:{line}: {names}" for line, names in _divergence_lists(tree, allowed)]
+        return _divergence_lists(tree, allowed)
+
+    found = scan_library(find, exclude=[TABLE_FILE])
     assert not found, "divergence names listed outside promptkd/config/divergences.py:\n" + "\n".join(found)
 
 

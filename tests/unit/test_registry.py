@@ -11,6 +11,7 @@ import pytest
 
 from promptkd.config import METHOD_NAMES, REGISTRY, Config, MethodConfig, with_overrides
 from promptkd.methods import METHODS
+from tests.fixtures.scan import literal_names, scan_library
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "promptkd"
@@ -18,24 +19,12 @@ REGISTRY_FILE = PKG / "config" / "registry.py"
 
 
 def _name_collections(tree: ast.AST) -> list[tuple[int, list[str]]]:
-    """(line, names) of every list/tuple/set literal, and dict literal's keys, holding two or more method names."""
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
-            items = node.elts
-        elif isinstance(node, ast.Dict):
-            items = [k for k in node.keys if k is not None]
-        else:
-            continue
-        names = [e.value for e in items if isinstance(e, ast.Constant) and e.value in REGISTRY]
-        if len(names) >= 2:
-            out.append((node.lineno, names))
-    return out
+    """(line, names) of every literal collection holding two or more method names."""
+    return literal_names(tree, REGISTRY)
 
 
 def test_no_list_of_method_names_outside_the_registry():
-    found = [f"{p.relative_to(ROOT)}:{line}: {names}" for p in sorted(PKG.rglob("*.py")) if p != REGISTRY_FILE
-             for line, names in _name_collections(ast.parse(p.read_text()))]
+    found = scan_library(lambda path, tree: _name_collections(tree), exclude=[REGISTRY_FILE])
     assert not found, "method names listed outside promptkd/config/registry.py:\n" + "\n".join(found)
 
 

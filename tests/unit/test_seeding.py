@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from promptkd.seeding import COORDINATES, PURPOSES, derive_seed
+from tests.fixtures.scan import scan_library
 
 PKG = Path(__file__).resolve().parents[2] / "promptkd"
 SEEDING_FILE = PKG / "seeding.py"
@@ -98,8 +99,7 @@ def _seed_arithmetic(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_every_seed_in_the_library_comes_from_the_rule():
-    found = [f"{p.relative_to(PKG)}:{line}: {what}" for p in sorted(PKG.rglob("*.py")) if p != SEEDING_FILE
-             for line, what in _seed_arithmetic(ast.parse(p.read_text()))]
+    found = scan_library(lambda path, tree: _seed_arithmetic(tree), exclude=[SEEDING_FILE])
     assert not found, "seeds derived outside promptkd/seeding.py:\n" + "\n".join(found)
 
 
