@@ -267,6 +267,10 @@ def test_teacher_tokenizer_must_render_chat_prompts_like_the_student(tmp_path, t
     with pytest.raises(ConfigError, match="model.teacher.path: the tokenizer in .* differs from the student's"):
         check_teacher_tokenizer(str(toks["root"] / "llama3"), _data(), toks["chatml"], examples)
     check_teacher_tokenizer("", _data(), toks["chatml"], examples)           # tiny teacher: nothing to compare
+    bare = tmp_path / "bare"  # a model dir without tokenizer files (transformers 5 would build an empty tokenizer)
+    bare.mkdir()
+    (bare / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 500}')
+    check_teacher_tokenizer(str(bare), _data(), toks["chatml"], examples)
 
 
 # ----------------------------------------------------------------------------- soft prompt after BOS
