@@ -67,6 +67,27 @@ def _parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, param.detach()
 
 
+def retie_lm_head(worker: Any) -> int:
+    """Re-process a tied LM head after a weight reload (run inside vLLM's worker, via ``collective_rpc``).
+
+    A tied model's weights hold no ``lm_head.weight`` (the loader skips it: the head is the embedding), so a
+    layerwise reload leaves the head's layer "not loaded" and puts back its kernel tensors from the last
+    processing. On CPU those include a packed copy of the weight for the GEMM: the head kept computing logits
+    from the placeholder weights while the embedding held the student's (Qwen3 0.6B-4B and Llama-3.2 tie).
+    Processing the head again repacks it from the shared, reloaded weight; where processing keeps no copy
+    (GPU) it does nothing. Returns how many heads were re-processed.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    model = worker.get_model()
+    embeddings = [m.weight for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead) and any(m.weight is w for w in embeddings)]
+    for head in heads:
+        head.quant_method.process_weights_after_loading(head)
+    return len(heads)
+
+
 def placement(world_size: int) -> dict[str, Any]:
     """Where a colocated engine runs: with several ranks, on each rank's own device.
 
@@ -172,6 +193,8 @@ class VLLMRollouts:
         # one reload with a generator: vLLM consumes the parameters as they are gathered, one at a time
         weights = merged_parameters(module) if has_lora(module) else _parameters(module)  # LoRA: W + scale·B·A
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if getattr(module.config, "tie_word_embeddings", False):
+            self.llm.collective_rpc(retie_lm_head)
         self.synced = version
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, eos_id: int,
