@@ -19,8 +19,8 @@ from promptkd.evaluation import Decoder, evaluate_sets, scalars, write_results
 from promptkd.evaluation import exposure
 from promptkd.evaluation.report import main_tables, protocol_table
 from promptkd.metrics import MetricsLogger
-from promptkd.models import (DTYPES, PROMPT_DIR, PROMPT_WEIGHTS, PromptedTeacher, load_pretrained,
-                             load_prompted_teacher, missing_local_dir)
+from promptkd.models import (DTYPES, PROMPT_DIR, PROMPT_WEIGHTS, TeacherSpec, load_pretrained, load_teacher,
+                             missing_local_dir)
 from promptkd.models.prompted_teacher import prompt_files_dir
 from promptkd.rollout import hf_step_fn, teacher_step_fn
 from promptkd.training.builders import build_tokenizer, example_texts, load_raw_splits
@@ -73,7 +73,7 @@ def model_decoder(path: str, tokenizer: Any, dtype: torch.dtype, prompt_dir: str
                            v.gpu_memory_utilization)
             return Decoder(None, tokenizer.pad_token_id, eos_for(tokenizer, data, path), vocab, vllm=llm)
     if prompt_dir:
-        teacher = load_teacher(path, dtype, prompt_dir)
+        teacher = load_teacher(TeacherSpec.learned(path, dtype, prompt_dir))
         return Decoder(teacher_step_fn(teacher, True), tokenizer.pad_token_id, eos_for(tokenizer, data, path), vocab)
     base = load_pretrained(path, dtype, device=dist.device()).eval()
     return Decoder(hf_step_fn(base), tokenizer.pad_token_id, eos_for(tokenizer, data, base), vocab)
@@ -147,13 +147,6 @@ def check_prompt_dir(key: str, path: str) -> None:
     """A learned prompt to load: a run's export (or best/) or a dir holding the prompt's weights."""
     if not os.path.isfile(os.path.join(prompt_files_dir(path), PROMPT_WEIGHTS)):
         raise ConfigError(f"{key}: no {PROMPT_WEIGHTS} in {path} (nor in its {PROMPT_DIR}/)")
-
-
-def load_teacher(path: str, dtype: torch.dtype, prompt_dir: str = "") -> PromptedTeacher:
-    """A trained teacher to evaluate with: frozen, on this rank's device, in eval mode, with the learned prompt in
-    ``prompt_dir`` (none: a zero-length prompt). Evaluation and exposure load teachers here; training builds its
-    own (``build_teacher``: a prompt to train, a placement)."""
-    return load_prompted_teacher(path, dtype, prompt_dir).to(dist.device()).eval()
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:
@@ -276,7 +269,7 @@ def run_exposure(cfg: Config) -> dict[str, Any]:
                         cfg.data.max_length, Template.of(cfg.data))
     examples = sets["prompts"][:cfg.eval.max_examples or None]
     n_pos = ex.max_tokens or cfg.data.max_length - cfg.data.max_prompt_length
-    teacher = load_teacher(teacher_path, DTYPES[cfg.model.teacher.dtype], ex.prompt_path)
+    teacher = load_teacher(TeacherSpec.learned(teacher_path, DTYPES[cfg.model.teacher.dtype], ex.prompt_path))
     loaders = [(path, functools.partial(_exposure_student, path)) for path in students]
     rows = exposure.measure(loaders, teacher, examples, n_pos, ex.samples, len(tokenizer), eos_for(tokenizer, cfg.data),
                             tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)

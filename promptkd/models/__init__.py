@@ -7,8 +7,8 @@ from promptkd.models.prompted_teacher import (
     PROMPT_WEIGHTS,
     PromptedTeacher,
     load_prompt,
-    load_prompted_teacher,
 )
+from promptkd.models.teacher import TeacherSpec, load_teacher
 
 __all__ = [
     "DTYPES",
@@ -16,11 +16,12 @@ __all__ = [
     "PROMPT_META",
     "PROMPT_WEIGHTS",
     "PromptedTeacher",
+    "TeacherSpec",
     "build_tiny",
     "check_vocab",
     "load_pretrained",
     "load_prompt",
-    "load_prompted_teacher",
+    "load_teacher",
     "missing_local_dir",
     "tiny_config",
 ]

@@ -245,3 +245,51 @@ def check_vocab(tokenizer_len: int, teacher_vocab: int, student_vocab: int) -> i
             teacher_vocab, student_vocab, tokenizer_len,
         )
     return tokenizer_len
+
+
+# ----------------------------------------------------------------------------- shared by the teacher and the student
+
+def tiny_from_init(init: Any, tokenizer: Any, seed: int, attn: str = "") -> PreTrainedModel:
+    """A tiny model from its ``TinyInit`` section, the tokenizer's vocab and special ids, seeded.
+
+    Same weights on every rank whatever the RNG state: a replicated teacher is never broadcast.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_tiny(init.arch, init.layers, init.hidden, init.heads, vocab_size=len(tokenizer),
+                          max_positions=init.max_positions, intermediate=init.intermediate,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, kv_heads=init.kv_heads,
+                          vocab_multiple=init.vocab_multiple, attn_implementation=attn)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 name first, the 4.x one otherwise)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def unset_hf_ds_config() -> None:
+    """Drop transformers' global ZeRO-3 flag: a live ``HfDeepSpeedConfig`` would partition later models too."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+
+
+def config_vocab(model: torch.nn.Module) -> int:
+    """The vocab size a model's config says (a DeepSpeed engine: its module's)."""
+    model = getattr(model, "module", model)
+    return int(model.config.vocab_size)
+
+
+def check_covers_tokenizer(model: torch.nn.Module, tokenizer: Any, key: str) -> None:
+    n_model, n_tok = config_vocab(model), len(tokenizer)
+    if n_model < n_tok:
+        raise ConfigError(f"{key}: model vocab size {n_model} is smaller than the tokenizer's {n_tok} tokens; "
+                          "teacher, student and tokenizer must share one vocabulary")

@@ -127,7 +127,7 @@ def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
 def checkpoint_flags_off(modules: list[nn.Module]) -> Iterator[None]:
     """While decoding: the ``training`` flag off on the modules set up for activation checkpointing.
 
-    Checkpointed frozen layers carry ``training=True`` in an eval-mode model (builders.checkpoint_frozen_layers,
+    Checkpointed frozen layers carry ``training=True`` in an eval-mode model (teacher.checkpoint_frozen_layers,
     ``PromptedTeacher.train``). transformers 5.17 drops a layer's KV cache whenever that flag is set, even under
     no_grad, so a decode would fail at its second token. The flags come back afterwards, whatever happens.
     """
@@ -347,15 +347,3 @@ def prompt_position(path_dir: str) -> str:
     with open(meta_path, encoding="utf-8") as handle:
         return json.load(handle).get("position", "start")
 
-
-def load_prompted_teacher(path: str, dtype: torch.dtype, prompt_dir: str = "") -> PromptedTeacher:
-    """An HF model from ``path`` wrapped with the learned prompt in ``prompt_dir`` (none: a zero-length prompt)."""
-    from promptkd.models.loading import load_pretrained
-
-    prompt = load_prompt(prompt_dir) if prompt_dir else None
-    position = prompt_position(prompt_dir) if prompt_dir else "start"
-    teacher = PromptedTeacher(load_pretrained(path, dtype), prompt_length=0 if prompt is None else prompt.shape[0],
-                              init="random", dtype=dtype, position=position)
-    if prompt is not None:
-        teacher.load_prompt_state({"prompt": prompt})
-    return teacher

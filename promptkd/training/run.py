@@ -22,11 +22,11 @@ from promptkd.data import Template, eos_for
 from promptkd.data.chat import check_teacher_tokenizer
 from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
 from promptkd.methods import METHODS, Method, build_method, step_context
-from promptkd.models import PromptedTeacher
+from promptkd.models import PromptedTeacher, TeacherSpec, load_teacher
 from promptkd.rollout import hf_step_fn
 from promptkd.rollout.core import gathered
 from promptkd.seeding import derive_seed
-from promptkd.training.builders import (Splits, build_student_engine, build_teacher, build_tokenizer,
+from promptkd.training.builders import (Splits, build_student_engine, build_tokenizer,
                                         example_texts, load_raw_splits, steps_for, tokenize_splits, vocab_size)
 from promptkd.training.trainer import DevEval, Trainer
 
@@ -82,7 +82,8 @@ def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = N
         raise ConfigError("train.early_stop_patience: needs a dev split (data.dev_file or data.dev_size)")
     total = total_steps or steps_for(cfg, len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum)
     spec, method_cls = REGISTRY[cfg.method.name], METHODS[cfg.method.name]
-    teacher = build_teacher(cfg, tokenizer, method_cls.teacher_prompt_length(cfg)) if spec.uses_teacher else None
+    teacher = (load_teacher(TeacherSpec.for_training(cfg, method_cls.teacher_prompt_length(cfg)), tokenizer)
+               if spec.uses_teacher else None)
     engine, ds_config = build_student_engine(cfg, tokenizer, total)
     vocab = vocab_size(tokenizer, teacher, engine.module)
     ctx = step_context(cfg, spec.section, engine, pad_id=tokenizer.pad_token_id,

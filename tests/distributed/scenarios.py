@@ -435,8 +435,8 @@ def scenario_promptkd_ablations() -> dict:
     """The paper's ablations as config: guidance direction, reg schedule, prompt length and init."""
     import dataclasses
 
-    from promptkd.training.builders import build_teacher
     from promptkd.methods.soft_prompt import SoftPrompt
+    from promptkd.models.teacher import TeacherSpec, load_teacher
 
     base = tiny_cfg(ZERO3, **{"train.grad_accum": 1, "rollout.max_new_tokens": 8})
     m, splits, tok = build_run(base, "promptkd")
@@ -454,7 +454,7 @@ def scenario_promptkd_ablations() -> dict:
         if teacher_change:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, teacher=dataclasses.replace(cfg.model.teacher, **teacher_change)))
-            ctx.teacher = build_teacher(cfg, tok, cfg.model.teacher.prompt_length)
+            ctx.teacher = load_teacher(TeacherSpec.for_training(cfg, cfg.model.teacher.prompt_length), tok)
             m.prompt = SoftPrompt(ctx.teacher, cfg.optim.prompt, 10, cfg.train.grad_clip, "tiny")
         ctx.opts = cfg.method.promptkd
         before = ctx.teacher.prompt.detach().clone()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from promptkd.training.builders import checkpoint_frozen_layers
+from promptkd.models.teacher import checkpoint_frozen_layers
 from promptkd.models import PromptedTeacher, build_tiny
 
 

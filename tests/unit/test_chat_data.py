@@ -277,7 +277,7 @@ def test_teacher_tokenizer_must_render_chat_prompts_like_the_student(tmp_path, t
 
 def test_prompt_after_bos_reads_bos_then_prompt_then_the_rest_with_left_padding(tmp_path):
     from promptkd.models import PromptedTeacher, build_tiny
-    from promptkd.models.prompted_teacher import load_prompted_teacher
+    from promptkd.models.teacher import TeacherSpec, load_teacher
 
     torch.manual_seed(0)
     base = build_tiny("llama3", 2, 32, 4, vocab_size=50, bos_token_id=1)
@@ -301,7 +301,8 @@ def test_prompt_after_bos_reads_bos_then_prompt_then_the_rest_with_left_padding(
     assert not torch.allclose(start(ids, mask)[0][0, -1], logits[0, -1], atol=1e-4)   # the position matters
     base.save_pretrained(str(tmp_path / "m"))
     teacher.save_prompt(str(tmp_path / "p"), "tiny")
-    assert load_prompted_teacher(str(tmp_path / "m"), torch.float32, str(tmp_path / "p")).position == "after_bos"
+    assert load_teacher(TeacherSpec.learned(str(tmp_path / "m"), torch.float32, str(tmp_path / "p"))).position \
+        == "after_bos"
 
 
 def test_prompt_after_bos_needs_a_bos_token():

@@ -17,7 +17,7 @@ import torch
 from promptkd.models import PromptedTeacher, build_tiny
 from promptkd.models.prompted_teacher import checkpoint_flags_off
 from promptkd.rollout import SamplingParams, generate, mixed_step_fn, teacher_step_fn
-from promptkd.training.builders import checkpoint_frozen_layers
+from promptkd.models.teacher import checkpoint_frozen_layers
 
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 

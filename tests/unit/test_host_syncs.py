@@ -226,6 +226,7 @@ def test_load_pretrained_leaves_zero3_placement_to_deepspeed(monkeypatch, saved_
 def test_builders_load_teacher_and_student_in_their_dtypes_on_the_device(monkeypatch, saved_tiny, tmp_path):
     from promptkd.config import load_config
     from promptkd.data import train_tokenizer
+    from promptkd.models.teacher import TeacherSpec, load_teacher
     from promptkd.training import builders
 
     tok = train_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, 280, str(tmp_path / "tok"))
@@ -233,7 +234,8 @@ def test_builders_load_teacher_and_student_in_their_dtypes_on_the_device(monkeyp
     cfg = load_config(None, ["data.train_file=x", f"model.student.path={saved_tiny}",
                              f"model.teacher.path={saved_tiny}", "model.teacher.dtype=bf16", "train.precision=bf16"])
     student = builders.build_student_module(cfg, tok, {"zero_optimization": {"stage": 0}})
-    teacher = builders._plain_teacher(cfg, tok)
-    assert seen == [{"dtype": torch.bfloat16, "device_map": dist.device()}] * 2
-    for model in (student, teacher):
+    teacher = load_teacher(TeacherSpec.for_training(cfg, 0), tok).base
+    frozen = load_teacher(TeacherSpec.learned(saved_tiny, torch.bfloat16)).base  # evaluation's and exposure's
+    assert seen == [{"dtype": torch.bfloat16, "device_map": dist.device()}] * 3
+    for model in (student, teacher, frozen):
         assert {(p.dtype, p.device) for p in model.parameters()} == {(torch.bfloat16, dist.device())}

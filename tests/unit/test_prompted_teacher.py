@@ -208,7 +208,7 @@ def test_train_mode_switches_the_base_dropout() -> None:
 
 
 def test_checkpointed_layers_stay_flagged_in_eval_mode() -> None:
-    from promptkd.training.builders import checkpoint_frozen_layers
+    from promptkd.models.teacher import checkpoint_frozen_layers
 
     teacher = _teacher("llama", prompt_length=2)
     checkpoint_frozen_layers(teacher.base)
