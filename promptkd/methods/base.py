@@ -27,9 +27,15 @@ KEPT_STUDENT = "student"        # Method.kept_forwards: the student's forward wi
 KEPT_TARGET = "target"          # the student step's target logits, computed in an earlier phase
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
-    """What a method's step needs, and nothing more (not the run config): see ``step_context``."""
+    """What a method's step needs, and nothing more (not the run config): see ``step_context``.
+
+    Frozen: everything in it is built before it (the vLLM engine too), and its owner (``Run``) closes what it
+    started. What changes during a run lives inside the objects it holds (the timer's spans, the generator's
+    state, the engines' weights), never in which objects they are. A variant of a context is
+    ``dataclasses.replace(ctx, ...)``.
+    """
 
     engine: Any                      # DeepSpeed engine of the student
     pad_id: int
@@ -52,13 +58,17 @@ class StepContext:
 
 def step_context(cfg: Config, section: Optional[str], engine: Any, *, pad_id: int, eos_id: int, vocab_size: int,
                  total_steps: int, teacher: Optional[torch.nn.Module] = None, tokenizer: Any = None,
-                 generator: Optional[torch.Generator] = None, sync_rollout: bool = False) -> StepContext:
-    """The context of ``cfg``'s method: its section of ``method.*`` and what every step reads."""
+                 generator: Optional[torch.Generator] = None, sync_rollout: bool = False,
+                 vllm: Any = None) -> StepContext:
+    """The context of ``cfg``'s method: its section of ``method.*`` and what every step reads.
+
+    vllm: the rank's started ``VLLMRollouts`` (rollout.engine=vllm); whoever started it closes it (``Run.close``).
+    """
     return StepContext(engine=engine, pad_id=pad_id, eos_id=eos_id, vocab_size=vocab_size, total_steps=total_steps,
                        sampling=rollout_params(cfg), opts=getattr(cfg.method, section) if section else None,
                        teacher=teacher, tokenizer=tokenizer, generator=generator, seed=cfg.seed,
                        chunk=cfg.method.loss_chunk_size or None, sync_rollout=sync_rollout,
-                       teacher_sharded=cfg.model.teacher.placement == "zero3")
+                       teacher_sharded=cfg.model.teacher.placement == "zero3", vllm=vllm)
 
 
 TOKENS = "tokens"

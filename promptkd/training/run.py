@@ -21,7 +21,7 @@ from promptkd.config import REGISTRY, Config, ConfigError, EvalConfig, to_yaml, 
 from promptkd.data import Template, eos_for
 from promptkd.data.chat import check_teacher_tokenizer
 from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
-from promptkd.methods import METHODS, Method, build_method, step_context
+from promptkd.methods import METHODS, Method, StepContext, build_method, step_context
 from promptkd.models import PromptedTeacher, TeacherSpec, load_teacher
 from promptkd.rollout import hf_step_fn
 from promptkd.rollout.core import gathered
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Run:
-    """A built run: everything a training launch holds."""
+    """A built run: everything a training launch holds. It owns what it started: ``close`` shuts it down."""
 
     cfg: Config
     tokenizer: Any
@@ -47,18 +47,26 @@ class Run:
     ds_config: dict
     teacher: Optional[PromptedTeacher]
     vocab_size: int
-    method: Method
+    rollouts: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (the method reads it as ctx.vllm)
+    method: Optional[Method] = None      # set by build_run, once the context it steps with exists
     trainer: Optional[Trainer] = None    # only when built with train=True
+    closed: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def student_decoder(self) -> Decoder:
         return student_decoder(self.engine, self.tokenizer, self.vocab_size, self.method.ctx.eos_id)
 
     def close(self) -> None:
-        """Shut down what holds resources beyond this run (vLLM engines: the rollouts', the method's own)."""
-        self.method.close()
-        if self.method.ctx.vllm is not None:
-            self.method.ctx.vllm.close()
-            self.method.ctx.vllm = None
+        """Shut down what holds resources beyond this run, once: the method's own vLLM engine, then the rollouts'
+        (which is closed even when the method's closing fails)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.method is not None:
+                self.method.close()
+        finally:
+            if self.rollouts is not None:
+                self.rollouts.close()
 
 
 def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = None,
@@ -86,23 +94,33 @@ def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = N
                if spec.uses_teacher else None)
     engine, ds_config = build_student_engine(cfg, tokenizer, total)
     vocab = vocab_size(tokenizer, teacher, engine.module)
-    ctx = step_context(cfg, spec.section, engine, pad_id=tokenizer.pad_token_id,
-                       eos_id=eos_for(tokenizer, cfg.data, engine.module), vocab_size=vocab, total_steps=total,
-                       teacher=teacher,
-                       tokenizer=tokenizer,
-                       generator=torch.Generator(device=dist.device()).manual_seed(
-                           derive_seed(cfg.seed, "rollout", rank=dist.rank(), base=rollout_seed)),
-                       sync_rollout=zero_stage(ds_config) == 3)
-    if cfg.rollout.engine == "vllm" and spec.samples_student:
-        ctx.vllm = vllm_rollouts(cfg, engine, tokenizer, vocab)
-    method = build_method(cfg, ctx)
-    run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, method)
-    if train:
-        write_config(cfg, run_dir)
-        dev = (dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev, cfg.seed, eos=ctx.eos_id)
-               if splits.dev else None)
-        run.trainer = Trainer(cfg, run_dir, method, splits.train, total, dev_eval=dev, tokenizer=tokenizer)
+    # the vLLM engine exists before the context that steps with it; from here on the run owns it, and a
+    # failure while the rest is built closes it
+    uses_vllm = cfg.rollout.engine == "vllm" and spec.samples_student
+    rollouts = vllm_rollouts(cfg, engine, tokenizer, vocab) if uses_vllm else None
+    run = Run(cfg, tokenizer, splits, sets, info, total, engine, ds_config, teacher, vocab, rollouts=rollouts)
+    try:
+        run.method = build_method(cfg, run_context(cfg, run, spec.section, rollout_seed))
+        if train:
+            write_config(cfg, run_dir)
+            dev = (dev_eval_fn(cfg.eval, engine, tokenizer, vocab, splits.dev, cfg.seed, eos=run.method.ctx.eos_id)
+                   if splits.dev else None)
+            run.trainer = Trainer(cfg, run_dir, run.method, splits.train, total, dev_eval=dev, tokenizer=tokenizer)
+    except BaseException:
+        run.close()
+        raise
     return run
+
+
+def run_context(cfg: Config, run: Run, section: Optional[str], rollout_seed: Optional[int]) -> StepContext:
+    """The step context of ``run``'s method (immutable: everything in it is built before it)."""
+    engine, tokenizer = run.engine, run.tokenizer
+    return step_context(cfg, section, engine, pad_id=tokenizer.pad_token_id,
+                        eos_id=eos_for(tokenizer, cfg.data, engine.module), vocab_size=run.vocab_size,
+                        total_steps=run.total_steps, teacher=run.teacher, tokenizer=tokenizer,
+                        generator=torch.Generator(device=dist.device()).manual_seed(
+                            derive_seed(cfg.seed, "rollout", rank=dist.rank(), base=rollout_seed)),
+                        sync_rollout=zero_stage(run.ds_config) == 3, vllm=run.rollouts)
 
 
 def vllm_rollouts(cfg: Config, engine: Any, tokenizer: Any, vocab: int) -> Any:

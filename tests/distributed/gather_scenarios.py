@@ -33,9 +33,11 @@ def count_gathers() -> None:
 
 def rollouts(m, batches, policy: str, seed: int) -> tuple[list[list[list[int]]], int, int]:
     """Rollout token ids of ``batches`` under gather ``policy``, the all-gathers they cost and the decode steps."""
+    import dataclasses
+
     from promptkd.methods.base import student_rollout
 
-    m.ctx.gather_student = policy
+    m.ctx = dataclasses.replace(m.ctx, gather_student=policy)
     m.ctx.generator.manual_seed(seed)
     before = GATHERS["n"]
     out, steps = [], 0
@@ -47,6 +49,8 @@ def rollouts(m, batches, policy: str, seed: int) -> tuple[list[list[list[int]]],
 
 
 def scenario_gather() -> dict:
+    import dataclasses
+
     from promptkd.rollout import SamplingParams
     from promptkd.training.run import dev_eval_fn
     from promptkd.config import EvalConfig
@@ -59,7 +63,7 @@ def scenario_gather() -> dict:
     hook = None
     for mode, sampling in (("greedy", SamplingParams(max_new_tokens=16, do_sample=False)),
                            ("sampled", m.ctx.sampling)):
-        m.ctx.sampling = sampling
+        m.ctx = dataclasses.replace(m.ctx, sampling=sampling)
         if mode == "sampled":  # likely EOS: rows and ranks stop at different lengths
             hook = sc.eos_bias_hook(m.ctx.engine.module, tok.eos_token_id, bias=3.0)
         for policy in ("never", "always", "auto"):

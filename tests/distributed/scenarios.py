@@ -152,6 +152,7 @@ def scenario_kd_sft_zero3() -> dict:
 def scenario_normalization() -> dict:
     """2 ranks x accumulation 2 == one process over all 8 sequences (SGD lr=1: update == -grad)."""
     import copy
+    import dataclasses
 
     import deepspeed
 
@@ -169,7 +170,7 @@ def scenario_normalization() -> dict:
     ds = build_ds_config(cfg, dist.world_size())
     ds["zero_allow_untested_optimizer"] = True
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=ds)
-    ctx.engine = engine
+    m.ctx = ctx = dataclasses.replace(ctx, engine=engine)
     m.prompt.optimizer = torch.optim.SGD([ctx.teacher.prompt], lr=1.0)
     m.prompt.scheduler = torch.optim.lr_scheduler.LambdaLR(m.prompt.optimizer, lambda _: 1.0)
     ref_prompt = ctx.teacher.prompt.detach().clone()
@@ -329,7 +330,7 @@ def scenario_imitkd_tvd_zero3() -> dict:
 
     m, splits, cfg, imitkd = baseline_run("imitkd")
     # same engine, continued: only the divergence (and chunking) change
-    m.ctx.opts, m.ctx.chunk = dataclasses.replace(m.ctx.opts, divergence="tvd"), 8
+    m.ctx = dataclasses.replace(m.ctx, opts=dataclasses.replace(m.ctx.opts, divergence="tvd"), chunk=8)
     hook = eos_bias_hook(m.ctx.engine.module, m.ctx.eos_id)
     tvd = run_steps(m, splits, cfg, 2, first=2)
     hook.remove()
@@ -454,9 +455,10 @@ def scenario_promptkd_ablations() -> dict:
         if teacher_change:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, teacher=dataclasses.replace(cfg.model.teacher, **teacher_change)))
-            ctx.teacher = load_teacher(TeacherSpec.for_training(cfg, cfg.model.teacher.prompt_length), tok)
+            teacher = load_teacher(TeacherSpec.for_training(cfg, cfg.model.teacher.prompt_length), tok)
+            m.ctx = ctx = dataclasses.replace(ctx, teacher=teacher)
             m.prompt = SoftPrompt(ctx.teacher, cfg.optim.prompt, 10, cfg.train.grad_clip, "tiny")
-        ctx.opts = cfg.method.promptkd
+        m.ctx = ctx = dataclasses.replace(ctx, opts=cfg.method.promptkd)
         before = ctx.teacher.prompt.detach().clone()
         metrics = m.step(rank_batches(splits, i, cfg), 5).metrics
         out[name] = {"metrics": metrics, "prompt_shape": list(ctx.teacher.prompt.shape),

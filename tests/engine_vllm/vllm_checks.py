@@ -7,6 +7,7 @@ kernel for 16), fp32. tests/engine_vllm/test_vllm.py runs it and asserts on the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -61,12 +62,8 @@ def same(a, b) -> bool:
 
 
 def vllm_greedy(ctx, micro_batches):
-    keep = ctx.sampling
-    ctx.sampling = SamplingParams(max_new_tokens=keep.max_new_tokens, do_sample=False)
-    try:
-        return student_rollouts(ctx, micro_batches)
-    finally:
-        ctx.sampling = keep
+    greedy = SamplingParams(max_new_tokens=ctx.sampling.max_new_tokens, do_sample=False)
+    return student_rollouts(dataclasses.replace(ctx, sampling=greedy), micro_batches)
 
 
 def mask_ok(r, eos: int) -> bool:
@@ -140,11 +137,12 @@ def seqkd_through_vllm(out_dir: str) -> dict:
     for engine in ("hf", "vllm"):
         run = tiny_run(os.path.join(out_dir, "seqkd_" + engine), **{"method.name": "seqkd", "rollout.engine": engine})
         m = run.method
-        configured = m.ctx.sampling  # the cache key was made with it
-        m.ctx.sampling = SamplingParams(max_new_tokens=configured.max_new_tokens, do_sample=False)
+        configured = m.ctx  # the cache key was made with its sampling
+        greedy = SamplingParams(max_new_tokens=configured.sampling.max_new_tokens, do_sample=False)
+        m.ctx = dataclasses.replace(configured, sampling=greedy)
         res[engine] = ([ex.response_ids for ex in m.teacher_examples(run.splits.train[:4])], m.cache.dir)
         if engine == "vllm":
-            m.ctx.sampling = configured
+            m.ctx = configured
             again = SeqKD.from_config(run.cfg, m.ctx)  # the same key: from the cache, no engine starts
             again_rows = [ex.response_ids for ex in again.teacher_examples(run.splits.train[:4])]
             print(json.dumps({"seqkd_again": again_rows, "first": res[engine][0],

@@ -264,3 +264,134 @@ def test_every_rank_takes_the_state_dicts_a_collective_one_included(tmp_path, mo
     checkpoint.save(str(tmp_path), 1, _Engine(), {"method": Collective()}, {})
     assert calls == ["state_dict"]
     assert sorted(p.name for p in (tmp_path / "checkpoints" / ".tmp_step_1").iterdir()) == ["rank_1.pt"]
+
+
+# ----------------------------------------------------------------------------- the step context and the vLLM engine
+
+
+def test_the_step_context_is_immutable_and_takes_the_vllm_engine_at_construction(cfg):
+    import dataclasses
+
+    from promptkd.methods import step_context
+
+    engine = object()
+    ctx = step_context(cfg, None, None, pad_id=0, eos_id=1, vocab_size=8, total_steps=3, vllm=engine)
+    assert ctx.vllm is engine
+    for name, value in (("vllm", None), ("teacher", object()), ("sampling", None), ("timer", None)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(ctx, name, value)
+    assert ctx.vllm is engine
+    other = dataclasses.replace(ctx, vllm=None)      # a variant is a new context; the timer is the same object
+    assert other.vllm is None and ctx.vllm is engine and other.timer is ctx.timer
+
+
+class _Rollouts:
+    """Stands in for ``VLLMRollouts``: records its closing."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def close(self) -> None:
+        self.calls.append("vllm.close")
+
+
+class _BuiltTrainer:
+    logger = None
+
+    def __init__(self, calls: list, fail: str, *args, **kwargs):
+        self.calls, self.fail = calls, fail
+        if fail == "trainer":
+            raise _Planted("planted at trainer")
+
+    def run(self):
+        self.calls.append("train")
+        if self.fail == "train":
+            raise _Planted("planted at train")
+
+
+@pytest.fixture
+def built(monkeypatch, cfg):
+    """The real ``build_run`` (and ``Run``) with its heavy parts stood in, under rollout.engine=vllm."""
+    from promptkd.config import with_overrides
+    from promptkd.training import run as R
+    from promptkd.training.builders import Splits
+
+    calls: list = []
+    import dataclasses
+
+    # vLLM is not installed here (config validation would refuse the engine): the stand-in plays it
+    cfg = with_overrides(cfg, {"method.name": "imitkd"})
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="vllm"))
+
+    def go(fail: str = "", method_close_fails: bool = False):
+        def build_method(cfg, ctx):
+            calls.append("method")
+            if fail == "method":
+                raise _Planted("planted at method")
+
+            def close():
+                calls.append("method.close")
+                if method_close_fails:
+                    raise RuntimeError("method closing failed")
+
+            return types.SimpleNamespace(ctx=ctx, close=close)
+
+        tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=1)
+        parts = {"load_raw_splits": lambda cfg: ([], [], []), "example_texts": lambda raw: [],
+                 "build_tokenizer": lambda cfg, run_dir, texts: tok, "check_teacher_tokenizer": lambda *a: None,
+                 "tokenize_splits": lambda cfg, tok, raw: Splits(train=[1], dev=[], test=[]),
+                 "load_teacher": lambda spec, tok: calls.append("teacher") or "teacher",
+                 "build_student_engine": lambda cfg, tok, total: (types.SimpleNamespace(module=None), {}),
+                 "vocab_size": lambda *a: 8, "eos_for": lambda *a: 1, "build_method": build_method,
+                 "vllm_rollouts": lambda *a: calls.append("vllm") or _Rollouts(calls),
+                 "write_config": lambda cfg, run_dir: calls.append("config.yaml"),
+                 "Trainer": lambda *a, **kw: _BuiltTrainer(calls, fail, *a, **kw)}
+        for name, fn in parts.items():
+            monkeypatch.setattr(R, name, fn)
+        return calls
+
+    return cfg, go
+
+
+def test_the_vllm_engine_is_built_before_the_context_and_owned_by_the_run(built):
+    from promptkd.training.run import build_run
+
+    cfg, go = built
+    calls = go()
+    run = build_run(cfg)
+    assert calls == ["teacher", "vllm", "method", "config.yaml"]
+    assert run.method.ctx.vllm is run.rollouts is not None     # the context got it when it was made
+    run.close()
+    run.close()                                                 # closing twice closes once
+    assert calls[-2:] == ["method.close", "vllm.close"] and calls.count("vllm.close") == 1
+
+
+@pytest.mark.parametrize("where", ["method", "trainer"])
+def test_a_failure_after_the_vllm_engine_started_closes_it(built, where):
+    from promptkd.training.run import build_run
+
+    cfg, go = built
+    calls = go(fail=where)
+    with pytest.raises(_Planted):
+        build_run(cfg)
+    assert calls[-1] == "vllm.close" and calls.count("vllm.close") == 1, calls
+
+
+def test_the_vllm_engine_is_closed_when_the_methods_closing_fails(built):
+    from promptkd.training.run import build_run
+
+    cfg, go = built
+    calls = go(method_close_fails=True)
+    run = build_run(cfg)
+    with pytest.raises(RuntimeError, match="method closing failed"):
+        run.close()
+    assert calls[-2:] == ["method.close", "vllm.close"]
+
+
+def test_a_training_failure_closes_the_vllm_engine_through_the_job(built, monkeypatch):
+    cfg, go = built
+    calls = go(fail="train")
+    monkeypatch.setattr(job, "resume_path", lambda c: None)
+    with pytest.raises(_Planted, match="planted at train"):
+        job.train(cfg)                                          # the real build_run and Run, through TrainJob
+    assert calls[-3:] == ["train", "method.close", "vllm.close"], calls
