@@ -47,7 +47,7 @@ class Run:
     ds_config: dict
     teacher: Optional[PromptedTeacher]
     vocab_size: int
-    rollouts: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (the method reads it as ctx.vllm)
+    rollouts: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (ctx.vllm of the method)
     method: Optional[Method] = None      # set by build_run, once the context it steps with exists
     trainer: Optional[Trainer] = None    # only when built with train=True
     closed: bool = dataclasses.field(default=False, init=False, repr=False)
