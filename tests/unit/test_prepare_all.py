@@ -16,41 +16,9 @@ from promptkd.data import paper_sets
 from promptkd.data.paper_sets import PAPER_SETS, find
 from promptkd.data.prepare import main
 from promptkd.evaluation.core import resolve_sets
+from tests.fixtures.minillm_layout import LONG, jsonl as _jsonl, minillm_root, row as _row
 
 RAW = Path(__file__).resolve().parents[1] / "fixtures" / "raw"
-LONG = "This reference answer is long enough to pass an eleven word filter without trouble."
-
-
-def _jsonl(path: Path, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def _row(instruction: str, inp: str, output, **extra) -> dict:
-    """A record of MiniLLM's valid.jsonl: instruction, prompt (their template), input, output."""
-    return {"instruction": instruction, "prompt": f"### Instruction:\n{instruction}<n><n>### Response:<n>",
-            "input": inp, "output": output, **extra}
-
-
-def minillm_root(root: Path, sets=("dolly", "selfinst", "vicuna", "sni", "unni")) -> Path:
-    """Tiny files in MiniLLM's data/ layout (the one gmkim-ai/PromptKD's eval scripts read)."""
-    if "dolly" in sets:
-        _jsonl(root / "dolly" / "valid.jsonl", [_row(f"Test question {i}?", "", f"Test answer {i}.") for i in range(3)])
-        _jsonl(root / "dolly" / "raw.jsonl",
-               [_row(f"Train question {i}?", "ctx" if i == 0 else "", f"Train answer {i}.") for i in range(5)])
-    if "selfinst" in sets:
-        _jsonl(root / "self-inst" / "valid.jsonl", [_row("Rewrite it.", "Some text.", "Some better text."),
-                                                   _row("Name a color.", "", "Blue.")])
-    if "vicuna" in sets:
-        _jsonl(root / "vicuna" / "valid.jsonl", [_row("How can I sleep better?", "", LONG)])
-    if "sni" in sets:
-        _jsonl(root / "sinst" / "11_" / "valid.jsonl", [_row("Write a title.", "A text.", [LONG, LONG + " Again."])])
-    if "unni" in sets:
-        _jsonl(root / "uinst" / "11_" / "valid.jsonl", [_row(f"Task {i}.", f"In {i}", LONG) for i in range(4)])
-    return root
-
-
 def _run(*argv: str) -> int:
     return main(["all", *argv])
 
