@@ -21,8 +21,8 @@ layout as well as the upstream raw layouts of ``promptkd.data.prepare`` (a dir h
 ``all`` looks for each set, in order: ``--<set> PATH`` (a raw file/dir or hub id, as ``--source``), then under
 ``--raw ROOT`` (``ROOT/<MiniLLM dir>``, then ``ROOT/<set name>`` in either layout), then MiniLLM's hub repo
 (``huggingface_hub.snapshot_download``; skipped by ``--no-hub``; ``HF_HUB_OFFLINE=1`` reads only the local cache).
-Every set found is converted in memory first; any bad raw file stops the whole run with one ``file:line`` error
-(exit 2) before anything is written. Each set is then written to a temp dir and renamed into place. The summary
+Every set found is converted in memory first; any bad raw file, or a ``--<set>`` path that does not exist,
+stops the whole run with one ``file:line`` error (exit 2) before anything is written. Each set is then written to a temp dir and renamed into place. The summary
 names every set it could not get and where to put its files. Exit 0 when at least one set is in ``--out``
 (prepared now or by an earlier run), else 2.
 """
