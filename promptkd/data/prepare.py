@@ -1,6 +1,9 @@
 """Convert the paper's five test sets from their public raw layouts into promptkd JSONL.
 
     python -m promptkd.data.prepare <dataset> --source <hub id | raw file | raw dir> --out <root>
+    python -m promptkd.data.prepare all --out <root> [--raw ROOT] [--<dataset> PATH ...] [--no-hub]
+
+(``all``: every set it can find, one summary; see ``promptkd.data.paper_sets``.)
 
 writes ``<root>/<dataset>/{test,dev,train}.jsonl`` (dev/train for dolly only) and
 ``<root>/<dataset>/meta.json`` (source, parameters, counts). ``<root>`` can then be
@@ -16,7 +19,8 @@ Output records (``load_examples`` reads both):
 "tokens" in the length filters are whitespace-separated words (``len(text.split())``),
 independent of any model tokenizer, so the same files serve every model family.
 
-Raw layouts and choices (README "Evaluation data"):
+Raw layouts and choices (README "Test sets"). Every dataset also reads MiniLLM's released layout, the files
+the paper evaluates on: a dir (or file) with ``valid.jsonl`` (``promptkd.data.paper_sets``). The upstream ones:
 - dolly: ``databricks-dolly-15k.jsonl`` (instruction, context, response, category).
   Ids are ``dolly-<0-based line index>``. Split: ``random.Random(seed).shuffle`` of the
   indices (seed 42); the first 500 are test, the next 1000 dev, the rest train; each
@@ -47,7 +51,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -313,6 +319,13 @@ def prepare(dataset: str, source: str, split: str = "", config: Optional[str] = 
             tasks_file: str = "", seed: int = DOLLY_SEED, test_size: int = DOLLY_TEST, dev_size: int = DOLLY_DEV,
             min_words: int = MIN_WORDS, max_per_task: int = SNI_PER_TASK, limit: int = UNNI_LIMIT) -> Prepared:
     """Read ``source`` (hub id, raw file or raw dir) and convert it; see the module docstring."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    from promptkd.data.paper_sets import convert_official, official_dir  # deferred: it imports this module
+
+    minillm_dir = None if _is_hub(source) else official_dir(dataset, source)
+    if minillm_dir:
+        return convert_official(dataset, minillm_dir, dev_size, limit)
     if dataset == "dolly":
         rows = _rows(source, ("databricks-dolly-15k.jsonl",), split or "train", config)
         return convert_dolly(rows, seed, test_size, dev_size)
@@ -335,49 +348,86 @@ def prepare(dataset: str, source: str, split: str = "", config: Optional[str] = 
 
 
 def write_prepared(out_root: str, dataset: str, prepared: Prepared, meta: dict[str, Any]) -> dict[str, str]:
-    """``<out_root>/<dataset>/<split>.jsonl`` + meta.json; returns {split: path}."""
+    """``<out_root>/<dataset>/<split>.jsonl`` + meta.json; returns {split: path}.
+
+    The set is written whole into a temp dir beside it, then renamed into place (an older copy is moved aside
+    first and removed after): a crash leaves the old set or the new one, never a half-written one.
+    """
     from promptkd.data.synthetic import write_jsonl
 
-    out_dir = os.path.join(out_root, dataset)
-    paths = {}
     for split, records in prepared.splits.items():
         if not records:
             raise DataError(f"{dataset}: the {split} split is empty after conversion")
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        write_jsonl(paths[split], records)
-    info = {"dataset": dataset, "format": prepared.fmt, **meta, "stats": prepared.stats,
-            "splits": {s: {"file": os.path.basename(p), "n": len(prepared.splits[s])} for s, p in paths.items()}}
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=2)
-    return paths
+    os.makedirs(out_root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{dataset}.tmp-", dir=out_root)
+    try:
+        for split, records in prepared.splits.items():
+            write_jsonl(os.path.join(tmp, f"{split}.jsonl"), records)
+        info = {"dataset": dataset, "format": prepared.fmt, **meta, "stats": prepared.stats,
+                "splits": {s: {"file": f"{s}.jsonl", "n": len(r)} for s, r in prepared.splits.items()}}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+        _swap_in(tmp, os.path.join(out_root, dataset))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {split: os.path.join(out_root, dataset, f"{split}.jsonl") for split in prepared.splits}
+
+
+def _swap_in(new_dir: str, final: str) -> None:
+    """Rename ``new_dir`` to ``final``; an existing ``final`` is renamed aside first, then removed."""
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        os.rmdir(old)
+        os.rename(final, old)
+    os.rename(new_dir, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m promptkd.data.prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=DATASETS)
-    p.add_argument("--source", required=True, help="hub id (datasets.load_dataset), raw file or raw directory")
-    p.add_argument("--out", required=True, help="root dir: files go to <out>/<dataset>/")
-    p.add_argument("--split", default="", help="hub split (default: test for sni, train otherwise)")
-    p.add_argument("--config", default=None, help="hub config name (e.g. human_eval for yizhongw/self_instruct)")
-    p.add_argument("--references", nargs="*", default=[], help="vicuna: reference answer JSONL files")
-    p.add_argument("--tasks", default="", help="sni: task list (default <source>/splits/default/test_tasks.txt)")
+def add_conversion_args(p: argparse.ArgumentParser) -> None:
+    """The conversion parameters shared by ``<dataset>`` and ``all``."""
     p.add_argument("--seed", type=int, default=DOLLY_SEED, help="dolly: shuffle seed of the split")
     p.add_argument("--test-size", type=int, default=DOLLY_TEST, help="dolly: test examples")
     p.add_argument("--dev-size", type=int, default=DOLLY_DEV, help="dolly: dev examples")
     p.add_argument("--min-words", type=int, default=MIN_WORDS, help="sni/unni: minimum response length in words")
     p.add_argument("--max-per-task", type=int, default=SNI_PER_TASK, help="sni: instances per task (0 = all)")
     p.add_argument("--limit", type=int, default=UNNI_LIMIT, help="unni: keep the first N filtered examples")
+
+
+def conversion_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"seed": args.seed, "test_size": args.test_size, "dev_size": args.dev_size, "min_words": args.min_words,
+            "max_per_task": args.max_per_task, "limit": args.limit}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m promptkd.data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="python -m promptkd.data.prepare all --help: every set at once")
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--source", required=True, help="hub id (datasets.load_dataset), raw file or raw directory "
+                                                   "(upstream layout, or MiniLLM's: a dir with valid.jsonl)")
+    p.add_argument("--out", required=True, help="root dir: files go to <out>/<dataset>/")
+    p.add_argument("--split", default="", help="hub split (default: test for sni, train otherwise)")
+    p.add_argument("--config", default=None, help="hub config name (e.g. human_eval for yizhongw/self_instruct)")
+    p.add_argument("--references", nargs="*", default=[], help="vicuna: reference answer JSONL files")
+    p.add_argument("--tasks", default="", help="sni: task list (default <source>/splits/default/test_tasks.txt)")
+    add_conversion_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = {"seed": args.seed, "test_size": args.test_size, "dev_size": args.dev_size, "min_words": args.min_words,
-              "max_per_task": args.max_per_task, "limit": args.limit}
+    if argv[:1] == ["all"]:
+        from promptkd.data.paper_sets import main as prepare_all
+
+        return prepare_all(argv[1:])
+    args = parse_args(argv)
+    params = conversion_params(args)
     try:
         prepared = prepare(args.dataset, args.source, args.split, args.config, args.references, args.tasks, **params)
         paths = write_prepared(args.out, args.dataset, prepared, {"source": args.source, "params": params})
