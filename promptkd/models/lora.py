@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 GATHER_NOTE = "ZeRO-3 LoRA students gather layer by layer in decode loops"
 ADAPTER = "default"        # PEFT's adapter name; one adapter per student
 ADAPTER_DIR = "adapter"    # export/adapter: the adapter alone, loadable with peft.PeftModel.from_pretrained
+_HAS_LORA = "_promptkd_has_lora"  # has_lora's answer, cached on the module
 
 
 def enabled(lora: Any) -> bool:
@@ -68,6 +70,7 @@ def apply_lora(model: torch.nn.Module, lora: Any, seed: int) -> torch.nn.Module:
         except ValueError as exc:  # no module matches target_modules
             raise ConfigError(f"model.student.lora.target_modules: {exc}") from None
     layers = lora_layers(model)
+    setattr(model, _HAS_LORA, bool(layers))
     unsupported = sorted({type(m).__name__ for _, m in layers if not _is_linear(m)})
     if unsupported:
         raise ConfigError(f"model.student.lora.target_modules: only linear layers can take adapters here "
@@ -95,7 +98,17 @@ def lora_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def has_lora(module: torch.nn.Module) -> bool:
-    return bool(lora_layers(module))
+    """Whether ``module`` holds PEFT LoRA layers. Called per rollout and per weight sync, so it is cheap
+    when LoRA is off: adapters exist only if ``apply_lora`` ran, which imported peft; without peft in
+    ``sys.modules`` there can be none (and peft need not be installed). Otherwise the answer is
+    cached on the module (adapters are injected once, before training)."""
+    if "peft" not in sys.modules:
+        return False
+    cached = getattr(module, _HAS_LORA, None)
+    if cached is None:
+        cached = bool(lora_layers(module))
+        setattr(module, _HAS_LORA, cached)
+    return cached
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,

@@ -71,6 +71,26 @@ def test_lora_off_leaves_the_student_alone():
     assert not L.has_lora(model) and all(p.requires_grad for p in model.parameters())
 
 
+def _no_scan(module):
+    raise AssertionError("has_lora walked the modules")
+
+
+def test_has_lora_without_peft_loaded_never_walks_the_model(monkeypatch):
+    """Rollouts ask per call: with LoRA off, peft need not be installed and nothing is walked."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    monkeypatch.setattr(L, "lora_layers", _no_scan)
+    assert not L.has_lora(_tiny("llama"))
+
+
+def test_has_lora_is_answered_once_per_model(monkeypatch):
+    adapted, plain = _adapted("llama"), _tiny("llama")
+    assert not L.has_lora(plain)  # first answer: walked, cached
+    monkeypatch.setattr(L, "lora_layers", _no_scan)
+    assert L.has_lora(adapted) and not L.has_lora(plain)
+
+
 # ----------------------------------------------------------------------------- training state
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
