@@ -209,6 +209,22 @@ def save_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor], out_di
               metadata={"format": "pt"})
 
 
+def save_adapter_config(module: torch.nn.Module, out_dir: str) -> None:
+    """A checkpoint's ``adapter_config.json`` (nothing without adapters): what ``python -m promptkd.consolidate``
+    needs to rebuild the adapted layers offline and merge them."""
+    if has_lora(module):
+        module.peft_config[ADAPTER].save_pretrained(out_dir)
+
+
+def inject_saved_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+    """Adapters as ``save_adapter_config`` wrote them, injected into ``model`` in place (weights to be loaded)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig.from_pretrained(adapter_dir), model, adapter_name=ADAPTER)
+    setattr(model, _HAS_LORA, bool(lora_layers(model)))
+    return model
+
+
 def export_state(module: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], out_dir: str
                  ) -> Optional[dict[str, torch.Tensor]]:
     """For ``export_student`` (rank 0, ``state`` a CPU state dict of ``module``): the state dict to save as
@@ -231,5 +247,6 @@ def trainable_summary(module: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["ADAPTER_DIR", "apply_lora", "enabled", "export_state", "has_lora", "lora_layers", "merge_state_dict",
-           "merged_parameters", "merged_weight", "save_adapter", "trainable_summary"]
+__all__ = ["ADAPTER_DIR", "apply_lora", "enabled", "export_state", "has_lora", "inject_saved_adapter", "lora_layers",
+           "merge_state_dict", "merged_parameters", "merged_weight", "save_adapter", "save_adapter_config",
+           "trainable_summary"]
