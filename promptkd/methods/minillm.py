@@ -51,7 +51,7 @@ def mixed_rollout(ctx: StepContext, micro_batch: MicroBatch, alpha: float) -> Ro
     step = mixed_step_fn(hf_step_fn(module), teacher_step_fn(ctx.teacher, use_prompt=False), alpha,
                          ctx.vocab_size)
     # ZeRO-3: each partitioned model that decodes is gathered once for the loop, not layer by layer per token
-    with gathered(module, ctx.gather_student, "student rollouts"), \
+    with gathered(module, ctx.gather_student, "student rollouts", engine=ctx.engine), \
             gathered(ctx.teacher, ctx.gather_student if alpha > 0 else "never", "teacher decoding"):
         return generate(step, prompts["input_ids"], prompts["attention_mask"], ctx.sampling,
                         ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,

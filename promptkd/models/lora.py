@@ -24,13 +24,6 @@ from promptkd.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Why a ZeRO-3 LoRA student is not gathered once per decode loop (promptkd.rollout.core.gathered falls back to
-# layer-by-layer gathers): after a gathered rollout, the next eval-mode forward outside it (PromptKD's
-# guidance p_S) fails DeepSpeed 0.19.8's prefetch-trace check inside the adapted layers ("tracing error ...
-# expected the next 1 parameters in the parameter fetch queue to be (...lora_A...) but got
-# (...base_layer.weight...)"), measured on 2 gloo ranks; marking the adapted layers ZeRO-3 leaf modules
-# instead broke their forward. The cost is one all-gather per layer per decoded token under ZeRO-3 only.
-GATHER_NOTE = "ZeRO-3 LoRA students gather layer by layer in decode loops"
 ADAPTER = "default"        # PEFT's adapter name; one adapter per student
 ADAPTER_DIR = "adapter"    # export/adapter: the adapter alone, loadable with peft.PeftModel.from_pretrained
 _HAS_LORA = "_promptkd_has_lora"  # has_lora's answer, cached on the module
