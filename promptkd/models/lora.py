@@ -95,7 +95,7 @@ def has_lora(module: torch.nn.Module) -> bool:
     when LoRA is off: adapters exist only if ``apply_lora`` ran, which imported peft; without peft in
     ``sys.modules`` there can be none (and peft need not be installed). Otherwise the answer is
     cached on the module (adapters are injected once, before training)."""
-    if "peft" not in sys.modules:
+    if "peft" not in sys.modules or not isinstance(module, torch.nn.Module):
         return False
     cached = getattr(module, _HAS_LORA, None)
     if cached is None:
