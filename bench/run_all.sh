@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU step bench once, one after the other (each prints one JSON line and writes
 # bench/results/<name>.json), at the tokenizer's vocabulary and padded to 32000 (--vocab / --model-vocab).
-# ~15 minutes on the 2-core dev machine. Separate: bench/gpu.sh (GPU) and bench/quality.py (~22 min).
+# ~16 minutes on the 2-core dev machine (counts: host syncs, collectives, gathers; load-independent). Separate: bench/gpu.sh (GPU) and bench/quality.py (~22 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -26,5 +26,6 @@ rollout --model-vocab 32000
 loss_memory
 vs_trl
 vs_trl --vocab 32000
+counts --label merged
 LIST
 exit $status

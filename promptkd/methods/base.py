@@ -369,7 +369,7 @@ def student_rollout(ctx: StepContext, micro_batch: MicroBatch) -> Rollout:
     prompts = to_device(collate_prompts(micro_batch, ctx.pad_id))
     # under ZeRO-3 the whole student is gathered once for the loop, not layer by layer per token; the stop
     # flag stays synced across ranks (cheap: one scalar per token), so every rank steps alike either way
-    with gathered(ctx.engine.module, ctx.gather_student, "student rollouts"):
+    with gathered(ctx.engine.module, ctx.gather_student, "student rollouts", engine=ctx.engine):
         return generate(hf_step_fn(ctx.engine.module), prompts["input_ids"], prompts["attention_mask"],
                         ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
                         generator=ctx.generator, sync=ctx.sync_rollout)

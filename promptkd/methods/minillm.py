@@ -37,6 +37,7 @@ from promptkd.methods.base import (Method, MicroBatch, StepContext, StepResult, 
                                    response_start, set_modes, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits, to_device)
 from promptkd.rollout import Rollout, generate, hf_step_fn, mixed_step_fn, teacher_step_fn
+from promptkd.rollout.core import gathered
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,12 @@ def mixed_rollout(ctx: StepContext, micro_batch: MicroBatch, alpha: float) -> Ro
     teacher_is_collective = alpha > 0 and ctx.teacher_sharded
     step = mixed_step_fn(hf_step_fn(module), teacher_step_fn(ctx.teacher, use_prompt=False), alpha,
                          ctx.vocab_size)
-    return generate(step, prompts["input_ids"], prompts["attention_mask"], ctx.sampling,
-                    ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,
-                    sync=ctx.sync_rollout or teacher_is_collective)
+    # ZeRO-3: each partitioned model that decodes is gathered once for the loop, not layer by layer per token
+    with gathered(module, ctx.gather_student, "student rollouts", engine=ctx.engine), \
+            gathered(ctx.teacher, ctx.gather_student if alpha > 0 else "never", "teacher decoding"):
+        return generate(step, prompts["input_ids"], prompts["attention_mask"], ctx.sampling,
+                        ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,
+                        sync=ctx.sync_rollout or teacher_is_collective)
 
 
 def build_lm_corpus(cfg: Config, tokenizer: Any) -> LMCorpus:

@@ -42,6 +42,7 @@ from promptkd.data import TokenizedExample, collate_prompts
 from promptkd.methods.base import Method, MicroBatch, StepContext, StepResult, to_device
 from promptkd.methods.sft import ce_step
 from promptkd.rollout import Rollout, generate, teacher_step_fn
+from promptkd.rollout.core import gathered
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +198,11 @@ class SeqKD(Method):
                                 ctx.eos_id, ctx.vocab_size)
             return rollout_from_responses(prompts["input_ids"], prompts["attention_mask"], rows, ctx.eos_id,
                                           ctx.pad_id, ctx.sampling.max_new_tokens)
-        return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],
-                        prompts["attention_mask"], ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
-                        generator=ctx.generator, sync=True)
+        # a ZeRO-3 teacher is gathered once for the loop, not layer by layer per token
+        with gathered(ctx.teacher, ctx.gather_student, "teacher decoding"):
+            return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],
+                            prompts["attention_mask"], ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
+                            generator=ctx.generator, sync=True)
 
 
 def teacher_vllm(cfg: Config, ctx: StepContext) -> Any:

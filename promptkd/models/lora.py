@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -23,15 +24,9 @@ from promptkd.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Why a ZeRO-3 LoRA student is not gathered once per decode loop (promptkd.rollout.core.gathered falls back to
-# layer-by-layer gathers): after a gathered rollout, the next eval-mode forward outside it (PromptKD's
-# guidance p_S) fails DeepSpeed 0.19.8's prefetch-trace check inside the adapted layers ("tracing error ...
-# expected the next 1 parameters in the parameter fetch queue to be (...lora_A...) but got
-# (...base_layer.weight...)"), measured on 2 gloo ranks; marking the adapted layers ZeRO-3 leaf modules
-# instead broke their forward. The cost is one all-gather per layer per decoded token under ZeRO-3 only.
-GATHER_NOTE = "ZeRO-3 LoRA students gather layer by layer in decode loops"
 ADAPTER = "default"        # PEFT's adapter name; one adapter per student
 ADAPTER_DIR = "adapter"    # export/adapter: the adapter alone, loadable with peft.PeftModel.from_pretrained
+_HAS_LORA = "_promptkd_has_lora"  # has_lora's answer, cached on the module
 
 
 def enabled(lora: Any) -> bool:
@@ -68,6 +63,7 @@ def apply_lora(model: torch.nn.Module, lora: Any, seed: int) -> torch.nn.Module:
         except ValueError as exc:  # no module matches target_modules
             raise ConfigError(f"model.student.lora.target_modules: {exc}") from None
     layers = lora_layers(model)
+    setattr(model, _HAS_LORA, bool(layers))
     unsupported = sorted({type(m).__name__ for _, m in layers if not _is_linear(m)})
     if unsupported:
         raise ConfigError(f"model.student.lora.target_modules: only linear layers can take adapters here "
@@ -95,7 +91,17 @@ def lora_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def has_lora(module: torch.nn.Module) -> bool:
-    return bool(lora_layers(module))
+    """Whether ``module`` holds PEFT LoRA layers. Called per rollout and per weight sync, so it is cheap
+    when LoRA is off: adapters exist only if ``apply_lora`` ran, which imported peft; without peft in
+    ``sys.modules`` there can be none (and peft need not be installed). Otherwise the answer is
+    cached on the module (adapters are injected once, before training)."""
+    if "peft" not in sys.modules or not isinstance(module, torch.nn.Module):
+        return False
+    cached = getattr(module, _HAS_LORA, None)
+    if cached is None:
+        cached = bool(lora_layers(module))
+        setattr(module, _HAS_LORA, cached)
+    return cached
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -196,6 +202,22 @@ def save_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor], out_di
               metadata={"format": "pt"})
 
 
+def save_adapter_config(module: torch.nn.Module, out_dir: str) -> None:
+    """A checkpoint's ``adapter_config.json`` (nothing without adapters): what ``python -m promptkd.consolidate``
+    needs to rebuild the adapted layers offline and merge them."""
+    if has_lora(module):
+        module.peft_config[ADAPTER].save_pretrained(out_dir)
+
+
+def inject_saved_adapter(model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+    """Adapters as ``save_adapter_config`` wrote them, injected into ``model`` in place (weights to be loaded)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig.from_pretrained(adapter_dir), model, adapter_name=ADAPTER)
+    setattr(model, _HAS_LORA, bool(lora_layers(model)))
+    return model
+
+
 def export_state(module: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], out_dir: str
                  ) -> Optional[dict[str, torch.Tensor]]:
     """For ``export_student`` (rank 0, ``state`` a CPU state dict of ``module``): the state dict to save as
@@ -218,5 +240,6 @@ def trainable_summary(module: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["ADAPTER_DIR", "apply_lora", "enabled", "export_state", "has_lora", "lora_layers", "merge_state_dict",
-           "merged_parameters", "merged_weight", "save_adapter", "trainable_summary"]
+__all__ = ["ADAPTER_DIR", "apply_lora", "enabled", "export_state", "has_lora", "inject_saved_adapter", "lora_layers",
+           "merge_state_dict", "merged_parameters", "merged_weight", "save_adapter", "save_adapter_config",
+           "trainable_summary"]

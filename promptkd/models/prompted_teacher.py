@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from promptkd.config import ConfigError
 from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
 
 logger = logging.getLogger(__name__)
@@ -283,8 +284,8 @@ class PromptedTeacher(nn.Module):
 
     def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
         prompt = state["prompt"]
-        if prompt.shape != self.prompt.shape:
-            raise ValueError(
+        if prompt.shape != self.prompt.shape:  # a prompt or checkpoint of another teacher / prompt_length
+            raise ConfigError(
                 f"prompt shape {tuple(prompt.shape)} does not match this teacher's "
                 f"{tuple(self.prompt.shape)} (prompt_length, hidden size)"
             )
@@ -324,7 +325,7 @@ def load_prompt(path_dir: str) -> torch.Tensor:
     path_dir = prompt_files_dir(path_dir)
     weights = os.path.join(path_dir, PROMPT_WEIGHTS)
     if not os.path.isfile(weights):
-        raise ValueError(f"no {PROMPT_WEIGHTS} in '{path_dir}'")
+        raise ConfigError(f"no {PROMPT_WEIGHTS} in '{path_dir}'")
     prompt = load_file(weights)["prompt"]
     meta_path = os.path.join(path_dir, PROMPT_META)
     if os.path.isfile(meta_path):
@@ -332,8 +333,8 @@ def load_prompt(path_dir: str) -> torch.Tensor:
             meta = json.load(handle)
         expected = (meta.get("prompt_length"), meta.get("hidden_size"))
         if tuple(prompt.shape) != expected:
-            raise ValueError(
-                f"{PROMPT_WEIGHTS} has shape {tuple(prompt.shape)} "
+            raise ConfigError(
+                f"{path_dir}: {PROMPT_WEIGHTS} has shape {tuple(prompt.shape)} "
                 f"but {PROMPT_META} says {expected}"
             )
     return prompt
@@ -346,4 +347,3 @@ def prompt_position(path_dir: str) -> str:
         return "start"
     with open(meta_path, encoding="utf-8") as handle:
         return json.load(handle).get("position", "start")
-

@@ -80,7 +80,11 @@ def load_teacher(spec: TeacherSpec, tokenizer: Any = None) -> PromptedTeacher:
     else:  # the rows come from the file: the random init only gives the parameter its shape
         teacher = PromptedTeacher(base, prompt_length=learned.shape[0], init="random", dtype=spec.dtype,
                                   seed=spec.seed, position=prompt_position(spec.prompt_dir))
-        teacher.load_prompt_state({"prompt": learned})
+        try:
+            teacher.load_prompt_state({"prompt": learned})
+        except ConfigError as exc:  # a prompt learned for another teacher (another hidden size)
+            raise ConfigError(f"{spec.prompt_dir}: the learned prompt does not fit the teacher '{spec.path}': "
+                              f"{exc}") from None
     if spec.checkpointing:
         checkpoint_frozen_layers(teacher.base)
     if spec.zero3 is None:

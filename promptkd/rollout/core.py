@@ -178,7 +178,7 @@ def gather_fits(params: list[torch.nn.Parameter]) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model") -> Iterator[bool]:
+def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model", engine: Any = None) -> Iterator[bool]:
     """Under ZeRO-3, hold every weight of ``module`` gathered for a loop of forwards (decoding, evaluation).
 
     Without it each decoded token all-gathers every layer again (the whole model per token). With it the
@@ -187,11 +187,14 @@ def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model")
     the mark is removed and ``GatheredParameters`` partitions them again. Yields whether it gathered.
     policy: auto (when they fit: ``gather_fits``), always, never. A no-op for a module that is not
     partitioned. Every rank must enter it together (the gather is a collective).
+    ``engine``: the DeepSpeed engine that owns ``module``. A LoRA-adapted module needs it: see
+    ``_reset_prefetch_trace`` (without it such a module is not gathered).
     """
     if policy not in GATHER_CHOICES:
         raise ValueError(f"gather policy must be one of {GATHER_CHOICES}, got {policy!r}")
     params = _partitioned(module)
-    if params and has_lora(module):  # ZeRO-3 + LoRA: see promptkd.models.lora.GATHER_NOTE
+    adapted = bool(params) and has_lora(module)
+    if adapted and engine is None:
         policy = "never"
     use = bool(params) and policy != "never" and (policy == "always" or gather_fits(params))
     if params and what not in _LOGGED:
@@ -213,6 +216,24 @@ def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model")
         finally:
             for p in params:
                 p.ds_active_sub_modules.discard(sentinel)
+    if adapted:
+        _reset_prefetch_trace(engine)
+
+
+def _reset_prefetch_trace(engine: Any) -> None:
+    """Make ZeRO-3 re-record its parameter prefetch order at the next forward.
+
+    DeepSpeed records the order in which a forward fetches parameters and, once the trace is complete,
+    checks each fetch against it. After a decode loop with a LoRA-adapted student held gathered, the
+    next forward outside the loop fails that check inside the adapted layers ("tracing error ...
+    expected ... lora_A ... but got ... base_layer.weight", DeepSpeed 0.19.8, 2 gloo ranks); resetting
+    the trace costs one forward and backward without prefetching. Plain students keep their trace
+    (their loops pass the check).
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

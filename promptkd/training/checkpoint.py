@@ -34,6 +34,7 @@ from promptkd.training import faults
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+ADAPTER_CONFIG_DIR = "lora"  # a LoRA student's adapter_config.json, for offline consolidation
 
 
 @runtime_checkable
@@ -150,6 +151,7 @@ def save(run_dir: str, step: int, engine: Any, state: Mapping[str, Stateful],
         torch.save(shared, os.path.join(tmp, "state.pt"))
         # what `python -m promptkd.consolidate` needs to rebuild an HF model offline
         engine.module.config.to_json_file(os.path.join(tmp, "hf_config.json"))
+        lora.save_adapter_config(engine.module, os.path.join(tmp, ADAPTER_CONFIG_DIR))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     faults.in_save(step)  # reliability tests: a kill here leaves a torn checkpoint

@@ -4,7 +4,8 @@
 
 Runs in one process without GPUs or a process group: ZeRO partitions are merged
 from the checkpoint files. The teacher prompt, when the run trained one, is
-written beside the model as teacher_prompt/teacher_prompt.safetensors, as an export has it.
+written beside the model as teacher_prompt/teacher_prompt.safetensors, as an export has it. A LoRA
+student's adapters are merged into its weights and written beside them in adapter/, as an export has them.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import shutil
 import sys
 
 import torch
+
+from promptkd.models import lora
 
 
 def student_state_dict(ckpt: str) -> dict[str, torch.Tensor]:
@@ -28,6 +31,20 @@ def student_state_dict(ckpt: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def _with_adapters(model: torch.nn.Module, ckpt: str, state: dict[str, torch.Tensor]) -> bool:
+    """Inject a LoRA student's adapters into ``model`` (in place) when ``state`` holds them."""
+    if not any(".lora_A." in key for key in state):
+        return False
+    from promptkd.training.checkpoint import ADAPTER_CONFIG_DIR
+
+    adapter_dir = os.path.join(ckpt, ADAPTER_CONFIG_DIR)
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise ValueError(f"{ckpt}: the checkpoint holds LoRA adapters but no {ADAPTER_CONFIG_DIR}/adapter_config.json "
+                         "(saved before consolidation knew adapters): use the run's export/ instead")
+    lora.inject_saved_adapter(model, adapter_dir)
+    return True
+
+
 def consolidate(ckpt: str, out_dir: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,13 +55,21 @@ def consolidate(ckpt: str, out_dir: str) -> None:
         raise ValueError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
     config = AutoConfig.from_pretrained(os.path.join(ckpt, "hf_config.json"))
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(student_state_dict(ckpt), strict=False)
+    state = student_state_dict(ckpt)
+    adapted = _with_adapters(model, ckpt, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and "rotary" not in k]
     if missing or unexpected:
         raise ValueError(f"{ckpt}: checkpoint does not match its config (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if adapted:  # the plain HF model with the adapters merged, and the adapter beside it (export/'s layout)
+        merged = lora.export_state(model, {k: v.detach() for k, v in model.state_dict().items()}, tmp)
+        plain = AutoModelForCausalLM.from_config(config)
+        if plain.load_state_dict(merged, strict=False).unexpected_keys:  # every merged key is a plain HF name
+            raise ValueError(f"{ckpt}: merged LoRA weights do not match the model's names")
+        model = plain
     model.save_pretrained(tmp, is_main_process=True)
     if os.path.isdir(os.path.join(ckpt, "tokenizer")):
         for name in os.listdir(os.path.join(ckpt, "tokenizer")):

@@ -201,7 +201,7 @@ def dev_eval_fn(ev: EvalConfig, engine: Any, tokenizer: Any, vocab: int, dev: li
 
     def run(step: int) -> dict[str, float]:
         engine.module.eval()
-        with gathered(engine.module, what="student dev evaluation"):  # ZeRO-3: once, not per token
+        with gathered(engine.module, what="student dev evaluation", engine=engine):  # ZeRO-3: once, not per token
             res = evaluate(student_decoder(engine, tokenizer, vocab, eos), tokenizer, dev, dev_ev)
         return {"rougeL": res["rougeL"], "exact_match": res["exact_match"]}
 

@@ -7,6 +7,7 @@ group exists (DeepSpeed's comm backend keeps references to them).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -33,8 +34,6 @@ def count_gathers() -> None:
 
 def rollouts(m, batches, policy: str, seed: int) -> tuple[list[list[list[int]]], int, int]:
     """Rollout token ids of ``batches`` under gather ``policy``, the all-gathers they cost and the decode steps."""
-    import dataclasses
-
     from promptkd.methods.base import student_rollout
 
     m.ctx = dataclasses.replace(m.ctx, gather_student=policy)
@@ -49,8 +48,6 @@ def rollouts(m, batches, policy: str, seed: int) -> tuple[list[list[list[int]]],
 
 
 def scenario_gather() -> dict:
-    import dataclasses
-
     from promptkd.rollout import SamplingParams
     from promptkd.training.run import dev_eval_fn
     from promptkd.config import EvalConfig
@@ -79,4 +76,40 @@ def scenario_gather() -> dict:
     # training still works after a gathered rollout (the weights were partitioned again)
     result = m.step(sc.rank_batches(splits, 3, cfg), 3)
     out["loss_after"] = result.metrics["loss/rkl"]
+    return out
+
+
+def _teacher_loops(m, batches, policy: str, decode) -> tuple[list[list[list[int]]], int]:
+    """Token ids of ``decode(mb)`` over ``batches`` with ``policy`` for every decoding model, and its all-gathers."""
+    m.ctx = dataclasses.replace(m.ctx, gather_student=policy)
+    m.ctx.generator.manual_seed(321)
+    before = GATHERS["n"]
+    ids = [decode(mb).input_ids.tolist() for mb in batches]
+    return ids, GATHERS["n"] - before
+
+
+def scenario_gather_teacher() -> dict:
+    """A ZeRO-3 teacher that decodes (MiniLLM's mixed rollouts, SeqKD's answers) is gathered once per loop."""
+    from promptkd.methods.minillm import mixed_rollout
+    from tests.distributed import scenarios as sc
+
+    out: dict = {}
+    for method in ("minillm", "seqkd"):
+        extra = {"method.minillm.teacher_mix": 0.5} if method == "minillm" else {
+            "method.seqkd.cache_dir": os.path.join(sc.SHARED, "seqkd_gather_cache")}
+        cfg = sc.tiny_cfg(sc.ZERO3, **{"method.name": method, **sc.ZERO3_TEACHER, **extra})
+        m, splits, _tok = sc.build_run(cfg, method)
+        batches = sc.rank_batches(splits, 0, cfg)
+        decode = (lambda mb: mixed_rollout(m.ctx, mb, 0.5)) if method == "minillm" else m._teacher_generate
+        for policy in ("never", "always"):
+            ids, gathers = _teacher_loops(m, batches, policy, decode)
+            out[f"{method}_{policy}"] = {"ids": ids, "gathers": gathers}
+        out[f"{method}_teacher_params"] = len(list(m.ctx.teacher.parameters()))
+        out[f"{method}_student_params"] = len(list(m.ctx.engine.module.parameters()))
+        out[f"{method}_released"] = all(p.ds_status.name == "NOT_AVAILABLE" for p in m.ctx.teacher.parameters()
+                                        if hasattr(p, "ds_id"))
+        # training still works after the gathered loops (the teacher was partitioned again)
+        m.ctx = dataclasses.replace(m.ctx, gather_student="auto")
+        loss_key = "loss/minillm_kl" if method == "minillm" else "loss/ce"
+        out[f"{method}_loss_after"] = m.step(sc.rank_batches(splits, 1, cfg), 1).metrics.get(loss_key)
     return out

@@ -44,10 +44,13 @@ def optimizer_numel(engine) -> int:
 def scenario_promptkd_zero3_teacher() -> dict:
     """PromptKD with a ZeRO-3 student (LoRA) and a ZeRO-3 teacher: the base stays bitwise, the loss falls."""
     from promptkd.models.lora import trainable_summary
+    from promptkd.rollout.core import gathered
 
     cfg = sc.tiny_cfg(sc.ZERO3, **sc.ZERO3_TEACHER, **LORA, **{"optim.student.lr": 5e-3, "optim.prompt.lr": 5e-3})
     m, splits, tok = sc.build_run(cfg, "promptkd")
     module = m.ctx.engine.module
+    with gathered(module, m.ctx.gather_student, "lora test", engine=m.ctx.engine) as rollouts_gather_once:
+        pass  # the rollouts of the steps below take the same gather (auto: it fits)
     before = split_digests(module)
     losses = []
     batches = sc.rank_batches(splits, 0, cfg)  # the same prompts every step: the loss should fall
@@ -56,7 +59,7 @@ def scenario_promptkd_zero3_teacher() -> dict:
     after = split_digests(module)
     counts = trainable_summary(module)
     return {"before": before, "after": after, "metrics": losses, "counts": counts,
-            "optimizer_numel": optimizer_numel(m.ctx.engine),
+            "optimizer_numel": optimizer_numel(m.ctx.engine), "gathered_once": rollouts_gather_once,
             "partitioned": all(hasattr(p, "ds_id") for p in module.parameters())}
 
 

@@ -607,6 +607,12 @@ def scenario_gather() -> dict:
     return gather_scenarios.scenario_gather()
 
 
+def scenario_gather_teacher() -> dict:
+    from tests.distributed import gather_scenarios
+
+    return gather_scenarios.scenario_gather_teacher()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
@@ -634,7 +640,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT = args.out
     names = [n for n in SCENARIOS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
-    if "gather" in names:  # wraps torch.distributed's all-gathers: only a launch that counts them pays for it
+    if any(n.startswith("gather") for n in names):  # wraps torch.distributed's all-gathers: only a launch that counts them pays for it
         from tests.distributed import gather_scenarios
 
         gather_scenarios.count_gathers()

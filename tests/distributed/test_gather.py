@@ -38,3 +38,24 @@ def test_dev_eval_gathers_once_and_everything_is_released_after(ranks):
     assert 0 < r0["dev_eval_gathers"] <= r0["n_params"]
     assert r0["released"] and r1["released"]     # partitioned again after the loops
     assert r0["loss_after"] == r1["loss_after"] and r0["loss_after"] > 0
+
+
+@pytest.fixture(scope="module")
+def teacher_ranks(scenario_results):
+    return scenario_results("gather_teacher")
+
+
+@pytest.mark.parametrize("method", ["minillm", "seqkd"])
+def test_a_zero3_teacher_that_decodes_is_gathered_once_per_loop(teacher_ranks, method):
+    """MiniLLM's teacher-mixed rollouts and SeqKD's teacher answers: the same tokens, with the ZeRO-3 teacher (and
+    MiniLLM's student) gathered once per decode loop instead of every layer per token."""
+    for r in teacher_ranks:
+        never, once = r[f"{method}_never"], r[f"{method}_always"]
+        assert once["ids"] == never["ids"]
+        params = r[f"{method}_teacher_params"] + (r[f"{method}_student_params"] if method == "minillm" else 0)
+        # every parameter gathered once per loop (gloo: one call each), against every layer per decoded token
+        assert 0 < once["gathers"] <= params * len(never["ids"])
+        assert once["gathers"] * 4 < never["gathers"]
+        assert r[f"{method}_released"]
+        assert r[f"{method}_loss_after"] is not None and r[f"{method}_loss_after"] > 0
+    assert teacher_ranks[0][f"{method}_loss_after"] == teacher_ranks[1][f"{method}_loss_after"]

@@ -28,6 +28,7 @@ def test_promptkd_zero3_student_and_teacher_trains_adapters_only(ranks):
     r0, r1 = (_ok(r["promptkd_zero3_teacher"]) for r in ranks)
     for r in (r0, r1):
         assert r["partitioned"]  # the student (base and adapters) is ZeRO-3 partitioned
+        assert r["gathered_once"]  # its rollouts gather it once per decode loop, then train on (trace reset)
         assert r["before"]["base"] == r["after"]["base"]  # the frozen base is bitwise unchanged
         assert r["before"]["adapters"] != r["after"]["adapters"]
         # the optimizer holds this rank's partition of the adapters only, not of the base

@@ -53,9 +53,13 @@ def test_template_without_context_is_exact():
 
 
 def test_template_with_context_is_exact():
+    """A prompt with an input has its own first sentence (Alpaca's and MiniLLM's process_data_dolly.py)."""
     assert build_prompt("Sum them.", "1 2") == (
-        HEADER + "### Instruction:\nSum them.\n\n### Input:\n1 2\n\n### Response:\n"
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSum them.\n\n### Input:\n1 2\n\n### Response:\n"
     )
+    assert build_prompt("Sum them.", "  ") == build_prompt("Sum them.")  # an empty input is no input
 
 
 def test_template_blank_context_means_no_input_block():

@@ -71,6 +71,26 @@ def test_lora_off_leaves_the_student_alone():
     assert not L.has_lora(model) and all(p.requires_grad for p in model.parameters())
 
 
+def _no_scan(module):
+    raise AssertionError("has_lora walked the modules")
+
+
+def test_has_lora_without_peft_loaded_never_walks_the_model(monkeypatch):
+    """Rollouts ask per call: with LoRA off, peft need not be installed and nothing is walked."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    monkeypatch.setattr(L, "lora_layers", _no_scan)
+    assert not L.has_lora(_tiny("llama"))
+
+
+def test_has_lora_is_answered_once_per_model(monkeypatch):
+    adapted, plain = _adapted("llama"), _tiny("llama")
+    assert not L.has_lora(plain)  # first answer: walked, cached
+    monkeypatch.setattr(L, "lora_layers", _no_scan)
+    assert L.has_lora(adapted) and not L.has_lora(plain)
+
+
 # ----------------------------------------------------------------------------- training state
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -178,6 +198,44 @@ def test_export_is_a_plain_hf_model_with_the_adapter_beside_it(tmp_path, arch):
     assert not any(f.endswith(".safetensors") for f in os.listdir(adapter) if f != "adapter_model.safetensors")
     peft_model = PeftModel.from_pretrained(_tiny(arch), adapter).eval()  # the base + the saved adapter
     torch.testing.assert_close(_logits(peft_model, IDS), _logits(model, IDS), rtol=0, atol=1e-5)
+
+
+def _fake_checkpoint(ckpt, model: torch.nn.Module, with_adapter_config: bool = True) -> None:
+    """A ZeRO-0 checkpoint dir as training.checkpoint.save lays it out (without DeepSpeed)."""
+    from promptkd.training import checkpoint as C
+
+    os.makedirs(ckpt / "ds")
+    torch.save({"module": model.state_dict()}, ckpt / "ds" / "mp_rank_00_model_states.pt")
+    torch.save({}, ckpt / "state.pt")
+    model.config.to_json_file(str(ckpt / "hf_config.json"))
+    if with_adapter_config:
+        L.save_adapter_config(model, str(ckpt / C.ADAPTER_CONFIG_DIR))
+    (ckpt / C.MARKER).write_text("1\n")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_consolidate_merges_a_lora_checkpoint_like_export(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    from promptkd.training.consolidate import consolidate
+
+    model = _adapted(arch)
+    _fake_checkpoint(tmp_path / "step_1", model)
+    consolidate(str(tmp_path / "step_1"), str(tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # plain transformers, no adapters
+    assert not any("lora_" in n or "base_layer" in n for n, _ in loaded.named_parameters())
+    torch.testing.assert_close(_logits(loaded, IDS), _logits(model, IDS), rtol=0, atol=1e-5)
+    with open(tmp_path / "out" / L.ADAPTER_DIR / "adapter_config.json") as fh:
+        assert json.load(fh)["r"] == 4
+    assert not (tmp_path / "out.tmp").exists()
+
+
+def test_consolidating_a_lora_checkpoint_without_its_adapter_config_says_so(tmp_path):
+    from promptkd.training.consolidate import main
+
+    _fake_checkpoint(tmp_path / "step_1", _adapted("llama"), with_adapter_config=False)
+    assert main([str(tmp_path / "step_1"), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 # ----------------------------------------------------------------------------- planner

@@ -317,6 +317,24 @@ def test_save_and_load_prompt_round_trip(tmp_path) -> None:
         load_prompt(str(tmp_path / "missing"))
 
 
+def test_a_prompt_of_another_teacher_is_a_config_error_naming_both(tmp_path) -> None:
+    """Evaluating with a prompt learned for a teacher of another hidden size: exit 2 (ConfigError), one line."""
+    from promptkd.config import ConfigError
+    from promptkd.models.teacher import TeacherSpec, load_teacher
+
+    _teacher("gpt2", prompt_length=4).save_prompt(str(tmp_path / "prompt"), teacher_id="tiny/gpt2")
+    torch.manual_seed(0)
+    build_tiny("gpt2", layers=1, hidden=48, heads=4, vocab_size=VOCAB, max_positions=64).save_pretrained(
+        tmp_path / "wide")
+    with pytest.raises(ConfigError) as info:
+        load_teacher(TeacherSpec.learned(str(tmp_path / "wide"), torch.float32, str(tmp_path / "prompt")))
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "prompt") in message and str(tmp_path / "wide") in message
+    assert "(4, 32)" in message and "(4, 48)" in message
+    with pytest.raises(ConfigError, match=PROMPT_WEIGHTS):
+        load_prompt(str(tmp_path / "missing"))
+
+
 def test_load_prompt_reads_an_export_dir(tmp_path) -> None:
     """An export keeps the prompt in teacher_prompt/; the export dir itself is accepted."""
     teacher = _teacher("gpt2", prompt_length=4)
