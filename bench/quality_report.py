@@ -269,8 +269,10 @@ def markdown(out: dict, families: list[str]) -> str:
         lines += [f"## Exposure bias: ExAccErr({e['positions']}) in %, {e['n_prompts']} dev prompts, best/ of each "
                   "seed\n", _table(["student", f"ExAccErr({e['positions']})"], erows)]
     lines.append(f"Gap teacher − SFT student on test{avg}: {gap['sampled']:.2f} sampled, {gap['greedy']:.2f} greedy. "
-                 f"Wall time {out['wall_seconds'] / 60:.1f} min on {out['machine']} ({out['workers']} runs at a time, "
-                 f"launcher: {out.get('launcher', 'python')}).")
+                 + (f"Wall time {out['wall_seconds'] / 60:.1f} min from the submission to the report (SLURM chain)."
+                    if out.get("launcher") == "slurm" else
+                    f"Wall time {out['wall_seconds'] / 60:.1f} min on {out['machine']} ({out['workers']} runs at a time, "
+                    f"launcher: {out.get('launcher', 'python')})."))
     return "\n".join(lines) + "\n"
 
 
@@ -285,10 +287,11 @@ def intro(out: dict) -> str:
             f"({_teacher(b)}), over training seeds {out['seeds']}. "
             "How: every run goes through the real launcher; each method's learning rate (prompt = student) was "
             f"picked on dev ROUGE-L with seed 1 from {b['lr_grid']} (`--search`); dev ROUGE-L (greedy) every "
-            f"{b['dev_interval']} steps selects the best-dev checkpoint, as the official code does; the headline "
+            f"{b['dev_interval']}{' steps' if isinstance(b['dev_interval'], int) else ''} selects the best-dev checkpoint, as the official code does; the headline "
             "decodes the test prompts by sampling as the paper (top_p 1, top_k 0, temperature 1, eval seeds "
-            f"{'/'.join(map(str, out['eval_seeds']))}, mean), with greedy and the last step as second views; no_repeat_ngram_size is 0 "
-            "because the suite's `repeat` family legitimately repeats words. What it does not show: these are "
+            f"{'/'.join(map(str, out['eval_seeds']))}, mean), with greedy and the last step as second views"
+            + ("; no_repeat_ngram_size is 0 because the suite's `repeat` family legitimately repeats words"
+               if out["data"] == "bundled synthetic suite" else "") + ". What it does not show: these are "
             "tiny models on a small, synthetic (or user-given) suite with one teacher and one student size, so a "
             "ranking here is evidence about the methods at this scale, not a reproduction of the paper's GPT-2 / "
             "OPT / LLaMA numbers; differences inside the paired intervals are not resolved by 3 seeds.")
