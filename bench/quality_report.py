@@ -51,10 +51,35 @@ def run_scores(run_dir: str, eval_dir: str, names: dict[str, str]) -> dict[str, 
     for decoding in ("sampled", "greedy"):
         models = read_view(eval_dir, decoding)
         for ckpt in ("best", "last"):
-            test = models[names[ckpt]]["test"]
-            out[f"{decoding}/{ckpt}"] = {"rougeL": test["rougeL"], "by_category": test.get("by_category", {})}
+            out[f"{decoding}/{ckpt}"] = view_score(models[names[ckpt]])
     out["best_step"] = _json(os.path.join(run_dir, "best", "best.json"))["step"]
     out["curves"] = read_metrics(run_dir, ("dev/rougeL", "prompt/guidance_kl", "prompt/reg_kl"))
+    return out
+
+
+def test_sets(datasets: dict[str, Any]) -> list[str]:
+    """The test sets of one model's results, in their order (the reference evaluation has dev too)."""
+    return [k for k in datasets if k != "dev"]
+
+
+def view_score(datasets: dict[str, Any]) -> dict[str, Any]:
+    """One model's test score: the mean over its test sets of each set's ROUGE-L (the paper's table has a column
+    per set; with one set it is that set), each set's, and per category (with one set only)."""
+    names = test_sets(datasets)
+    per_set = {k: datasets[k]["rougeL"] for k in names}
+    return {"rougeL": statistics.fmean(per_set.values()), "sets": per_set,
+            "by_category": datasets[names[0]].get("by_category", {}) if len(names) == 1 else {}}
+
+
+def ref_score(datasets: dict[str, Any]) -> dict[str, Any]:
+    """``view_score`` of a reference model with the std over eval seeds of its per-seed average over the sets."""
+    out = view_score(datasets)
+    names = test_sets(datasets)
+    runs = [datasets[k].get("by_seed") or [{"rougeL": datasets[k]["rougeL"]}] for k in names]
+    per_seed = [statistics.fmean(r[i]["rougeL"] for r in runs) for i in range(min(len(r) for r in runs))]
+    out["rougeL_std"] = (statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0) if len(names) > 1 \
+        else datasets[names[0]].get("rougeL_std", 0.0)
+    out["sets_std"] = {k: datasets[k].get("rougeL_std", 0.0) for k in names}
     return out
 
 
@@ -99,17 +124,22 @@ def headline_report(plan: Any, bench: dict, meta: dict, results_dir: str) -> dic
     for key, job in plan.runs.items():
         label, seed, _lr = key
         scores.setdefault(label, {})[seed] = run_scores(job.out_dir, plan.evals[key].out_dir, plan.eval_names[key])
-    families = sorted(ref["sampled"]["teacher"]["test"].get("by_category", {}))
+    sets = test_sets(ref["sampled"]["teacher"])
+    families = sorted(ref["sampled"]["teacher"][sets[0]].get("by_category", {})) if len(sets) == 1 else []
     table = {label: {f"{d}/{c}": mean_std([r[f"{d}/{c}"]["rougeL"] for r in by.values()]) for d, c in VIEWS}
              for label, by in scores.items()}
+    per_set = {label: {f"{d}/{c}": {n: mean_std([r[f"{d}/{c}"]["sets"][n] for r in by.values()]) for n in sets}
+                       for d, c in VIEWS} for label, by in scores.items()}
     per_family = {label: {view: {f: mean_std([r[view]["by_category"][f] for r in by.values()
                                               if f in r[view]["by_category"]]) for f in families}
                           for view in ("sampled/best", "greedy/best")} for label, by in scores.items()}
     pairs = paired_differences(scores)
     exposure = exposure_rows(plan, scores) if plan.exposure else {}
-    gap = {d: ref[d]["teacher"]["test"]["rougeL"] - ref[d]["student"]["test"]["rougeL"] for d in ref}
+    refs = {d: {m: ref_score(ref[d][m]) for m in ("teacher", "student")} for d in ref}
+    gap = {d: refs[d]["teacher"]["rougeL"] - refs[d]["student"]["rougeL"] for d in ref}
     eval_seeds = _json(os.path.join(plan.refs.out_dir, "eval", "results.json"))["decoding"]["seeds"]
-    out = {**meta, "eval_seeds": eval_seeds, "reference": ref_summary(ref), "teacher_student_gap": gap, "test_rougeL": table,
+    out = {**meta, "eval_seeds": eval_seeds, "sets": sets, "reference": ref_summary(ref), "reference_test": refs,
+           "teacher_student_gap": gap, "test_rougeL": table, "per_set": per_set,
            "per_family": per_family, "paired": pairs, "exposure": exposure,
            "best_step": {l: [r["best_step"] for r in by.values()] for l, by in scores.items()},
            "per_seed": {l: {s: {v: r[v]["rougeL"] for v in r if "/" in v} for s, r in by.items()}
@@ -153,7 +183,7 @@ def exposure_rows(plan: Any, scores: dict) -> dict[str, Any]:
     """ExAccErr at the last position: the SFT init, and mean ± std over seeds per method (best/)."""
     res = _json(os.path.join(plan.exposure.out_dir, "exposure", "results.json"))
     by_path = {row["student"]: row for row in res["students"]}
-    init = os.path.join(plan.student.out_dir, "best")
+    init = plan.init
 
     def last(row: dict) -> Optional[float]:
         vals = [v for v in row["exacc_err"] if v is not None]
@@ -170,68 +200,116 @@ def exposure_rows(plan: Any, scores: dict) -> dict[str, Any]:
     return out
 
 
+def _columns(out: dict, families: list[str]) -> tuple[list[str], list[str]]:
+    """(header after "method", the matching keys): one column per test set and the average (several sets, as the
+    paper's table), or "all" and one per category (one set)."""
+    if len(out["sets"]) > 1:
+        return [*out["sets"], "average"], [*out["sets"], ""]
+    return ["all", *families], ["", *families]
+
+
+def _method_rows(out: dict, order: list[str], view: str, keys: list[str]) -> list[list[str]]:
+    def cell(label: str, key: str) -> str:
+        if not key:
+            return fmt(out["test_rougeL"][label][view])
+        if len(out["sets"]) > 1:
+            return fmt(out["per_set"][label][view][key])
+        return fmt(out["per_family"][label][view].get(key))
+    return [[label] + [cell(label, k) for k in keys] for label in order]
+
+
+def _ref_rows(out: dict, decoding: str, keys: list[str]) -> list[list[str]]:
+    rows = []
+    for name, m in (("teacher (SFT)", "teacher"), ("student (SFT init)", "student")):
+        r = out["reference_test"][decoding][m]
+        std = decoding == "sampled"
+
+        def cell(key: str) -> str:
+            if not key:
+                return f"{r['rougeL']:.2f}" + (f" ± {r['rougeL_std']:.2f}" if std else "")
+            if len(out["sets"]) > 1:
+                return f"{r['sets'][key]:.2f}" + (f" ± {r['sets_std'][key]:.2f}" if std else "")
+            return f"{r['by_category'].get(key, float('nan')):.2f}"
+        rows.append([f"*{name}*"] + [cell(k) for k in keys])
+    return rows
+
+
 def markdown(out: dict, families: list[str]) -> str:
-    b, ref, gap = out["bench"], out["reference"], out["teacher_student_gap"]
+    b, gap = out["bench"], out["teacher_student_gap"]
     lines = [f"# Quality benchmark ({out['when']})\n", intro(out), ""]
     order = sorted(out["test_rougeL"], key=lambda l: -out["test_rougeL"][l]["sampled/best"]["mean"])
-    ref_rows = [[f"*{name}*"] + [f"{ref['sampled'][key]['test']['rougeL']:.2f} ± "
-                                 f"{ref['sampled'][key]['test']['rougeL_std']:.2f}"]
-                + [f"{ref['sampled'][key]['test']['by_category'].get(f, float('nan')):.2f}" for f in families]
-                for name, key in (("teacher (SFT)", "teacher"), ("student (SFT init)", "student"))]
-    rows = [[l, fmt(out["test_rougeL"][l]["sampled/best"])] + [fmt(out["per_family"][l]["sampled/best"].get(f))
-                                                            for f in families] for l in order]
+    head, keys = _columns(out, families)
+    what = "one column per test set and their average" if len(out["sets"]) > 1 else "all, then per category"
     lines += ["## Headline: test ROUGE-L, sampled, best-dev checkpoint\n",
-              "Mean ± std over training seeds (each seed's score is the mean over the eval seeds); reference rows: "
-              "mean ± std over the eval seeds.\n", _table(["method", "all", *families], ref_rows + rows)]
+              f"Mean ± std over training seeds (each seed's score is the mean over the eval seeds); {what}; "
+              "reference rows: mean ± std over the eval seeds.\n",
+              _table(["method", *head], _ref_rows(out, "sampled", keys) + _method_rows(out, order, "sampled/best", keys))]
     view_head = ["method", "sampled, best dev", "sampled, last step", "greedy, best dev", "greedy, last step",
                  "best-dev step", "lr"]
     vrows = [[l] + [fmt(out["test_rougeL"][l][f"{d}/{c}"]) for d, c in VIEWS]
              + [", ".join(str(s) for s in out["best_step"][l]), f"{b['lr'][l.split('-')[0]]:g}"] for l in order]
-    g_ref = ref["greedy"]
-    vrows = [[f"*{n}*", fmt({"mean": ref["sampled"][k]["test"]["rougeL"], "std": ref["sampled"][k]["test"]["rougeL_std"]}),
-              "", f"{g_ref[k]['test']['rougeL']:.2f}", "", "", ""]
+    rt = out["reference_test"]
+    vrows = [[f"*{n}*", fmt({"mean": rt["sampled"][k]["rougeL"], "std": rt["sampled"][k]["rougeL_std"]}),
+              "", f"{rt['greedy'][k]['rougeL']:.2f}", "", "", ""]
              for n, k in (("teacher (SFT)", "teacher"), ("student (SFT init)", "student"))] + vrows
-    lines += ["## Every view\n", _table(view_head, vrows)]
+    avg = " (average over the test sets)" if len(out["sets"]) > 1 else ""
+    lines += [f"## Every view{avg}\n", _table(view_head, vrows)]
     if out["paired"]:
         prow = [[f"promptkd − {rival}"] + [fmt_pair(p[f"{d}/{c}"]) for d, c in VIEWS]
                 for rival, p in out["paired"].items()]
-        lines += ["## PromptKD against RKL and the best other method, paired by training seed\n",
+        lines += [f"## PromptKD against RKL and the best other method, paired by training seed{avg}\n",
                   "Mean difference of test ROUGE-L with its 95% t interval over the seeds.\n",
                   _table(["difference", *view_head[1:5]], prow)]
-    grows = [[l, fmt(out["test_rougeL"][l]["greedy/best"])] + [fmt(out["per_family"][l]["greedy/best"].get(f))
-                                                            for f in families] for l in order]
     lines += ["## Greedy (second view): test ROUGE-L, best-dev checkpoint\n",
-              _table(["method", "all", *families], grows)]
+              _table(["method", *head], _ref_rows(out, "greedy", keys) + _method_rows(out, order, "greedy/best", keys))]
     if out["exposure"]:
         e = out["exposure"]
         erows = [[k, fmt(v) if v.get("n", 1) > 1 else f"{v['mean']:.1f}"] for k, v in e.items()
                  if isinstance(v, dict)]
         lines += [f"## Exposure bias: ExAccErr({e['positions']}) in %, {e['n_prompts']} dev prompts, best/ of each "
                   "seed\n", _table(["student", f"ExAccErr({e['positions']})"], erows)]
-    lines.append(f"Gap teacher − SFT student on test: {gap['sampled']:.2f} sampled, {gap['greedy']:.2f} greedy. "
-                 f"Wall time {out['wall_seconds'] / 60:.1f} min on {out['machine']} ({out['workers']} runs at a time).")
+    lines.append(f"Gap teacher − SFT student on test{avg}: {gap['sampled']:.2f} sampled, {gap['greedy']:.2f} greedy. "
+                 + (f"Wall time {out['wall_seconds'] / 60:.1f} min from the submission to the report (SLURM chain)."
+                    if out.get("launcher") == "slurm" else
+                    f"Wall time {out['wall_seconds'] / 60:.1f} min on {out['machine']} ({out['workers']} runs at a time, "
+                    f"launcher: {out.get('launcher', 'python')})."))
     return "\n".join(lines) + "\n"
 
 
 def intro(out: dict) -> str:
     b = out["bench"]
+    student = (f"{_arch(b['student'])}, its best-dev checkpoint after early stopping" if b.get("student_sft", True)
+               else f"{_arch(b['student'])}, given as SFT'd")
+    sets = f", test sets {', '.join(out['sets'])}" if len(out.get("sets", [])) > 1 else ""
     return (f"What was measured: test ROUGE-L of {len(out['methods'])} methods ({', '.join(out['methods'])}) on "
-            f"{out['data']}, each trained for {b['steps']} student updates from the same SFT student "
-            f"({_arch(b['student'])}, its best-dev checkpoint after early stopping) with the same SFT teacher "
-            f"({_arch(b['teacher'])}, {b['teacher_sft_steps']} SFT steps), over training seeds {out['seeds']}. "
+            f"{out['data']}{sets}, each trained for {_budget(b['steps'])} from the same SFT student "
+            f"({student}) with the same SFT teacher "
+            f"({_teacher(b)}), over training seeds {out['seeds']}. "
             "How: every run goes through the real launcher; each method's learning rate (prompt = student) was "
             f"picked on dev ROUGE-L with seed 1 from {b['lr_grid']} (`--search`); dev ROUGE-L (greedy) every "
-            f"{b['dev_interval']} steps selects the best-dev checkpoint, as the official code does; the headline "
+            f"{b['dev_interval']}{' steps' if isinstance(b['dev_interval'], int) else ''} selects the best-dev checkpoint, as the official code does; the headline "
             "decodes the test prompts by sampling as the paper (top_p 1, top_k 0, temperature 1, eval seeds "
-            f"{'/'.join(map(str, out['eval_seeds']))}, mean), with greedy and the last step as second views; no_repeat_ngram_size is 0 "
-            "because the suite's `repeat` family legitimately repeats words. What it does not show: these are "
+            f"{'/'.join(map(str, out['eval_seeds']))}, mean), with greedy and the last step as second views"
+            + ("; no_repeat_ngram_size is 0 because the suite's `repeat` family legitimately repeats words"
+               if out["data"] == "bundled synthetic suite" else "") + ". What it does not show: these are "
             "tiny models on a small, synthetic (or user-given) suite with one teacher and one student size, so a "
             "ranking here is evidence about the methods at this scale, not a reproduction of the paper's GPT-2 / "
             "OPT / LLaMA numbers; differences inside the paired intervals are not resolved by 3 seeds.")
 
 
-def _arch(m: dict) -> str:
-    return f"{m['arch']} {m['layers']}×{m['hidden']}"
+def _arch(m: Any) -> str:
+    """A tiny spec as "llama 4×256"; an HF dir or hub id as itself."""
+    return m if isinstance(m, str) else f"{m['arch']} {m['layers']}×{m['hidden']}"
+
+
+def _budget(value: Any) -> str:
+    return f"{value} student updates" if isinstance(value, int) else f"{value} of student updates"
+
+
+def _teacher(b: dict) -> str:
+    if not b.get("teacher_sft", True):
+        return f"{_arch(b['teacher'])}, given as SFT'd"
+    return f"{_arch(b['teacher'])}, {b['teacher_sft_steps']} SFT steps"
 
 
 def plot(out: dict, path: str, steps: int) -> None:
@@ -250,7 +328,8 @@ def plot(out: dict, path: str, steps: int) -> None:
                label="teacher (SFT)")
     ax.set_xlabel("student update step")
     ax.set_ylabel("dev ROUGE-L (greedy, mean over training seeds)")
-    ax.set_xlim(0, steps)
+    if isinstance(steps, int):  # a budget in epochs: the curves' own extent
+        ax.set_xlim(0, steps)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     for label in ("promptkd", "promptkd-stale"):
@@ -306,7 +385,7 @@ def size_report(eval_dir: str, students: dict, sizes: list[dict], bench: dict, w
     """Dev ROUGE-L of the teacher and of each converged SFT student, sampled and greedy, per family."""
     views = {d: read_view(eval_dir, d) for d in ("sampled", "greedy")}
     families = sorted(views["sampled"]["teacher"]["dev"].get("by_category", {}))
-    rows, out = [], {"teacher_steps": bench["teacher_sft_steps"], "sizes": {}, "wall_seconds": round(wall, 1)}
+    rows, out = [], {"teacher_steps": bench.get("teacher_sft_steps"), "sizes": {}, "wall_seconds": round(wall, 1)}
     teacher = views["sampled"]["teacher"]["dev"]["rougeL"]
     for name in ["teacher", *students]:
         s, g = views["sampled"][name]["dev"], views["greedy"][name]["dev"]
@@ -318,8 +397,7 @@ def size_report(eval_dir: str, students: dict, sizes: list[dict], bench: dict, w
                      "" if name == "teacher" else f"{teacher - s['rougeL']:.2f}", str(best.get("step", "")),
                      *(f"{s.get('by_category', {}).get(f, float('nan')):.1f}" for f in families)])
     md = ("# Student sizes (dev only)\n\nEach student is SFT'd with early stopping on dev ROUGE-L (greedy), as the "
-          f"benchmark's init; the teacher is the benchmark's ({_arch(bench['teacher'])}, "
-          f"{bench['teacher_sft_steps']} steps). Dev ROUGE-L sampled (the paper's decoding, mean ± std over the eval "
+          f"benchmark's init; the teacher is the benchmark's ({_teacher(bench)}). Dev ROUGE-L sampled (the paper's decoding, mean ± std over the eval "
           "seeds) and greedy; per-family columns are sampled.\n\n"
           + _table(["model", "sampled", "greedy", "gap to teacher (sampled)", "best-dev step", *families], rows))
     os.makedirs(results_dir, exist_ok=True)

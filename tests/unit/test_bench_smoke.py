@@ -151,46 +151,88 @@ def _quality(args: list[str], env: dict, timeout: int = 900) -> subprocess.Compl
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _tiny_hf_models(root: Path, train_file: Path) -> dict[str, str]:
+    """A tiny teacher and student saved with save_pretrained, each beside the BPE tokenizer trained on the train
+    split: what a user's HF dirs look like to bench/quality.py."""
+    import torch
+
+    from promptkd.data import load_examples, train_tokenizer
+    from promptkd.models.loading import build_tiny
+
+    texts = [e.prompt + " " + e.references[0] for e in load_examples(str(train_file), "dolly", split="train")]
+    tok = train_tokenizer(texts, 800, str(root / "tokenizer"))
+    out = {}
+    for name, (layers, hidden, heads) in {"teacher": (2, 64, 4), "student": (1, 32, 2)}.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            model = build_tiny("llama", layers, hidden, heads, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        out[name] = str(root / name)
+        model.save_pretrained(out[name])
+        tok.save_pretrained(out[name])
+    return out
+
+
 def test_quality_bench_smoke_on_a_dolly_dir_runs_every_method(tmp_path):
-    """CI's version of bench/quality.py: toy sizes, 2 steps, every method, on a user's Dolly-format split
-    (valid.jsonl as the dev file, one category the suite does not have)."""
-    from bench.quality import METHODS
+    """CI's version of bench/quality.py: toy sizes, 2 steps, every method, one launch: HF-dir models (the teacher
+    given as SFT'd, the student SFT'd from its dir), a user's Dolly-format split (valid.jsonl as the dev file) and
+    two test sets from a prepare-style root, under a --launcher prefix."""
+    import yaml
+
+    from bench import quality as q
     from promptkd.data.synthetic import generate_synthetic
 
-    data = tmp_path / "dolly"
-    data.mkdir()
-    for name, n, seed in (("train", 96, 1), ("valid", 8, 2), ("test", 16, 3)):
+    data, sets = tmp_path / "dolly", tmp_path / "sets"
+    for folder, name, n, seed in ((data, "train", 96, 1), (data, "valid", 8, 2), (sets / "dolly", "test", 8, 3),
+                                  (sets / "selfinst", "test", 6, 4)):
+        folder.mkdir(parents=True, exist_ok=True)
         rows = generate_synthetic(n, seed)
         rows[0] = {**rows[0], "category": "my_category"}
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu")
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "test.jsonl").write_text((sets / "dolly" / "test.jsonl").read_text())
+    models = _tiny_hf_models(tmp_path / "models", data / "train.jsonl")
+    cfg = yaml.safe_load(open(q.CONFIG))
+    cfg["bench"].update(teacher=models["teacher"], teacher_sft=False, student=models["student"])
+    cfg["eval"]["sets"] = [str(sets)]  # a prepare root: one column per set
+    (tmp_path / "quality.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     work = str(tmp_path / "work")
-    proc = _quality(["--data", str(data), "--work-dir", work, "--methods", *METHODS], env)
+    methods = cfg["bench"]["methods"]  # every method; the ablation variants' plans: tests/unit/test_quality_plan.py
+    argv = ["--config", str(tmp_path / "quality.yaml"), "--data", str(data), "--work-dir", work, "--workers", "2"]
+    proc = _quality([*argv, "--launcher", f"{sys.executable} -u"], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["data"] == str(data) and set(out["test_rougeL"]) == set(METHODS)
-    families = set(out["reference"]["sampled"]["teacher"]["test"]["by_category"])
-    assert "my_category" in families
+    assert out["data"] == str(data) and set(out["test_rougeL"]) == set(methods)
+    assert out["sets"] == ["dolly", "selfinst"]  # the prepare root's sets, the paper's order
+    assert "start base/teacher" not in proc.stderr and "base/teacher" not in out["job_seconds"]  # given as SFT'd
+    student_log = (Path(work) / "logs" / "base_student.log").read_text().splitlines()[0]
+    assert student_log.startswith(f"{sys.executable} -u ") and f"model.student.path={models['student']}" in student_log
+    assert f"model.teacher.path={models['teacher']}" in (Path(work) / "logs" / "rkl_seed_1_lr_0.0003.log").read_text()
+    ref = out["reference_test"]["sampled"]["teacher"]
+    assert ref["rougeL"] == pytest.approx((ref["sets"]["dolly"] + ref["sets"]["selfinst"]) / 2)
     for label, row in out["test_rougeL"].items():
         assert set(row) == {"sampled/best", "sampled/last", "greedy/best", "greedy/last"}, label
         assert all(0.0 <= v["mean"] <= 100.0 for v in row.values())
-        assert set(out["per_family"][label]["sampled/best"]) == families
+        for view, ms in row.items():  # the average column is the mean of the set columns
+            per_set = out["per_set"][label][view]
+            assert set(per_set) == {"dolly", "selfinst"}
+            assert ms["mean"] == pytest.approx((per_set["dolly"]["mean"] + per_set["selfinst"]["mean"]) / 2)
         assert [step for step, _ in out["curves"][label]["1"]["dev/rougeL"]] == [1, 2], label
         assert out["best_step"][label][0] in (1, 2)
     assert out["curves"]["promptkd"]["1"]["prompt/guidance_kl"] and out["curves"]["promptkd"]["1"]["prompt/reg_kl"]
     assert set(out["paired"]) >= {"rkl"}  # one training seed: no interval, but the rows exist
     assert {"sft", "rkl", "promptkd", "student (SFT init)"} <= set(out["exposure"])
     gap = out["teacher_student_gap"]["sampled"]
-    ref = out["reference"]["sampled"]
-    assert gap == pytest.approx(ref["teacher"]["test"]["rougeL"] - ref["student"]["test"]["rougeL"])
+    assert gap == pytest.approx(ref["rougeL"] - out["reference_test"]["sampled"]["student"]["rougeL"])
     results = tmp_path / "results"
     table = (results / "quality.md").read_text()
     assert table.splitlines()[2].startswith("What was measured:")
-    assert all(f"| {label} |" in table for label in METHODS) and "ExAccErr" in table
+    assert "| method | dolly | selfinst | average |" in table
+    assert all(f"| {label} |" in table for label in methods) and "ExAccErr" in table
     assert (results / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a rerun reuses every finished job (same commands): no launcher is started again
-    again = _quality(["--data", str(data), "--work-dir", work, "--methods", *METHODS], env, timeout=300)
-    assert again.returncode == 0 and "[quality] start" not in again.stderr, again.stderr[-2000:]
+    # a rerun would start nothing: every job's stamp matches its command and inputs (checked without a launch)
+    plan = q.build(q.parse_args(["--smoke", *argv]))[-1]
+    assert q.missing_jobs(plan.all_jobs()) == []
 
 
 def test_quality_lr_search_picks_on_dev_and_writes_the_config(tmp_path):
