@@ -9,11 +9,11 @@ ZeRO-3 (``head_params``), never per chunk. Values and gradients equal the logits
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional
 
 import torch
 
+from promptkd import distributed as dist
 from promptkd.losses import PromptLoss
 from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_token_divergence
 from promptkd.methods.base import StepContext
@@ -43,30 +43,41 @@ def teacher_module(teacher: torch.nn.Module) -> torch.nn.Module:
     return getattr(teacher, "base", teacher)
 
 
-@contextlib.contextmanager
-def _heads(student: Any, teacher: Optional[torch.nn.Module]):
-    """Both heads' (weight, bias), each gathered once (ZeRO-3) for the loss that runs inside."""
-    with head_params(student) as s_head, (head_params(teacher_module(teacher)) if teacher is not None
-                                          else contextlib.nullcontext((None, None))) as t_head:
-        yield s_head, t_head
+def fused_student_update(ctx: StepContext, s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tensor,
+                         name: str, n_global: torch.Tensor | float, *, beta: float = 0.5,
+                         alpha: float = 0.1) -> torch.Tensor:
+    """``student_backward(ctx, divergence, n_global)`` for the summed divergence ``name`` (as
+    ``promptkd.losses.token_divergence``) of the student's states against the (plain or prompted) teacher's,
+    a constant, through both LM heads; returns the divergence (detached).
 
-
-def fused_divergence(ctx: StepContext, s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tensor,
-                     name: str, *, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
-    """The summed divergence ``name`` (as ``promptkd.losses.token_divergence``) of the student's states against
-    the plain/prompted teacher's (a constant), through both LM heads; the student's states and head get gradients."""
-    with _heads(ctx.engine, ctx.teacher) as ((s_w, s_b), (t_w, t_b)):
-        total, _ = fused_token_divergence(HeadStates(s_hidden, s_w, s_b),
-                                          teacher=HeadStates(t_hidden, t_w, t_b).detached(), name=name, mask=mask,
-                                          vocab=ctx.vocab_size, beta=beta, alpha=alpha, chunk_size=ctx.chunk)
-    return total
+    The student's head stays gathered (ZeRO-3) from the loss through its backward, where its gradient lands
+    (``head_params``); the teacher's only for the loss. The optimizer step runs after the head is released.
+    """
+    with head_params(ctx.engine) as (s_w, s_b):
+        with head_params(teacher_module(ctx.teacher)) as (t_w, t_b):
+            total, _ = fused_token_divergence(HeadStates(s_hidden, s_w, s_b),
+                                              teacher=HeadStates(t_hidden, t_w, t_b).detached(), name=name,
+                                              mask=mask, vocab=ctx.vocab_size, beta=beta, alpha=alpha,
+                                              chunk_size=ctx.chunk)
+        ctx.timer.lap("student/loss")
+        # student_backward's scale, bitwise (its backward and step are split here by the head's gather)
+        if isinstance(n_global, torch.Tensor):
+            scale = (dist.world_size() / n_global.clamp(min=1.0)).to(torch.float32)
+        else:
+            scale = dist.world_size() / max(n_global, 1.0)
+        ctx.engine.backward(total * scale, scale_wrt_gas=False)
+    ctx.timer.lap("student/bwd")
+    ctx.engine.step()
+    ctx.timer.lap("student/optimizer")
+    return total.detach()
 
 
 def fused_prompt(ctx: StepContext, s_hidden: torch.Tensor, prompted: torch.Tensor, base: Optional[torch.Tensor],
                  mask: torch.Tensor, reg_weight: float, guidance: str) -> PromptLoss:
     """PromptKD's prompt loss through the heads: the gradient flows into the prompted teacher's states (and on to
-    θ); the student's states and the plain teacher's are constants. ``base`` may be None when reg_weight == 0."""
-    with _heads(ctx.engine, ctx.teacher) as ((s_w, s_b), (t_w, t_b)):
+    θ); the student's states and the plain teacher's are constants. ``base`` may be None when reg_weight == 0.
+    Neither head trains here, so both are released (ZeRO-3) once the loss is computed."""
+    with head_params(ctx.engine) as (s_w, s_b), head_params(teacher_module(ctx.teacher)) as (t_w, t_b):
         t_w = t_w.detach()
         t_b = None if t_b is None else t_b.detach()
         return fused_prompt_loss(HeadStates(s_hidden, s_w, s_b), prompted=HeadStates(prompted, t_w, t_b),

@@ -7,7 +7,7 @@ from promptkd.config import Config, REGISTRY
 from promptkd.losses import cross_entropy, forward_kl
 from promptkd.methods.base import (Method, MicroBatch, StepResult, Tally, full_batches, global_tokens, lm_logits,
                                    local_tokens, student_backward, student_update_phase, teacher_logits)
-from promptkd.methods.fused import fused_divergence, lm_hidden, teacher_hidden
+from promptkd.methods.fused import fused_student_update, lm_hidden, teacher_hidden
 
 
 class KD(Method):
@@ -34,8 +34,7 @@ class KD(Method):
                 if ctx.fused_head and w_ce == 0:  # the CE term needs the student's logits: only pure FKL is fused
                     with torch.no_grad():
                         t_hidden = teacher_hidden(ctx.teacher, ids, attn, use_prompt=False)
-                    fkl = fused_divergence(ctx, lm_hidden(ctx.engine, ids, attn), t_hidden, mask, "fkl")
-                    student_backward(ctx, fkl, n_global)
+                    fkl = fused_student_update(ctx, lm_hidden(ctx.engine, ids, attn), t_hidden, mask, "fkl", n_global)
                     tally.add("loss/fkl", fkl)
                     continue
                 with torch.no_grad():

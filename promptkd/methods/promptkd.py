@@ -19,7 +19,7 @@ from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
 from promptkd.methods.base import (KEPT_STUDENT, KEPT_TARGET, Method, MicroBatch, StepContext, StepResult, Tally, global_tokens, has_dropout,
                                    lm_logits, local_tokens, response_start, set_modes, shifted_mask, student_backward,
                                    student_rollouts, student_update_phase, teacher_logits, token_scale)
-from promptkd.methods.fused import fused_divergence, fused_prompt, lm_hidden, teacher_hidden
+from promptkd.methods.fused import fused_prompt, fused_student_update, lm_hidden, teacher_hidden
 from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.rollout import Rollout
 
@@ -228,11 +228,11 @@ class PromptKD(Method):
                 s_logits = self.student_forward(ctx.engine, r, start)
             ctx.timer.lap("student/fwd")
             if ctx.fused_head:  # logits (here: hidden states) through both heads, chunk by chunk
-                rkl = fused_divergence(ctx, s_logits, t_logits, mask, "rkl")
+                rkl = fused_student_update(ctx, s_logits, t_logits, mask, "rkl", n_global)
             else:
                 rkl, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
-            ctx.timer.lap("student/loss")
-            student_backward(ctx, rkl, n_global)
+                ctx.timer.lap("student/loss")
+                student_backward(ctx, rkl, n_global)
             tally.add("loss/rkl", rkl)
         return tally
 

@@ -127,10 +127,12 @@ def head_params(model: Any) -> Iterator[tuple[torch.Tensor, Optional[torch.Tenso
     """The LM head's (weight [V_pad, H], bias [V_pad] or None), whole for as long as the context is open.
 
     Under ZeRO-3 the head is partitioned: it is gathered here, once (a fused loss opens this once around its
-    whole chunk loop), and partitioned again on exit. A fused loss reads the weight only inside the context
-    and computes its gradient there; the gradient reaches the parameter in backward (full-shaped, as
-    DeepSpeed's gradient hooks expect, the tied embedding's share summed by autograd first). Every rank must
-    enter it together (the gather is a collective).
+    whole chunk loop, never per chunk), and partitioned again on exit. A head that trains must stay gathered
+    through the backward of the loss too: autograd accumulates the full-shaped gradient into the parameter
+    in the parameter's own layout, and DeepSpeed's gradient hook then reduce-scatters it. While open, the
+    weights are marked in use (as ``promptkd.rollout.core.gathered`` does), so a module's backward hook (a
+    tied input embedding's) cannot partition them under the loss. Every rank must enter it together (the
+    gather is a collective).
     """
     head = output_head(model)
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -140,5 +142,12 @@ def head_params(model: Any) -> Iterator[tuple[torch.Tensor, Optional[torch.Tenso
         return
     import deepspeed  # only when a head is partitioned
 
+    sentinel = -1 - id(head)  # a submodule id no DeepSpeed module has
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield weight, bias
+        for p in params:
+            p.ds_active_sub_modules.add(sentinel)
+        try:
+            yield weight, bias
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(sentinel)

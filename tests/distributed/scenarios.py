@@ -605,6 +605,13 @@ def scenario_gather() -> dict:
     return gather_scenarios.scenario_gather()
 
 
+def scenario_fused_head_zero3() -> dict:
+    """Issue 22: the fused LM head at ZeRO-3 equals the logits path, and gathers the head once per loss."""
+    from tests.distributed import fused_scenarios
+
+    return fused_scenarios.scenario_fused_head_zero3()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
