@@ -109,3 +109,42 @@ def scenario_fused_head_zero3() -> dict:
     return {"promptkd_llama": compare("promptkd_llama", 2, **{"method.name": "promptkd"}),
             "promptkd_gpt2_tied": compare("promptkd_gpt2_tied", 1, **{"method.name": "promptkd", **gpt2}),
             "imitkd_gpt2_tied": compare("imitkd_gpt2_tied", 1, **{"method.name": "imitkd", **gpt2})}
+
+
+@contextlib.contextmanager
+def eos_bias_in_the_head(m, eos_id: int, bias: float = 5.0) -> Iterator[None]:
+    """The pinned runs' ``eos_bias_hook`` (+bias on the student's EOS logit), for the fused loss too.
+
+    The hook acts on the head's output, which the fused path never makes: it still steers the rollouts (they
+    keep the logits path), but the fused loss would see the student's logits without it. The pins were made
+    with it in the loss, so here the student's head gets it as a bias vector (bias at EOS, 0 elsewhere), which
+    is what the hook adds: ``hidden @ W.T + b`` in the fused loss.
+    """
+    from promptkd.methods import fused
+    from promptkd.models.forward import output_head
+
+    real = fused.head_params
+    student_head = output_head(m.ctx.engine)
+
+    @contextlib.contextmanager
+    def with_bias(model):
+        with real(model) as (weight, b):
+            if output_head(model) is not student_head:
+                yield weight, b
+                return
+            assert b is None  # a head without a bias (Llama): the hook's +bias is all there is
+            vec = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            vec[eos_id] = bias
+            yield weight, vec
+
+    fused.head_params = with_bias
+    try:
+        yield
+    finally:
+        fused.head_params = real
+
+
+def pinned_numerics_fused() -> dict:
+    from tests.distributed import scenarios as sc
+
+    return sc.pinned_runs(fused_head=True, around=eos_bias_in_the_head)
