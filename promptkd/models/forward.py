@@ -71,6 +71,9 @@ def output_head(model: Any) -> torch.nn.Module:
     head = _unwrap(model).get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(_unwrap(model)).__name__} has no linear LM head: set method.fused_head=false")
+    if hasattr(head, "base_layer"):  # a PEFT adapter on the head: its output is more than weight @ hidden
+        raise ValueError("the LM head carries an adapter (model.student.lora.target_modules): the fused head "
+                         "applies the plain weight only; set method.fused_head=false or leave the head out")
     return head
 
 
