@@ -21,6 +21,19 @@ from promptkd.models.forward import head_inputs, head_params
 from promptkd.rollout import position_ids
 
 
+# The methods whose student loss is a teacher-student divergence over token distributions: with method.fused_head
+# their losses run here. SFT and SeqKD (cross-entropy on tokens), MiniLLM (policy-gradient terms on sampled tokens'
+# log-probabilities) and KD's CE term keep the logits path.
+FUSED_HEAD_METHODS = ("kd", "imitkd", "gkd", "distillm", "promptkd", "rkl")
+
+
+def uses_fused_head(cfg: Any) -> bool:
+    """Whether ``cfg``'s training step runs its losses through the fused head (for the memory planner, and tests)."""
+    if not cfg.method.fused_head or cfg.method.name not in FUSED_HEAD_METHODS:
+        return False
+    return cfg.method.name != "kd" or cfg.method.kd.ce_weight == 0
+
+
 def lm_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
     """The student's final hidden states [B, T-1-start, H] for positions start..T-2 (``lm_logits``'s rows)."""
     seq_len = input_ids.shape[1]

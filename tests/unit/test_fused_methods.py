@@ -4,8 +4,6 @@ Llama with a padded vocabulary and a tied GPT-2 head (padded too); and the fused
 of [N, V] for all response positions."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,6 +12,7 @@ from promptkd.config import load_config
 from promptkd.data import TokenizedExample
 from promptkd.methods import METHODS, step_context
 from promptkd.models import PromptedTeacher, build_tiny
+from promptkd.methods.fused import uses_fused_head
 from promptkd.models.forward import head_inputs
 
 VOCAB, PAD, EOS = 70, 0, 1
@@ -183,9 +182,20 @@ def test_a_transformed_head_is_refused_by_the_fused_path():
 
 
 def test_the_config_key_is_documented_and_on_by_default():
+    from promptkd.config import help_lines
+
     cfg = load_config(None, ["data.train_file=unused.jsonl"])
     assert cfg.method.fused_head is True
-    off = load_config(None, ["data.train_file=unused.jsonl", "method.fused_head=false"])
-    assert off.method.fused_head is False
-    unused = copy.deepcopy(off)
-    assert unused.method.fused_head is False
+    assert load_config(None, ["data.train_file=unused.jsonl", "method.fused_head=false"]).method.fused_head is False
+    line = next(x for x in help_lines() if "method.fused_head" in x)
+    assert "fused LM head" in line
+
+
+@pytest.mark.parametrize("overrides, fused", [
+    *[(o, True) for o in CASES.values()],
+    (["method.name=kd", "method.kd.ce_weight=0.5"], False),
+    (["method.name=sft"], False), (["method.name=seqkd"], False), (["method.name=minillm"], False),
+    (["method.name=promptkd", "method.fused_head=false"], False),
+])
+def test_uses_fused_head_names_the_methods_that_run_it(overrides, fused):
+    assert uses_fused_head(load_config(None, ["data.train_file=unused.jsonl", *overrides])) is fused
