@@ -3,15 +3,15 @@
     python tests/integration/long_response_run.py OUT_DIR
 
 A world of one (``promptkd.distributed.init`` sets it up). Tiny models (hidden 16/32, one layer), the test's own
-small tokenizer; the student's EOS is made impossible in its rollout (a hook on the head's output, which the
-rollout's last-position logits go through and the fused loss never does), so the response fills the whole
-max_new_tokens. The prompt step and the student step run under a dispatch mode that records the largest tensor
+small tokenizer; the student's EOS is made impossible in its rollout (a hook on the head's output for the last
+position only, which is all a rollout computes), so the response fills the whole max_new_tokens. The prompt step and the student step run under a dispatch mode that records the largest tensor
 with a vocabulary as its last dimension. Writes OUT_DIR/result.json.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 
@@ -58,6 +58,8 @@ def config(out: str):
         "train.micro_batch_size=1", "train.grad_accum=1", "optim.student.warmup_steps=0",
         "optim.prompt.warmup_steps=0", f"method.loss_chunk_size={CHUNK}", "logging.progress_bar=false",
         f"output.dir={os.path.join(out, 'run')}",
+        # the logits path, for comparison by hand: LONG_RESPONSE_FUSED_HEAD=false
+        f"method.fused_head={os.environ.get('LONG_RESPONSE_FUSED_HEAD', 'true')}",
     ])
 
 
@@ -71,7 +73,11 @@ def main(out: str) -> None:
     m, ctx = run.method, run.method.ctx
     eos = ctx.eos_id if isinstance(ctx.eos_id, int) else ctx.eos_id[0]
 
-    def no_eos(_module, _inputs, logits):       # rollouts only: the fused loss never reads the head's output
+    def no_eos(_module, _inputs, logits):
+        # rollouts only, whose forwards all keep the last position's logits (the fused loss never reads the head's
+        # output; the logits path's loss forwards keep more positions)
+        if logits.shape[-2] != 1:
+            return logits
         logits = logits.clone()
         logits[..., eos] = float("-inf")
         return logits
@@ -105,6 +111,7 @@ def main(out: str) -> None:
         "prompt_len": int(r.prompt_len), "response_tokens": int(r.loss_mask.sum()),
         "max_new_tokens": ctx.sampling.max_new_tokens, "vocab": ctx.vocab_size, "chunk": CHUNK,
         "most_vocab_rows": mode.most, "step_s": seconds, "phases_s": phases,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "student_moved": max(float((p.detach() - before[n]).abs().max()) for n, p in student.named_parameters()),
         "prompt_moved": float((ctx.teacher.prompt.detach() - prompt_before).abs().max()),
     }
