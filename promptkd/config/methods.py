@@ -117,6 +117,10 @@ class MethodConfig:
     name: str = _f("promptkd", "training method: " + " | ".join(METHOD_NAMES), choices=METHOD_NAMES)
     loss_chunk_size: int = _f(0, "sequence positions per chunk of the fp32 loss math (0 = automatic: "
                                  "~16 MB pieces for the fused KL/prompt losses, unchunked for the others)", min=0)
+    fused_head: bool = _f(True, "fused LM head + loss: the divergences (and PromptKD's prompt loss) take the models' "
+                                "final hidden states and head weights and apply the head chunk by chunk, so no "
+                                "[tokens, vocab] logits exist for all response positions (false = full logits, "
+                                "the reference path)")
     promptkd: PromptKDConfig = _f(PromptKDConfig(), "promptkd and rkl (PromptKD without a prompt)")
     kd: KDConfig = _f(KDConfig(), "kd")
     imitkd: ImitKDConfig = _f(ImitKDConfig(), "imitkd")

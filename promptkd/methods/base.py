@@ -54,6 +54,7 @@ class StepContext:
     vllm: Any = None                 # rollout.engine=vllm: the rank's VLLMRollouts (None: our decode loop)
     gather_student: str = "auto"     # ZeRO-3 student: gather it once per rollout (auto: when it fits)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    fused_head: bool = True          # method.fused_head: divergences through the fused LM head (promptkd.methods.fused)
 
 
 def step_context(cfg: Config, section: Optional[str], engine: Any, *, pad_id: int, eos_id: int, vocab_size: int,
@@ -68,7 +69,8 @@ def step_context(cfg: Config, section: Optional[str], engine: Any, *, pad_id: in
                        sampling=rollout_params(cfg), opts=getattr(cfg.method, section) if section else None,
                        teacher=teacher, tokenizer=tokenizer, generator=generator, seed=cfg.seed,
                        chunk=cfg.method.loss_chunk_size or None, sync_rollout=sync_rollout,
-                       teacher_sharded=cfg.model.teacher.placement == "zero3", vllm=vllm)
+                       teacher_sharded=cfg.model.teacher.placement == "zero3", vllm=vllm,
+                       fused_head=cfg.method.fused_head)
 
 
 TOKENS = "tokens"

@@ -7,6 +7,7 @@ from promptkd.config import Config, REGISTRY
 from promptkd.losses import cross_entropy, forward_kl
 from promptkd.methods.base import (Method, MicroBatch, StepResult, Tally, full_batches, global_tokens, lm_logits,
                                    local_tokens, student_backward, student_update_phase, teacher_logits)
+from promptkd.methods.fused import fused_student_update, lm_hidden, teacher_hidden
 
 
 class KD(Method):
@@ -30,6 +31,12 @@ class KD(Method):
         with student_update_phase(ctx):
             for b in batches:
                 ids, attn, mask = b["input_ids"], b["attention_mask"], b["loss_mask"][:, 1:]
+                if ctx.fused_head and w_ce == 0:  # the CE term needs the student's logits: only pure FKL is fused
+                    with torch.no_grad():
+                        t_hidden = teacher_hidden(ctx.teacher, ids, attn, use_prompt=False)
+                    fkl = fused_student_update(ctx, lm_hidden(ctx.engine, ids, attn), t_hidden, mask, "fkl", n_global)
+                    tally.add("loss/fkl", fkl)
+                    continue
                 with torch.no_grad():
                     t_logits = teacher_logits(ctx.teacher, ids, attn, ctx.vocab_size, use_prompt=False)
                 s_logits = lm_logits(ctx.engine, ids, attn, ctx.vocab_size)

@@ -19,6 +19,7 @@ from promptkd.losses import prompt_loss, regularizer_weight, reverse_kl
 from promptkd.methods.base import (KEPT_STUDENT, KEPT_TARGET, Method, MicroBatch, StepContext, StepResult, Tally, global_tokens, has_dropout,
                                    lm_logits, local_tokens, response_start, set_modes, shifted_mask, student_backward,
                                    student_rollouts, student_update_phase, teacher_logits, token_scale)
+from promptkd.methods.fused import fused_prompt, fused_student_update, lm_hidden, teacher_hidden
 from promptkd.methods.soft_prompt import SoftPrompt
 from promptkd.rollout import Rollout
 
@@ -27,6 +28,7 @@ from promptkd.rollout import Rollout
 class Kept:
     """What the prompt step hands the student step, per micro-batch (None: compute it there)."""
 
+    # logits [B, T', V], or with method.fused_head the final hidden states [B, T', H] the loss puts through the head
     student: list[Optional[torch.Tensor]]   # the student forward run with grad in the prompt step
     targets: list[Optional[torch.Tensor]]   # stale_student_target: p_T^θ from before the prompt update
     prompt_finite: bool = True              # the prompt's gradient was finite (else the whole step is skipped)
@@ -131,15 +133,18 @@ class PromptKD(Method):
             s_logits = self.student_logits_for_prompt(r, start, kept if i == 0 else None, i)
             ctx.timer.lap("prompt/student_fwd")
             with torch.no_grad():
-                base = (teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, False, start)
-                        if w > 0 else None)
+                base = self.teacher_forward(r, False, start) if w > 0 else None
             ctx.timer.lap("prompt/teacher_base_fwd_nograd")
             ctx.teacher.train(m.prompt_step_teacher_train)
-            prompted = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, True, start)
+            prompted = self.teacher_forward(r, True, start)
             ctx.teacher.eval()
             ctx.timer.lap("prompt/teacher_prompted_fwd")
-            pl = prompt_loss(s_logits, prompted=prompted, teacher=base if base is not None else prompted.detach(),
-                             mask=mask, reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
+            if ctx.fused_head:  # logits only chunk by chunk; the gradient reaches θ through the prompted states
+                pl = fused_prompt(ctx, s_logits, prompted, base, mask, w, m.guidance)
+            else:
+                pl = prompt_loss(s_logits, prompted=prompted,
+                                 teacher=base if base is not None else prompted.detach(),
+                                 mask=mask, reg_weight=w, guidance=m.guidance, chunk_size=ctx.chunk)
             ctx.timer.lap("prompt/loss")
             (pl.total / token_scale(n_global)).backward()
             ctx.timer.lap("prompt/teacher_bwd")
@@ -157,9 +162,23 @@ class PromptKD(Method):
         tally.values.update({"prompt/reg_weight": w, "prompt/grad_norm": norm, "prompt/lr": self.prompt.lr})
         return tally, kept
 
+    def teacher_forward(self, r: Rollout, use_prompt: bool, start: int) -> torch.Tensor:
+        """The (prompted) teacher's logits [B, T', V], or with method.fused_head its final hidden states [B, T', H]."""
+        ctx = self.ctx
+        if ctx.fused_head:
+            return teacher_hidden(ctx.teacher, r.input_ids, r.attention_mask, use_prompt, start)
+        return teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt, start)
+
+    def student_forward(self, model: Any, r: Rollout, start: int) -> torch.Tensor:
+        """The student's logits [B, T', V], or with method.fused_head its final hidden states [B, T', H]."""
+        if self.ctx.fused_head:
+            return lm_hidden(model, r.input_ids, r.attention_mask, start)
+        return lm_logits(model, r.input_ids, r.attention_mask, self.ctx.vocab_size, start)
+
     def student_logits_for_prompt(self, r: Rollout, start: int, kept: Optional[Kept], index: int) -> torch.Tensor:
         """p_S for the guidance term (a constant there), from the student in eval mode (the kept forward below
-        runs in train mode, which computes the same without dropout).
+        runs in train mode, which computes the same without dropout). With method.fused_head: the student's
+        hidden states instead of its logits (the loss applies its head).
 
         Without dropout (train and eval mode then compute the same) the student step's own
         forward (same weights, same sequences) gives the same logits, so for the first micro-batch that forward runs here, with grad, and
@@ -176,13 +195,13 @@ class PromptKD(Method):
             # the whole prompt step (measured: bench/plan_check.py, zero0_fp32_ckpt).
             ctx.engine.module.train(True)
             try:
-                logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+                logits = self.student_forward(ctx.engine, r, start)
             finally:
                 ctx.engine.module.train(False)
             kept.student[index] = logits
             return logits.detach()
         with torch.no_grad():
-            return lm_logits(ctx.engine.module, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+            return self.student_forward(ctx.engine.module, r, start)
 
     @functools.cached_property
     def student_has_dropout(self) -> bool:
@@ -202,16 +221,18 @@ class PromptKD(Method):
             t_logits = kept.targets[i]
             if t_logits is None:
                 with torch.no_grad():
-                    t_logits = teacher_logits(ctx.teacher, r.input_ids, r.attention_mask, ctx.vocab_size, use_prompt,
-                                              start)
+                    t_logits = self.teacher_forward(r, use_prompt, start)
             ctx.timer.lap("student/teacher_fwd_nograd")
             s_logits = kept.student[i]
             if s_logits is None:
-                s_logits = lm_logits(ctx.engine, r.input_ids, r.attention_mask, ctx.vocab_size, start)
+                s_logits = self.student_forward(ctx.engine, r, start)
             ctx.timer.lap("student/fwd")
-            rkl, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
-            ctx.timer.lap("student/loss")
-            student_backward(ctx, rkl, n_global)
+            if ctx.fused_head:  # logits (here: hidden states) through both heads, chunk by chunk
+                rkl = fused_student_update(ctx, s_logits, t_logits, mask, "rkl", n_global)
+            else:
+                rkl, _ = reverse_kl(s_logits, teacher=t_logits, mask=mask, chunk_size=ctx.chunk)
+                ctx.timer.lap("student/loss")
+                student_backward(ctx, rkl, n_global)
             tally.add("loss/rkl", rkl)
         return tally
 

@@ -15,6 +15,7 @@ from promptkd.methods.base import (MicroBatch, StepContext, Tally, full_batches,
                                    response_start, shifted_mask, student_backward, student_update_phase,
                                    teacher_logits)
 from promptkd.rollout import Rollout
+from promptkd.methods.fused import fused_student_update, lm_hidden, teacher_hidden
 from promptkd.seeding import derive_seed
 
 
@@ -64,12 +65,19 @@ def distill_update(ctx: StepContext, seqs: list[Rollout], divergence: str, *, al
     with student_update_phase(ctx):
         for s in seqs:
             start, mask = response_start(s), shifted_mask(s)
-            with torch.no_grad():
-                t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size,
-                                          use_prompt=False, start=start)
-            s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
-            loss, _ = token_divergence(s_logits, teacher=t_logits, name=divergence, mask=mask, chunk_size=ctx.chunk,
-                                       beta=beta, alpha=alpha)
-            student_backward(ctx, loss, n_global)
+            if ctx.fused_head:  # no [N, V] logits: the loss applies both heads chunk by chunk
+                with torch.no_grad():
+                    t_hidden = teacher_hidden(ctx.teacher, s.input_ids, s.attention_mask, False, start)
+                s_hidden = lm_hidden(ctx.engine, s.input_ids, s.attention_mask, start)
+                loss = fused_student_update(ctx, s_hidden, t_hidden, mask, divergence, n_global, beta=beta,
+                                            alpha=alpha)
+            else:
+                with torch.no_grad():
+                    t_logits = teacher_logits(ctx.teacher, s.input_ids, s.attention_mask, ctx.vocab_size,
+                                              use_prompt=False, start=start)
+                s_logits = lm_logits(ctx.engine, s.input_ids, s.attention_mask, ctx.vocab_size, start)
+                loss, _ = token_divergence(s_logits, teacher=t_logits, name=divergence, mask=mask,
+                                           chunk_size=ctx.chunk, beta=beta, alpha=alpha)
+                student_backward(ctx, loss, n_global)
             tally.add(name, loss)
     return tally

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from promptkd.config import ConfigError
-from promptkd.models.forward import cache_kwarg, keep_kwargs, output_cache
+from promptkd.models.forward import cache_kwarg, captured_head_inputs, keep_kwargs, output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ class PromptedTeacher(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """Logits of the (optionally prompted) teacher for the given tokens.
 
@@ -226,6 +227,8 @@ class PromptedTeacher(nn.Module):
             n new ones, excluding the prompt (left padding allowed).
         logits_to_keep: > 0 computes the LM head for the last that many positions only
             (the rest are never read); 0 = every new position.
+        return_hidden: the final hidden states that enter the LM head ([B, n, H] or [B, logits_to_keep, H])
+            instead of logits; the head computes nothing (the fused head + loss applies it chunk by chunk).
         Returns (logits [B, n, V] for the new tokens only, or [B, logits_to_keep, V]; cache or None).
         See the module docstring for the cache protocol.
         """
@@ -245,7 +248,8 @@ class PromptedTeacher(nn.Module):
         positions = (full_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
         # a cache is being built or read: checkpointing flags must not make the layers drop it
         flags_off = checkpoint_flags_off(self._checkpointable) if use_cache else contextlib.nullcontext()
-        with flags_off:
+        capture = captured_head_inputs(self.base) if return_hidden else contextlib.nullcontext()
+        with flags_off, capture as hidden:
             output = self.base(
                 inputs_embeds=embeds,
                 attention_mask=full_mask,
@@ -254,6 +258,11 @@ class PromptedTeacher(nn.Module):
                 **{self._cache_kwarg: past_key_values},
                 **keep_kwargs(self.base, logits_to_keep, n_new),
             )
+        if return_hidden:
+            if len(hidden) != 1:
+                raise RuntimeError(f"the teacher's LM head ran {len(hidden)} times in one forward; "
+                                   "set method.fused_head=false")
+            return hidden[0][:, -n_new:], output_cache(output)
         return output.logits[:, -n_new:], output_cache(output)
 
     @staticmethod

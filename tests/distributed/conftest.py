@@ -1,12 +1,12 @@
-"""One 2-rank launch of tests/distributed/scenarios.py for the whole session (every scenario but the pinned one,
-which runs in a launch of its own: tests/distributed/test_multirank.py::pinned)."""
+"""One 2-rank launch of tests/distributed/scenarios.py for the whole session (every scenario but the pinned ones,
+which run in a launch of their own: tests/distributed/test_multirank.py::pinned)."""
 import pytest
 
-from tests.fixtures.pins import SCENARIO
+from tests.fixtures.pins import FUSED_SCENARIO, SCENARIO
 from tests.fixtures.ranks import launch_scenarios
 
 
 @pytest.fixture(scope="session")
 def scenario_results(tmp_path_factory):
     """``load(name)``: each rank's result of scenario ``name`` (test_multirank, test_gather, test_device_ranks)."""
-    return launch_scenarios(tmp_path_factory.mktemp("multirank2"), skip=SCENARIO)
+    return launch_scenarios(tmp_path_factory.mktemp("multirank2"), skip=f"{SCENARIO},{FUSED_SCENARIO}")

@@ -8,6 +8,7 @@ asserts on them. A scenario's exception is recorded and the next one runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -574,20 +575,34 @@ def scenario_train_eval_modes() -> dict:
     return out
 
 
-def scenario_pinned_numerics() -> dict:
-    """Issue 12: 10 steps of PromptKD (ZeRO-2, ZeRO-3) and ImitKD (ZeRO-3) on 2 ranks, every logged number and
-    the final weights' digests, compared with tests/distributed/pinned_numerics.json."""
+def pinned_runs(fused_head: bool, around: Callable[[Any, int], Any] = lambda m, eos: contextlib.nullcontext()) -> dict:
+    """10 steps of PromptKD (ZeRO-2, ZeRO-3) and ImitKD (ZeRO-3) on 2 ranks: every logged number and the final
+    weights' digests. ``around(method, eos_id)``: a context the steps run in."""
     out = {}
     for label, ds_json, method in (("promptkd_zero2", "ds_configs/zero2.json", "promptkd"),
                                    ("promptkd_zero3", ZERO3, "promptkd"), ("imitkd_zero3", ZERO3, "imitkd")):
-        cfg = tiny_cfg(ds_json, **{"method.name": method})
+        cfg = tiny_cfg(ds_json, **{"method.name": method, "method.fused_head": fused_head})
         m, splits, tok = build_run(cfg, method)
         hook = eos_bias_hook(m.ctx.engine.module, tok.eos_token_id)
-        res = run_steps(m, splits, cfg, 10)
+        with around(m, tok.eos_token_id):
+            res = run_steps(m, splits, cfg, 10)
         hook.remove()
         out[label] = {"metrics": res["metrics"], "student": res["student"][-1],
                       "prompt": digest(m.ctx.teacher.prompt) if method == "promptkd" else None}
     return out
+
+
+def scenario_pinned_numerics() -> dict:
+    """Issue 12: the pinned runs, compared with tests/distributed/pinned_numerics.json. They pin the reference
+    path: full logits (method.fused_head=false), as when the pins were made."""
+    return pinned_runs(fused_head=False)
+
+
+def scenario_pinned_numerics_fused() -> dict:
+    """Issue 22: the pinned runs on the fused head (the default), compared with the pins to a tolerance."""
+    from tests.distributed import fused_scenarios
+
+    return fused_scenarios.pinned_numerics_fused()
 
 
 # ----------------------------------------------------------------------------- the device-discipline checks (issue 19)
@@ -611,6 +626,13 @@ def scenario_gather_teacher() -> dict:
     from tests.distributed import gather_scenarios
 
     return gather_scenarios.scenario_gather_teacher()
+
+
+def scenario_fused_head_zero3() -> dict:
+    """Issue 22: the fused LM head at ZeRO-3 equals the logits path, and gathers the head once per loss."""
+    from tests.distributed import fused_scenarios
+
+    return fused_scenarios.scenario_fused_head_zero3()
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
