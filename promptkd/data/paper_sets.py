@@ -292,7 +292,7 @@ def main(argv: list[str], snapshot: Optional[Callable[[str, list[str]], str]] = 
         return 2
     print("\n".join(_summary(found, prepared, args)))
     if not any(f.source for f in found):
-        print(f"error: prepare all: none of the five sets could be found; put their raw files where the lines "
+        print("error: prepare all: none of the five sets could be found; put their raw files where the lines "
               f"above say and rerun", file=sys.stderr)
         return 2
     return 0
