@@ -293,7 +293,7 @@ def main(argv: list[str], snapshot: Optional[Callable[[str, list[str]], str]] = 
     print("\n".join(_summary(found, prepared, args)))
     if not any(f.source for f in found):
         print("error: prepare all: none of the five sets could be found; put their raw files where the lines "
-              f"above say and rerun", file=sys.stderr)
+              "above say and rerun", file=sys.stderr)
         return 2
     return 0
 
