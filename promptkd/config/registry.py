@@ -23,18 +23,21 @@ class MethodSpec:
     trains_prompt: bool = False      # the teacher carries a soft prompt of model.teacher.prompt_length, trained
     fused: bool = False              # its student loss is a fused KL (grad made in the forward) when its
                                      # settings make it a plain forward/reverse KL (Method.fused_loss(cfg))
+    fused_head: bool = False         # its teacher-student divergences can run on hidden states through the fused
+                                     # LM head (method.fused_head; promptkd.methods.fused.uses_fused_head)
 
 
 _SPECS = (
     # rkl is PromptKD without a prompt (the ablation): it reads method.promptkd
-    MethodSpec("promptkd", "promptkd", uses_teacher=True, samples_student=True, trains_prompt=True, fused=True),
-    MethodSpec("rkl", "promptkd", uses_teacher=True, samples_student=True, fused=True),
+    MethodSpec("promptkd", "promptkd", uses_teacher=True, samples_student=True, trains_prompt=True, fused=True,
+               fused_head=True),
+    MethodSpec("rkl", "promptkd", uses_teacher=True, samples_student=True, fused=True, fused_head=True),
     MethodSpec("sft"),
-    MethodSpec("kd", "kd", uses_teacher=True, fused=True),
+    MethodSpec("kd", "kd", uses_teacher=True, fused=True, fused_head=True),
     MethodSpec("seqkd", "seqkd", uses_teacher=True, samples_teacher=True),
-    MethodSpec("imitkd", "imitkd", uses_teacher=True, samples_student=True, fused=True),
-    MethodSpec("gkd", "gkd", uses_teacher=True, samples_student=True, fused=True),
-    MethodSpec("distillm", "distillm", uses_teacher=True, samples_student=True),
+    MethodSpec("imitkd", "imitkd", uses_teacher=True, samples_student=True, fused=True, fused_head=True),
+    MethodSpec("gkd", "gkd", uses_teacher=True, samples_student=True, fused=True, fused_head=True),
+    MethodSpec("distillm", "distillm", uses_teacher=True, samples_student=True, fused_head=True),
     MethodSpec("minillm", "minillm", uses_teacher=True, samples_mixture=True),
 )
 
