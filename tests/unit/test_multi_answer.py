@@ -11,7 +11,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from promptkd.data import DataError, load_examples, tokenize_examples, train_tokenizer
-from promptkd.data.multi_answer import FAMILIES, LETTERS, generate_multi_answer, make_multi_answer_splits
+from promptkd.data.multi_answer import COLOR_TABLE, FAMILIES, LETTERS, generate_multi_answer, make_multi_answer_splits
 from promptkd.data.synthetic import NOUNS
 from promptkd.evaluation import per_category, rouge_l, score
 
@@ -79,15 +79,15 @@ def test_single_reference_score_is_unchanged(tmp_path):
 
 
 def _valid(record: dict) -> bool:
-    """Whether the record's response is a right answer, checked from the prompt alone."""
+    """Whether the record's response is a right answer, checked from the prompt and the tables alone."""
     fam, ctx, resp, ins = record["category"], record["context"], record["response"], record["instruction"]
-    if fam == "any_order":
-        return sorted(resp.split()) == sorted(ctx.split())
-    if fam == "pick":
-        return resp.startswith("One word is ") and resp[len("One word is "):-1] in ctx.split(", ")
+    if fam == "colors":
+        return sorted(resp.split()) == sorted(COLOR_TABLE[ins.split()[-1].rstrip(".")])
+    if fam == "sum_pair":
+        a, b = map(int, resp.split(" and "))
+        return a >= 1 and b >= 1 and a + b == int(ins.rstrip(".").split()[-1])
     if fam == "letter":
-        word = resp[len("A word is "):-1]
-        return word in NOUNS and word[0] == ins.rstrip(".")[-1]
+        return resp in NOUNS and resp[0] == ins.rstrip(".")[-1]
     if fam == "add":
         a, b = map(int, ins[len("What is "):-1].split(" plus "))
         return resp.rstrip(".").split()[-1] == str(a + b)
@@ -100,9 +100,13 @@ def test_generator_answers_are_valid_and_listed_in_full():
     assert all(_valid(r) for r in records)
     for r in records:
         assert r["response"] in r["references"] and len(set(r["references"])) == len(r["references"]) >= 2
-        if r["category"] == "any_order":
-            assert len(r["references"]) == {3: 6, 4: 24}[len(r["context"].split())]
+        assert all(_valid({**r, "response": ref}) for ref in r["references"])
+        if r["category"] == "colors":
+            assert len(r["references"]) == 6
+        if r["category"] == "sum_pair":
+            assert len(r["references"]) == int(r["instruction"].rstrip(".").split()[-1]) - 1
     assert all(len([n for n in NOUNS if n[0] == c]) >= 2 for c in LETTERS)
+    assert all(len(set(c)) == 3 for c in COLOR_TABLE.values()) and len(COLOR_TABLE) == 16
 
 
 def test_training_references_are_sampled_across_valid_answers():
@@ -127,7 +131,7 @@ def test_splits_are_deterministic_and_avoid_train_prompts(tmp_path):
     train = {(r["instruction"], r["context"]) for r in rows["train"]}
     for split in ("dev", "test"):
         assert all("references" in r for r in rows[split])
-        fresh = [r for r in rows[split] if r["category"] != "letter"]
+        fresh = [r for r in rows[split] if r["category"] == "count"]  # the one held-out family
         assert fresh and all((r["instruction"], r["context"]) not in train for r in fresh)
     loaded = load_examples(a["test"], "dolly")
     assert all(e.references[0] == r["response"] and set(e.references) == set(r["references"])
