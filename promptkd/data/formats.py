@@ -89,6 +89,17 @@ def _single_turn(instruction: str, context: str, template: str) -> tuple[str, li
     return prompt, [{"role": "user", "content": text}]
 
 
+def _dolly_references(row: dict[str, Any], response: str, where: str) -> list[str]:
+    """[response] plus the optional ``references`` list (every valid answer, for sets with several; scored as the
+    max over them). ``response`` stays first: it is the training target (references[0])."""
+    extra = row.get("references")
+    if extra is None:
+        return [response]
+    if not isinstance(extra, list) or not extra or not all(isinstance(r, str) for r in extra):
+        raise _fail(where, "field 'references' must be a non-empty list of strings")
+    return [response] + [r for r in dict.fromkeys(extra) if r != response]
+
+
 def _parse_dolly(row: dict[str, Any], default_id: str, where: str, template: str) -> Example:
     instruction = _required_str(row, "instruction", where)
     context = _optional_str(row, "context", where)
@@ -97,7 +108,7 @@ def _parse_dolly(row: dict[str, Any], default_id: str, where: str, template: str
     return Example(
         id=_row_id(row, default_id, where),
         prompt=prompt,
-        references=[response],
+        references=_dolly_references(row, response, where),
         category=_optional_str(row, "category", where),
         messages=messages,
     )

@@ -42,6 +42,8 @@ COVERED_ELSEWHERE = {
                         "tests/integration/test_launcher.py"),
     "quality.yaml": ("tests/unit/test_bench_smoke.py::test_quality_bench_smoke_on_a_dolly_dir_runs_every_method",
                      "bench/quality.py"),
+    "quality_multi.yaml": ("tests/unit/test_multi_answer.py::test_quality_multi_config_smoke",
+                           "tests/unit/test_multi_answer.py"),
 }
 STEPS = 2
 LAUNCH_TIMEOUT_S = 420   # outer `timeout` per launch: a hang fails fast (bf16 on a shared 2-core CPU is slow)
