@@ -8,7 +8,8 @@ divergence and its gradient w.r.t. those chunk logits, and turns that gradient a
 gradients of the hidden states (``g @ W``) and, where the head trains, of the head weight and bias
 (``g.T @ h``, accumulated in fp32). The gradients are computed in the forward (as in
 ``promptkd.losses.fused``), so backward only scales them: no recompute, and at most one chunk's logits
-(a few fp32 ``[chunk, V]`` buffers) are alive at a time, next to the ``[V, H]`` head-weight gradient
+(one fp32 ``[chunk, V]`` workspace per side, reused by every chunk, and the divergence's temporaries) are
+alive at a time, next to the ``[V, H]`` head-weight gradient
 and the ``[N, H]`` hidden-state gradients.
 
 Conventions (those of ``promptkd.losses``): hidden states ``[B, T, H]`` (or ``[N, H]``) aligned with a
@@ -21,7 +22,9 @@ with the host. Masked-out rows are never read, so garbage there cannot leak. A t
 
 Values and gradients equal the unfused path to 1e-6 in fp32 (tests/unit/test_fused_head.py). In bf16,
 the logits are rounded to bf16 as the model's head would, the chunk's logit gradient is rounded to
-bf16 before the head matmuls as autograd would, and the head-weight gradient is summed in fp32.
+bf16 before the head matmuls as autograd would, and the head-weight gradient is summed in fp32. On CPU a
+16-bit head's matmuls run in fp32 on upcast weight blocks (fp32 accumulation, as a GPU's bf16 GEMM): this
+CPU has no native bf16 GEMM (bench/README.md).
 """
 from __future__ import annotations
 
@@ -36,10 +39,10 @@ from promptkd.config.divergences import SKEW_DIVERGENCES
 from promptkd.losses.core import DIVERGENCES, GUIDANCE_CHOICES, PromptLoss
 from promptkd.losses.fused import chunk_elements
 
-# Kept rows per chunk on CPU when the caller gives none: ~32 M fp32 logits (128 MB per buffer, ~6
-# buffers alive) - at a 152k vocabulary, 220 rows, enough for the head matmul to run at full speed
-# (smaller chunks re-read the [V, H] weight more often than they compute). On CUDA: promptkd.losses.fused's
-# memory-sized budget.
+# Kept rows per chunk on CPU when the caller gives none: ~32 M fp32 logits (128 MB per side's workspace,
+# allocated once per loss; the divergence's temporaries are row sub-blocks) - at a 152k vocabulary, 220 rows,
+# enough for the head matmul to run at full speed (smaller chunks re-read the [V, H] weight more often than
+# they compute). On CUDA: promptkd.losses.fused's memory-sized budget, the divergence over the whole chunk.
 CPU_CHUNK_ELEMENTS = 1 << 25
 
 

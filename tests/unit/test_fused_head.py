@@ -290,3 +290,25 @@ def test_bf16_cpu_head_runs_in_fp32_blocks(monkeypatch):
         assert a.dtype == torch.bfloat16 and a.abs().max() > 0
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
     assert got[1][VOCAB:].abs().max() == 0        # the padded rows of the head never count
+
+
+def test_bench_extrapolation_labels_and_lines():
+    """bench/fused_head.py's extrapolation: a line per (step, dtype, variant) through the measured peaks; fused
+    points below one full chunk are off the line; one full-chunk fused point takes the [T, H] gradient's slope;
+    every value says whether it was measured or extrapolated."""
+    from bench import fused_head as bench
+
+    def case(t, **peaks):
+        return {"step": "student", "dtype": "fp32", "T": t, "H": 1024, "vocab": 151936,
+                **{k: {"peak_bytes": v} for k, v in peaks.items()}}
+
+    cases = [case(512, unfused=1000 + 512 * 10), case(1024, unfused=1000 + 1024 * 10, fused=5000 + 1024 * 7),
+             case(2048, fused=5000 + 2048 * 7), case(100, fused=10)]
+    rows = {e["T"]: e for e in bench.extrapolate(cases, targets=(2048, 8192))}
+    assert rows[2048]["fused"] == {"peak_bytes": 5000 + 2048 * 7, "how": "measured"}
+    assert rows[2048]["unfused"]["how"] == "extrapolated" and rows[2048]["unfused"]["peak_bytes"] == 1000 + 20480
+    assert rows[8192]["fused"]["peak_bytes"] == 5000 + 8192 * 7 and rows[8192]["fused"]["from_T"] == [1024, 2048]
+    assert rows[8192]["peak_ratio_fused_over_unfused"] == (5000 + 8192 * 7) / (1000 + 81920)
+    one = bench.extrapolate([case(512, unfused=2000), case(1024, unfused=3000), case(2048, fused=9000)],
+                            targets=(8192,))[0]
+    assert one["fused"]["peak_bytes"] == 9000 + (8192 - 2048) * 1024 * 4 and one["unfused"]["peak_bytes"] == 17000
