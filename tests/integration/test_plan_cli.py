@@ -38,7 +38,7 @@ def test_plan_of_a_paper_config_without_weights_or_hub():
     assert "no config.json there yet; using the shipped llama-13b config" in text
     for term in ("student parameters", "student gradients", "student optimizer states", "teacher weights",
                  "soft prompt", "student KV cache", "teacher activations, prompted forward",
-                 "prompted teacher logits", "prompt loss", "framework overhead", "optimizer step",
+                 "teacher head input (fused head)", "prompt loss (fused head)", "framework overhead", "optimizer step",
                  "with model.student.gradient_checkpointing=true"):
         assert term in text, term
     assert "verdict: does not fit" in text and "largest train.micro_batch_size that fits: 6" in text
