@@ -1,7 +1,14 @@
 """Peak memory and time of the loss part of a PromptKD prompt step and student step: fused head ÷ today.
 
     .venv/bin/python bench/fused_head.py                       # -> bench/results/fused_head.json
-    .venv/bin/python bench/fused_head.py --T 512 1024 2048 --dtypes fp32 bf16 --steps student prompt
+    .venv/bin/python bench/fused_head.py --T 2048 --dtypes fp32 --out fused_head_fp32_2k
+    .venv/bin/python bench/fused_head.py --T 8192 --variants fused --out fused_head_fp32_8k
+    .venv/bin/python bench/fused_head.py --merge bench/results/fused_head_*_*.json --out fused_head
+
+T in {2k, 8k, 16k} by default. On CPU a variant whose estimated peak would not fit in MemAvailable (less
+``--margin-gb``) is skipped and recorded under ``skipped`` (the machine may be shared); ``--merge`` joins
+runs into one file and adds, per (step, dtype, variant), the line through the measured peaks at the T's
+not measured (``extrapolated``, each value marked "measured" or "extrapolated").
 
 "The loss part" is what sits between the models' last hidden states and their gradients: the LM heads,
 the loss, and the backward through the heads. Inputs: one sequence of T response positions (every one
@@ -45,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import RESULTS, emit, quiet, set_threads, traced_peak  # noqa: E402
 from promptkd.losses import core  # noqa: E402
-from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_reverse_kl  # noqa: E402
+from promptkd.losses.fused_head import CPU_CHUNK_ELEMENTS, HeadStates, fused_prompt_loss, fused_reverse_kl  # noqa: E402,E501
 
 MEM_TARGET, TIME_TARGET = 1 / 8, 1.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -144,30 +151,66 @@ def timed_call(step: str, x: dict, fused: bool, vocab: int) -> tuple[float, floa
     return wall, cpu
 
 
+VARIANTS = {"unfused": False, "fused": True}
+
+
+def estimated_peak(variant: str, t: int, h: int, v: int, dtype: str) -> int:
+    """A generous guess of one call's peak (bytes), inputs included, for the memory guard: today's path holds
+    up to ~5 fp32-sized [T, V] tensors (measured: 3.5-5x the logits), the fused one ~1.5 GB whatever T."""
+    inputs = 2 * v * h * DTYPES[dtype].itemsize + 3 * t * h * 4
+    loss = 5 * t * v * 4 + 2 * v * h * 4 if variant == "unfused" else 8 * (1 << 25) * 4 + 2 * v * h * 4
+    return inputs + loss
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_case(step: str, dtype: str, t: int, h: int, v: int, vocab: int, device: torch.device,
-             repeats: int) -> dict[str, Any]:
-    x = make_inputs(t, h, v, DTYPES[dtype], device)
-    res = {name: measured_call(step, x, fused, vocab) for name, fused in (("unfused", False), ("fused", True))}
-    for name in res:
+             repeats: int, variants: tuple[str, ...] = ("unfused", "fused"), margin_gb: float = 3.0) -> dict[str, Any]:
+    """Both variants (or those asked for) of one shape, the profiled call first, then ``repeats`` timed rounds
+    interleaved A B A B. On CPU a variant whose estimated peak does not fit in MemAvailable less ``margin_gb``
+    is skipped (recorded under ``skipped``): the machine is shared."""
+    res: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    if device.type == "cpu":
+        for name in variants:
+            need, free = estimated_peak(name, t, h, v, dtype), mem_available()
+            if need > free - margin_gb * 2 ** 30:
+                skipped[name] = f"needs ~{need / 2 ** 30:.1f} GiB, MemAvailable {free / 2 ** 30:.1f} GiB"
+    run = [n for n in variants if n not in skipped]
+    x = make_inputs(t, h, v, DTYPES[dtype], device) if run else {}
+    for name in run:
+        res[name] = measured_call(step, x, VARIANTS[name], vocab)
         res[name]["wall_all"], res[name]["cpu_all"] = [res[name]["wall_s"]], [res[name]["cpu_s"]]
     for _ in range(repeats):
-        for name, fused in (("unfused", False), ("fused", True)):
-            wall, cpu = timed_call(step, x, fused, vocab)
+        for name in run:
+            wall, cpu = timed_call(step, x, VARIANTS[name], vocab)
             res[name]["wall_all"].append(wall)
             res[name]["cpu_all"].append(cpu)
     med = {k: {m: sorted(r[m + "_all"])[len(r[m + "_all"]) // 2] for m in ("wall", "cpu")} for k, r in res.items()}
+    for k in res:
+        res[k]["wall_median_s"], res[k]["cpu_median_s"] = med[k]["wall"], med[k]["cpu"]
     logits_bytes = t * vocab * DTYPES[dtype].itemsize
-    peak_ratio = res["fused"]["peak_bytes"] / max(1, res["unfused"]["peak_bytes"])
-    cpu_ratio = med["fused"]["cpu"] / med["unfused"]["cpu"]
-    return {"step": step, "dtype": dtype, "T": t, "H": h, "V": v, "vocab": vocab, "device": device.type,
-            "unfused": res["unfused"], "fused": res["fused"],
-            "peak_in_logits": {k: round(r["peak_bytes"] / logits_bytes, 3) for k, r in res.items()},
-            "peak_ratio_fused_over_unfused": peak_ratio,
-            "wall_ratio_fused_over_unfused": med["fused"]["wall"] / med["unfused"]["wall"],
-            "cpu_ratio_fused_over_unfused": cpu_ratio,
-            "loss_rel_diff": abs(res["fused"]["loss"] - res["unfused"]["loss"])
-            / max(1e-30, abs(res["unfused"]["loss"])),
-            "meets_memory_target": peak_ratio <= MEM_TARGET, "meets_time_target": cpu_ratio <= TIME_TARGET}
+    case = {"step": step, "dtype": dtype, "T": t, "H": h, "V": v, "vocab": vocab, "device": device.type,
+            "measured": sorted(res), **res, "peak_in_logits": {k: round(r["peak_bytes"] / logits_bytes, 3)
+                                                                for k, r in res.items()}}
+    if skipped:
+        case["skipped"] = skipped
+    if len(res) == 2:
+        peak_ratio = res["fused"]["peak_bytes"] / max(1, res["unfused"]["peak_bytes"])
+        cpu_ratio = med["fused"]["cpu"] / med["unfused"]["cpu"]
+        case.update({"peak_ratio_fused_over_unfused": peak_ratio,
+                     "wall_ratio_fused_over_unfused": med["fused"]["wall"] / med["unfused"]["wall"],
+                     "cpu_ratio_fused_over_unfused": cpu_ratio,
+                     "loss_rel_diff": abs(res["fused"]["loss"] - res["unfused"]["loss"])
+                     / max(1e-30, abs(res["unfused"]["loss"])),
+                     "meets_memory_target": peak_ratio <= MEM_TARGET, "meets_time_target": cpu_ratio <= TIME_TARGET})
+    return case
 
 
 def _fit(ts: list[int], ys: list[float]) -> tuple[float, float, float]:
@@ -178,53 +221,84 @@ def _fit(ts: list[int], ys: list[float]) -> tuple[float, float, float]:
     return a, b, max(abs(a + b * t - y) / y for t, y in zip(ts, ys))
 
 
-def extrapolate(cases: list[dict], targets: tuple[int, ...] = (8192, 16384)) -> list[dict]:
-    """Peaks at T's too large to run here, from a line through the measured T's (per step, dtype, side).
+def extrapolate(cases: list[dict], targets: tuple[int, ...] = (2048, 8192, 16384)) -> list[dict]:
+    """Peaks at T's not measured here, from a line through the measured T's (per step, dtype, variant).
 
     Every buffer of both paths is [T, V], [T, H] or T-independent ([V, H] gradients, chunk buffers), so the
-    peak is linear in T; the residual at the measured points says how well. NOT a measurement.
+    peak is linear in T; the residual at the measured points says how well. NOT a measurement. Each target T
+    gives, per variant, the measured peak if there is one, else the line's value, and says which.
     """
     out = []
     for step in sorted({c["step"] for c in cases}):
         for dtype in sorted({c["dtype"] for c in cases}):
-            group = sorted((c for c in cases if c["step"] == step and c["dtype"] == dtype), key=lambda c: c["T"])
-            ts = [c["T"] for c in group]
-            if len(set(ts)) < 2:
+            group = [c for c in cases if c["step"] == step and c["dtype"] == dtype]
+            if not group:
                 continue
-            fits = {side: _fit(ts, [c[side]["peak_bytes"] for c in group]) for side in ("unfused", "fused")}
-            for t in targets:
-                if t in ts:
+            row: dict[int, dict[str, Any]] = {t: {} for t in targets}
+            for side in VARIANTS:
+                pts = sorted({c["T"]: c[side]["peak_bytes"] for c in group if side in c}.items())
+                ts, ys = [p[0] for p in pts], [p[1] for p in pts]
+                if side == "fused":   # below one full chunk the workspaces grow with T: not on the line
+                    full = [i for i, t in enumerate(ts) if t >= CPU_CHUNK_ELEMENTS // group[0]["vocab"]]
+                    ts, ys = [ts[i] for i in full], [ys[i] for i in full]
+                fit = _fit(ts, ys) if len(ts) >= 2 else None
+                if fit is None and ts and side == "fused":
+                    # one full-chunk point: the only [T]-sized buffer left is the hidden-state gradient [T, H]
+                    slope = group[0]["H"] * DTYPES[dtype].itemsize
+                    fit = (ys[0] - slope * ts[0], slope, 0.0)
+                for t in targets:
+                    if t in ts:
+                        row[t][side] = {"peak_bytes": ys[ts.index(t)], "how": "measured"}
+                    elif fit is not None:
+                        row[t][side] = {"peak_bytes": int(fit[0] + fit[1] * t), "how": "extrapolated",
+                                        "from_T": ts, "fit_max_rel_residual": fit[2],
+                                        **({"slope": "H x itemsize (the [T, H] gradient)"} if len(ts) == 1 else {})}
+            for t, sides in row.items():
+                if len(sides) < 2 or all(s["how"] == "measured" for s in sides.values()):
                     continue
-                peak = {side: a + b * t for side, (a, b, _) in fits.items()}
-                out.append({"step": step, "dtype": dtype, "T": t, "from_T": ts, "extrapolated": True,
-                            "peak_bytes": {k: int(v) for k, v in peak.items()},
-                            "peak_ratio_fused_over_unfused": peak["fused"] / peak["unfused"],
-                            "fit_max_rel_residual": {k: f[2] for k, f in fits.items()},
-                            "meets_memory_target": peak["fused"] / peak["unfused"] <= MEM_TARGET})
+                ratio = sides["fused"]["peak_bytes"] / sides["unfused"]["peak_bytes"]
+                out.append({"step": step, "dtype": dtype, "T": t, "extrapolated": True, **sides,
+                            "peak_ratio_fused_over_unfused": ratio, "meets_memory_target": ratio <= MEM_TARGET})
     return out
+
+
+def merge(paths: list[str], out: str) -> dict[str, Any]:
+    """One results file from several runs (cases concatenated; each keeps its run's machine/load), extrapolated."""
+    cases, runs = [], []
+    for path in paths:
+        with open(path) as fh:
+            done = json.load(fh)
+        for c in done["cases"]:
+            c["run"] = os.path.basename(path)
+        cases += done["cases"]
+        runs.append({"file": os.path.basename(path), "machine": done.get("machine"), "repeats": done.get("repeats")})
+    res = {"cases": cases, "extrapolated": extrapolate(cases), "memory_target": MEM_TARGET, "time_target": TIME_TARGET,
+           "memory_method": MEMORY_METHOD, "runs": runs}
+    return emit(out, res)
+
+
+MEMORY_METHOD = ("CUDA: max_memory_allocated; CPU: torch.profiler allocator trace (peak of the running sum of "
+                 "[memory] events of one call)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 16384])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--steps", nargs="+", choices=sorted(STEPS), default=["student", "prompt"])
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["unfused", "fused"])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--V", type=int, default=151936, help="head rows")
     p.add_argument("--vocab", type=int, default=0, help="tokenizer size (the first rows of the head); 0: = V")
     p.add_argument("--repeats", type=int, default=0, help="extra unprofiled timed calls per variant")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--margin-gb", type=float, default=3.0, help="CPU: skip a variant that would leave less free")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="fused_head", help="results name: bench/results/<out>.json")
-    p.add_argument("--extrapolate-only", metavar="JSON", help="add the linear extrapolation to a results file")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge results files into <out> (and extrapolate)")
     args = p.parse_args(argv)
-    if args.extrapolate_only:
-        with open(args.extrapolate_only) as fh:
-            done = json.load(fh)
-        done["extrapolated"] = extrapolate(done["cases"])
-        with open(args.extrapolate_only, "w") as fh:
-            fh.write(json.dumps(done, indent=2) + "\n")
-        return done
+    if args.merge:
+        return merge(args.merge, args.out)
     set_threads(args.threads)
     quiet()
     load = list(os.getloadavg())
@@ -233,16 +307,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for dtype in args.dtypes:
         for t in args.T:
             for step in args.steps:
-                cases.append(run_case(step, dtype, t, args.hidden, args.V, args.vocab or args.V, device, args.repeats))
-                print(f"# {cases[-1]['step']} {dtype} T={t}: peak x{cases[-1]['peak_ratio_fused_over_unfused']:.3f} "
-                      f"cpu x{cases[-1]['cpu_ratio_fused_over_unfused']:.3f}", file=sys.stderr, flush=True)
+                cases.append(run_case(step, dtype, t, args.hidden, args.V, args.vocab or args.V, device, args.repeats,
+                                      tuple(args.variants), args.margin_gb))
+                c = cases[-1]
+                print(f"# {step} {dtype} T={t}: " + ", ".join(
+                    f"{k} peak {c[k]['peak_bytes'] / 1e6:.0f} MB cpu {c[k]['cpu_median_s']:.1f}s" for k in c["measured"])
+                    + (f" skipped {c['skipped']}" if "skipped" in c else ""), file=sys.stderr, flush=True)
                 # every case is minutes on CPU: keep what is done if the run is cut short
                 os.makedirs(RESULTS, exist_ok=True)
                 with open(os.path.join(RESULTS, f"{args.out}.partial.json"), "w") as fh:
                     fh.write(json.dumps({"cases": cases}, indent=2) + "\n")
     res = {"cases": cases, "extrapolated": extrapolate(cases), "memory_target": MEM_TARGET, "time_target": TIME_TARGET,
-           "memory_method": "CUDA: max_memory_allocated; CPU: torch.profiler allocator trace (peak of the running "
-                            "sum of [memory] events of one call)", "repeats": args.repeats, "threads": args.threads}
+           "memory_method": MEMORY_METHOD, "repeats": args.repeats, "threads": args.threads}
     out = emit(args.out, res, load_before=load)
     partial = os.path.join(RESULTS, f"{args.out}.partial.json")
     if os.path.exists(partial):

@@ -156,7 +156,8 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
     if torch.cuda.is_available():  # the allocator's own peak above the resident bytes, and its absolute peak
         measured["cuda_max_allocated_step"] = torch.cuda.max_memory_allocated() - base_alloc
         measured["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
-    plan = plan_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), lengths=lengths)
+    plan = plan_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), lengths=lengths,
+                       device="cuda" if torch.cuda.is_available() else "cpu")  # the loss-chunk rule of this run
     run.close()
     planned = plan.terms_for_check()
     planned["peak_phase"] = plan.phase_total(plan.peak_phase)

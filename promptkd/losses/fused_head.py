@@ -8,7 +8,8 @@ divergence and its gradient w.r.t. those chunk logits, and turns that gradient a
 gradients of the hidden states (``g @ W``) and, where the head trains, of the head weight and bias
 (``g.T @ h``, accumulated in fp32). The gradients are computed in the forward (as in
 ``promptkd.losses.fused``), so backward only scales them: no recompute, and at most one chunk's logits
-(a few fp32 ``[chunk, V]`` buffers) are alive at a time, next to the ``[V, H]`` head-weight gradient
+(one fp32 ``[chunk, V]`` workspace per side, reused by every chunk, and the divergence's temporaries) are
+alive at a time, next to the ``[V, H]`` head-weight gradient
 and the ``[N, H]`` hidden-state gradients.
 
 Conventions (those of ``promptkd.losses``): hidden states ``[B, T, H]`` (or ``[N, H]``) aligned with a
@@ -21,7 +22,9 @@ with the host. Masked-out rows are never read, so garbage there cannot leak. A t
 
 Values and gradients equal the unfused path to 1e-6 in fp32 (tests/unit/test_fused_head.py). In bf16,
 the logits are rounded to bf16 as the model's head would, the chunk's logit gradient is rounded to
-bf16 before the head matmuls as autograd would, and the head-weight gradient is summed in fp32.
+bf16 before the head matmuls as autograd would, and the head-weight gradient is summed in fp32. On CPU a
+16-bit head's matmuls run in fp32 on upcast weight blocks (fp32 accumulation, as a GPU's bf16 GEMM): this
+CPU has no native bf16 GEMM (bench/README.md).
 """
 from __future__ import annotations
 
@@ -36,10 +39,10 @@ from promptkd.config.divergences import SKEW_DIVERGENCES
 from promptkd.losses.core import DIVERGENCES, GUIDANCE_CHOICES, PromptLoss
 from promptkd.losses.fused import chunk_elements
 
-# Kept rows per chunk on CPU when the caller gives none: ~32 M fp32 logits (128 MB per buffer, ~6
-# buffers alive) - at a 152k vocabulary, 220 rows, enough for the head matmul to run at full speed
-# (smaller chunks re-read the [V, H] weight more often than they compute). On CUDA: promptkd.losses.fused's
-# memory-sized budget.
+# Kept rows per chunk on CPU when the caller gives none: ~32 M fp32 logits (128 MB per side's workspace,
+# allocated once per loss; the divergence's temporaries are row sub-blocks) - at a 152k vocabulary, 220 rows,
+# enough for the head matmul to run at full speed (smaller chunks re-read the [V, H] weight more often than
+# they compute). On CUDA: promptkd.losses.fused's memory-sized budget, the divergence over the whole chunk.
 CPU_CHUNK_ELEMENTS = 1 << 25
 
 
@@ -183,12 +186,14 @@ def prompt_kernel(teacher_student: bool, reg_weight: float) -> Kernel:
         logits[0] = logits[1] = None                         # owned by the kernel (as in _kl_kernel)
         if teacher_student:                                   # KL(p_T^θ || p_S)
             diff = logp - logs
+            del logs                                          # one [n, V] buffer fewer at the regularizer's peak
             rows = torch.linalg.vecdot(p, diff)
             grad = diff.sub_(rows[:, None]).mul_(p) if need[1] else None
         else:                                                 # KL(p_S || p_T^θ)
             s_prob = logs.exp()
             rows = torch.linalg.vecdot(s_prob, logs.sub_(logp))
             grad = p - s_prob if need[1] else None
+            del s_prob, logs
         guide = rows.sum()
         reg = torch.zeros((), dtype=torch.float32, device=p.device)
         if reg_weight != 0.0:                                 # w · KL(p_T^θ || p_T)
@@ -203,6 +208,21 @@ def prompt_kernel(teacher_student: bool, reg_weight: float) -> Kernel:
 
 
 # ----------------------------------------------------------------------------- the chunk driver
+#
+# CPU speed (bench/fused_head.py): every buffer of a chunk lives in a workspace allocated once per loss (a
+# fresh 134 MB tensor per chunk is a fresh mmap on CPU, whose page faults cost as much as the softmax
+# math), the divergence runs over row sub-blocks of SUB_BLOCK_ELEMENTS (its temporaries then stay in
+# cache and come from the heap), and its gradient is written back over the chunk's logits (no extra
+# buffer). 16-bit heads on CPU: this CPU's bf16 GEMMs (no AVX512-BF16) run at 1-10 GFLOP/s against ~50 in
+# fp32, so the head matmuls run in fp32 on upcast blocks of VOCAB_BLOCK rows of the weight - what a GPU's
+# bf16 GEMM does too (bf16 operands, fp32 accumulation) - and the logits are rounded to the model's dtype
+# as its head would; the gradient is rounded likewise before the head's backward, and the hidden-state
+# gradient is accumulated in fp32 over the vocabulary blocks and rounded once.
+
+# fp32 elements of one row sub-block of the divergence math on CPU (~4 MB: a few rows at a 152k vocabulary)
+SUB_BLOCK_ELEMENTS = 1 << 20
+# weight rows upcast at once for a 16-bit head on CPU (8 MB of fp32 at H = 1024)
+VOCAB_BLOCK = 2048
 
 
 @dataclass(frozen=True)
@@ -215,23 +235,90 @@ class _Plan:
     need: tuple[bool, ...]          # per flat input (hidden, weight, bias per side)
 
 
-def _side_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
-    """The head on a chunk, in the model's dtype (as its lm_head), then fp32 for the loss."""
-    return F.linear(h, weight[:vocab], None if bias is None else bias[:vocab]).to(torch.float32)
+def _upcast_on_cpu(t: torch.Tensor) -> bool:
+    """A 16-bit head on CPU: its matmuls run in fp32 over upcast weight blocks (see above)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _head_into(out: torch.Tensor, hs: list, weights: list, biases: list, vocab: int) -> None:
+    """``out[i] = hs[i] @ W_i[:vocab].T + b_i`` in the model's dtype, stored as fp32 (one [n, V] buffer per side)."""
+    for i, h in enumerate(hs):
+        if h is None or _upcast_on_cpu(h):
+            continue
+        w, b = weights[i][:vocab], biases[i]
+        if h.dtype == torch.float32:
+            if b is None:
+                torch.mm(h, w.t(), out=out[i])
+            else:
+                torch.addmm(b[:vocab], h, w.t(), out=out[i])
+        else:                                     # 16-bit on an accelerator: its native GEMM, then fp32
+            out[i].copy_(F.linear(h, w, None if b is None else b[:vocab]))
+    slow = [i for i, h in enumerate(hs) if h is not None and _upcast_on_cpu(h)]
+    if not slow:
+        return
+    h32 = {i: hs[i].to(torch.float32) for i in slow}
+    for v0 in range(0, vocab, VOCAB_BLOCK):
+        v1 = min(vocab, v0 + VOCAB_BLOCK)
+        blocks: dict[int, torch.Tensor] = {}      # one upcast per distinct weight (the prompt step shares W_T)
+        for i in slow:
+            w = weights[i]
+            wb = blocks.setdefault(id(w), w[v0:v1].to(torch.float32))
+            b = biases[i]
+            z = torch.mm(h32[i], wb.t()) if b is None else torch.addmm(b[v0:v1].to(torch.float32), h32[i], wb.t())
+            out[i][:, v0:v1].copy_(z.to(hs[i].dtype))   # rounded as the model's head output is
+
+
+def _run_kernel(plan: _Plan, logits: list, need: list, parts: torch.Tensor) -> list[bool]:
+    """The divergence over row sub-blocks of the chunk; each side's logit gradient overwrites its logits."""
+    n = next(z for z in logits if z is not None).shape[0]
+    on_cpu = next(z for z in logits if z is not None).device.type == "cpu"
+    step = max(1, SUB_BLOCK_ELEMENTS // plan.vocab) if on_cpu else n
+    has_grad = [False] * len(logits)
+    for r0 in range(0, n, step):
+        views = [None if z is None else z[r0:r0 + step] for z in logits]
+        chunk_parts, grads = plan.kernel(views, need)
+        parts += chunk_parts
+        for i, g in enumerate(grads):
+            if g is not None:
+                logits[i][r0:r0 + step].copy_(g)
+                has_grad[i] = True
+    return has_grad
 
 
 def _accumulate(plan: _Plan, grads: list, side: int, idx: torch.Tensor, h: torch.Tensor,
                 weight: torch.Tensor, g_logits: torch.Tensor) -> None:
     """Chunk logit gradient -> the side's hidden/weight/bias gradients (the head's backward)."""
-    g = g_logits.to(weight.dtype)                 # what autograd would hand the head: the logits' dtype
     v = plan.vocab
     g_hidden, g_weight, g_bias = grads[3 * side: 3 * side + 3]
+    if _upcast_on_cpu(weight):
+        _accumulate_upcast(v, g_hidden, g_weight, g_bias, idx, h, weight, g_logits)
+        return
+    g = g_logits.to(weight.dtype)                 # what autograd would hand the head: the logits' dtype
     if g_hidden is not None:
         g_hidden.index_copy_(0, idx, (g @ weight[:v]).to(g_hidden.dtype))
     if g_weight is not None:
         g_weight[:v].addmm_(g.t().to(torch.float32), h.to(torch.float32))
     if g_bias is not None:
         g_bias[:v].add_(g.to(torch.float32).sum(0))
+
+
+def _accumulate_upcast(v: int, g_hidden, g_weight, g_bias, idx: torch.Tensor, h: torch.Tensor,
+                       weight: torch.Tensor, g_logits: torch.Tensor) -> None:
+    """The head's backward for a 16-bit head on CPU, in fp32 over upcast vocabulary blocks."""
+    dt = weight.dtype
+    h32 = h.to(torch.float32)
+    acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if g_hidden is not None else None
+    for v0 in range(0, v, VOCAB_BLOCK):
+        v1 = min(v, v0 + VOCAB_BLOCK)
+        g = g_logits[:, v0:v1].to(dt).to(torch.float32)   # rounded as autograd hands it to the head
+        if acc is not None:
+            acc.addmm_(g, weight[v0:v1].to(torch.float32))
+        if g_weight is not None:
+            g_weight[v0:v1].addmm_(g.t(), h32)
+        if g_bias is not None:
+            g_bias[v0:v1].add_(g.sum(0))
+    if acc is not None:
+        g_hidden.index_copy_(0, idx, acc.to(g_hidden.dtype))
 
 
 class _FusedHead(torch.autograd.Function):
@@ -242,6 +329,8 @@ class _FusedHead(torch.autograd.Function):
         n_sides = len(flat) // 3
         hiddens = [None if flat[3 * i] is None else flat[3 * i].reshape(-1, flat[3 * i].shape[-1])
                    for i in range(n_sides)]
+        weights = [flat[3 * i + 1] for i in range(n_sides)]
+        biases = [flat[3 * i + 2] for i in range(n_sides)]
         grads: list[Optional[torch.Tensor]] = []
         for i, t in enumerate(flat):
             if not plan.need[i]:
@@ -253,17 +342,22 @@ class _FusedHead(torch.autograd.Function):
         need_logits = [any(plan.need[3 * i: 3 * i + 3]) for i in range(n_sides)]
         device = next(t for t in flat if t is not None).device
         parts = torch.zeros(len(plan.coeffs), dtype=torch.float32, device=device)
-        for start in range(0, plan.kept.numel(), plan.chunk):
+        n_kept = plan.kept.numel()
+        rows = min(plan.chunk, n_kept)
+        # the chunk's logits, one fp32 [rows, V] buffer per side, allocated once per loss
+        work = [None if h is None else torch.empty(rows, plan.vocab, dtype=torch.float32, device=device)
+                for h in hiddens]
+        for start in range(0, n_kept, plan.chunk):
             idx = plan.kept[start:start + plan.chunk]
+            n = min(plan.chunk, n_kept - start)
             hs = [None if h is None else h.index_select(0, idx) for h in hiddens]
-            logits = [None if h is None else _side_logits(h, flat[3 * i + 1], flat[3 * i + 2], plan.vocab)
-                      for i, h in enumerate(hs)]
-            chunk_parts, g_logits = plan.kernel(logits, need_logits)   # may empty `logits` as it goes
-            del logits
-            parts += chunk_parts
-            for i, g in enumerate(g_logits):
-                if g is not None:
-                    _accumulate(plan, grads, i, idx, hs[i], flat[3 * i + 1], g)
+            logits = [None if z is None else z[:n] for z in work]
+            _head_into(logits, hs, weights, biases, plan.vocab)
+            has_grad = _run_kernel(plan, logits, need_logits, parts)
+            for i, got in enumerate(has_grad):
+                if got:
+                    _accumulate(plan, grads, i, idx, hs[i], weights[i], logits[i])
+        del work
         for i, t in enumerate(flat):
             if grads[i] is not None:
                 grads[i] = grads[i].reshape(t.shape).to(t.dtype)

@@ -119,23 +119,26 @@ def resolve_models(cfg: Config) -> Models:
 
 
 def plan_config(cfg: Config, world_size: Optional[int] = None, micro_batch: Optional[int] = None,
-                models: Optional[Models] = None, lengths: Optional[tuple[int, int]] = None) -> Plan:
+                models: Optional[Models] = None, lengths: Optional[tuple[int, int]] = None,
+                device: str = "cuda") -> Plan:
     """The plan of ``cfg`` at ``micro_batch`` (default train.micro_batch_size), with the largest that fits.
 
     ``lengths``: (sequence, logit positions) to plan at instead of the config's longest (the check
-    plans a measured step at the lengths its rollouts reached).
+    plans a measured step at the lengths its rollouts reached). ``device``: whose loss-chunk rule applies
+    (a GPU of plan.gpu_memory; "cpu" where bench/plan_check.py measures a CPU step).
     """
     world = world_size or world_size_of(cfg)
     models = models or resolve_models(cfg)
-    plan = _plan_at(cfg, world, micro_batch or cfg.train.micro_batch_size, models, lengths)
-    plan.max_micro_batch = largest_fitting(cfg, world, models, lengths)
+    plan = _plan_at(cfg, world, micro_batch or cfg.train.micro_batch_size, models, lengths, device)
+    plan.max_micro_batch = largest_fitting(cfg, world, models, lengths, device)
     return plan
 
 
-def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[tuple[int, int]]) -> int:
+def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[tuple[int, int]],
+                    device: str = "cuda") -> int:
     """The largest micro-batch whose plan fits (0: not even 1); every phase grows with it."""
     def fits(b: int) -> bool:
-        return _plan_at(cfg, world, b, models, lengths).fits
+        return _plan_at(cfg, world, b, models, lengths, device).fits
 
     if not fits(1):
         return 0
@@ -150,7 +153,25 @@ def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[t
     return lo
 
 
-def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optional[tuple[int, int]]) -> Plan:
+def fused_head_on(cfg: Config) -> bool:
+    """method.fused_head: the loss takes hidden states and head weights (promptkd.losses.fused_head), no logits.
+    Read with a default so the planner works before and after the key exists (default true)."""
+    return bool(getattr(cfg.method, "fused_head", True))
+
+
+def loss_chunk_rule(cfg: Config, device: str, head: bool = False) -> tuple[int, int]:
+    """(elements of an automatic loss chunk, row sub-block elements) on the planned device: the GPU rule of
+    promptkd.losses.fused.chunk_elements for plan.gpu_memory; the CPU sizes on "cpu" (bench/plan_check.py's
+    measured CPU steps), where the fused head also sub-blocks its divergence."""
+    if device == "cpu":
+        from promptkd.losses import fused_head
+
+        return (fused_head.CPU_CHUNK_ELEMENTS, fused_head.SUB_BLOCK_ELEMENTS) if head else (M.FUSED_CHUNK_ELEMENTS, 0)
+    return M.device_chunk_elements(cfg.plan.gpu_bytes()), 0
+
+
+def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optional[tuple[int, int]],
+             device: str = "cuda") -> Plan:
     from promptkd.methods import METHODS
     from promptkd.methods.base import KEPT_STUDENT
 
@@ -171,8 +192,9 @@ def _plan_at(cfg: Config, world: int, batch: int, models: Models, lengths: Optio
     kept: list[Line] = []
     if prompt_len > 0:
         keeps_student = KEPT_STUDENT in method.kept_forwards(cfg, student_dropout=s.dropout > 0)
-        phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len, keeps_student)
-    phases["student_step"] = _student_step(cfg, z, s, t, shape, e_s, kept)
+        phases["prompt_step"], kept = _prompt_step(cfg, s, t, shape, e_s, prompt_len, keeps_student,
+                                                   device)
+    phases["student_step"] = _student_step(cfg, z, s, t, shape, e_s, kept, device)
     phases["optimizer_step"] = [Line("optimizer step: fp32 gradients + AdamW's temporaries", M.optimizer_step(
         trained, z, e_s, world), f"deepspeed ({cfg.deepspeed}), train.precision")]
     _add_gathers(cfg, z, s, t, e_s, phases, bool(kept))
@@ -267,11 +289,17 @@ def _rollout(cfg: Config, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int) 
 
 
 def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int, prompt_len: int,
-                 keeps_student: bool) -> tuple[list[Line], list[Line]]:
+                 keeps_student: bool, device: str = "cuda") -> tuple[list[Line], list[Line]]:
     """The prompt update: the kept student graph, p_T, the prompted teacher's graph through all its layers."""
     opts, tc = cfg.method.promptkd, cfg.model.teacher
     e_t = PRECISION_BYTES[tc.dtype]
-    s_logits = Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
+    head = fused_head_on(cfg)
+    # with the fused head every model hands the loss its last hidden states [B, K, h], never [B, K, V] logits
+    def out(a: Arch, e: int) -> float:
+        return M.head_input(shape, a.hidden, e) if head else M.logits(shape, a.vocab, e)
+
+    what = "head input (fused head)" if head else "logits"
+    s_logits = Line(f"student {what}", out(s, e_s), "train.micro_batch_size, rollout.max_new_tokens, method.fused_head")
     kept: list[Line] = []
     if keeps_student:  # the student step's forward, run here (Method.kept_forwards)
         kept = [Line("student activations (kept for the student step)",
@@ -279,54 +307,77 @@ def _prompt_step(cfg: Config, s: Arch, t: Arch, shape: M.Shape, e_s: int, prompt
                      "model.student.gradient_checkpointing, method.promptkd.reuse_student_forward"), s_logits]
     t_shape = M.Shape(shape.batch, shape.seq + prompt_len, shape.keep)
     dropout = opts.prompt_step_teacher_train
-    lines = list(kept) if kept else [Line("student logits (no grad)", M.logits(shape, s.vocab, e_s),
-                                          "train.micro_batch_size")]
+    lines = list(kept) if kept else [Line(f"student {what} (no grad)", out(s, e_s),
+                                          "train.micro_batch_size, method.fused_head")]
     if opts.reg_schedule != "off":
-        lines.append(Line("teacher logits p_T (no grad)", M.logits(shape, t.vocab, e_t),
-                          "method.promptkd.reg_schedule"))
+        lines.append(Line(f"teacher {what} p_T (no grad)", out(t, e_t), "method.promptkd.reg_schedule, method.fused_head"))
     t_act = (t, t_shape, e_t, True, dropout, tc.gradient_checkpointing)
+    lines.append(Line(f"teacher activations, prompted forward ({t_shape.seq} tokens, saved for the prompt's backward)",
+                      M.activations(*t_act), "model.teacher.gradient_checkpointing, train.micro_batch_size, "
+                                             "data.max_length"))
+    if head:
+        elements, sub = loss_chunk_rule(cfg, device, head=True)
+        lines += [Line("prompt loss (fused head): hidden-state gradient [B, K, h]", M.head_input(shape, t.hidden, e_t),
+                       "train.micro_batch_size, method.fused_head"),
+                  _transient(M.fused_head_chunk(shape, t.vocab, cfg.method.loss_chunk_size, elements,
+                                                f"prompt_{opts.guidance}", sub),
+                             M.backward_working(*t_act), 0.0, "the teacher's", head=True)]
+        return lines, kept
     lines += [
-        Line(f"teacher activations, prompted forward ({t_shape.seq} tokens, saved for the prompt's backward)",
-             M.activations(*t_act), "model.teacher.gradient_checkpointing, train.micro_batch_size, data.max_length"),
         Line("prompted teacher logits", M.logits(shape, t.vocab, e_t),
-             "train.micro_batch_size, rollout.max_new_tokens"),
+             "train.micro_batch_size, rollout.max_new_tokens, method.fused_head"),
         Line("prompt loss: gradient buffer", M.logits(shape, t.vocab, e_t), "train.micro_batch_size"),
-        _transient(M.loss_chunk(shape, t.vocab, cfg.method.loss_chunk_size), M.backward_working(*t_act), 0.0,
-                   "the teacher's"),
+        _transient(M.loss_chunk(shape, t.vocab, cfg.method.loss_chunk_size, elements=loss_chunk_rule(cfg, device)[0]),
+                   M.backward_working(*t_act), 0.0, "the teacher's"),
     ]
     return lines, kept
 
 
-def _transient(chunk: float, working: float, bucket: float, whose: str, fused: bool = True) -> Line:
+def _transient(chunk: float, working: float, bucket: float, whose: str, fused: bool = True, head: bool = False) -> Line:
     """The loss's fp32 temporaries are gone before backward's working set (and a ZeRO bucket) exists: the larger
     counts."""
     if chunk >= working + bucket:
-        what = "fp32 chunk" if fused else "fp32 [N, V] copies (autograd, not fused)"
-        return Line(f"loss: {what} (larger than the backward's working set)", chunk, "method.loss_chunk_size")
+        what = ("fused head: fp32 chunk buffers" if head else "fp32 chunk") if fused else \
+            "fp32 [N, V] copies (autograd, not fused)"
+        return Line(f"loss: {what} (larger than the backward's working set)", chunk,
+                    "method.loss_chunk_size" + (", method.fused_head" if head else ""))
     name = f"backward: {whose} working set (one layer)" + (" + ZeRO reduce bucket" if bucket else "")
     keys = "model.*.gradient_checkpointing" + (", reduce_bucket_size in the DeepSpeed JSON" if bucket else "")
     return Line(name, working + bucket, keys)
 
 
 def _student_step(cfg: Config, z: M.Zero, s: Arch, t: Optional[Arch], shape: M.Shape, e_s: int,
-                  kept: list[Line]) -> list[Line]:
+                  kept: list[Line], device: str = "cuda") -> list[Line]:
     from promptkd.methods import METHODS
 
     fused = METHODS[cfg.method.name].fused_loss(cfg)
+    head = fused_head_on(cfg) and t is not None   # teacher-free losses (SFT) keep the model's head
     lines = [Line(x.term.replace(" (kept for the student step)", "") + " (kept from the prompt step)", x.bytes, x.keys,
                   "carried") for x in kept]
     if t is not None:
         e_t = PRECISION_BYTES[cfg.model.teacher.dtype]
-        lines.append(Line("teacher logits (no grad)", M.logits(shape, t.vocab, e_t),
-                          "train.micro_batch_size, rollout.max_new_tokens"))
+        lines.append(Line("teacher head input (fused head, no grad)", M.head_input(shape, t.hidden, e_t),
+                          "train.micro_batch_size, rollout.max_new_tokens, method.fused_head") if head else
+                     Line("teacher logits (no grad)", M.logits(shape, t.vocab, e_t),
+                          "train.micro_batch_size, rollout.max_new_tokens, method.fused_head"))
     act = (s, shape, e_s, False, s.dropout > 0, cfg.model.student.gradient_checkpointing)
     after = [Line("student activations, forward (saved for backward)", M.activations(*act),
-                  "model.student.gradient_checkpointing, train.micro_batch_size, data.max_length"),
-             Line("student logits", M.logits(shape, s.vocab, e_s), "train.micro_batch_size, rollout.max_new_tokens")
-             ] if not kept else []
-    after += [Line("loss: gradient buffer", M.logits(shape, s.vocab, e_s), "train.micro_batch_size"),
-              _transient(M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size, fused), M.backward_working(*act),
-                         M.reduce_bucket(s, z, e_s), "the student's", fused)]
+                  "model.student.gradient_checkpointing, train.micro_batch_size, data.max_length")] if not kept else []
+    if head:   # the head's input is in the activations; the loss makes the head's gradients in its forward
+        elements, sub = loss_chunk_rule(cfg, device, head=True)
+        after += [Line("loss (fused head): head-weight gradient, fp32 [V, h] (+ its cast)",
+                       M.head_weight_grad(s.vocab, s.hidden, e_s), "method.fused_head"),
+                  Line("loss (fused head): hidden-state gradient [B, K, h]", M.head_input(shape, s.hidden, e_s),
+                       "train.micro_batch_size, method.fused_head"),
+                  _transient(M.fused_head_chunk(shape, s.vocab, cfg.method.loss_chunk_size, elements, "student", sub),
+                             M.backward_working(*act), M.reduce_bucket(s, z, e_s), "the student's", head=True)]
+    else:
+        after += ([] if kept else [Line("student logits", M.logits(shape, s.vocab, e_s),
+                                        "train.micro_batch_size, rollout.max_new_tokens, method.fused_head")])
+        after += [Line("loss: gradient buffer", M.logits(shape, s.vocab, e_s), "train.micro_batch_size"),
+                  _transient(M.loss_chunk(shape, s.vocab, cfg.method.loss_chunk_size, fused,
+                                          loss_chunk_rule(cfg, device)[0]), M.backward_working(*act),
+                             M.reduce_bucket(s, z, e_s), "the student's", fused)]
     # the teacher's no-grad forward runs (and frees its intermediates) before the student's forward starts
     before = M.nograd_forward(t, shape, PRECISION_BYTES[cfg.model.teacher.dtype]) if t is not None else 0.0
     if before > sum(x.bytes for x in after):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Union
 
-from promptkd.losses.fused import FUSED_CHUNK_ELEMENTS  # fp32 elements of one automatic loss chunk
+# fp32 elements of one automatic loss chunk: on CPU, and the cap on an accelerator (promptkd.losses.fused)
+from promptkd.losses.fused import DEVICE_CHUNK_ELEMENTS, FUSED_CHUNK_ELEMENTS
 from promptkd.plan.arch import Arch
 
 FP32 = 4
@@ -18,6 +19,12 @@ ADAM_MOMENTS = 2 * FP32   # exp_avg and exp_avg_sq, fp32 per parameter
 # fp32 [rows, V] buffers a fused loss chunk keeps alive at once (two log-softmaxes, p, one more in
 # the prompt loss's three-way KL)
 LOSS_CHUNK_BUFFERS = 4
+# fp32 [rows, V] buffers the fused LM head + loss (promptkd.losses.fused_head) holds at once on an accelerator,
+# where a chunk's divergence runs over the whole chunk: one logits workspace per side, plus the divergence's
+# temporaries. Student step (2 sides, KL): log p_S, log p_T, p_S. Prompt step (3 sides): log p_T^θ, p_T^θ and
+# their difference with log p_S (teacher_student; student_teacher also holds p_S and the gradient), then the
+# plain teacher's log-softmax with log p_S gone.
+FUSED_HEAD_BUFFERS = {"student": 2 + 3, "prompt_teacher_student": 3 + 4, "prompt_student_teacher": 3 + 5}
 # fp32 [N, V] tensors an autograd loss (log-softmax of an fp32 copy, CE, skew KL, JSD, TVD) holds at its peak
 UNFUSED_FP32_COPIES = 3
 
@@ -107,14 +114,45 @@ def logits(s: Shape, vocab: int, e: int) -> float:
     return float(s.batch * s.keep * vocab * e)
 
 
-def loss_chunk(s: Shape, vocab: int, chunk: int, fused: bool = True) -> float:
+def loss_chunk(s: Shape, vocab: int, chunk: int, fused: bool = True, elements: int = FUSED_CHUNK_ELEMENTS) -> float:
     """fp32 temporaries of the loss over [B * positions, V] rows: a fused loss (gradient made in the forward)
-    holds ``LOSS_CHUNK_BUFFERS`` per chunk of ``chunk`` positions (0: ~16 MB automatic pieces); an autograd
-    loss holds ``UNFUSED_FP32_COPIES`` over all K positions, or per chunk when ``chunk`` is set."""
+    holds ``LOSS_CHUNK_BUFFERS`` per chunk of ``chunk`` positions (0: automatic pieces of ``elements``, the
+    device's rule: ``device_chunk_elements`` on a GPU); an autograd loss holds ``UNFUSED_FP32_COPIES`` over all K
+    positions, or per chunk when ``chunk`` is set."""
     if fused:
-        positions = chunk or max(1, FUSED_CHUNK_ELEMENTS // max(1, s.batch * vocab))
+        positions = chunk or max(1, elements // max(1, s.batch * vocab))
         return float(LOSS_CHUNK_BUFFERS * s.batch * min(positions, s.keep) * vocab * FP32)
     return float(UNFUSED_FP32_COPIES * s.batch * min(chunk or s.keep, s.keep) * vocab * FP32)
+
+
+def device_chunk_elements(gpu_bytes: int) -> int:
+    """Elements of the fused losses' automatic chunk on a GPU (``promptkd.losses.fused.chunk_elements``): 1/64 of
+    the free memory in bytes, between the CPU size and DEVICE_CHUNK_ELEMENTS. Planned with the whole GPU free:
+    an upper bound (the chunk only shrinks as memory fills); an 80 GB GPU gets the cap, 2^27."""
+    return max(FUSED_CHUNK_ELEMENTS, min(DEVICE_CHUNK_ELEMENTS, int(gpu_bytes) // 64))
+
+
+def head_input(s: Shape, hidden: int, e: int) -> float:
+    """One model's last hidden states on the K logit positions, [B, K, h]: what the fused head takes instead of
+    [B, K, V] logits (and the shape of its hidden-state gradient)."""
+    return float(s.batch * s.keep * hidden * e)
+
+
+def fused_head_chunk(s: Shape, vocab: int, chunk: int, elements: int, step: str, sub_elements: int = 0) -> float:
+    """fp32 buffers of one chunk of the fused head: ``FUSED_HEAD_BUFFERS[step]`` x rows x V x 4, rows =
+    ``chunk`` kept positions (0: ``elements`` // V, the automatic size), at most the B·K positions there are.
+    ``sub_elements`` (CPU): the divergence runs over row sub-blocks of that size, so only the per-side logits
+    workspaces are chunk-sized and the temporaries sub-block-sized."""
+    rows = min(chunk or max(1, elements // max(1, vocab)), s.batch * s.keep)
+    sides = 2 if step == "student" else 3
+    temp_rows = min(rows, max(1, sub_elements // max(1, vocab))) if sub_elements else rows
+    return float((sides * rows + (FUSED_HEAD_BUFFERS[step] - sides) * temp_rows) * vocab * FP32)
+
+
+def head_weight_grad(vocab: int, hidden: int, e: int) -> float:
+    """The fused head's trained head-weight gradient: summed over the chunks in fp32 [V, h], then cast to the
+    weight's dtype (both alive at the cast when that is 16-bit)."""
+    return float(vocab * hidden * (FP32 + (e if e != FP32 else 0)))
 
 
 def kv_cache(arch: Arch, batch: int, seq: int, e: int) -> float:

@@ -228,3 +228,87 @@ def test_bench_case_at_toy_size(step):
     assert case["loss_rel_diff"] < 1e-6 and case["unfused"]["loss"] > 0
     # today's path holds at least one full [T, vocab] fp32 logits tensor; the peaks are real byte counts
     assert case["unfused"]["peak_bytes"] >= 16 * 64 * 4 and case["fused"]["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("name,kw", [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}),
+                                     ("srkl", {"alpha": 0.2})])
+def test_row_sub_blocks_equal_unfused(monkeypatch, name, kw):
+    """On CPU the divergence runs over row sub-blocks of each chunk, its gradient written back over the
+    chunk's logits (a workspace reused across chunks): 2-row sub-blocks in 5-row chunks, ragged at both ends."""
+    from promptkd.losses import fused_head
+
+    monkeypatch.setattr(fused_head, "SUB_BLOCK_ELEMENTS", 2 * VOCAB)
+    student, teacher = make_side(HS, torch.float32, 14, True), make_side(HT, torch.float32, 15, False)
+    mask = gapped_mask(5)
+    ref, _ = core_divergence(name, full_logits(student), full_logits(teacher), mask, **kw)
+    ref_grads = grads_of(ref, leaves(student))
+    out, _ = fused_token_divergence(student, teacher=teacher, name=name, mask=mask, vocab=VOCAB, chunk_size=5, **kw)
+    assert_close(out, ref, 1e-6 * abs(ref.item()))
+    for got, want in zip(grads_of(out, leaves(student)), ref_grads):
+        assert_close(got, want, 1e-6)
+
+
+@pytest.mark.parametrize("guidance", ["teacher_student", "student_teacher"])
+def test_prompt_loss_row_sub_blocks(monkeypatch, guidance):
+    """The prompt kernel over 1-row sub-blocks of 4-row chunks equals the unfused prompt loss (fp32)."""
+    from promptkd.losses import fused_head
+
+    monkeypatch.setattr(fused_head, "SUB_BLOCK_ELEMENTS", VOCAB)
+    student, base = make_side(HS, torch.float32, 16, False), make_side(HT, torch.float32, 17, False)
+    prompted = HeadStates(base.hidden.detach().clone().requires_grad_(True), base.weight, base.bias)
+    mask = gapped_mask(6)
+    ref = core_prompt_loss(full_logits(prompted), full_logits(student), full_logits(base), mask, reg_weight=0.4,
+                           guidance=guidance)
+    (ref_grad,) = grads_of(ref.total, [prompted.hidden])
+    out = fused_prompt_loss(student, prompted=prompted, teacher=base, mask=mask, vocab=VOCAB, reg_weight=0.4,
+                            guidance=guidance, chunk_size=4)
+    assert_close(out.total, ref.total, 1e-6 * abs(ref.total.item()))
+    (got,) = grads_of(out.total, [prompted.hidden])
+    assert_close(got, ref_grad, 1e-6)
+
+
+def test_bf16_cpu_head_runs_in_fp32_blocks(monkeypatch):
+    """A bf16 head on CPU: fp32 matmuls over upcast weight blocks (3 rows: ragged), logits rounded to bf16.
+    The value then equals the unfused loss on logits made the same way (fp32 GEMM of the bf16 operands,
+    rounded to bf16: what a GPU's bf16 GEMM gives); gradients stay within bf16 noise of autograd's."""
+    from promptkd.losses import fused_head
+
+    monkeypatch.setattr(fused_head, "VOCAB_BLOCK", 3)
+    student, teacher = make_side(HS, torch.bfloat16, 18, True), make_side(HT, torch.bfloat16, 19, False)
+    mask = gapped_mask(7)
+
+    def gpu_like(side: HeadStates) -> torch.Tensor:
+        out = side.hidden.float() @ side.weight.float().t() + side.bias.float()
+        return out[..., :VOCAB].to(torch.bfloat16)
+
+    ref, _ = core_divergence("fkl", gpu_like(student), gpu_like(teacher), mask)
+    out, _ = fused_token_divergence(student, teacher=teacher, name="fkl", mask=mask, vocab=VOCAB, chunk_size=4)
+    assert_close(out, ref.float(), 1e-5 * abs(ref.item()))
+    auto, _ = core_divergence("fkl", full_logits(student), full_logits(teacher), mask)
+    got = grads_of(out, leaves(student))
+    for a, b in zip(got, grads_of(auto, leaves(student))):
+        assert a.dtype == torch.bfloat16 and a.abs().max() > 0
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
+    assert got[1][VOCAB:].abs().max() == 0        # the padded rows of the head never count
+
+
+def test_bench_extrapolation_labels_and_lines():
+    """bench/fused_head.py's extrapolation: a line per (step, dtype, variant) through the measured peaks; fused
+    points below one full chunk are off the line; one full-chunk fused point takes the [T, H] gradient's slope;
+    every value says whether it was measured or extrapolated."""
+    from bench import fused_head as bench
+
+    def case(t, **peaks):
+        return {"step": "student", "dtype": "fp32", "T": t, "H": 1024, "vocab": 151936,
+                **{k: {"peak_bytes": v} for k, v in peaks.items()}}
+
+    cases = [case(512, unfused=1000 + 512 * 10), case(1024, unfused=1000 + 1024 * 10, fused=5000 + 1024 * 7),
+             case(2048, fused=5000 + 2048 * 7), case(100, fused=10)]
+    rows = {e["T"]: e for e in bench.extrapolate(cases, targets=(2048, 8192))}
+    assert rows[2048]["fused"] == {"peak_bytes": 5000 + 2048 * 7, "how": "measured"}
+    assert rows[2048]["unfused"]["how"] == "extrapolated" and rows[2048]["unfused"]["peak_bytes"] == 1000 + 20480
+    assert rows[8192]["fused"]["peak_bytes"] == 5000 + 8192 * 7 and rows[8192]["fused"]["from_T"] == [1024, 2048]
+    assert rows[8192]["peak_ratio_fused_over_unfused"] == (5000 + 8192 * 7) / (1000 + 81920)
+    one = bench.extrapolate([case(512, unfused=2000), case(1024, unfused=3000), case(2048, fused=9000)],
+                            targets=(8192,))[0]
+    assert one["fused"]["peak_bytes"] == 9000 + (8192 - 2048) * 1024 * 4 and one["unfused"]["peak_bytes"] == 17000
