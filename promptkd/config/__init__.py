@@ -18,7 +18,7 @@ from promptkd.config.deepspeed import (RUN_CONFIG_KEYS, build_ds_config, build_t
                                        resolve_path, zero_stage)
 from promptkd.config.fields import ConfigError, get, validate
 from promptkd.config.loading import asdict, help_lines, load_config, parse_override, to_yaml, with_overrides
-from promptkd.config.registry import METHOD_NAMES, REGISTRY, MethodSpec, method_spec
+from promptkd.config.registry import METHOD_NAMES, REGISTRY, MethodSpec, method_spec, uses_fused_head
 from promptkd.config.divergences import DIVERGENCE_NAMES, DIVERGENCES, DivergenceSpec
 from promptkd.config.methods import (MOVED, DistiLLMConfig, DivergenceConfig, GKDConfig,
                                      ImitKDConfig, KDConfig, MethodConfig, MiniLLMConfig, PromptKDConfig,
@@ -36,7 +36,8 @@ __all__ = [
     "ExposureConfig", "OutputConfig", "LoggingConfig", "PipelineConfig", "max_new_tokens", "VLLMConfig",
     "VLLM_INSTALL", "PlanConfig", "parse_bytes",
     "MethodConfig", "PromptKDConfig", "KDConfig", "DivergenceConfig", "ImitKDConfig", "GKDConfig",
-    "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "REGISTRY", "MethodSpec", "method_spec", "DIVERGENCES",
+    "DistiLLMConfig", "SeqKDConfig", "MiniLLMConfig", "METHOD_NAMES", "REGISTRY", "MethodSpec", "method_spec",
+    "uses_fused_head", "DIVERGENCES",
     "DIVERGENCE_NAMES", "DivergenceSpec",
     "MOVED",
     "load_config", "with_overrides", "parse_override", "asdict", "to_yaml", "help_lines",

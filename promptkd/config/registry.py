@@ -9,7 +9,7 @@ static part below. ``tests/unit/test_registry.py`` fails when a list of method n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class MethodSpec:
     fused: bool = False              # its student loss is a fused KL (grad made in the forward) when its
                                      # settings make it a plain forward/reverse KL (Method.fused_loss(cfg))
     fused_head: bool = False         # its teacher-student divergences can run on hidden states through the fused
-                                     # LM head (method.fused_head; promptkd.methods.fused.uses_fused_head)
+                                     # LM head (method.fused_head; uses_fused_head below)
 
 
 _SPECS = (
@@ -47,3 +47,11 @@ METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 def method_spec(name: str) -> MethodSpec:
     return REGISTRY[name]
+
+
+def uses_fused_head(cfg: Any) -> bool:
+    """Whether ``cfg``'s training step runs its divergences through the fused LM head (``method.fused_head`` on, a
+    method that can, and KD without its CE term, which needs logits): the methods and the memory planner ask here."""
+    if not cfg.method.fused_head or not REGISTRY[cfg.method.name].fused_head:
+        return False
+    return cfg.method.name != "kd" or cfg.method.kd.ce_weight == 0

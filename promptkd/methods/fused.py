@@ -14,7 +14,6 @@ from typing import Any, Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import REGISTRY
 from promptkd.losses import PromptLoss
 from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_token_divergence
 from promptkd.methods.base import StepContext
@@ -25,13 +24,6 @@ from promptkd.rollout import position_ids
 # The methods whose student loss is a teacher-student divergence over token distributions (REGISTRY's
 # ``fused_head``): with method.fused_head their losses run here. SFT and SeqKD (cross-entropy on tokens), MiniLLM
 # (policy-gradient terms on sampled tokens' log-probabilities) and KD's CE term keep the logits path.
-
-
-def uses_fused_head(cfg: Any) -> bool:
-    """Whether ``cfg``'s training step runs its losses through the fused head (for the memory planner, and tests)."""
-    if not cfg.method.fused_head or not REGISTRY[cfg.method.name].fused_head:
-        return False
-    return cfg.method.name != "kd" or cfg.method.kd.ce_weight == 0
 
 
 def lm_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:

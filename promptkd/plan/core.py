@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from promptkd.config import REGISTRY, Config, load_ds_json, max_new_tokens
+from promptkd.config import REGISTRY, Config, load_ds_json, max_new_tokens, uses_fused_head
 from promptkd.plan import memory as M
 from promptkd.plan.arch import Arch, resolve
 
@@ -154,9 +154,9 @@ def largest_fitting(cfg: Config, world: int, models: Models, lengths: Optional[t
 
 
 def fused_head_on(cfg: Config) -> bool:
-    """method.fused_head: the loss takes hidden states and head weights (promptkd.losses.fused_head), no logits.
-    Read with a default so the planner works before and after the key exists (default true)."""
-    return bool(getattr(cfg.method, "fused_head", True))
+    """Whether the run's losses take hidden states and head weights (promptkd.losses.fused_head), no logits: the
+    methods' own rule (``uses_fused_head``: method.fused_head, a method that can, KD without CE)."""
+    return uses_fused_head(cfg)
 
 
 def loss_chunk_rule(cfg: Config, device: str, head: bool = False) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from promptkd.config import load_config
 from promptkd.data import TokenizedExample
 from promptkd.methods import METHODS, step_context
 from promptkd.models import PromptedTeacher, build_tiny
-from promptkd.methods.fused import uses_fused_head
+from promptkd.config import uses_fused_head
 from promptkd.models.forward import head_inputs
 
 VOCAB, PAD, EOS = 70, 0, 1
