@@ -1,5 +1,6 @@
 """One 2-rank launch of tests/distributed/scenarios.py for the whole session (every scenario but the pinned one,
-which runs in a launch of its own: tests/distributed/test_multirank.py::pinned)."""
+which runs in a launch of its own: tests/distributed/test_multirank.py::pinned). The LoRA scenarios
+(lora_scenarios.py) run in it too, last."""
 import pytest
 
 from tests.fixtures.pins import SCENARIO
@@ -8,5 +9,6 @@ from tests.fixtures.ranks import launch_scenarios
 
 @pytest.fixture(scope="session")
 def scenario_results(tmp_path_factory):
-    """``load(name)``: each rank's result of scenario ``name`` (test_multirank, test_gather, test_device_ranks)."""
-    return launch_scenarios(tmp_path_factory.mktemp("multirank2"), skip=SCENARIO)
+    """``load(name)``: each rank's result of scenario ``name`` (test_multirank, test_gather, test_device_ranks,
+    test_lora_ranks)."""
+    return launch_scenarios(tmp_path_factory.mktemp("multirank2"), skip=SCENARIO, timeout_s=1200)
