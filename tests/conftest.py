@@ -26,8 +26,9 @@ DIR_TIER = {"unit": "unit", "distributed": "distributed", "integration": "integr
 
 # tests/unit tests in the slow tier: "file" (all its tests) or "file::test" (all its parameters)
 SLOW_UNIT = (
-    "tests/unit/test_bench_smoke.py::test_gpu_sh_dry_run_runs_every_section_in_order_with_full_logs",  # ~1 min
-    "tests/unit/test_bench_smoke.py::test_bench_core_functions_run_at_toy_sizes",      # ~80 s here
+    # these two share one fixture that runs gpu.sh's dry run (~42 s of CPU) and the toy child (~12 s) side by side
+    "tests/unit/test_bench_smoke.py::test_gpu_sh_dry_run_runs_every_section_in_order_with_full_logs",
+    "tests/unit/test_bench_smoke.py::test_bench_core_functions_run_at_toy_sizes",
     "tests/unit/test_bench_smoke.py::test_quality_bench_smoke_on_a_dolly_dir_runs_every_method",  # ~9 min
     "tests/unit/test_bench_smoke.py::test_quality_lr_search_picks_on_dev_and_writes_the_config",  # ~2 min
     "tests/unit/test_multi_answer.py::test_quality_multi_config_smoke",  # bench/quality.py --smoke, ~70 s here

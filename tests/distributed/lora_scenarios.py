@@ -1,4 +1,5 @@
-"""2-rank checks of LoRA students (issue 22, item 4), one torchrun launch.
+"""2-rank checks of LoRA students (issue 22, item 4). The suite runs them as the ``lora`` scenario of the session's
+one 2-rank launch (tests/distributed/scenarios.py, tests/distributed/conftest.py); alone:
 
     torchrun --nproc_per_node 2 tests/distributed/lora_scenarios.py --out DIR
 

@@ -635,6 +635,17 @@ def scenario_fused_head_zero3() -> dict:
     return fused_scenarios.scenario_fused_head_zero3()
 
 
+def scenario_lora() -> dict:
+    """tests/distributed/lora_scenarios.py's LoRA checks, in this launch (last: after every other scenario)."""
+    from tests.distributed import lora_scenarios
+
+    result: dict = {}
+    for name, fn in lora_scenarios.SCENARIOS.items():
+        result[name] = guarded(fn)
+        dist.barrier()
+    return result
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 

@@ -1,5 +1,6 @@
 """Chat families (issue 21): every method one step on tiny Qwen3 / Qwen2 / Llama-3 with chat templates (one
-rank), and PromptKD at ZeRO-3 with a ZeRO-3 teacher on 2 ranks (Qwen3). Scenarios: chat_scenarios.py."""
+rank), and PromptKD at ZeRO-3 with a ZeRO-3 teacher on 2 ranks (Qwen3), the two launches side by side.
+Scenarios: chat_scenarios.py."""
 from __future__ import annotations
 
 import json
@@ -18,16 +19,20 @@ FAMILIES = ("qwen3", "qwen2", "llama3")
 END = {"qwen3": "<|im_end|>", "qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 
-def _launch(tmp_path_factory, mode: str, nproc: int):
-    out = tmp_path_factory.mktemp(f"chat_{mode}")
+def _start(out, mode: str, nproc: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
-    cmd = ["timeout", "600", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = ["timeout", "900", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--standalone", SCRIPT, "--out", str(out), "--mode", mode]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with open(os.path.join(out, "launch.log"), "w") as log:  # a file, not a pipe: nobody reads it while they run
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
+
+def _loader(out, nproc: int, rc: int, log: str):
     def load(name: str) -> list[dict]:
+        assert rc == 0, log[-8000:]
         ranks = []
         for r in range(nproc):
             with open(os.path.join(out, f"{name}.rank{r}.json")) as fh:
@@ -40,8 +45,19 @@ def _launch(tmp_path_factory, mode: str, nproc: int):
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    return _launch(tmp_path_factory, "families", 1)
+def launches(tmp_path_factory) -> dict:
+    """Both launches at once: the one-rank families launch uses one core, the 2-rank ZeRO-3 one fills the rest."""
+    modes = {"families": 1, "zero3": 2}
+    outs = {mode: tmp_path_factory.mktemp(f"chat_{mode}") for mode in modes}
+    procs = {mode: _start(outs[mode], mode, n) for mode, n in modes.items()}
+    codes = {mode: p.wait() for mode, p in procs.items()}
+    logs = {mode: open(os.path.join(outs[mode], "launch.log")).read() for mode in modes}
+    return {mode: _loader(outs[mode], n, codes[mode], logs[mode]) for mode, n in modes.items()}
+
+
+@pytest.fixture(scope="module")
+def families(launches):
+    return launches["families"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,8 +85,8 @@ def test_promptkd_with_the_prompt_after_bos(families):
     assert r["metrics"]["prompt/guidance_kl"] != start["metrics"]["prompt/guidance_kl"]
 
 
-def test_promptkd_zero3_with_zero3_teacher_on_a_chat_family(tmp_path_factory):
-    r0, r1 = _launch(tmp_path_factory, "zero3", 2)("qwen3_promptkd_zero3")
+def test_promptkd_zero3_with_zero3_teacher_on_a_chat_family(launches):
+    r0, r1 = launches["zero3"]("qwen3_promptkd_zero3")
     assert r0["teacher_partitioned"] and r0["student_partitioned"]
     assert r0["prompts"] == r1["prompts"] and r0["prompts"][0] != r0["prompts"][1]   # one prompt, and it moves
     assert r0["metrics"] == r1["metrics"]

@@ -20,7 +20,7 @@ from tests.fixtures.cli import free_port
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "eval_ranks.py"
 WORLDS = (2, 3)
-LAUNCH_TIMEOUT_S = 240
+LAUNCH_TIMEOUT_S = 480
 
 
 def _echo_set(ws: dict, ref_dir: Path) -> str:
@@ -48,11 +48,19 @@ def runs(tmp_path_factory):
         first = root / "first"
         run_eval(load_config(None, eval_overrides(ws, str(first))))
         sets = f"[{ws['sets']}, synth={ws['synth']}, echo={_echo_set(ws, first)}]"
+        procs = _start_launches(root, ws, sets)
+        # the 1-rank references in this process while the launches import and run
         for name, prompted in (("student", False), ("prompted", True)):
             run_eval(load_config(None, eval_overrides(ws, str(root / "world1" / name), prompted)
                                  + [f"eval.sets={sets}"]))
     finally:
         torch.set_num_threads(threads)
+    codes = {world: p.wait() for world, p in procs.items()}
+    return root, {w: (codes[w], (root / f"world{w}.log").read_text()) for w in WORLDS}
+
+
+def _start_launches(root: Path, ws: dict, sets: str) -> dict[int, subprocess.Popen]:
+    """Both launches at once: their ~10 s of imports and init overlap."""
     ws_file = root / "ws.json"
     ws_file.write_text(json.dumps(ws))
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
@@ -60,16 +68,15 @@ def runs(tmp_path_factory):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     procs = {}
-    for world in WORLDS:  # both launches at once: their ~10 s of imports and init overlap
+    for world in WORLDS:
         out = root / f"world{world}"
         out.mkdir()
         cmd = ["timeout", str(LAUNCH_TIMEOUT_S), sys.executable, "-m", "torch.distributed.run",
                "--nproc_per_node", str(world), "--master_port", str(free_port()), str(SCRIPT),
                "--ws", str(ws_file), "--out", str(out), "--sets", sets]
-        procs[world] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-    logs = {world: p.communicate()[0] for world, p in procs.items()}
-    return root, {w: (procs[w].returncode, logs[w]) for w in WORLDS}
+        with open(root / f"world{world}.log", "w") as log:  # a file, not a pipe: nobody reads it while they run
+            procs[world] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return procs
 
 
 def _launch(runs, world: int) -> Path:

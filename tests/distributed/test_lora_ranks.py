@@ -1,8 +1,8 @@
-"""LoRA students on 2 gloo ranks (one launch: lora_scenarios.py) and an exact kill-and-resume (one process)."""
+"""LoRA students on 2 gloo ranks (lora_scenarios.py, the ``lora`` scenario of the session's one 2-rank launch) and
+an exact kill-and-resume (one process)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures.cli import cli_env
-from tests.fixtures.ranks import REPO, launch_scenarios
+from tests.fixtures.parallel import Launch, run_side_by_side
+from tests.fixtures.ranks import REPO
 from tests.fixtures.tiny_run import write_tiny_run
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return launch_scenarios(tmp_path_factory.mktemp("lora"), timeout_s=900, script="lora_scenarios.py")("lora")
+def ranks(scenario_results):
+    return scenario_results("lora")  # the session's one 2-rank launch (tests/distributed/conftest.py)
 
 
 def _ok(case: dict) -> dict:
@@ -61,20 +62,21 @@ def test_merged_vllm_stream_and_export_under_zero3(ranks):
         assert "adapter" in case["top_files"] and "model.safetensors" in case["top_files"]
 
 
-def _launch(cfg, out, *extra, fault: str = "") -> subprocess.CompletedProcess:
+def _launch(cfg, out, *extra, fault: str = "") -> Launch:
     cmd = [sys.executable, os.path.join(REPO, "launcher", "main.py"), "--config", str(cfg), f"output.dir={out}",
            "deepspeed=ds_configs/zero3_tiny_test.json", "model.student.lora.r=4", *extra]
-    env = cli_env(**({"PROMPTKD_FAULT": fault} if fault else {}))
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return Launch(cmd, env=cli_env(**({"PROMPTKD_FAULT": fault} if fault else {})), timeout_s=400)
 
 
 def test_kill_and_resume_restores_the_adapters_bitwise(tmp_path):
     cfg = write_tiny_run(tmp_path, steps=4, save_interval=1)
-    full = _launch(cfg, tmp_path / "full")
+    # the uninterrupted run and the killed one are independent one-process launches: side by side
+    procs = run_side_by_side({"full": _launch(cfg, tmp_path / "full"),
+                              "killed": _launch(cfg, tmp_path / "killed", fault="sigkill@step=3")})
+    full, killed = procs["full"], procs["killed"]
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _launch(cfg, tmp_path / "killed", fault="sigkill@step=3")
     assert killed.returncode != 0 and not (tmp_path / "killed" / "export").exists()
-    resumed = _launch(cfg, tmp_path / "killed", "output.resume=auto")
+    resumed = run_side_by_side({"resumed": _launch(cfg, tmp_path / "killed", "output.resume=auto")})["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     for rel in ("export/model.safetensors", "export/adapter/adapter_model.safetensors"):

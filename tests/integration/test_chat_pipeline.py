@@ -1,6 +1,7 @@
 """A chat model pair through ``deepspeed launcher/main.py`` (issue 21, "done when"): messages-format JSONL, a tiny
 Qwen3 teacher and student (a tokenizer trained here with Qwen's special tokens and chat template), then SFT of
-both, PromptKD on 2 ranks, and a sampled evaluation; plus a bad messages record through the CLI (exit 2).
+both (side by side), PromptKD on 2 ranks, and a sampled evaluation; plus a bad messages record through the
+launcher's main, in process (exit 2).
 
 These are the README's "Your own chat models" commands at toy size.
 """
@@ -16,7 +17,8 @@ import pytest
 import yaml
 
 from promptkd.data import load_examples, load_tokenizer, make_synthetic_splits, train_tokenizer
-from tests.fixtures.cli import MAIN, REPO, cli_env, free_port, last_line, tail
+from tests.fixtures.cli import MAIN, REPO, free_port, last_line, main_in_process, tail
+from tests.fixtures.parallel import Launch, run_side_by_side
 from tests.fixtures.shipped import save_tiny_chat_model
 
 BIN = Path(sys.executable).parent
@@ -34,13 +36,19 @@ def _messages(dolly: str, out: Path) -> str:
     return str(out)
 
 
-def _launch(args: list[str], log: Path, ranks: int = 1) -> SimpleNamespace:
-    cmd = ["timeout", str(TIMEOUT_S), str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(MAIN), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True)
+def _cmd(args: list[str], ranks: int = 1) -> list[str]:
+    return [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(MAIN), *args]
+
+
+def _logged(cmd: list[str], proc: subprocess.CompletedProcess, log: Path) -> SimpleNamespace:
     text = proc.stdout + proc.stderr
     log.write_text(f"$ {' '.join(cmd)}\n{text}")
     return SimpleNamespace(rc=proc.returncode, text=text, stderr=proc.stderr)
+
+
+def _launch(args: list[str], log: Path, ranks: int = 1) -> SimpleNamespace:
+    cmd = _cmd(args, ranks)
+    return _logged(cmd, run_side_by_side({"one": Launch(cmd, timeout_s=TIMEOUT_S)})["one"], log)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +79,12 @@ def ws(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def pipeline(ws) -> dict:
     root, cfg = ws["root"], str(ws["config"])
-    runs = {}
-    for name, model in (("sft_teacher", ws["teacher"]), ("sft_student", ws["student"])):
-        runs[name] = _launch(["--config", cfg, "method.name=sft", f"model.student.path={model}",
-                              f"output.dir={root / name}"], root / f"{name}.log")
+    # the two SFT runs are independent one-rank launches: side by side
+    cmds = {name: _cmd(["--config", cfg, "method.name=sft", f"model.student.path={model}", f"output.dir={root / name}"])
+            for name, model in (("sft_teacher", ws["teacher"]), ("sft_student", ws["student"]))}
+    procs = run_side_by_side({name: Launch(cmd, timeout_s=TIMEOUT_S) for name, cmd in cmds.items()})
+    runs = {name: _logged(cmds[name], procs[name], root / f"{name}.log") for name in cmds}
+    for name in cmds:
         assert runs[name].rc == 0, tail(runs[name].text, TAIL)
     runs["promptkd"] = _launch(["--config", cfg, "method.name=promptkd",
                                 f"model.teacher.path={root / 'sft_teacher' / 'export'}",
@@ -112,15 +122,16 @@ def test_sft_data_ends_responses_on_the_end_of_turn_token(ws, pipeline):
     assert (ws["root"] / "sft_student" / "best" / "best.json").is_file()
 
 
-def test_a_bad_messages_record_is_a_one_line_error(ws, tmp_path):
+def test_a_bad_messages_record_is_a_one_line_error(ws, tmp_path, monkeypatch, capsys):
+    """In process through the launcher's main (test_bad_inputs.py launches the one real bad-input process)."""
     bad = tmp_path / "bad.jsonl"
     rows = Path(ws["data"]["train"]).read_text().splitlines()
     rows[2] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]})
     bad.write_text("\n".join(rows) + "\n")
-    proc = subprocess.run(["timeout", "120", sys.executable, str(MAIN), "--config", str(ws["config"]),
-                           f"data.train_file={bad}", f"model.student.path={ws['student']}",
-                           f"output.dir={tmp_path / 'run'}"], cwd=REPO, env=cli_env(), capture_output=True, text=True)
-    assert proc.returncode == 2, tail(proc.stdout + proc.stderr, TAIL)
-    line = last_line(proc.stderr)
+    rc, stderr = main_in_process(["--config", str(ws["config"]), f"data.train_file={bad}",
+                                  f"model.student.path={ws['student']}", f"output.dir={tmp_path / 'run'}"],
+                                 monkeypatch, capsys)
+    assert rc == 2, tail(stderr, TAIL)
+    line = last_line(stderr)
     assert line.startswith("error:") and f"{bad}:3: messages[1]: unknown role 'bot'" in line, line
-    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "config.yaml").exists()
+    assert "Traceback" not in stderr and not (tmp_path / "run" / "config.yaml").exists()

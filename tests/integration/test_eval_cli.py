@@ -1,6 +1,8 @@
 """The evaluation workflow through its real CLIs, single process:
 ``python -m promptkd.data.prepare`` on every raw fixture -> ``launcher/main.py stage=eval eval.sets=[root]``
--> ``python -m promptkd.compare``, and ``launcher/main.py stage=exposure``."""
+-> ``promptkd.evaluation.compare``'s main, and ``launcher/main.py stage=exposure`` (beside the eval).
+The bad exposure input and the comparison run in process: one launch each is elsewhere
+(tests/integration/test_bad_inputs.py, tests/unit/test_eval_stage.py::test_compare_cli_entry_point)."""
 from __future__ import annotations
 
 import json
@@ -10,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.cli import cli_env
+from tests.fixtures.cli import cli_env, last_line, main_in_process
+from tests.fixtures.parallel import Launch, run_side_by_side
 from tests.fixtures.eval_workspace import OVERRIDES, RAW, build
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
 TIMEOUT_S = 240
 PREPARE = {"dolly": ["--test-size", "3", "--dev-size", "2"], "selfinst": [], "vicuna": [], "sni": [], "unni": []}
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["timeout", str(TIMEOUT_S), sys.executable, *args], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +50,28 @@ def test_prepare_cli_layout(prepared):
     assert counts == {"dolly": 3, "selfinst": 4, "vicuna": 3, "sni": 3, "unni": 4}
 
 
-def test_one_eval_command_over_all_sets_then_compare(prepared, ws, tmp_path):
-    out = tmp_path / "eval_run"
-    res = _run([str(MAIN), "stage=eval", f"eval.model_path={ws['student']}", f"eval.sets=[{prepared}]",
-                "eval.do_sample=false", "eval.seeds=[10]", f"output.dir={out}", *OVERRIDES])
+@pytest.fixture(scope="module")
+def cli_runs(prepared, ws, tmp_path_factory) -> dict:
+    """The eval over every prepared set and stage=exposure: independent one-process launches, side by side."""
+    root = tmp_path_factory.mktemp("cli_runs")
+    launches = {
+        "eval": Launch([sys.executable, str(MAIN), "stage=eval", f"eval.model_path={ws['student']}",
+                        f"eval.sets=[{prepared}]", "eval.do_sample=false", "eval.seeds=[10]",
+                        f"output.dir={root / 'eval_run'}", *OVERRIDES], timeout_s=TIMEOUT_S),
+        "exposure": Launch([sys.executable, str(MAIN), "stage=exposure", f"tokenizer.path={ws['tokenizer']}",
+                            f"eval.file={ws['synth']}", f"exposure.students=[{ws['student']}]",
+                            f"exposure.teacher_path={ws['teacher']}", f"exposure.prompt_path={ws['prompt']}",
+                            "exposure.max_tokens=4", f"output.dir={root / 'exposure_run'}", *OVERRIDES],
+                           timeout_s=TIMEOUT_S),
+    }
+    return {"root": root, **run_side_by_side(launches)}
+
+
+def test_one_eval_command_over_all_sets_then_compare(cli_runs, capsys):
+    from promptkd.evaluation.compare import main as compare
+
+    out = cli_runs["root"] / "eval_run"
+    res = cli_runs["eval"]
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| model | dolly | selfinst | vicuna | sni | unni | average |" in res.stdout
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -63,19 +79,21 @@ def test_one_eval_command_over_all_sets_then_compare(prepared, ws, tmp_path):
     ids = [json.loads(line)["id"] for line in (out / "eval" / "answers" / "model" / "sni.jsonl").read_text().splitlines()]
     assert ids == ["task1356-aaa1", "task1356-aaa3", "task102-bbb1"]
     assert list((out / "tb").iterdir()), "no TensorBoard events"
-    cmp = _run(["-m", "promptkd.evaluation.compare", str(out / "eval" / "results.json"), str(out / "eval" / "results.json"),
-                "--labels", "first", "again", "--metric", "rougeL"])
-    assert cmp.returncode == 0, cmp.stderr
-    rows = [line for line in cmp.stdout.splitlines() if line.startswith("| first") or line.startswith("| again")]
+    # the comparison of the written results, in process (tests/unit/test_eval_stage.py launches its CLI)
+    capsys.readouterr()
+    assert compare([str(out / "eval" / "results.json"), str(out / "eval" / "results.json"),
+                    "--labels", "first", "again", "--metric", "rougeL"]) == 0
+    stdout = capsys.readouterr().out
+    rows = [line for line in stdout.splitlines() if line.startswith("| first") or line.startswith("| again")]
     assert len(rows) == 2 and rows[0].split("|")[2:] == rows[1].split("|")[2:]
 
 
-def test_stage_exposure_cli(ws, tmp_path):
-    res = _run([str(MAIN), "stage=exposure", f"tokenizer.path={ws['tokenizer']}", f"eval.file={ws['synth']}",
-                f"exposure.students=[{ws['student']}]", f"exposure.teacher_path={ws['teacher']}",
-                f"exposure.prompt_path={ws['prompt']}", "exposure.max_tokens=4", f"output.dir={tmp_path}", *OVERRIDES])
+def test_stage_exposure_cli(cli_runs, ws, monkeypatch, capsys):
+    res = cli_runs["exposure"]
     assert res.returncode == 0, res.stderr[-3000:]
-    table = (tmp_path / "exposure" / "results.md").read_text()
+    table = (cli_runs["root"] / "exposure_run" / "exposure" / "results.md").read_text()
     assert "| student | prompts | l=1 | l=2 | l=4 |" in table
-    missing = _run([str(MAIN), "stage=exposure", f"eval.file={ws['synth']}", f"output.dir={tmp_path / 'x'}"])
-    assert missing.returncode == 2 and "exposure.teacher_path" in missing.stderr.strip().splitlines()[-1]
+    # no teacher: bad input, in process (tests/integration/test_bad_inputs.py launches the one real process)
+    rc, stderr = main_in_process(["stage=exposure", f"eval.file={ws['synth']}",
+                                  f"output.dir={cli_runs['root'] / 'x'}"], monkeypatch, capsys)
+    assert rc == 2 and "exposure.teacher_path" in last_line(stderr)

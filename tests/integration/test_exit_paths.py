@@ -8,17 +8,18 @@
 Each case is one single-process launch of ``launcher/main.py``, run by a small driver that first
 wraps ``Run.close`` and ``MetricsLogger.close`` with spies (they append to a file) and, for the
 failure cases, plants the fault: a ValueError raised at optimizer step 3 from inside the training
-loop, or an OSError(ENOSPC) raised where the run is built.
+loop, or an OSError(ENOSPC) raised where the run is built. The six launches are independent: one
+module fixture starts them side by side (tests/fixtures/parallel.py), and each test reads its own.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.cli import MAIN, REPO, cli_env, last_line, tail
+from tests.fixtures.cli import MAIN, cli_env, last_line, tail
+from tests.fixtures.parallel import Launch, run_side_by_side
 from tests.fixtures.tiny_run import write_tiny_run
 
 STEPS = 4
@@ -75,20 +76,36 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# name -> (what the driver plants, overrides, PROMPTKD_FAULT): every launch of this module
+CASES = {
+    # PROMPTKD_FAULT set to a step never reached: the loop then calls faults.before_step, where the bug is planted
+    "valueerror": ("valueerror", (), f"raise@step={STEPS + 10}"),
+    "oserror": ("oserror", (), ""),
+    "oserror_at_save": ("oserror_at_save", ("train.max_steps=2",), ""),
+    "oserror_at_export": ("oserror_at_export", ("train.max_steps=2",), ""),
+    # step 2's logits are NaN; one non-finite step in a row is the limit: TrainingAborted after step 2
+    "aborted": ("none", ("train.max_bad_steps=1",), "nan@step=2"),
+    "done": ("none", ("train.max_steps=2",), ""),
+}
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
+def launched(tmp_path_factory) -> dict[str, tuple]:
+    """Every case's launch, side by side (independent one-process runs): name -> (proc, out, calls, shown)."""
     root = tmp_path_factory.mktemp("exit_paths")
-    return root, write_tiny_run(root, STEPS, save_interval=0)
-
-
-def launch(root: Path, cfg: Path, name: str, plant: str, *overrides: str, fault: str = "") -> tuple:
-    out, spy = root / name, root / f"{name}.spy"
-    env = cli_env(SPY_FILE=str(spy), PLANT=plant, FAIL_AT=str(FAIL_AT), PROMPTKD_FAULT=fault)
-    cmd = [sys.executable, "-c", DRIVER, str(MAIN), "--config", str(cfg), f"output.dir={out}", *overrides]
-    proc = subprocess.run(["timeout", "300", *cmd], cwd=REPO, env=env, capture_output=True, text=True)
-    calls = spy.read_text().split() if spy.exists() else []
-    shown = f"rc={proc.returncode}\n--- stderr tail\n{tail(proc.stderr, 40)}"
-    return proc, out, calls, shown
+    cfg = write_tiny_run(root, STEPS, save_interval=0)
+    launches = {}
+    for name, (plant, overrides, fault) in CASES.items():
+        env = cli_env(SPY_FILE=str(root / f"{name}.spy"), PLANT=plant, FAIL_AT=str(FAIL_AT), PROMPTKD_FAULT=fault)
+        launches[name] = Launch([sys.executable, "-c", DRIVER, str(MAIN), "--config", str(cfg),
+                                 f"output.dir={root / name}", *overrides], env=env)
+    procs = run_side_by_side(launches)
+    results = {}
+    for name, proc in procs.items():
+        spy = root / f"{name}.spy"
+        calls = spy.read_text().split() if spy.exists() else []
+        results[name] = (proc, root / name, calls, f"rc={proc.returncode}\n--- stderr tail\n{tail(proc.stderr, 40)}")
+    return results
 
 
 def scalar_steps(run_dir: Path) -> set[int]:
@@ -100,10 +117,8 @@ def scalar_steps(run_dir: Path) -> set[int]:
     return {e.step for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
 
 
-def test_internal_value_error_is_exit_1_with_traceback_and_the_run_is_closed(tiny):
-    root, cfg = tiny
-    # PROMPTKD_FAULT set to a step never reached: the loop then calls faults.before_step, where the bug is planted
-    proc, out, calls, shown = launch(root, cfg, "valueerror", "valueerror", fault=f"raise@step={STEPS + 10}")
+def test_internal_value_error_is_exit_1_with_traceback_and_the_run_is_closed(launched):
+    proc, out, calls, shown = launched["valueerror"]
     assert proc.returncode == 1, shown
     assert "Traceback (most recent call last)" in proc.stderr, shown
     assert "ValueError: planted: shapes (2, 5) and (3, 5) do not line up" in proc.stderr, shown
@@ -114,9 +129,8 @@ def test_internal_value_error_is_exit_1_with_traceback_and_the_run_is_closed(tin
     assert not (out / "export").exists(), shown
 
 
-def test_full_disk_os_error_is_exit_1_with_traceback(tiny):
-    root, cfg = tiny
-    proc, out, calls, shown = launch(root, cfg, "oserror", "oserror")
+def test_full_disk_os_error_is_exit_1_with_traceback(launched):
+    proc, out, calls, shown = launched["oserror"]
     assert proc.returncode == 1, shown
     assert "Traceback (most recent call last)" in proc.stderr, shown
     assert "No space left on device" in proc.stderr, shown
@@ -124,11 +138,10 @@ def test_full_disk_os_error_is_exit_1_with_traceback(tiny):
 
 
 @pytest.mark.parametrize("plant", ["oserror_at_save", "oserror_at_export"])
-def test_failure_after_training_closes_the_run(tiny, plant):
+def test_failure_after_training_closes_the_run(launched, plant):
     """The run's end (final checkpoint, export) fails: exit 1, and the writer and engines are closed all the same,
     with every trained step's events on disk."""
-    root, cfg = tiny
-    proc, out, calls, shown = launch(root, cfg, plant, plant, "train.max_steps=2")
+    proc, out, calls, shown = launched[plant]
     assert proc.returncode == 1, shown
     assert "No space left on device" in proc.stderr, shown
     assert calls.count("run.close") == 1 and calls.count("tensorboard.close") == 1, (calls, shown)
@@ -136,21 +149,18 @@ def test_failure_after_training_closes_the_run(tiny, plant):
     assert not (out / "eval").exists(), shown  # nothing after the failing part ran
 
 
-def test_aborted_run_exits_3_and_is_closed(tiny):
+def test_aborted_run_exits_3_and_is_closed(launched):
     from promptkd.training.signals import EXIT_ABORTED
 
-    root, cfg = tiny
-    # step 2's logits are NaN; one non-finite step in a row is the limit: TrainingAborted after step 2
-    proc, out, calls, shown = launch(root, cfg, "aborted", "none", "train.max_bad_steps=1", fault="nan@step=2")
+    proc, out, calls, shown = launched["aborted"]
     assert proc.returncode == EXIT_ABORTED, shown
     assert "train.max_bad_steps" in last_line(proc.stderr), shown
     assert calls.count("run.close") == 1 and calls.count("tensorboard.close") == 1, (calls, shown)
     assert 1 in scalar_steps(out), shown
 
 
-def test_finished_run_is_closed_once(tiny):
-    root, cfg = tiny
-    proc, out, calls, shown = launch(root, cfg, "done", "none", "train.max_steps=2")
+def test_finished_run_is_closed_once(launched):
+    proc, out, calls, shown = launched["done"]
     assert proc.returncode == 0, shown
     assert calls.count("run.close") == 1 and calls.count("tensorboard.close") == 1, (calls, shown)
     assert scalar_steps(out) >= {1, 2}, shown

@@ -1,8 +1,10 @@
 """The real CLI through the real launcher (DESIGN.md §2 outputs, §4 launch facts).
 
 One 2-rank ``deepspeed`` launch of a tiny PromptKD run (module-scoped) feeds
-most assertions; the single-process SFT run and the ``stage=eval`` run are
-separate, cheap subprocesses; the bad inputs run in process (``main_in_process``).
+most assertions; the one-process runs (SFT, early stopping, the quickstart
+pipeline) run beside it, and the two ``stage=eval`` runs on its export side by
+side after it (tests/fixtures/parallel.py); the bad inputs run in process
+(``main_in_process``).
 
 On this CPU-only machine DeepSpeed's CPU accelerator counts NUMA nodes (1 here)
 as devices, so ``--num_gpus 2`` is what makes the launcher start 2 local ranks
@@ -22,7 +24,8 @@ import yaml
 
 from promptkd.config import load_config
 from promptkd.data import make_synthetic_splits
-from tests.fixtures.cli import cli_env, free_port, main_in_process, tail
+from tests.fixtures.cli import free_port, last_line, main_in_process, tail
+from tests.fixtures.parallel import Launch, run_side_by_side
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "launcher" / "main.py"
@@ -48,15 +51,6 @@ SCALAR_TAGS = (
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _run_cli(args: list[str], log: Path, timeout: int = CLI_TIMEOUT_S) -> SimpleNamespace:
-    """Single-process ``python launcher/main.py ...``; stdout+stderr kept apart and logged."""
-    proc = subprocess.run(["timeout", str(timeout), sys.executable, str(MAIN), *args], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True)
-    log.write_text(f"$ {' '.join(args)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    return SimpleNamespace(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
-                           text=proc.stdout + proc.stderr)
-
 
 def _write_yaml(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -103,18 +97,61 @@ def config_yaml(workdir, data) -> Path:
     return _write_yaml(workdir / "tiny.yaml", _tiny_tree(data, workdir / "unused_default_run"))
 
 
+def _cli(*args: str, timeout: int = CLI_TIMEOUT_S) -> Launch:
+    """Single-process ``python launcher/main.py ...``."""
+    return Launch([sys.executable, str(MAIN), *args], timeout_s=timeout)
+
+
+def _result(proc: subprocess.CompletedProcess, args: list[str], log: Path) -> SimpleNamespace:
+    """stdout+stderr kept apart and logged."""
+    log.write_text(f"$ {' '.join(args)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return SimpleNamespace(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                           text=proc.stdout + proc.stderr)
+
+
+def _single_runs(workdir: Path, config_yaml: Path) -> dict[str, list[str]]:
+    """The one-process runs that need nothing from the 2-rank launch: name -> launcher arguments."""
+    return {
+        "sft": ["--config", str(config_yaml), "method.name=sft", "train.max_steps=2", f"output.dir={workdir / 'run_sft'}",
+                "deepspeed=ds_configs/zero0.json"],
+        # lr ~0: dev ROUGE-L never improves on step 1's, so patience 1 stops the run at step 2 of 30
+        "early_stop": ["--config", str(config_yaml), "method.name=sft", "train.max_steps=30", "optim.student.lr=1e-12",
+                       "eval.dev_interval=1", "train.early_stop_patience=1", f"output.dir={workdir / 'run_early_stop'}",
+                       "data.test_file=", "deepspeed=ds_configs/zero0.json"],
+        # the quickstart's own config through the launcher, shrunk
+        "quickstart": ["--config", str(REPO / "configs" / "quickstart.yaml"), f"output.dir={workdir / 'quickstart_toy'}",
+                       "pipeline.teacher_sft_steps=2", "pipeline.student_sft_steps=3",
+                       "pipeline.student_sft_dev_interval=1", "pipeline.student_sft_patience=1", "train.max_steps=2",
+                       "eval.dev_interval=1", "data.synthetic.n_train=64", "data.synthetic.n_dev=6",
+                       "data.synthetic.n_test=8", "train.micro_batch_size=4", "rollout.max_new_tokens=6",
+                       "eval.max_new_tokens=6", "eval.seeds=[10,20]",
+                       "model.teacher.init={arch: llama, layers: 2, hidden: 64, heads: 4}",
+                       "model.student.init={arch: llama, layers: 1, hidden: 32, heads: 2}"],
+    }
+
+
 @pytest.fixture(scope="module")
-def ds_run(workdir, config_yaml) -> SimpleNamespace:
-    """ONE real 2-rank deepspeed launch of the tiny PromptKD run, shared by the tests below."""
-    run_dir = workdir / "run_promptkd"
-    overrides = [f"output.dir={run_dir}"]
-    log = workdir / "ds_launch.log"
-    cmd = ["timeout", str(LAUNCH_TIMEOUT_S), str(DEEPSPEED), "--num_gpus", "2",
-           "--master_port", str(free_port()), str(MAIN), "--config", str(config_yaml), *overrides]
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT)
-    return SimpleNamespace(rc=proc.returncode, run_dir=run_dir, log=log.read_text(),
-                           cfg=load_config(str(config_yaml), overrides))
+def launches(workdir, config_yaml) -> dict[str, SimpleNamespace]:
+    """ONE real 2-rank deepspeed launch of the tiny PromptKD run, shared by the tests below, side by side with
+    the one-process runs that do not need it (the quickstart pipeline first: the longest)."""
+    singles = _single_runs(workdir, config_yaml)
+    overrides = [f"output.dir={workdir / 'run_promptkd'}"]
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(MAIN), "--config",
+           str(config_yaml), *overrides]
+    order = ["ds", "quickstart", "sft", "early_stop"]
+    procs = run_side_by_side({"ds": Launch(cmd, timeout_s=LAUNCH_TIMEOUT_S),
+                              **{name: _cli(*singles[name]) for name in order[1:]}})
+    (workdir / "ds_launch.log").write_text(procs["ds"].stdout + procs["ds"].stderr)
+    out = {name: _result(procs[name], singles[name], workdir / f"{name}.log") for name in order[1:]}
+    out["ds"] = SimpleNamespace(rc=procs["ds"].returncode, run_dir=workdir / "run_promptkd",
+                                log=procs["ds"].stdout + procs["ds"].stderr,
+                                cfg=load_config(str(config_yaml), overrides))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds_run(launches) -> SimpleNamespace:
+    return launches["ds"]
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +273,24 @@ def test_metrics_jsonl_one_line_per_logged_step(run_dir):
 
 # ----------------------------------------------------------------------------- stage=eval on the export
 
-def test_stage_eval_on_export(workdir, config_yaml, data, run_dir):
+@pytest.fixture(scope="module")
+def evals(workdir, config_yaml, data, run_dir) -> dict[str, SimpleNamespace]:
+    """The two stage=eval runs on the launch's export, side by side."""
+    args = {
+        "eval_only": ["--config", str(config_yaml), "stage=eval", f"eval.model_path={run_dir / 'export'}",
+                      f"eval.file={data['test']}", f"output.dir={workdir / 'eval_only'}"],
+        "eval_protocol": ["--config", str(config_yaml), "stage=eval",
+                          f"eval.models=[last={run_dir / 'export'},best={run_dir / 'best'}]", "eval.do_sample=true",
+                          "eval.seeds=[10,20]", "eval.greedy_too=true", f"eval.file={data['test']}",
+                          f"output.dir={workdir / 'eval_protocol'}"],
+    }
+    procs = run_side_by_side({name: _cli(*a) for name, a in args.items()})
+    return {name: _result(procs[name], args[name], workdir / f"{name}.log") for name in args}
+
+
+def test_stage_eval_on_export(workdir, evals):
     out = workdir / "eval_only"
-    res = _run_cli(["--config", str(config_yaml), "stage=eval", f"eval.model_path={run_dir / 'export'}",
-                    f"eval.file={data['test']}", f"output.dir={out}"], workdir / "eval_only.log")
+    res = evals["eval_only"]
     assert res.rc == 0, tail(res.text, TAIL)
     table = (out / "eval" / "results.md").read_text()
     assert "| model | test |" in table  # models x datasets (one of each here)
@@ -249,22 +300,19 @@ def test_stage_eval_on_export(workdir, config_yaml, data, run_dir):
 
 # ----------------------------------------------------------------------------- single process (no launcher)
 
-def test_single_process_sft(workdir, config_yaml):
+def test_single_process_sft(workdir, launches):
     out = workdir / "run_sft"
-    res = _run_cli(["--config", str(config_yaml), "method.name=sft", "train.max_steps=2", f"output.dir={out}",
-                    "deepspeed=ds_configs/zero0.json"], workdir / "sft.log")
+    res = launches["sft"]
     assert res.rc == 0, tail(res.text, TAIL)
     assert (out / "export" / "config.json").is_file()
     assert not (out / "export" / "teacher_prompt").exists()
     assert "world size 1" in res.text
 
 
-def test_early_stopping_keeps_the_best_dev_student(workdir, config_yaml):
+def test_early_stopping_keeps_the_best_dev_student(workdir, launches):
     """lr ~0: dev ROUGE-L never improves on step 1's, so patience 1 stops the run at step 2 of 30."""
     out = workdir / "run_early_stop"
-    res = _run_cli(["--config", str(config_yaml), "method.name=sft", "train.max_steps=30", "optim.student.lr=1e-12",
-                    "eval.dev_interval=1", "train.early_stop_patience=1", f"output.dir={out}", "data.test_file=",
-                    "deepspeed=ds_configs/zero0.json"], workdir / "early_stop.log")
+    res = launches["early_stop"]
     assert res.rc == 0, tail(res.text, TAIL)
     assert "early stop at step 2" in res.text
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -273,12 +321,9 @@ def test_early_stopping_keeps_the_best_dev_student(workdir, config_yaml):
     assert (out / "export" / "config.json").is_file()
 
 
-def test_stage_eval_several_models_sampled_and_greedy(workdir, config_yaml, data, run_dir):
+def test_stage_eval_several_models_sampled_and_greedy(workdir, config_yaml, evals, monkeypatch, capsys):
     out = workdir / "eval_protocol"
-    res = _run_cli(["--config", str(config_yaml), "stage=eval",
-                    f"eval.models=[last={run_dir / 'export'},best={run_dir / 'best'}]", "eval.do_sample=true",
-                    "eval.seeds=[10,20]", "eval.greedy_too=true", f"eval.file={data['test']}", f"output.dir={out}"],
-                   workdir / "eval_protocol.log")
+    res = evals["eval_protocol"]
     assert res.rc == 0, tail(res.text, TAIL)
     sampled = json.loads((out / "eval" / "results.json").read_text())
     greedy = json.loads((out / "eval" / "greedy" / "results.json").read_text())
@@ -287,21 +332,16 @@ def test_stage_eval_several_models_sampled_and_greedy(workdir, config_yaml, data
     assert not greedy["decoding"]["do_sample"] and greedy["decoding"]["seeds"] == [10]
     assert len(sampled["models"]["best"]["datasets"]["test"]["by_seed"]) == 2
     assert "Sampled (the paper's protocol) beside greedy" in res.stdout
-    bad = _run_cli(["--config", str(config_yaml), "stage=eval", "eval.models=[nameless]", f"output.dir={out}_bad"],
-                   workdir / "eval_bad.log")
-    assert bad.rc == 2 and "eval.models" in bad.stderr and not (out.parent / "eval_protocol_bad").exists()
+    # a model without a name: bad input, in process (test_bad_inputs.py launches the one real bad-input process)
+    rc, stderr = main_in_process(["--config", str(config_yaml), "stage=eval", "eval.models=[nameless]",
+                                  f"output.dir={out}_bad"], monkeypatch, capsys)
+    assert rc == 2 and "eval.models" in last_line(stderr) and not (out.parent / "eval_protocol_bad").exists()
 
 
-def test_quickstart_pipeline_at_toy_size(workdir):
+def test_quickstart_pipeline_at_toy_size(workdir, launches):
     """The quickstart's own config through the launcher, shrunk: best-dev students, sampled beside greedy."""
     out = workdir / "quickstart_toy"
-    res = _run_cli(["--config", str(REPO / "configs" / "quickstart.yaml"), f"output.dir={out}",
-                    "pipeline.teacher_sft_steps=2", "pipeline.student_sft_steps=3", "pipeline.student_sft_dev_interval=1",
-                    "pipeline.student_sft_patience=1", "train.max_steps=2", "eval.dev_interval=1",
-                    "data.synthetic.n_train=64", "data.synthetic.n_dev=6", "data.synthetic.n_test=8",
-                    "train.micro_batch_size=4", "rollout.max_new_tokens=6", "eval.max_new_tokens=6",
-                    "eval.seeds=[10,20]", "model.teacher.init={arch: llama, layers: 2, hidden: 64, heads: 4}",
-                    "model.student.init={arch: llama, layers: 1, hidden: 32, heads: 2}"], workdir / "quickstart.log")
+    res = launches["quickstart"]
     assert res.rc == 0, tail(res.text, TAIL)
     assert "Sampled (the paper's protocol) beside greedy" in res.stdout
     sampled = json.loads((out / "eval" / "results.json").read_text())["models"]

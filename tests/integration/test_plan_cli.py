@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from tests.fixtures.cli import MAIN, REPO, cli_env, last_line, tail
+from tests.fixtures.parallel import Launch, run_side_by_side
 
 PY = sys.executable
+# the LLaMA config without its activation checkpointing (the official scripts' setting): a plan that does not fit
+NO_CKPT = ("model.student.gradient_checkpointing=false", "model.teacher.gradient_checkpointing=false")
 # bench/plan_check.py measures these exactly (storage bytes of the engine's tensors)
 EXACT = ("params", "grads", "optimizer", "teacher_weights")
 EXACT_TOLERANCE = 0.02
@@ -21,18 +23,39 @@ PHASE_TOLERANCE = {"prompt_step": 0.35, "student_step": 0.5, "rollout": 0.5, "op
 NOT_HELD = {"zero3_bf16": ("rollout",)}
 
 
-def _plan(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+def _plan(*args: str, module: bool = False) -> Launch:
     cmd = [PY, "-m", "promptkd.plan", *args] if module else [PY, str(MAIN), *args, "stage=plan"]
-    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    return Launch(cmd, timeout_s=300)
 
 
-# the LLaMA config without its activation checkpointing (the official scripts' setting): a plan that does not fit
-NO_CKPT = ("model.student.gradient_checkpointing=false", "model.teacher.gradient_checkpointing=false")
 
 
-def test_plan_of_a_paper_config_without_weights_or_hub():
-    out = _plan("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4", "plan.gpu_memory=80GiB",
-                *NO_CKPT)
+ONE_RANK_CASES = "zero0_fp32,zero0_fp32_ckpt,zero0_bf16,zero1_bf16,zero2_fp32_gpt2,sft_zero0_fp32"
+
+
+def _check_launch(out_file, nproc: int, cases: str) -> Launch:
+    launch = [PY, "bench/plan_check.py"] if nproc == 1 else \
+        [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "bench/plan_check.py"]
+    return Launch(launch + ["--cases", cases, "--out", str(out_file)], timeout_s=900)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """This module's one-process launches, independent of each other: side by side (the measured step first)."""
+    root = tmp_path_factory.mktemp("plan_cli")
+    paper = ("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4")
+    procs = run_side_by_side({
+        "check_1": _check_launch(root / "check_1.json", 1, ONE_RANK_CASES),
+        "plan": _plan(*paper, "plan.gpu_memory=80GiB", *NO_CKPT),
+        "plan_module": _plan(*paper, *NO_CKPT, module=True),
+        "table": Launch([PY, "bench/plan_table.py"], env=cli_env(BENCH_RESULTS=str(REPO / "runs" / "tmp")),
+                        timeout_s=300),
+    })
+    return {"root": root, **procs}
+
+
+def test_plan_of_a_paper_config_without_weights_or_hub(one_process):
+    out = one_process["plan"]
     assert out.returncode == 0, tail(out.stderr)
     text = out.stdout
     assert "no config.json there yet; using the shipped llama-13b config" in text
@@ -42,7 +65,7 @@ def test_plan_of_a_paper_config_without_weights_or_hub():
                  "with model.student.gradient_checkpointing=true"):
         assert term in text, term
     assert "verdict: does not fit" in text and "largest train.micro_batch_size that fits: 6" in text
-    same = _plan("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4", *NO_CKPT, module=True)
+    same = one_process["plan_module"]
     assert same.returncode == 0 and same.stdout == text
 
 
@@ -60,10 +83,9 @@ def test_bad_plan_input_is_one_line_naming_the_key(override, key, capsys):
     assert "Traceback" not in stderr
 
 
-def test_readme_table_is_the_planner_output():
+def test_readme_table_is_the_planner_output(one_process):
     """bench/plan_table.py regenerates the README's table; any change to the planner shows here."""
-    out = subprocess.run([PY, "bench/plan_table.py"], cwd=REPO, env=cli_env(BENCH_RESULTS=str(REPO / "runs" / "tmp")),
-                         capture_output=True, text=True, timeout=300)
+    out = one_process["table"]
     assert out.returncode == 0, tail(out.stderr)
     rows = [line for line in out.stdout.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + 2 * 24 + 2   # + the long-response pair, fused head on and off (issue 22)
@@ -72,13 +94,8 @@ def test_readme_table_is_the_planner_output():
     assert not missing, "README plan table is stale; rerun bench/plan_table.py:\n" + "\n".join(missing[:5])
 
 
-def _check(tmp_path, nproc: int, cases: str) -> list[dict]:
-    out_file = tmp_path / f"check_{nproc}.json"
-    launch = [PY, "bench/plan_check.py"] if nproc == 1 else \
-        [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "bench/plan_check.py"]
-    out = subprocess.run(launch + ["--cases", cases, "--out", str(out_file)], cwd=REPO, env=cli_env(),
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, tail(out.stderr + out.stdout)
+def _cases(proc, out_file) -> list[dict]:
+    assert proc.returncode == 0, tail(proc.stderr + proc.stdout)
     return json.loads(out_file.read_text())["cases"]
 
 
@@ -93,8 +110,8 @@ def _assert_within(case: dict) -> None:
             assert abs(err[term]) <= tol, (case["case"], term, err)
 
 
-def test_plan_matches_a_measured_step_on_one_rank(tmp_path):
-    cases = _check(tmp_path, 1, "zero0_fp32,zero0_fp32_ckpt,zero0_bf16,zero1_bf16,zero2_fp32_gpt2,sft_zero0_fp32")
+def test_plan_matches_a_measured_step_on_one_rank(one_process):
+    cases = _cases(one_process["check_1"], one_process["root"] / "check_1.json")
     for case in cases:
         _assert_within(case)
     # checkpointing: the plan moves the prompt step the way the measurement does (the kept student graph
@@ -108,5 +125,6 @@ def test_plan_matches_a_measured_step_on_one_rank(tmp_path):
 def test_plan_matches_a_measured_step_on_two_ranks(tmp_path):
     """ZeRO-2 and ZeRO-3 partitions (1/W of gradients, master weights, moments, ZeRO-3 weights; the teacher's
     ZeRO-3 partition) at W=2."""
-    for case in _check(tmp_path, 2, "zero2_bf16,zero3_bf16,zero2_bf16_teacher_zero3"):
+    launch = _check_launch(tmp_path / "check_2.json", 2, "zero2_bf16,zero3_bf16,zero2_bf16_teacher_zero3")
+    for case in _cases(run_side_by_side({"check_2": launch})["check_2"], tmp_path / "check_2.json"):
         _assert_within(case)

@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from tests.fixtures.cli import cli_env  # noqa: E402
+from tests.fixtures.parallel import Launch, run_side_by_side  # noqa: E402
 from tests.fixtures.tiny_run import write_tiny_run  # noqa: E402
 from promptkd.training import checkpoint  # noqa: E402
 from promptkd.training.signals import EXIT_PREEMPTED  # noqa: E402
@@ -83,18 +84,26 @@ def killed_at(proc: subprocess.CompletedProcess, out, last_complete: int) -> Non
 def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
     root, cfg = setup
     common = (f"deepspeed=ds_configs/{ds}.json",)
-    full = root / f"full_{ds}"
-    ok(run(torchrun(cfg, *common, f"output.dir={full}")))
-    reference = final_weights(full)
-    check_offline_consolidation(full, reference)
-
-    killed = root / f"killed_{ds}"
+    full, killed = root / f"full_{ds}", root / f"killed_{ds}"
+    # the uninterrupted run and the first killed one are independent: side by side
     # 1) rank 1 SIGKILLs itself at the start of step 3; the launcher takes rank 0 down
-    killed_at(run(torchrun(cfg, *common, f"output.dir={killed}"), PROMPTKD_FAULT="sigkill@step=3,rank=1"), killed, 2)
+    procs = run_side_by_side({
+        "full": Launch(torchrun(cfg, *common, f"output.dir={full}")),
+        "killed": Launch(torchrun(cfg, *common, f"output.dir={killed}"), env=env(PROMPTKD_FAULT="sigkill@step=3,rank=1")),
+    })
+    ok(procs["full"])
+    killed_at(procs["killed"], killed, 2)
+    reference = final_weights(full)
     # 2) resume from step 2; every rank dies while saving step 4, before its COMPLETE marker: a torn checkpoint
-    proc = run(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto"),
-               PROMPTKD_FAULT="sigkill_in_save@step=4")
-    killed_at(proc, killed, 3)
+    #    (beside it, the offline consolidation of the full run's last checkpoint)
+    procs = run_side_by_side({
+        "consolidate": Launch([sys.executable, "-m", "promptkd.consolidate", str(full / "checkpoints" / f"step_{STEPS}"),
+                               str(full / "consolidated")], timeout_s=120),
+        "torn": Launch(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto"),
+                       env=env(PROMPTKD_FAULT="sigkill_in_save@step=4")),
+    })
+    check_offline_consolidation(procs["consolidate"], full / "consolidated", reference)
+    killed_at(procs["torn"], killed, 3)
     torn = killed / "checkpoints" / ".tmp_step_4"
     assert torn.is_dir() and not (torn / "COMPLETE").exists()
     # 3) resume from step 3 to the end
@@ -112,10 +121,8 @@ def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
     assert resumed_rkl == full_rkl
 
 
-def check_offline_consolidation(out, reference: dict) -> None:
-    """`python -m promptkd.consolidate` rebuilds the exported student from the last checkpoint alone."""
-    target = out / "consolidated"
-    proc = subprocess.run([sys.executable, "-m", "promptkd.consolidate", str(out / "checkpoints" / f"step_{STEPS}"), str(target)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+def check_offline_consolidation(proc: subprocess.CompletedProcess, target, reference: dict) -> None:
+    """`python -m promptkd.consolidate` rebuilt the exported student from the last checkpoint alone."""
     ok(proc)
     merged = load_file(str(target / "model.safetensors"))
     merged["prompt"] = load_file(str(target / "teacher_prompt" / "teacher_prompt.safetensors"))["prompt"]
@@ -184,20 +191,34 @@ def _model_states(ckpt) -> dict[str, torch.Tensor]:
     return {**states, "prompt": prompt["prompt"]["prompt"]} if prompt else dict(states)
 
 
-@pytest.mark.parametrize("launch", ["zero2_2ranks", "sft_zero2_2ranks", "zero0_single"])
-def test_nan_step_is_skipped_on_every_rank(setup, launch):
-    """The NaN appears on one rank only (2-rank cases); both must skip the update."""
+NAN_LAUNCHES = ("zero2_2ranks", "sft_zero2_2ranks", "zero0_single")
+
+
+@pytest.fixture(scope="module")
+def nan_runs(setup) -> dict[str, subprocess.CompletedProcess]:
+    """The three NaN-step launches, independent of each other: side by side."""
     root, cfg = setup
+    launches = {}
+    for launch in NAN_LAUNCHES:
+        out = root / f"nan_{launch}"
+        if launch.endswith("2ranks"):
+            method = "sft" if launch.startswith("sft") else "promptkd"
+            cmd = torchrun(cfg, f"output.dir={out}", "train.max_steps=4", "deepspeed=ds_configs/zero2.json",
+                           f"method.name={method}")
+            fault = "nan@step=2,rank=1"
+        else:
+            cmd = single(cfg, f"output.dir={out}", "train.max_steps=4", "deepspeed=ds_configs/zero0.json")
+            fault = "nan@step=2"
+        launches[launch] = Launch(cmd, env=env(PROMPTKD_FAULT=fault))
+    return run_side_by_side(launches, at_once=len(launches))
+
+
+@pytest.mark.parametrize("launch", NAN_LAUNCHES)
+def test_nan_step_is_skipped_on_every_rank(setup, nan_runs, launch):
+    """The NaN appears on one rank only (2-rank cases); both must skip the update."""
+    root, _ = setup
     out = root / f"nan_{launch}"
-    if launch.endswith("2ranks"):
-        method = "sft" if launch.startswith("sft") else "promptkd"
-        cmd = torchrun(cfg, f"output.dir={out}", "train.max_steps=4", "deepspeed=ds_configs/zero2.json",
-                       f"method.name={method}")
-        fault = "nan@step=2,rank=1"
-    else:
-        cmd = single(cfg, f"output.dir={out}", "train.max_steps=4", "deepspeed=ds_configs/zero0.json")
-        fault = "nan@step=2"
-    ok(run(cmd, PROMPTKD_FAULT=fault))
+    ok(nan_runs[launch])
     ck = out / "checkpoints"
     s1, s2, s3 = (_model_states(ck / f"step_{i}") for i in (1, 2, 3))
     assert all(torch.equal(s1[k], s2[k]) for k in s1), "the NaN step changed the weights"
@@ -208,10 +229,6 @@ def test_nan_step_is_skipped_on_every_rank(setup, launch):
     assert logged[4]["train/skipped_steps"] == 1
 
 
-def test_consecutive_nan_steps_abort(setup):
-    root, cfg = setup
-    out = root / "nan_abort"
-    proc = run(single(cfg, f"output.dir={out}", "train.max_steps=4", "train.max_bad_steps=1"),
-               PROMPTKD_FAULT="nan@step=2")
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "train.max_bad_steps" in proc.stderr.strip().splitlines()[-1]
+# Consecutive NaN steps abort the run (exit 3, the last line names train.max_bad_steps): the same launch
+# (nan@step=2, train.max_bad_steps=1, one process) is tests/integration/test_exit_paths.py::
+# test_aborted_run_exits_3_and_is_closed, which checks that and that the run is closed.

@@ -28,11 +28,27 @@ def test_bench_module_imports(name):
     assert callable(getattr(module, "run", None) or getattr(module, "emit", None))
 
 
-def test_bench_core_functions_run_at_toy_sizes(tmp_path):
-    env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture(scope="module")
+def bench_children(tmp_path_factory) -> dict:
+    """The toy-size child (``_toy_runs``) and ``bash bench/gpu.sh --dry-run``, side by side: each is one process
+    with one thread at a time, so on 2 quiet cores the child (~12 s of CPU) runs beside the dry run (~42 s)
+    instead of before it. name -> (the finished process, its temp dir)."""
+    from tests.fixtures.parallel import Launch, run_side_by_side
+
+    toy, gpu = tmp_path_factory.mktemp("bench_toy"), tmp_path_factory.mktemp("gpu_dry")
+    base = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    procs = run_side_by_side({
+        "toy": Launch([sys.executable, os.path.abspath(__file__)], timeout_s=300,
+                      env={**base, "BENCH_RESULTS": str(toy / "results"), "PYTHONPATH": REPO}),
+        "gpu": Launch(["bash", os.path.join(REPO, "bench", "gpu.sh"), "--dry-run"], timeout_s=300,
+                      env={**base, "OUT": str(gpu / "out"), "BENCH_RESULTS": str(gpu / "results"),
+                           "PYTHON": sys.executable}),
+    })
+    return {"toy": (procs["toy"], toy), "gpu": (procs["gpu"], gpu)}
+
+
+def test_bench_core_functions_run_at_toy_sizes(bench_children):
+    proc, tmp_path = bench_children["toy"]
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -73,14 +89,11 @@ GPU_ORDER = ["launcher", "timeout_probe", "mfu", "phases", "plan", "rollout", "v
 OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT (at most 8 files)
 
 
-def test_gpu_sh_dry_run_runs_every_section_in_order_with_full_logs(tmp_path):
+def test_gpu_sh_dry_run_runs_every_section_in_order_with_full_logs(bench_children):
     """bash bench/gpu.sh --dry-run: the launcher first, a forced timeout caught and recorded, the next section still
     run, every section's whole log in $OUT, and every import the bench needs on the GPU image or carried."""
+    proc, tmp_path = bench_children["gpu"]
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), BENCH_RESULTS=str(tmp_path / "results"), PYTHON=sys.executable,
-               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu.sh"), "--dry-run"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "gpu_dryrun.json").read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1])["sections"].keys() == summary["sections"].keys()
