@@ -60,7 +60,11 @@ def test_paper_configs_select_like_the_official_code(path):
     cfg = load_config(path, [])
     ev = cfg.eval
     assert (ev.dev_interval_epochs, ev.dev_interval, ev.dev_do_sample) == (1, 0, True)
-    assert ev.dev_max_examples == 1000 and cfg.data.dev_size == 1000
+    assert ev.dev_max_examples == 1000
+    if cfg.data.format == "dolly":  # MiniLLM's split, prepared: the 1,000 dev examples, and no test example in train
+        assert (cfg.data.train_file, cfg.data.dev_file) == ("data/eval/dolly/train.jsonl", "data/eval/dolly/dev.jsonl")
+    else:
+        assert cfg.data.dev_size == 1000
     assert (ev.top_p, ev.top_k, ev.temperature) == (1.0, 0, 1.0)
     assert cfg.seed == 10                                  # the official scripts' SEED
 
