@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 from typing import Callable
 
-from promptkd.data.synthetic import COLORS, NOUNS, _make_entities, write_jsonl
+from promptkd.data.synthetic import COLORS, NOUNS, _make_entities, check_split_sizes, write_splits
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +129,7 @@ def generate_multi_answer(n: int, rng: random.Random, with_references: bool,
 def make_multi_answer_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, seed: int) -> dict[str, str]:
     """Write train/dev/test JSONL under ``out_dir`` (train: one sampled answer; dev/test: every valid answer in
     ``references``); return {split: path}. Deterministic per seed."""
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    for name, size in sizes.items():
-        if size < 1:
-            raise ValueError(f"n_{name}={size} must be >= 1")
+    check_split_sizes(n_train, n_dev, n_test)
     train = generate_multi_answer(n_train, random.Random(f"promptkd-multi:{seed}:train"), with_references=False)
     seen = {(r["instruction"], r["context"]) for r in train}
     splits = {
@@ -141,12 +137,7 @@ def make_multi_answer_splits(out_dir: str, n_train: int, n_dev: int, n_test: int
         "dev": generate_multi_answer(n_dev, random.Random(f"promptkd-multi:{seed}:dev"), True, seen),
         "test": generate_multi_answer(n_test, random.Random(f"promptkd-multi:{seed}:test"), True, seen),
     }
-    paths = {}
-    for name, records in splits.items():
-        paths[name] = os.path.join(out_dir, f"{name}.jsonl")
-        write_jsonl(paths[name], records)
-    logger.info("wrote multi-answer splits to %s (%s)", out_dir, sizes)
-    return paths
+    return write_splits(out_dir, splits, "multi-answer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,6 +230,25 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
         raise
 
 
+def check_split_sizes(n_train: int, n_dev: int, n_test: int) -> dict[str, int]:
+    """{split: size}; every split needs at least one example."""
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"n_{name}={size} must be >= 1")
+    return sizes
+
+
+def write_splits(out_dir: str, splits: dict[str, list[dict]], what: str) -> dict[str, str]:
+    """``out_dir/<split>.jsonl`` for each split (each written atomically); returns {split: path}."""
+    paths = {}
+    for name, records in splits.items():
+        paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+        write_jsonl(paths[name], records)
+    logger.info("wrote %s splits to %s (%s)", what, out_dir, {k: len(v) for k, v in splits.items()})
+    return paths
+
+
 def make_synthetic_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, seed: int,
                           level: int = 1) -> dict[str, str]:
     """Write train/dev/test JSONL under `out_dir`; return {split: path}.
@@ -237,10 +256,7 @@ def make_synthetic_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, s
     Dev and test avoid exact train prompts (and each other's) where the family's
     prompt space allows, except closed-book fact questions, which must repeat.
     """
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    for name, size in sizes.items():
-        if size < 1:
-            raise ValueError(f"n_{name}={size} must be >= 1")
+    check_split_sizes(n_train, n_dev, n_test)
     train = generate_synthetic(n_train, seed, level)
     seen = {_key(r) for r in train}
     # String seeds hash deterministically (sha512) and keep the split streams apart.
@@ -249,9 +265,4 @@ def make_synthetic_splits(out_dir: str, n_train: int, n_dev: int, n_test: int, s
         "dev": _generate(n_dev, random.Random(f"promptkd-synthetic:{seed}:dev"), seen, level),
         "test": _generate(n_test, random.Random(f"promptkd-synthetic:{seed}:test"), seen, level),
     }
-    paths = {}
-    for name, records in splits.items():
-        paths[name] = os.path.join(out_dir, f"{name}.jsonl")
-        write_jsonl(paths[name], records)
-    logger.info("wrote synthetic splits to %s (%s)", out_dir, sizes)
-    return paths
+    return write_splits(out_dir, splits, "synthetic")

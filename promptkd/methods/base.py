@@ -319,6 +319,14 @@ def has_dropout(model: torch.nn.Module) -> bool:
                for k, v in rates)
 
 
+def loss_scale(n_global: torch.Tensor | float) -> torch.Tensor | float:
+    """world size / global token count: a rank's loss sum times this, averaged over ranks by DeepSpeed, is the
+    global mean. A device tensor stays one (computed in fp64, applied in fp32, as the Python float was)."""
+    if isinstance(n_global, torch.Tensor):
+        return (dist.world_size() / n_global.clamp(min=1.0)).to(torch.float32)
+    return dist.world_size() / max(n_global, 1.0)
+
+
 def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: torch.Tensor | float) -> None:
     """Backward + (boundary-aware) step through DeepSpeed with global normalisation.
 
@@ -327,11 +335,7 @@ def student_backward(ctx: StepContext, loss_sum: torch.Tensor, n_global: torch.T
     ``n_global`` may stay a device tensor: the scale is computed in fp64 and applied in fp32,
     which is what multiplying by the Python float did.
     """
-    if isinstance(n_global, torch.Tensor):
-        scale = (dist.world_size() / n_global.clamp(min=1.0)).to(torch.float32)
-    else:
-        scale = dist.world_size() / max(n_global, 1.0)
-    ctx.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+    ctx.engine.backward(loss_sum * loss_scale(n_global), scale_wrt_gas=False)
     ctx.timer.lap("student/bwd")
     ctx.engine.step()
     ctx.timer.lap("student/optimizer")

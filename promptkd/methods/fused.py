@@ -13,10 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from promptkd import distributed as dist
 from promptkd.losses import PromptLoss
 from promptkd.losses.fused_head import HeadStates, fused_prompt_loss, fused_token_divergence
-from promptkd.methods.base import StepContext
+from promptkd.methods.base import StepContext, loss_scale
 from promptkd.models.forward import head_inputs, head_params
 from promptkd.rollout import position_ids
 
@@ -65,12 +64,8 @@ def fused_student_update(ctx: StepContext, s_hidden: torch.Tensor, t_hidden: tor
                                               mask=mask, vocab=ctx.vocab_size, beta=beta, alpha=alpha,
                                               chunk_size=ctx.chunk)
         ctx.timer.lap("student/loss")
-        # student_backward's scale, bitwise (its backward and step are split here by the head's gather)
-        if isinstance(n_global, torch.Tensor):
-            scale = (dist.world_size() / n_global.clamp(min=1.0)).to(torch.float32)
-        else:
-            scale = dist.world_size() / max(n_global, 1.0)
-        ctx.engine.backward(total * scale, scale_wrt_gas=False)
+        # student_backward's scale (its backward and step are split here by the head's gather)
+        ctx.engine.backward(total * loss_scale(n_global), scale_wrt_gas=False)
     ctx.timer.lap("student/bwd")
     ctx.engine.step()
     ctx.timer.lap("student/optimizer")
