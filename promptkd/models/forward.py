@@ -17,6 +17,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from promptkd.config import ConfigError
+
 
 def _unwrap(model: Any) -> Any:
     # a DeepSpeed engine forwards keyword arguments to the HF module it wraps
@@ -70,10 +72,12 @@ def output_head(model: Any) -> torch.nn.Module:
     """The LM head module (``get_output_embeddings``): its weight may be tied to the input embedding."""
     head = _unwrap(model).get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no linear LM head: set method.fused_head=false")
+        raise ConfigError(f"method.fused_head: {type(_unwrap(model)).__name__} has no linear LM head; "
+                          "set method.fused_head=false")
     if hasattr(head, "base_layer"):  # a PEFT adapter on the head: its output is more than weight @ hidden
-        raise ValueError("the LM head carries an adapter (model.student.lora.target_modules): the fused head "
-                         "applies the plain weight only; set method.fused_head=false or leave the head out")
+        raise ConfigError("method.fused_head: the LM head carries an adapter (model.student.lora.target_modules); "
+                          "the fused head applies the plain weight only: set method.fused_head=false or leave the "
+                          "head out")
     return head
 
 
@@ -83,8 +87,15 @@ def check_plain_head(model: Any) -> None:
     for key in LOGIT_TRANSFORMS:
         value = getattr(config, key, None)
         if value not in (None, 0, 0.0, 1, 1.0, False):
-            raise ValueError(f"{type(_unwrap(model)).__name__}: config.{key}={value} transforms the LM head's "
-                             "output, which the fused head does not; set method.fused_head=false")
+            raise ConfigError(f"method.fused_head: {type(_unwrap(model)).__name__}'s config.{key}={value} transforms "
+                              "the LM head's output, which the fused head does not; set method.fused_head=false")
+
+
+def check_fused_heads(*models: Any) -> None:
+    """Before a run starts: each model's head is one the fused head can apply (ConfigError otherwise)."""
+    for model in models:
+        check_plain_head(model)
+        output_head(model)
 
 
 @contextlib.contextmanager

@@ -17,12 +17,13 @@ from typing import Any, Optional
 import torch
 
 from promptkd import distributed as dist
-from promptkd.config import REGISTRY, Config, ConfigError, EvalConfig, to_yaml, zero_stage
+from promptkd.config import REGISTRY, Config, ConfigError, EvalConfig, to_yaml, uses_fused_head, zero_stage
 from promptkd.data import Template, eos_for
 from promptkd.data.chat import check_teacher_tokenizer
 from promptkd.evaluation import Decoder, evaluate, load_sets, resolve_sets
 from promptkd.methods import METHODS, Method, StepContext, build_method, step_context
 from promptkd.models import PromptedTeacher, TeacherSpec, load_teacher
+from promptkd.models.forward import check_fused_heads
 from promptkd.rollout import hf_step_fn
 from promptkd.rollout.core import gathered
 from promptkd.seeding import derive_seed
@@ -93,6 +94,8 @@ def build_run(cfg: Config, *, train: bool = True, total_steps: Optional[int] = N
     teacher = (load_teacher(TeacherSpec.for_training(cfg, method_cls.teacher_prompt_length(cfg)), tokenizer)
                if spec.uses_teacher else None)
     engine, ds_config = build_student_engine(cfg, tokenizer, total)
+    if uses_fused_head(cfg):  # an unsupported head fails here, not at the first step
+        check_fused_heads(engine.module, *([teacher.base] if teacher is not None else []))
     vocab = vocab_size(tokenizer, teacher, engine.module)
     # the vLLM engine exists before the context that steps with it; from here on the run owns it, and a
     # failure while the rest is built closes it

@@ -179,9 +179,16 @@ def test_head_inputs_are_what_the_head_reads():
 
 
 def test_a_transformed_head_is_refused_by_the_fused_path():
-    student, _ = _models("llama")
+    """A softcapped head (Gemma-2 style) is a config error naming the key, checked before the run starts."""
+    from promptkd.config import ConfigError
+    from promptkd.models.forward import check_fused_heads
+
+    student, teacher = _models("llama")
+    check_fused_heads(student, teacher)  # plain heads pass
     student.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="method.fused_head=false"):
+    with pytest.raises(ConfigError, match=r"^method\.fused_head: .*final_logit_softcapping=30\.0.*fused_head=false"):
+        check_fused_heads(teacher, student)
+    with pytest.raises(ConfigError, match="method.fused_head=false"):
         head_inputs(student, 3, input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4))
 
 
