@@ -1,7 +1,7 @@
 """Fault injection for the reliability tests, driven by ``PROMPTKD_FAULT``.
 
 Format: ``kind@step=N[,rank=R]`` with kind one of ``raise`` (an exception on
-that rank), ``nan`` (the student's logits become NaN for that step), ``sigkill``
+that rank), ``nan`` (the student's training forwards become NaN for that step), ``sigkill``
 (the process kills itself at the start of step N, so the last checkpoint is the
 one before), or ``sigkill_in_save`` (it kills itself while saving step N's
 checkpoint, after the files and before the ``COMPLETE`` marker: a torn
@@ -42,9 +42,11 @@ def configured() -> Optional[Fault]:
     return parse(text) if text else None
 
 
-def _nan_hook(module: Any, _inputs: Any, output: Any) -> Any:
+def _nan_hook(module: Any, _inputs: Any, output: torch.Tensor) -> Any:
+    """On the input embeddings: everything after them is NaN, the logits and the fused head's hidden states
+    alike (``method.fused_head`` never builds the logits a hook on them would poison)."""
     if module.training:  # rollouts (eval mode) stay finite; every training forward is poisoned
-        output.logits = output.logits * float("nan")  # keeps the graph: NaN gradients flow back
+        return output * float("nan")  # keeps the graph: NaN gradients flow back
     return output
 
 
@@ -67,4 +69,4 @@ def before_step(fault: Optional[Fault], step: int, student: torch.nn.Module) -> 
         raise RuntimeError(f"injected fault on rank {dist.rank()} at step {step}")
     if fault.kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
-    return student.register_forward_hook(_nan_hook)
+    return student.get_input_embeddings().register_forward_hook(_nan_hook)
