@@ -340,8 +340,9 @@ def built(monkeypatch, cfg):
         parts = {"load_raw_splits": lambda cfg: ([], [], []), "example_texts": lambda raw: [],
                  "build_tokenizer": lambda cfg, run_dir, texts: tok, "check_teacher_tokenizer": lambda *a: None,
                  "tokenize_splits": lambda cfg, tok, raw: Splits(train=[1], dev=[], test=[]),
-                 "load_teacher": lambda spec, tok: calls.append("teacher") or "teacher",
+                 "load_teacher": lambda spec, tok: calls.append("teacher") or types.SimpleNamespace(base=None),
                  "build_student_engine": lambda cfg, tok, total: (types.SimpleNamespace(module=None), {}),
+                 "check_fused_heads": lambda *models: None,  # the stand-in engine and teacher have no heads
                  "vocab_size": lambda *a: 8, "eos_for": lambda *a: 1, "build_method": build_method,
                  "vllm_rollouts": lambda *a: calls.append("vllm") or _Rollouts(calls),
                  "write_config": lambda cfg, run_dir: calls.append("config.yaml"),
