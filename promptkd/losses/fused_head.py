@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -285,6 +285,60 @@ def _run_kernel(plan: _Plan, logits: list, need: list, parts: torch.Tensor) -> l
     return has_grad
 
 
+class _RowBlocks:
+    """The fp32 sum of a 16-bit head's weight gradient, ``[V_pad, H]``, held as blocks of rows.
+
+    Summed in fp32 over the chunks and rounded once, as autograd's one GEMM would; held whole, the fp32 sum
+    (622 MB at V = 151,936, H = 1,024) and its 16-bit copy (311 MB) would be alive together at the end of
+    the loss - the largest term of a bf16 student step's fused peak. In blocks, each is rounded and freed in
+    turn, and the 16-bit blocks are joined once the fp32 ones are gone: the end of the loss then holds at most
+    the fp32 sum (plus one block). Block edges are multiples of VOCAB_BLOCK, so an upcast vocabulary block
+    (``_accumulate_upcast``) always falls in one block.
+    """
+
+    N_BLOCKS = 16
+
+    def __init__(self, like: torch.Tensor) -> None:
+        rows = like.shape[0]
+        per = VOCAB_BLOCK * max(1, math.ceil(rows / (VOCAB_BLOCK * self.N_BLOCKS)))
+        self.shape = like.shape
+        self.starts = list(range(0, rows, per))
+        self.blocks: list[Optional[torch.Tensor]] = [
+            torch.zeros((min(rows, r0 + per) - r0, *like.shape[1:]), dtype=torch.float32, device=like.device)
+            for r0 in self.starts]
+
+    def rows(self, v0: int, v1: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """(view of the sum's rows, lo, hi) covering rows [v0, v1); lo/hi count from v0."""
+        for r0, block in zip(self.starts, self.blocks):
+            assert block is not None, "the sum was already rounded"
+            lo, hi = max(v0, r0), min(v1, r0 + block.shape[0])
+            if lo < hi:
+                yield block[lo - r0:hi - r0], lo - v0, hi - v0
+
+    def rounded(self, dtype: torch.dtype) -> torch.Tensor:
+        """The sum in ``dtype``, one block at a time (each fp32 block freed once rounded)."""
+        parts = []
+        for i, block in enumerate(self.blocks):
+            parts.append(block.to(dtype))
+            self.blocks[i] = block = None
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _weight_rows(g_weight, v0: int, v1: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """Rows [v0, v1) of a head-weight gradient sum (a tensor or _RowBlocks), as ``_RowBlocks.rows``."""
+    if isinstance(g_weight, _RowBlocks):
+        yield from g_weight.rows(v0, v1)
+    else:
+        yield g_weight[v0:v1], 0, v1 - v0
+
+
+def _weight_grad_sum(weight: torch.Tensor):
+    """Where a head weight's gradient is summed over the chunks: fp32, in row blocks for a 16-bit head."""
+    if weight.dtype == torch.float32 or weight.dim() != 2:
+        return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    return _RowBlocks(weight)
+
+
 def _accumulate(plan: _Plan, grads: list, side: int, idx: torch.Tensor, h: torch.Tensor,
                 weight: torch.Tensor, g_logits: torch.Tensor) -> None:
     """Chunk logit gradient -> the side's hidden/weight/bias gradients (the head's backward)."""
@@ -297,7 +351,9 @@ def _accumulate(plan: _Plan, grads: list, side: int, idx: torch.Tensor, h: torch
     if g_hidden is not None:
         g_hidden.index_copy_(0, idx, (g @ weight[:v]).to(g_hidden.dtype))
     if g_weight is not None:
-        g_weight[:v].addmm_(g.t().to(torch.float32), h.to(torch.float32))
+        g32_t, h32 = g.t().to(torch.float32), h.to(torch.float32)
+        for rows, lo, hi in _weight_rows(g_weight, 0, v):
+            rows.addmm_(g32_t[lo:hi], h32)
     if g_bias is not None:
         g_bias[:v].add_(g.to(torch.float32).sum(0))
 
@@ -314,7 +370,8 @@ def _accumulate_upcast(v: int, g_hidden, g_weight, g_bias, idx: torch.Tensor, h:
         if acc is not None:
             acc.addmm_(g, weight[v0:v1].to(torch.float32))
         if g_weight is not None:
-            g_weight[v0:v1].addmm_(g.t(), h32)
+            for rows, lo, hi in _weight_rows(g_weight, v0, v1):
+                rows.addmm_(g[:, lo:hi].t(), h32)
         if g_bias is not None:
             g_bias[v0:v1].add_(g.sum(0))
     if acc is not None:
@@ -338,7 +395,7 @@ class _FusedHead(torch.autograd.Function):
             elif i % 3 == 0:
                 grads.append(torch.zeros_like(hiddens[i // 3]))
             else:                                 # weight/bias: summed over chunks in fp32
-                grads.append(torch.zeros(t.shape, dtype=torch.float32, device=t.device))
+                grads.append(_weight_grad_sum(t))
         need_logits = [any(plan.need[3 * i: 3 * i + 3]) for i in range(n_sides)]
         device = next(t for t in flat if t is not None).device
         parts = torch.zeros(len(plan.coeffs), dtype=torch.float32, device=device)
@@ -359,7 +416,9 @@ class _FusedHead(torch.autograd.Function):
                     _accumulate(plan, grads, i, idx, hs[i], weights[i], logits[i])
         del work
         for i, t in enumerate(flat):
-            if grads[i] is not None:
+            if isinstance(grads[i], _RowBlocks):
+                grads[i] = grads[i].rounded(t.dtype)
+            elif grads[i] is not None:
                 grads[i] = grads[i].reshape(t.shape).to(t.dtype)
         ctx.grads = grads
         # python-float coefficients: no host-to-device copy (a tensor of them would be one on CUDA)

@@ -52,13 +52,13 @@ def first_step_grads(engine) -> dict[str, torch.Tensor]:
     return grads
 
 
-def one_run(label: str, fused: bool, steps: int, **extra) -> dict:
+def one_run(label: str, fused: bool, steps: int, ds_json: str = "", **extra) -> dict:
     from tests.distributed import scenarios as sc
 
     # Adam's first step moves a weight by lr·g/(|g| + eps): where |g| is near eps, it turns a 1e-12 difference of
     # gradients into lr·1e-12/eps of weight. eps = 1e-6 (not 1e-8) keeps that below 1e-6 at lr 1e-3; the
     # gradients themselves are compared too (``first_step_grads``), independent of the optimizer.
-    cfg = sc.tiny_cfg(sc.ZERO3, **{"method.fused_head": fused, "method.loss_chunk_size": 4, "optim.student.eps": 1e-6,
+    cfg = sc.tiny_cfg(ds_json or sc.ZERO3, **{"method.fused_head": fused, "method.loss_chunk_size": 4, "optim.student.eps": 1e-6,
                                    **extra})
     m, splits, _ = sc.build_run(cfg, cfg.method.name)
     student = m.ctx.engine.module
@@ -78,8 +78,8 @@ def one_run(label: str, fused: bool, steps: int, **extra) -> dict:
     return out
 
 
-def compare(label: str, steps: int, **extra) -> dict:
-    on, off = one_run(label, True, steps, **extra), one_run(label, False, steps, **extra)
+def compare(label: str, steps: int, ds_json: str = "", **extra) -> dict:
+    on, off = one_run(label, True, steps, ds_json, **extra), one_run(label, False, steps, ds_json, **extra)
     diffs = {n: float((on["state"][n] - off["state"][n]).abs().max()) for n in on["state"]}
     grad_diffs = {n: float((on["grads"][n] - off["grads"][n]).abs().max()) for n in on["grads"]}
     head = next(n for n in diffs if "lm_head" in n) if any("lm_head" in n for n in diffs) else \
@@ -101,14 +101,22 @@ def compare(label: str, steps: int, **extra) -> dict:
 
 def scenario_fused_head_zero3() -> dict:
     """PromptKD with a Llama student (untied head), and ImitKD + PromptKD with a tied, padded GPT-2 student and a
-    ZeRO-3 teacher: fused vs method.fused_head=false at ZeRO-3, fp32."""
+    ZeRO-3 teacher: fused vs method.fused_head=false at ZeRO-3, fp32; and PromptKD (Llama; tied padded GPT-2) and
+    GKD at ZeRO-1 and ZeRO-2."""
     from tests.distributed import scenarios as sc
 
     gpt2 = {"model.student.init": {"arch": "gpt2", "layers": 2, "hidden": 32, "heads": 4, "vocab_multiple": 96},
             **sc.ZERO3_TEACHER}
+    gpt2_plain_teacher = {k: v for k, v in gpt2.items() if k.startswith("model.student")}
     return {"promptkd_llama": compare("promptkd_llama", 2, **{"method.name": "promptkd"}),
             "promptkd_gpt2_tied": compare("promptkd_gpt2_tied", 1, **{"method.name": "promptkd", **gpt2}),
-            "imitkd_gpt2_tied": compare("imitkd_gpt2_tied", 1, **{"method.name": "imitkd", **gpt2})}
+            "imitkd_gpt2_tied": compare("imitkd_gpt2_tied", 1, **{"method.name": "imitkd", **gpt2}),
+            # ZeRO-1/2: the head is whole on every rank (no gather), its gradient reduced by DeepSpeed's buckets
+            "promptkd_llama_zero1": compare("promptkd_llama_zero1", 2, "ds_configs/zero1.json",
+                                            **{"method.name": "promptkd"}),
+            "promptkd_gpt2_tied_zero2": compare("promptkd_gpt2_tied_zero2", 2, "ds_configs/zero2.json",
+                                                **{"method.name": "promptkd", **gpt2_plain_teacher}),
+            "gkd_llama_zero2": compare("gkd_llama_zero2", 1, "ds_configs/zero2.json", **{"method.name": "gkd"})}
 
 
 @contextlib.contextmanager

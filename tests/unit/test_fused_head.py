@@ -312,3 +312,53 @@ def test_bench_extrapolation_labels_and_lines():
     one = bench.extrapolate([case(512, unfused=2000), case(1024, unfused=3000), case(2048, fused=9000)],
                             targets=(8192,))[0]
     assert one["fused"]["peak_bytes"] == 9000 + (8192 - 2048) * 1024 * 4 and one["unfused"]["peak_bytes"] == 17000
+
+
+def test_a_16_bit_head_gradient_is_summed_in_fp32_row_blocks(monkeypatch):
+    """The fp32 sum of a 16-bit head's weight gradient lives in row blocks whose edges are multiples of
+    VOCAB_BLOCK: ``rows`` covers any row range exactly once, and rounding gives what rounding the whole
+    fp32 sum gives, bit for bit."""
+    from promptkd.losses import fused_head
+
+    monkeypatch.setattr(fused_head, "VOCAB_BLOCK", 3)
+    like = torch.zeros(100, 5, dtype=torch.bfloat16)
+    acc, whole = fused_head._RowBlocks(like), torch.zeros(100, 5)
+    assert len(acc.blocks) == 12 and all(s % 3 == 0 for s in acc.starts)       # 3·ceil(100/48) = 9 rows each
+    gen = torch.Generator().manual_seed(0)
+    for v0, v1 in ((0, 100), (4, 31), (27, 28), (0, 9), (95, 100)):
+        update = torch.randn(v1 - v0, 5, generator=gen)
+        covered = []
+        for rows, lo, hi in acc.rows(v0, v1):
+            rows.add_(update[lo:hi])
+            covered.extend(range(lo, hi))
+        assert covered == list(range(v1 - v0))
+        whole[v0:v1].add_(update)
+    out = acc.rounded(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, whole.to(torch.bfloat16))
+    assert all(b is None for b in acc.blocks)
+
+
+def test_rounding_a_16_bit_head_gradient_never_holds_the_fp32_sum_and_its_copy_together():
+    """At the end of a bf16 student step's fused loss the fp32 head-gradient sum (4 bytes per entry) and its
+    bf16 copy (2) were alive together: 6 bytes per entry at the peak. Rounded block by block, at most the fp32
+    sum's 4 bytes plus one block are (allocator trace, as bench/fused_head.py measures)."""
+    from bench.common import traced_peak
+    from promptkd.losses import fused_head
+
+    like = torch.zeros(8 * fused_head.VOCAB_BLOCK, 64, dtype=torch.bfloat16)
+    fp32_bytes = like.numel() * 4
+
+    def summed_then_rounded(blocked: bool) -> torch.Tensor:
+        if blocked:
+            acc = fused_head._RowBlocks(like)
+            for rows, _, _ in acc.rows(0, like.shape[0]):
+                rows.fill_(1.5)
+            return acc.rounded(torch.bfloat16)
+        whole = torch.full(like.shape, 1.5)
+        return whole.to(torch.bfloat16)
+
+    _, naive, _ = traced_peak(lambda: summed_then_rounded(False))
+    assert naive >= fp32_bytes * 3 // 2                  # the test sees the problem it guards against
+    out, peak, _ = traced_peak(lambda: summed_then_rounded(True))
+    assert out.shape == like.shape and torch.equal(out, torch.full(like.shape, 1.5, dtype=torch.bfloat16))
+    assert peak <= fp32_bytes + fp32_bytes // 8, peak    # 8 blocks here: the fp32 sum plus one block
