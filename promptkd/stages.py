@@ -269,7 +269,8 @@ def run_exposure(cfg: Config) -> dict[str, Any]:
                         cfg.data.max_length, Template.of(cfg.data))
     examples = sets["prompts"][:cfg.eval.max_examples or None]
     n_pos = ex.max_tokens or cfg.data.max_length - cfg.data.max_prompt_length
-    teacher = load_teacher(TeacherSpec.learned(teacher_path, DTYPES[cfg.model.teacher.dtype], ex.prompt_path))
+    teacher = load_teacher(TeacherSpec.learned(teacher_path, DTYPES[cfg.model.teacher.dtype], ex.prompt_path,
+                                               key="exposure.teacher_path" if ex.teacher_path else "model.teacher.path"))
     loaders = [(path, functools.partial(_exposure_student, path)) for path in students]
     rows = exposure.measure(loaders, teacher, examples, n_pos, ex.samples, len(tokenizer), eos_for(tokenizer, cfg.data),
                             tokenizer.pad_token_id, cfg.eval.batch_size, cfg.seed)
