@@ -301,7 +301,6 @@ class _RowBlocks:
     def __init__(self, like: torch.Tensor) -> None:
         rows = like.shape[0]
         per = VOCAB_BLOCK * max(1, math.ceil(rows / (VOCAB_BLOCK * self.N_BLOCKS)))
-        self.shape = like.shape
         self.starts = list(range(0, rows, per))
         self.blocks: list[Optional[torch.Tensor]] = [
             torch.zeros((min(rows, r0 + per) - r0, *like.shape[1:]), dtype=torch.float32, device=like.device)
@@ -318,9 +317,9 @@ class _RowBlocks:
     def rounded(self, dtype: torch.dtype) -> torch.Tensor:
         """The sum in ``dtype``, one block at a time (each fp32 block freed once rounded)."""
         parts = []
-        for i, block in enumerate(self.blocks):
-            parts.append(block.to(dtype))
-            self.blocks[i] = block = None
+        for i in range(len(self.blocks)):
+            parts.append(self.blocks[i].to(dtype))
+            self.blocks[i] = None
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
