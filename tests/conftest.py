@@ -6,6 +6,14 @@ Tiers (markers), applied here by directory:
 - ``distributed``: tests/distributed, 2-rank gloo launches: ``pytest -m distributed``;
 - ``integration``: tests/integration and tests/engine_vllm, the real CLI: ``pytest -m integration``.
 ``pytest tests`` runs them all. tests/unit/test_tiers.py checks ``SLOW_UNIT`` against the tests that launch.
+
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadscope`` in pyproject.toml): the unit tests and
+many launches are one thread, and the SLURM tests wait on the scheduler, so one process leaves a core idle. The
+work units are ``group_of``: a test file (its module fixtures run once), except that the files sharing an
+expensive session fixture (``SHARED_FIXTURES``) are one unit, so that fixture runs once. ``pytest_xdist_make_scheduler``
+hands the units out in collection order, which puts the launch-heavy tiers first (``TIER_ORDER``): the short
+in-process tests fill the end. (xdist's own ``loadgroup`` marks do not group under pytest 9.2:
+pytest-dev/pytest-xdist#1386.) ``-n 0`` runs everything in one process.
 """
 
 import sys
@@ -37,6 +45,19 @@ SLOW_UNIT = (
 )
 
 
+# session-scoped fixtures used by several test files -> those files: one xdist work unit each (collection fails
+# when a test uses one of these from a file not listed)
+SHARED_FIXTURES = {
+    "scenario_results": ("tests/distributed/test_multirank.py", "tests/distributed/test_gather.py",
+                         "tests/distributed/test_device_ranks.py", "tests/distributed/test_lora_ranks.py",
+                         "tests/distributed/test_fused_ranks.py"),
+    "cluster": ("tests/integration/test_slurm.py", "tests/integration/test_slurm_quality.py"),
+}
+FILE_GROUP = {file: fixture for fixture, files in SHARED_FIXTURES.items() for file in files}
+# the order groups are handed to the workers: the tiers made of long launches first
+TIER_ORDER = ("distributed", "integration", "slow", "unit")
+
+
 def item_key(item: pytest.Item) -> tuple[str, str]:
     """(file relative to the repo, test function name without parameters)."""
     path = Path(str(item.fspath)).resolve()
@@ -53,6 +74,25 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+def group_of(nodeid: str) -> str:
+    """The xdist work unit of a test: its file, or the shared session fixture its file uses."""
+    file = nodeid.split("::", 1)[0]
+    return FILE_GROUP.get(file, file)
+
+
+def check_shared_fixtures(item: pytest.Item) -> None:
+    """A test using a shared session fixture must sit in that fixture's unit (else the fixture runs twice)."""
+    for fixture in SHARED_FIXTURES:
+        if fixture in getattr(item, "fixturenames", ()) and group_of(item.nodeid) != fixture:
+            raise pytest.UsageError(f"{item.nodeid} uses the session fixture {fixture!r}: add its file to "
+                                    f"SHARED_FIXTURES[{fixture!r}] in tests/conftest.py")
+
+
+def tier_of(item: pytest.Item) -> int:
+    names = {m.name for m in item.iter_markers()}
+    return next((i for i, tier in enumerate(TIER_ORDER) if tier in names), len(TIER_ORDER))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         try:
@@ -67,3 +107,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
         else:
             item.add_marker(getattr(pytest.mark, tier))
+        check_shared_fixtures(item)
+    items.sort(key=tier_of)  # stable: in collection order within a tier
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadscope`` with ``group_of`` as the unit, in collection order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)

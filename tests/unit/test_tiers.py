@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, SLOW_UNIT, is_slow_unit
 
 UNIT = REPO / "tests" / "unit"
@@ -55,3 +57,44 @@ def test_every_slow_entry_names_an_existing_test():
         if name:
             names = {n.name for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.FunctionDef)}
             assert name in names, entry
+
+
+# ---------------------------------------------------------------- xdist work units (tests/conftest.py)
+
+class _Config:
+    def __init__(self, dist: str):
+        self.dist = dist
+
+    def getvalue(self, name: str):
+        return {"dist": self.dist, "tx": ["2*popen"]}[name]
+
+
+def test_files_sharing_a_session_fixture_are_one_work_unit():
+    from tests.conftest import group_of
+
+    assert group_of("tests/distributed/test_gather.py::test_x[a::b]") == "scenario_results"
+    assert group_of("tests/distributed/test_multirank.py::test_y") == "scenario_results"
+    assert group_of("tests/integration/test_slurm_quality.py::test_z") == "cluster"
+    assert group_of("tests/unit/test_losses.py::test_rkl[bf16]") == "tests/unit/test_losses.py"
+
+
+def test_a_shared_fixture_used_from_an_unlisted_file_fails_collection():
+    from types import SimpleNamespace
+
+    from tests.conftest import check_shared_fixtures
+
+    check_shared_fixtures(SimpleNamespace(nodeid="tests/distributed/test_gather.py::t",
+                                          fixturenames=["scenario_results", "tmp_path"]))
+    check_shared_fixtures(SimpleNamespace(nodeid="tests/unit/test_x.py::t", fixturenames=["tmp_path"]))
+    with pytest.raises(pytest.UsageError, match=r"SHARED_FIXTURES\['cluster'\]"):
+        check_shared_fixtures(SimpleNamespace(nodeid="tests/integration/test_new.py::t", fixturenames=["cluster"]))
+
+
+def test_the_loadscope_scheduler_splits_by_work_unit():
+    pytest.importorskip("xdist")
+    from tests.conftest import pytest_xdist_make_scheduler
+
+    assert pytest_xdist_make_scheduler(_Config("load"), None) is None  # other modes stay xdist's own
+    sched = pytest_xdist_make_scheduler(_Config("loadscope"), None)
+    assert sched._split_scope("tests/distributed/test_lora_ranks.py::test_a") == "scenario_results"
+    assert sched._split_scope("tests/unit/test_config.py::test_b[1]") == "tests/unit/test_config.py"
