@@ -212,12 +212,41 @@ def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model",
         for p in params:
             p.ds_active_sub_modules.add(sentinel)
         try:
-            yield True
+            with _zero3_hooks_off(engine, module):
+                yield True
         finally:
             for p in params:
                 p.ds_active_sub_modules.discard(sentinel)
     if adapted:
         _reset_prefetch_trace(engine)
+
+
+@contextlib.contextmanager
+def _zero3_hooks_off(engine: Any, module: torch.nn.Module) -> Iterator[bool]:
+    """Take ZeRO-3's per-submodule forward/backward hooks off ``engine``'s module while its weights are held
+    gathered; put them back on exit. Yields whether it did.
+
+    Gathered, the hooks do nothing useful, but they still run around every submodule of every decoded token
+    (four Python hooks per submodule, each walking the outputs): on a 2-layer CPU model they were over half of
+    a ZeRO-3 decode step. Re-registering them (DeepSpeed's own ``_register_deepspeed_module``) also makes the
+    coordinator re-record its prefetch trace at the next forward. Only for the engine's own root module: a
+    module without an engine (a ZeRO-3 teacher) keeps its hooks.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    hooks = ("forward_hooks", "backward_hooks")
+    if offload is None or getattr(offload, "module", None) is not module or \
+            not all(isinstance(getattr(offload, h, None), list) for h in hooks) or \
+            not hasattr(offload, "_register_deepspeed_module"):
+        yield False
+        return
+    for name in hooks:
+        for handle in getattr(offload, name):
+            handle.remove()
+        setattr(offload, name, [])
+    try:
+        yield True
+    finally:
+        offload._register_deepspeed_module(module)
 
 
 def _reset_prefetch_trace(engine: Any) -> None:

@@ -413,3 +413,46 @@ def test_generate_with_ngram_ban_never_repeats_an_ngram():
         grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
         assert len(grams) == len(set(grams)), (row, seq)
     assert not torch.equal(out.response_ids, plain.response_ids)  # the greedy rows did repeat: the ban acted
+
+
+class _Offload:
+    """DeepSpeed's ZeRO-3 parameter offload, reduced to what ``_zero3_hooks_off`` touches."""
+
+    def __init__(self, module):
+        self.module = module
+        self.forward_hooks, self.backward_hooks, self.registered = [], [], 0
+        self._register_deepspeed_module(module)
+
+    def _register_deepspeed_module(self, module):
+        self.registered += 1
+        for sub in module.modules():
+            self.forward_hooks.append(sub.register_forward_pre_hook(lambda m, a: self.calls.append("pre")))
+            self.backward_hooks.append(sub.register_forward_hook(lambda m, a, o: self.calls.append("post")))
+        self.calls = []
+
+
+def test_zero3_hooks_are_off_inside_a_gathered_loop_and_back_after():
+    from types import SimpleNamespace
+
+    from promptkd.rollout.core import _zero3_hooks_off
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    offload = _Offload(module)
+    engine = SimpleNamespace(optimizer=SimpleNamespace(parameter_offload=offload))
+    x = torch.randn(1, 3)
+    module(x)
+    assert len(offload.calls) == 6  # 3 modules x (pre + post)
+    offload.calls.clear()
+    with _zero3_hooks_off(engine, module) as off:
+        module(x)
+        assert off and offload.calls == [] and offload.forward_hooks == [] == offload.backward_hooks
+    assert offload.registered == 2
+    module(x)
+    assert len(offload.calls) == 6  # registered again, once
+    # another module (a teacher without an engine), or an engine without ZeRO-3 offload: untouched
+    other = torch.nn.Linear(3, 3)
+    with _zero3_hooks_off(engine, other) as off:
+        assert not off and len(offload.forward_hooks) == 3
+    with _zero3_hooks_off(SimpleNamespace(optimizer=object()), module) as off:
+        assert not off
+    assert offload.registered == 2
