@@ -108,7 +108,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         else:
             item.add_marker(getattr(pytest.mark, tier))
         check_shared_fixtures(item)
-    items.sort(key=tier_of)  # stable: in collection order within a tier
+    # a unit goes where its first tier puts it (its tests stay together: one module fixture setup, also at -n 0)
+    unit_tier: dict[str, int] = {}
+    for item in items:
+        unit = group_of(item.nodeid)
+        unit_tier[unit] = min(unit_tier.get(unit, len(TIER_ORDER)), tier_of(item))
+    items.sort(key=lambda item: unit_tier[group_of(item.nodeid)])  # stable: collection order within a tier
 
 
 @pytest.hookimpl(optionalhook=True)
