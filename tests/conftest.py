@@ -88,12 +88,8 @@ def check_shared_fixtures(item: pytest.Item) -> None:
                                     f"SHARED_FIXTURES[{fixture!r}] in tests/conftest.py")
 
 
-def tier_of(item: pytest.Item) -> int:
-    names = {m.name for m in item.iter_markers()}
-    return next((i for i, tier in enumerate(TIER_ORDER) if tier in names), len(TIER_ORDER))
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unit_tier: dict[str, int] = {}  # work unit -> the first of TIER_ORDER among its tests
     for item in items:
         try:
             key = item_key(item)
@@ -104,16 +100,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier is None:
             continue
         if tier == "unit" and (item.get_closest_marker("slow") is not None or is_slow_unit(key)):
-            item.add_marker(pytest.mark.slow)
-        else:
-            item.add_marker(getattr(pytest.mark, tier))
+            tier = "slow"
+        item.add_marker(getattr(pytest.mark, tier))
         check_shared_fixtures(item)
-    # a unit goes where its first tier puts it (its tests stay together: one module fixture setup, also at -n 0)
-    unit_tier: dict[str, int] = {}
-    for item in items:
         unit = group_of(item.nodeid)
-        unit_tier[unit] = min(unit_tier.get(unit, len(TIER_ORDER)), tier_of(item))
-    items.sort(key=lambda item: unit_tier[group_of(item.nodeid)])  # stable: collection order within a tier
+        unit_tier[unit] = min(unit_tier.get(unit, len(TIER_ORDER)), TIER_ORDER.index(tier))
+    # a unit goes where its first tier puts it (its tests stay together: one module fixture setup, also at -n 0)
+    items.sort(key=lambda item: unit_tier.get(group_of(item.nodeid), len(TIER_ORDER)))  # stable
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -233,13 +233,10 @@ def _zero3_hooks_off(engine: Any, module: torch.nn.Module) -> Iterator[bool]:
     module without an engine (a ZeRO-3 teacher) keeps its hooks.
     """
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    hooks = ("forward_hooks", "backward_hooks")
-    if offload is None or getattr(offload, "module", None) is not module or \
-            not all(isinstance(getattr(offload, h, None), list) for h in hooks) or \
-            not hasattr(offload, "_register_deepspeed_module"):
+    if offload is None or offload.module is not module:
         yield False
         return
-    for name in hooks:
+    for name in ("forward_hooks", "backward_hooks"):
         for handle in getattr(offload, name):
             handle.remove()
         setattr(offload, name, [])
