@@ -11,8 +11,8 @@ The suite runs on two pytest-xdist workers (``-n 2 --dist loadscope`` in pyproje
 many launches are one thread, and the SLURM tests wait on the scheduler, so one process leaves a core idle. The
 work units are ``group_of``: a test file (its module fixtures run once), except that the files sharing an
 expensive session fixture (``SHARED_FIXTURES``) are one unit, so that fixture runs once. ``pytest_xdist_make_scheduler``
-hands the units out in collection order, which puts the launch-heavy tiers first (``TIER_ORDER``): the short
-in-process tests fill the end. (xdist's own ``loadgroup`` marks do not group under pytest 9.2:
+hands the units out in collection order: the longest units first (``LONG_UNITS``), then the launch-heavy tiers
+(``TIER_ORDER``), so that the short in-process tests fill the end. (xdist's own ``loadgroup`` marks do not group under pytest 9.2:
 pytest-dev/pytest-xdist#1386.) ``-n 0`` runs everything in one process.
 """
 
@@ -56,6 +56,17 @@ SHARED_FIXTURES = {
 FILE_GROUP = {file: fixture for fixture, files in SHARED_FIXTURES.items() for file in files}
 # the order groups are handed to the workers: the tiers made of long launches first
 TIER_ORDER = ("distributed", "integration", "slow", "unit")
+# ...except that the longest units go before all others, longest first (seconds on one of the two workers,
+# 2026-12-04): handed out late, one of them ran alone for its last two minutes while the other worker was done
+LONG_UNITS = (
+    "scenario_results",                          # ~230 s: the 2-rank scenario launch and what reads it
+    "tests/integration/test_shipped_configs.py",  # ~215 s: every configs/*.yaml
+    "tests/integration/test_reliability.py",     # ~180 s: the SIGKILL resumes
+    "cluster",                                   # ~170 s: the SLURM tests
+    "tests/unit/test_bench_smoke.py",            # ~130 s: the bench and quality smoke runs
+    "tests/integration/test_plan_cli.py",        # ~105 s
+    "tests/integration/test_chat_pipeline.py",   # ~80 s
+)
 
 
 def item_key(item: pytest.Item) -> tuple[str, str]:
@@ -80,6 +91,16 @@ def group_of(nodeid: str) -> str:
     return FILE_GROUP.get(file, file)
 
 
+UNRANKED = len(LONG_UNITS) + len(TIER_ORDER)
+
+
+def order_of(unit: str, tier: str) -> int:
+    """Where a unit with a test of ``tier`` is handed out: a long unit by its place in LONG_UNITS, else by tier."""
+    if unit in LONG_UNITS:
+        return LONG_UNITS.index(unit)
+    return len(LONG_UNITS) + TIER_ORDER.index(tier)
+
+
 def check_shared_fixtures(item: pytest.Item) -> None:
     """A test using a shared session fixture must sit in that fixture's unit (else the fixture runs twice)."""
     for fixture in SHARED_FIXTURES:
@@ -89,7 +110,7 @@ def check_shared_fixtures(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    unit_tier: dict[str, int] = {}  # work unit -> the first of TIER_ORDER among its tests
+    unit_rank: dict[str, int] = {}  # work unit -> its place: LONG_UNITS, then the first tier among its tests
     for item in items:
         try:
             key = item_key(item)
@@ -104,9 +125,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, tier))
         check_shared_fixtures(item)
         unit = group_of(item.nodeid)
-        unit_tier[unit] = min(unit_tier.get(unit, len(TIER_ORDER)), TIER_ORDER.index(tier))
-    # a unit goes where its first tier puts it (its tests stay together: one module fixture setup, also at -n 0)
-    items.sort(key=lambda item: unit_tier.get(group_of(item.nodeid), len(TIER_ORDER)))  # stable
+        unit_rank[unit] = min(unit_rank.get(unit, UNRANKED), order_of(unit, tier))
+    # a unit's tests stay together (one module fixture setup, also at -n 0)
+    items.sort(key=lambda item: unit_rank.get(group_of(item.nodeid), UNRANKED))  # stable
 
 
 @pytest.hookimpl(optionalhook=True)

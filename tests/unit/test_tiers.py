@@ -98,3 +98,15 @@ def test_the_loadscope_scheduler_splits_by_work_unit():
     sched = pytest_xdist_make_scheduler(_Config("loadscope"), None)
     assert sched._split_scope("tests/distributed/test_lora_ranks.py::test_a") == "scenario_results"
     assert sched._split_scope("tests/unit/test_config.py::test_b[1]") == "tests/unit/test_config.py"
+
+
+def test_long_units_are_real_units_and_go_first():
+    from tests.conftest import LONG_UNITS, SHARED_FIXTURES, TIER_ORDER, order_of
+
+    for unit in LONG_UNITS:
+        assert unit in SHARED_FIXTURES or (REPO / unit).is_file(), f"LONG_UNITS names no unit: {unit}"
+    ranks = [order_of(unit, "unit") for unit in LONG_UNITS]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    # every other unit after every long one, in tier order
+    others = [order_of("tests/x/test_y.py", tier) for tier in TIER_ORDER]
+    assert min(others) > max(ranks) and others == sorted(others)
