@@ -12,8 +12,8 @@ many launches are one thread, and the SLURM tests wait on the scheduler, so one 
 work units are ``group_of``: a test file (its module fixtures run once), except that the files sharing an
 expensive session fixture (``SHARED_FIXTURES``) are one unit, so that fixture runs once. ``pytest_xdist_make_scheduler``
 hands the units out in collection order: the longest units first (``LONG_UNITS``), then the launch-heavy tiers
-(``TIER_ORDER``), so that the short in-process tests fill the end. (xdist's own ``loadgroup`` marks do not group under pytest 9.2:
-pytest-dev/pytest-xdist#1386.) ``-n 0`` runs everything in one process.
+(``TIER_ORDER``), so that the short in-process tests fill the end. (xdist's own ``loadgroup`` marks do not group
+under pytest 9.2: pytest-dev/pytest-xdist#1386.) ``-n 0`` runs everything in one process.
 """
 
 import sys
