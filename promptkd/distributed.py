@@ -157,27 +157,14 @@ def init(timeout_s: int = 1800) -> None:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
-    _wait_for_every_rank()
+    # Gloo connects its mesh pair by pair, so a fast rank can leave init_process_group while a slow one is
+    # still connecting; if the fast one then stops on bad input (exit 2, one line), the slow one would die in
+    # its own init with "Connection closed by peer" and a traceback. Return only once every rank is up.
+    barrier()
     info = DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                     local_rank=node_local_rank,
                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))))
     _limit_cpu_threads(info.local_world_size)
-
-
-def _wait_for_every_rank() -> None:
-    """Return only once every rank's process group is up.
-
-    Gloo connects its mesh pair by pair, so one rank can leave ``init_process_group`` while a slower
-    one is still connecting. If the fast rank then stops on bad input (exit 2, one line), the slow one
-    would die inside its own init with "Connection closed by peer" and a traceback instead of reaching
-    the same check. One barrier here makes startup rank-synchronous (and NCCL's communicator eager).
-    """
-    if torch.distributed.get_world_size() == 1:
-        return
-    if torch.cuda.is_available():
-        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        torch.distributed.barrier()
 
 
 def is_initialized() -> bool:
@@ -203,7 +190,12 @@ def device() -> torch.device:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    """Every rank waits for all; under NCCL on this rank's own device (bound by ``_bind_device``)."""
+    if world_size() == 1:
+        return
+    if torch.cuda.is_available():
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         torch.distributed.barrier()
 
 

@@ -232,7 +232,7 @@ def _zero3_hooks_off(engine: Any, module: torch.nn.Module) -> Iterator[bool]:
     coordinator re-record its prefetch trace at the next forward. Only for the engine's own root module: a
     module without an engine (a ZeRO-3 teacher) keeps its hooks.
     """
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    offload = _offload_of(engine)
     if offload is None or offload.module is not module:
         yield False
         return
@@ -246,6 +246,11 @@ def _zero3_hooks_off(engine: Any, module: torch.nn.Module) -> Iterator[bool]:
         offload._register_deepspeed_module(module)
 
 
+def _offload_of(engine: Any) -> Any:
+    """The ZeRO-3 parameter manager of a DeepSpeed engine (its hooks, its prefetch coordinator), or None."""
+    return getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+
+
 def _reset_prefetch_trace(engine: Any) -> None:
     """Make ZeRO-3 re-record its parameter prefetch order at the next forward.
 
@@ -256,7 +261,7 @@ def _reset_prefetch_trace(engine: Any) -> None:
     the trace costs one forward and backward without prefetching. Plain students keep their trace
     (their loops pass the check).
     """
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    offload = _offload_of(engine)
     coordinator = offload.get_param_coordinator() if offload is not None else None
     if coordinator is not None and not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()
