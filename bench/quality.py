@@ -50,7 +50,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":  # one module, whichever way it is reached: bench.quality_slurm imports it by name
     sys.modules.setdefault("bench.quality", sys.modules[__name__])
-from bench.common import REPO, RESULTS, emit  # noqa: E402
+from bench.output import REPO, RESULTS, emit  # noqa: E402
 from bench import quality_report as qr  # noqa: E402
 
 MAIN = os.path.join(REPO, "launcher", "main.py")

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Optional
 
-from bench.common import REPO
+from bench.output import REPO
 from bench import quality as q
 
 SBATCH = os.path.join(REPO, "slurm", "quality.sbatch")

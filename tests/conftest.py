@@ -40,7 +40,7 @@ SLOW_UNIT = (
     "tests/unit/test_bench_smoke.py::test_quality_bench_smoke_on_a_dolly_dir_runs_every_method",  # ~9 min
     "tests/unit/test_bench_smoke.py::test_quality_lr_search_picks_on_dev_and_writes_the_config",  # ~2 min
     "tests/unit/test_multi_answer.py::test_quality_multi_config_smoke",  # bench/quality.py --smoke, ~70 s here
-    "tests/unit/test_config.py::test_config_package_imports_only_stdlib_and_yaml",
+    "tests/unit/test_light_imports.py::test_light_entry_points_import_no_torch",
     "tests/unit/test_eval_stage.py::test_compare_cli_entry_point",
 )
 
