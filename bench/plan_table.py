@@ -88,8 +88,8 @@ def long_rows() -> list[str]:
     return out
 
 
-def main() -> None:
-    quiet()
+def table() -> list[str]:
+    """The table's lines: two rows per run config, then the long-response pair."""
     lines = ["| config | GPUs | micro-batch | peak phase | GiB per GPU | fits | largest micro-batch | to fit |",
              "|---|---|---:|---|---:|---|---:|---|"]
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))):
@@ -99,8 +99,12 @@ def main() -> None:
         n = paper_gpus(name)
         lines.append(row(path, n, A100, f"{n} x A100 80GB"))
         lines.append(row(path, 8 if n > 1 else 1, H100, f"{8 if n > 1 else 1} x H100 80GB"))
-    lines += long_rows()
-    text = "\n".join(lines) + "\n"
+    return lines + long_rows()
+
+
+def main() -> None:
+    quiet()
+    text = "\n".join(table()) + "\n"
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "plan_table.md"), "w") as fh:
         fh.write(text)

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-from tests.fixtures.cli import MAIN, REPO, cli_env, last_line, tail
+from tests.fixtures.cli import MAIN, REPO, last_line, tail
 from tests.fixtures.parallel import Launch, run_side_by_side
 
 PY = sys.executable
 # the LLaMA config without its activation checkpointing (the official scripts' setting): a plan that does not fit
 NO_CKPT = ("model.student.gradient_checkpointing=false", "model.teacher.gradient_checkpointing=false")
+PAPER = ("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4")
 # bench/plan_check.py measures these exactly (storage bytes of the engine's tensors)
 EXACT = ("params", "grads", "optimizer", "teacher_weights")
 EXACT_TOLERANCE = 0.02
@@ -23,11 +24,8 @@ PHASE_TOLERANCE = {"prompt_step": 0.35, "student_step": 0.5, "rollout": 0.5, "op
 NOT_HELD = {"zero3_bf16": ("rollout",)}
 
 
-def _plan(*args: str, module: bool = False) -> Launch:
-    cmd = [PY, "-m", "promptkd.plan", *args] if module else [PY, str(MAIN), *args, "stage=plan"]
-    return Launch(cmd, timeout_s=300)
-
-
+def _plan(*args: str) -> Launch:
+    return Launch([PY, str(MAIN), *args, "stage=plan"], timeout_s=300)
 
 
 ONE_RANK_CASES = "zero0_fp32,zero0_fp32_ckpt,zero0_bf16,zero1_bf16,zero2_fp32_gpt2,sft_zero0_fp32"
@@ -43,13 +41,9 @@ def _check_launch(out_file, nproc: int, cases: str) -> Launch:
 def one_process(tmp_path_factory) -> dict:
     """This module's one-process launches, independent of each other: side by side (the measured step first)."""
     root = tmp_path_factory.mktemp("plan_cli")
-    paper = ("--config", "configs/llama-13b_to_llama-7b.yaml", "plan.world_size=4")
     procs = run_side_by_side({
         "check_1": _check_launch(root / "check_1.json", 1, ONE_RANK_CASES),
-        "plan": _plan(*paper, "plan.gpu_memory=80GiB", *NO_CKPT),
-        "plan_module": _plan(*paper, *NO_CKPT, module=True),
-        "table": Launch([PY, "bench/plan_table.py"], env=cli_env(BENCH_RESULTS=str(REPO / "runs" / "tmp")),
-                        timeout_s=300),
+        "plan": _plan(*PAPER, "plan.gpu_memory=80GiB", *NO_CKPT),
     })
     return {"root": root, **procs}
 
@@ -65,8 +59,27 @@ def test_plan_of_a_paper_config_without_weights_or_hub(one_process):
                  "with model.student.gradient_checkpointing=true"):
         assert term in text, term
     assert "verdict: does not fit" in text and "largest train.micro_batch_size that fits: 6" in text
-    same = one_process["plan_module"]
-    assert same.returncode == 0 and same.stdout == text
+    assert _plan_module(*PAPER, *NO_CKPT) == (0, text)  # python -m promptkd.plan: the same plan
+
+
+def _plan_module(*args: str) -> tuple[int, str]:
+    """``python -m promptkd.plan ARGS`` in this process (runpy: what ``-m`` runs) -> (exit code, stdout)."""
+    import contextlib
+    import io
+    import runpy
+
+    out = io.StringIO()
+    argv, path = sys.argv, list(sys.path)
+    sys.argv = ["promptkd.plan", *args]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_module("promptkd.plan", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    return code, out.getvalue()
 
 
 @pytest.mark.parametrize("override,key", [("plan.gpu_memory=eighty", "plan.gpu_memory"),
@@ -85,9 +98,10 @@ def test_bad_plan_input_is_one_line_naming_the_key(override, key, capsys):
 
 def test_readme_table_is_the_planner_output(one_process):
     """bench/plan_table.py regenerates the README's table; any change to the planner shows here."""
-    out = one_process["table"]
-    assert out.returncode == 0, tail(out.stderr)
-    rows = [line for line in out.stdout.splitlines() if line.startswith("|")]
+    from bench import plan_table
+
+    out = plan_table.table()  # what bench/plan_table.py prints (in this process: no second import of torch)
+    rows = [line for line in out if line.startswith("|")]
     assert len(rows) == 2 + 2 * 24 + 2   # + the long-response pair, fused head on and off (issue 22)
     readme = (REPO / "README.md").read_text()
     missing = [row for row in rows if row not in readme]
