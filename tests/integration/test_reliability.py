@@ -80,37 +80,44 @@ def killed_at(proc: subprocess.CompletedProcess, out, last_complete: int) -> Non
     assert last_complete < STEPS and not os.path.exists(out / "export")
 
 
-@pytest.mark.parametrize("ds", ["zero2", "zero3_tiny_test"])
+# (DeepSpeed JSON, the fault, the newest complete checkpoint it leaves, the torn temp dir it leaves): each ZeRO
+# stage's checkpoint layout survives one kind of kill
+#  - ZeRO-2: rank 1 SIGKILLs itself at the start of step 3; the launcher takes rank 0 down;
+#  - ZeRO-3: every rank dies while saving step 3, before its COMPLETE marker: a torn checkpoint.
+KILLS = {
+    "zero2": ("sigkill@step=3,rank=1", 2, None),
+    "zero3_tiny_test": ("sigkill_in_save@step=3", 2, ".tmp_step_3"),
+}
+
+
+@pytest.mark.parametrize("ds", list(KILLS))
 def test_resume_after_sigkill_is_bitwise_exact(setup, ds):
     root, cfg = setup
+    fault, last_complete, torn_name = KILLS[ds]
     common = (f"deepspeed=ds_configs/{ds}.json",)
     full, killed = root / f"full_{ds}", root / f"killed_{ds}"
-    # the uninterrupted run and the first killed one are independent: side by side
-    # 1) rank 1 SIGKILLs itself at the start of step 3; the launcher takes rank 0 down
+    # 1) the uninterrupted run and the killed one, independent: side by side
     procs = run_side_by_side({
         "full": Launch(torchrun(cfg, *common, f"output.dir={full}")),
-        "killed": Launch(torchrun(cfg, *common, f"output.dir={killed}"), env=env(PROMPTKD_FAULT="sigkill@step=3,rank=1")),
+        "killed": Launch(torchrun(cfg, *common, f"output.dir={killed}"), env=env(PROMPTKD_FAULT=fault)),
     })
     ok(procs["full"])
-    killed_at(procs["killed"], killed, 2)
+    killed_at(procs["killed"], killed, last_complete)
+    if torn_name:
+        torn = killed / "checkpoints" / torn_name
+        assert torn.is_dir() and not (torn / "COMPLETE").exists()
     reference = final_weights(full)
-    # 2) resume from step 2; every rank dies while saving step 4, before its COMPLETE marker: a torn checkpoint
-    #    (beside it, the offline consolidation of the full run's last checkpoint)
+    # 2) resume to the end; beside it, the offline consolidation of the full run's last checkpoint
     procs = run_side_by_side({
         "consolidate": Launch([sys.executable, "-m", "promptkd.consolidate", str(full / "checkpoints" / f"step_{STEPS}"),
                                str(full / "consolidated")], timeout_s=120),
-        "torn": Launch(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto"),
-                       env=env(PROMPTKD_FAULT="sigkill_in_save@step=4")),
+        "done": Launch(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto")),
     })
     check_offline_consolidation(procs["consolidate"], full / "consolidated", reference)
-    killed_at(procs["torn"], killed, 3)
-    torn = killed / "checkpoints" / ".tmp_step_4"
-    assert torn.is_dir() and not (torn / "COMPLETE").exists()
-    # 3) resume from step 3 to the end
-    done = run(torchrun(cfg, *common, f"output.dir={killed}", "output.resume=auto"))
+    done = procs["done"]
     ok(done)
-    assert f"resumed from {killed}/checkpoints/step_3" in done.stderr
-    assert not torn.exists(), "the torn checkpoint's temp dir survived the next save"
+    assert f"resumed from {killed}/checkpoints/step_{last_complete}" in done.stderr
+    assert not list((killed / "checkpoints").glob(".tmp_*")), "a torn checkpoint's temp dir survived the next save"
     resumed = final_weights(killed)
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
