@@ -255,20 +255,21 @@ def test_quality_lr_search_picks_on_dev_and_writes_the_config(tmp_path):
     cfg.write_text(open(CONFIG).read())
     env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu")
     proc = _quality(["--search", "--write-config", "--config", str(cfg), "--work-dir", str(tmp_path / "work"),
-                     "--methods", "sft", "rkl"], env)
+                     "--methods", "rkl"], env)  # one method: the grid, the pick and the write are per method
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for label in ("sft", "rkl"):
-        grid = out["dev_best"][label]
-        assert set(grid) == {"0.0001", "0.001"}  # the smoke grid
-        assert grid[f"{out['chosen_lr'][label]:g}"] == max(grid.values())
+    assert set(out["dev_best"]) == {"rkl"}
+    grid = out["dev_best"]["rkl"]
+    assert set(grid) == {"0.0001", "0.001"}  # the smoke grid
+    assert grid[f"{out['chosen_lr']['rkl']:g}"] == max(grid.values())
     import yaml
 
+    before = yaml.safe_load(open(CONFIG))["bench"]["lr"]
     written = yaml.safe_load(cfg.read_text())["bench"]["lr"]
-    assert written["sft"] == out["chosen_lr"]["sft"] and written["rkl"] == out["chosen_lr"]["rkl"]
-    assert "kd" in written  # the other methods keep their values
+    assert written["rkl"] == out["chosen_lr"]["rkl"]
+    assert {k: v for k, v in written.items() if k != "rkl"} == {k: v for k, v in before.items() if k != "rkl"}
     rows = [l for l in (tmp_path / "results" / "quality_lr_search.md").read_text().splitlines() if l.startswith("| ")]
-    assert sum("←" in r for r in rows) == 2  # one chosen lr per method
+    assert sum("←" in r for r in rows) == 1  # one chosen lr per method
     bad = _quality(["--data", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "w2")], env, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --data: no train.jsonl")
     # the student-size study reuses the teacher the search built (same command) and scores on dev only

@@ -151,11 +151,11 @@ def test_quality_multi_config_smoke(tmp_path):
     env = dict(os.environ, BENCH_RESULTS=str(tmp_path / "results"), DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, os.path.join(repo, "bench", "quality.py"), "--smoke", "--config",
                            os.path.join(repo, "configs", "quality_multi.yaml"), "--data", str(data), "--work-dir",
-                           str(tmp_path / "work"), "--methods", "sft", "rkl"], cwd=repo, env=env,
+                           str(tmp_path / "work"), "--methods", "rkl"], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(out["test_rougeL"]) == {"sft", "rkl"}
+    assert set(out["test_rougeL"]) == {"rkl"}
     assert set(out["reference"]["sampled"]["teacher"]["test"]["by_category"]) <= set(FAMILIES)
     assert all(0.0 <= v["mean"] <= 100.0 for row in out["test_rougeL"].values() for v in row.values())
     answers = list((tmp_path / "work").rglob("answers/*/test.jsonl"))
