@@ -1,6 +1,6 @@
 """bench/quality.py --slurm (slurm/quality.sbatch) on the REAL test cluster of test_slurm.py, at toy size.
 
-data -> teacher SFT -> student SFT -> sft and rkl x 1 seed -> evaluation + ExAccErr -> report, as dependent
+data -> teacher SFT -> student SFT -> rkl x 1 seed -> evaluation + ExAccErr -> report, as dependent
 jobs; the rkl run is requeued in the middle (``scontrol requeue``) and the chain still finishes, with the run
 resumed from its checkpoint. A second submission while the chain runs submits nothing, and one after it
 finishes finds every job complete. Skipped like test_slurm.py when SLURM is absent (PROMPTKD_SLURM_TESTS=1 fails).
@@ -20,13 +20,13 @@ STEPS, SAVE_EVERY = 30, 5
 BENCH = {"teacher": {"arch": "llama", "layers": 2, "hidden": 64, "heads": 4}, "teacher_sft_steps": 2,
          "student": {"arch": "llama", "layers": 1, "hidden": 32, "heads": 2}, "sft_lr": 1.0e-3, "sft_warmup_steps": 0,
          "student_sft_max_steps": 4, "student_sft_dev_interval": 2, "student_sft_patience": 1, "steps": STEPS,
-         "dev_interval": 10, "seeds": [1], "lr_grid": [1.0e-3], "lr": {"sft": 1.0e-3, "rkl": 1.0e-3},
-         "methods": ["sft", "rkl"], "exposure_methods": ["rkl"], "exposure_prompts": 4}
+         "dev_interval": 10, "seeds": [1], "lr_grid": [1.0e-3], "lr": {"rkl": 1.0e-3},
+         "methods": ["rkl"], "exposure_methods": ["rkl"], "exposure_prompts": 4}
 RUN = {"data": {"synthetic": {"n_train": 96, "n_dev": 8, "n_test": 8}}, "train": {"micro_batch_size": 4},
        "rollout": {"max_new_tokens": 8}, "output": {"save_interval": SAVE_EVERY},
        "eval": {"max_new_tokens": 8, "seeds": [10]}, "exposure": {"max_tokens": 4}, "logging": {"interval": 1}}
-LABELS = {"data", "base/teacher", "base/student", "ref", "sft/seed_1/lr_0.001", "rkl/seed_1/lr_0.001",
-          "sft/seed_1/lr_0.001/eval", "rkl/seed_1/lr_0.001/eval", "exposure", "report"}
+LABELS = {"data", "base/teacher", "base/student", "ref", "rkl/seed_1/lr_0.001", "rkl/seed_1/lr_0.001/eval", "exposure",
+          "report"}
 
 
 def _config(path) -> None:
@@ -101,7 +101,7 @@ def test_quality_chain_survives_a_requeue_and_a_rerun_submits_only_what_is_missi
     assert "output.resume=auto" in log and "resumed from" in log, log[-3000:]
     assert os.path.basename(checkpoint.latest(str(run_dir))) == f"step_{STEPS}"
     out = json.loads((root / "results" / "quality.json").read_text())
-    assert set(out["test_rougeL"]) == {"sft", "rkl"} and out["launcher"] == "slurm"
+    assert set(out["test_rougeL"]) == {"rkl"} and out["launcher"] == "slurm"
     assert {"rkl", "student (SFT init)"} <= set(out["exposure"])
     assert "| rkl |" in (root / "results" / "quality.md").read_text()
 
