@@ -50,7 +50,7 @@ SLOW_UNIT = (
 SHARED_FIXTURES = {
     "scenario_results": ("tests/distributed/test_multirank.py", "tests/distributed/test_gather.py",
                          "tests/distributed/test_device_ranks.py", "tests/distributed/test_lora_ranks.py",
-                         "tests/distributed/test_fused_ranks.py"),
+                         "tests/distributed/test_fused_ranks.py", "tests/distributed/test_eval_ranks.py"),
     "cluster": ("tests/integration/test_slurm.py", "tests/integration/test_slurm_quality.py"),
 }
 FILE_GROUP = {file: fixture for fixture, files in SHARED_FIXTURES.items() for file in files}
@@ -59,7 +59,7 @@ TIER_ORDER = ("distributed", "integration", "slow", "unit")
 # ...except that the longest units go before all others, longest first (seconds on one of the two workers,
 # 2026-12-04): handed out late, one of them ran alone for its last two minutes while the other worker was done
 LONG_UNITS = (
-    "scenario_results",                          # ~230 s: the 2-rank scenario launch and what reads it
+    "scenario_results",                          # ~270 s: the 2- and 3-rank scenario launches and what reads them
     "tests/integration/test_shipped_configs.py",  # ~215 s: every configs/*.yaml
     "tests/integration/test_reliability.py",     # ~180 s: the SIGKILL resumes
     "cluster",                                   # ~170 s: the SLURM tests

@@ -28,6 +28,7 @@ from tests.fixtures.calls import CallCounter  # noqa: E402
 
 OUT = ""
 SHARED = ""
+EVAL = {}  # --eval-ws / --eval-sets: the evaluation workspace of the eval_ranks scenario (test_eval_ranks.py)
 
 
 def tiny_cfg(ds_json: str, **extra):
@@ -125,6 +126,17 @@ def promptkd_steps(ds_json: str, method: str = "promptkd", steps: int = 3, **ext
     hook.remove()
     out["changed"] = out["student"][0] != out["student"][-1]
     return out
+
+
+def scenario_eval_ranks() -> dict:
+    """Greedy stage=eval (student, prompted teacher) and stage=exposure on this world (eval_ranks.py); first, so
+    that it runs in a process as fresh as a launch of its own. Skipped without --eval-ws."""
+    from tests.distributed import eval_ranks
+
+    if not EVAL:
+        return {"skipped": True}
+    out = os.path.join(EVAL["out"], f"world{dist.world_size()}")
+    return {"out": out, "exposure": eval_ranks.run(EVAL["ws"], out, EVAL["sets"])}
 
 
 def scenario_promptkd_zero2() -> dict:
@@ -670,8 +682,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="")
     parser.add_argument("--skip", default="")
+    parser.add_argument("--eval-ws", default="", help="the eval_ranks scenario's workspace (ws.json)")
+    parser.add_argument("--eval-sets", default="", help="its eval.sets (YAML list)")
     args = parser.parse_args()
     OUT = args.out
+    if args.eval_ws:
+        EVAL.update(ws=args.eval_ws, sets=args.eval_sets, out=os.path.dirname(args.eval_ws))
     names = [n for n in SCENARIOS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
     if any(n.startswith("gather") for n in names):  # wraps torch.distributed's all-gathers: only a launch that counts them pays for it
         from tests.distributed import gather_scenarios

@@ -188,13 +188,6 @@ def test_promptkd_ablations_run_from_config(results):
 
 # ----------------------------------------------------------------------------- ZeRO-3 teacher (scale-out)
 
-@pytest.fixture(scope="module")
-def results3(tmp_path_factory):
-    """The same scenarios with 3 ranks (each holding a different number of prompts)."""
-    return launch_scenarios(tmp_path_factory.mktemp("multirank3"), nproc=3,
-                            only="zero3_student_zero3_teacher,teacher_placement")
-
-
 def test_zero3_teacher_matches_replicated(results):
     for r in results("teacher_placement"):
         assert r["partitioned"] == [False, True]
