@@ -55,7 +55,7 @@ def scenario_gather() -> dict:
 
     cfg = sc.tiny_cfg(sc.ZERO3)
     m, splits, tok = sc.build_run(cfg, "rkl")
-    batches = [mb for step in range(2) for mb in sc.rank_batches(splits, step, cfg)]
+    batches = sc.rank_batches(splits, 0, cfg)  # one step: 2 micro-batches per rank, each rank its own prompts
     out: dict = {}
     hook = None
     for mode, sampling in (("greedy", SamplingParams(max_new_tokens=16, do_sample=False)),
