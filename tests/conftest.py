@@ -50,7 +50,8 @@ SLOW_UNIT = (
 SHARED_FIXTURES = {
     "scenario_results": ("tests/distributed/test_multirank.py", "tests/distributed/test_gather.py",
                          "tests/distributed/test_device_ranks.py", "tests/distributed/test_lora_ranks.py",
-                         "tests/distributed/test_fused_ranks.py", "tests/distributed/test_eval_ranks.py"),
+                         "tests/distributed/test_fused_ranks.py", "tests/distributed/test_eval_ranks.py",
+                         "tests/distributed/test_chat_families.py"),
     "cluster": ("tests/integration/test_slurm.py", "tests/integration/test_slurm_quality.py"),
 }
 FILE_GROUP = {file: fixture for fixture, files in SHARED_FIXTURES.items() for file in files}

@@ -1,4 +1,4 @@
-"""Chat-family scenarios (issue 21), one launch per mode:
+"""Chat-family scenarios (issue 21):
 
     torchrun --nproc_per_node 1 tests/distributed/chat_scenarios.py --out DIR --mode families
     torchrun --nproc_per_node 2 tests/distributed/chat_scenarios.py --out DIR --mode zero3
@@ -6,7 +6,8 @@
 families: for Qwen3, Qwen2 and Llama-3 (tiny models from config, a tokenizer trained here with the family's
 special tokens and chat template, messages-format data rendered by it), every method takes one step. The
 teacher's embedding is padded to a multiple of 64 rows, the student's is not: distributions are taken over
-the tokenizer's tokens. zero3: PromptKD on 2 ranks, student at ZeRO-3 and a ZeRO-3 teacher, on Qwen3.
+the tokenizer's tokens. zero3: PromptKD on 2 ranks, student at ZeRO-3 and a ZeRO-3 teacher, on Qwen3; the suite
+runs it as the ``chat_zero3`` scenario of the session's 2-rank scenario launch (tests/distributed/scenarios.py).
 Each result is written to ``DIR/<name>.rank<r>.json``; tests/distributed/test_chat_families.py reads them.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The session's multi-rank launches of tests/distributed/scenarios.py: one 2-rank launch for every scenario but
 the pinned ones (which run in a launch of their own: tests/distributed/test_multirank.py::pinned), and one 3-rank
-launch. The LoRA scenarios (lora_scenarios.py) run in the 2-rank one, last; the distributed evaluation
-(eval_ranks.py, tests/distributed/test_eval_ranks.py) runs first in both, on a workspace built here before them."""
+launch. The LoRA scenarios (lora_scenarios.py) run in the 2-rank one, last, after the chat ZeRO-3 one
+(chat_scenarios.py); the distributed evaluation (eval_ranks.py, tests/distributed/test_eval_ranks.py) runs first in
+both, on a workspace built here before them."""
 import json
 
 import pytest
@@ -51,7 +52,7 @@ def eval_inputs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def scenario_results(tmp_path_factory, eval_inputs):
     """``load(name)``: each rank's result of scenario ``name`` on 2 ranks (test_multirank, test_gather,
-    test_device_ranks, test_lora_ranks, test_fused_ranks, test_eval_ranks)."""
+    test_device_ranks, test_lora_ranks, test_fused_ranks, test_eval_ranks, test_chat_families)."""
     return launch_scenarios(tmp_path_factory.mktemp("multirank2"), skip=f"{SCENARIO},{FUSED_SCENARIO}",
                             timeout_s=1200, extra=eval_inputs["args"])
 

@@ -647,6 +647,19 @@ def scenario_fused_head_zero3() -> dict:
     return fused_scenarios.scenario_fused_head_zero3()
 
 
+def scenario_chat_zero3() -> dict:
+    """chat_scenarios.py's PromptKD on a Qwen3 chat pair, student at ZeRO-3 with a ZeRO-3 teacher
+    (tests/distributed/test_chat_families.py)."""
+    from tests.distributed import chat_scenarios
+
+    root = os.path.join(SHARED, "chat")
+    if dist.is_main():
+        os.makedirs(root, exist_ok=True)
+        chat_scenarios.write_messages(root)
+    dist.barrier()
+    return chat_scenarios.zero3_promptkd(root, os.path.join(root, "chat.jsonl"))
+
+
 def scenario_lora() -> dict:
     """tests/distributed/lora_scenarios.py's LoRA checks, in this launch (last: after every other scenario)."""
     from tests.distributed import lora_scenarios

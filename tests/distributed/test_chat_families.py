@@ -1,6 +1,6 @@
-"""Chat families (issue 21): every method one step on tiny Qwen3 / Qwen2 / Llama-3 with chat templates (one
-rank), and PromptKD at ZeRO-3 with a ZeRO-3 teacher on 2 ranks (Qwen3), the two launches side by side.
-Scenarios: chat_scenarios.py."""
+"""Chat families (issue 21): every method one step on tiny Qwen3 / Qwen2 / Llama-3 with chat templates (a one-rank
+launch), and PromptKD at ZeRO-3 with a ZeRO-3 teacher on 2 ranks (Qwen3: the ``chat_zero3`` scenario of the
+session's 2-rank scenario launch). Scenarios: chat_scenarios.py."""
 from __future__ import annotations
 
 import json
@@ -45,19 +45,11 @@ def _loader(out, nproc: int, rc: int, log: str):
 
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory) -> dict:
-    """Both launches at once: the one-rank families launch uses one core, the 2-rank ZeRO-3 one fills the rest."""
-    modes = {"families": 1, "zero3": 2}
-    outs = {mode: tmp_path_factory.mktemp(f"chat_{mode}") for mode in modes}
-    procs = {mode: _start(outs[mode], mode, n) for mode, n in modes.items()}
-    codes = {mode: p.wait() for mode, p in procs.items()}
-    logs = {mode: open(os.path.join(outs[mode], "launch.log")).read() for mode in modes}
-    return {mode: _loader(outs[mode], n, codes[mode], logs[mode]) for mode, n in modes.items()}
-
-
-@pytest.fixture(scope="module")
-def families(launches):
-    return launches["families"]
+def families(tmp_path_factory):
+    """The one-rank launch: every method on each family."""
+    out = tmp_path_factory.mktemp("chat_families")
+    rc = _start(out, "families", 1).wait()
+    return _loader(out, 1, rc, open(os.path.join(out, "launch.log")).read())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,8 +77,8 @@ def test_promptkd_with_the_prompt_after_bos(families):
     assert r["metrics"]["prompt/guidance_kl"] != start["metrics"]["prompt/guidance_kl"]
 
 
-def test_promptkd_zero3_with_zero3_teacher_on_a_chat_family(launches):
-    r0, r1 = launches["zero3"]("qwen3_promptkd_zero3")
+def test_promptkd_zero3_with_zero3_teacher_on_a_chat_family(scenario_results):
+    r0, r1 = scenario_results("chat_zero3")
     assert r0["teacher_partitioned"] and r0["student_partitioned"]
     assert r0["prompts"] == r1["prompts"] and r0["prompts"][0] != r0["prompts"][1]   # one prompt, and it moves
     assert r0["metrics"] == r1["metrics"]
