@@ -1,14 +1,13 @@
 """Chat-family scenarios (issue 21):
 
-    torchrun --nproc_per_node 1 tests/distributed/chat_scenarios.py --out DIR --mode families
-    torchrun --nproc_per_node 2 tests/distributed/chat_scenarios.py --out DIR --mode zero3
+    torchrun --nproc_per_node 1 tests/distributed/chat_scenarios.py --out DIR
 
 families: for Qwen3, Qwen2 and Llama-3 (tiny models from config, a tokenizer trained here with the family's
 special tokens and chat template, messages-format data rendered by it), every method takes one step. The
 teacher's embedding is padded to a multiple of 64 rows, the student's is not: distributions are taken over
-the tokenizer's tokens. zero3: PromptKD on 2 ranks, student at ZeRO-3 and a ZeRO-3 teacher, on Qwen3; the suite
-runs it as the ``chat_zero3`` scenario of the session's 2-rank scenario launch (tests/distributed/scenarios.py).
-Each result is written to ``DIR/<name>.rank<r>.json``; tests/distributed/test_chat_families.py reads them.
+the tokenizer's tokens. Each result is written to ``DIR/<name>.rank<r>.json``. ``zero3_promptkd`` (PromptKD on
+2 ranks, student at ZeRO-3 and a ZeRO-3 teacher, on Qwen3) is the ``chat_zero3`` scenario of the session's
+2-rank scenario launch (tests/distributed/scenarios.py). tests/distributed/test_chat_families.py reads both.
 """
 from __future__ import annotations
 
@@ -148,22 +147,16 @@ def zero3_promptkd(root: str, data: str) -> dict:
 
 
 def main() -> None:
+    """The families: every method one step on each chat family (one rank: tests/distributed/test_chat_families.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=("families", "zero3"), required=True)
     args = parser.parse_args()
     dist.init(timeout_s=60)
-    box = [tempfile.mkdtemp(prefix="pkd_chat_") if dist.is_main() else None]
-    if dist.world_size() > 1:
-        torch.distributed.broadcast_object_list(box, src=0)
-    root = box[0]
+    root = sc.broadcast_object(tempfile.mkdtemp(prefix="pkd_chat_") if dist.is_main() else None)
     if dist.is_main():
         write_messages(root)
     dist.barrier()
-    data = os.path.join(root, "chat.jsonl")
-    jobs = mode_families(root, data) if args.mode == "families" else {"qwen3_promptkd_zero3":
-                                                                       lambda: zero3_promptkd(root, data)}
-    for name, job in jobs.items():
+    for name, job in mode_families(root, os.path.join(root, "chat.jsonl")).items():
         sc.record(args.out, name, sc.guarded(job))
     dist.shutdown(0)
 

@@ -4,6 +4,7 @@ launch. The LoRA scenarios (lora_scenarios.py) run in the 2-rank one, last, afte
 (chat_scenarios.py); the distributed evaluation (eval_ranks.py, tests/distributed/test_eval_ranks.py) runs first in
 both, on a workspace built here before them."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,6 @@ from tests.fixtures.ranks import launch_scenarios
 def _echo_set(ws: dict, first: str, path: str) -> str:
     """The synthetic prompts with the 1-rank greedy answers (``first``'s) as references on even rows: the set
     really scores."""
-    from pathlib import Path
-
     answers = [json.loads(line)["answer"] for line in
                (Path(first) / "eval" / "answers" / "model" / "synth.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in Path(ws["synth"]).read_text().splitlines()]

@@ -135,7 +135,7 @@ def scenario_eval_ranks() -> dict:
 
     if not EVAL:
         return {"skipped": True}
-    out = os.path.join(EVAL["out"], f"world{dist.world_size()}")
+    out = os.path.join(OUT, "eval")  # this launch's own output dir
     return {"out": out, "exposure": eval_ranks.run(EVAL["ws"], out, EVAL["sets"])}
 
 
@@ -700,7 +700,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT = args.out
     if args.eval_ws:
-        EVAL.update(ws=args.eval_ws, sets=args.eval_sets, out=os.path.dirname(args.eval_ws))
+        EVAL.update(ws=args.eval_ws, sets=args.eval_sets)
     names = [n for n in SCENARIOS if (not args.only or n in args.only.split(",")) and n not in args.skip.split(",")]
     if any(n.startswith("gather") for n in names):  # wraps torch.distributed's all-gathers: only a launch that counts them pays for it
         from tests.distributed import gather_scenarios

@@ -19,13 +19,13 @@ FAMILIES = ("qwen3", "qwen2", "llama3")
 END = {"qwen3": "<|im_end|>", "qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 
-def _start(out, mode: str, nproc: int) -> subprocess.Popen:
+def _start(out, nproc: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = ["timeout", "900", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--standalone", SCRIPT, "--out", str(out), "--mode", mode]
+           "--standalone", SCRIPT, "--out", str(out)]
     with open(os.path.join(out, "launch.log"), "w") as log:  # a file, not a pipe: nobody reads it while they run
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
@@ -48,7 +48,7 @@ def _loader(out, nproc: int, rc: int, log: str):
 def families(tmp_path_factory):
     """The one-rank launch: every method on each family."""
     out = tmp_path_factory.mktemp("chat_families")
-    rc = _start(out, "families", 1).wait()
+    rc = _start(out, 1).wait()
     return _loader(out, 1, rc, open(os.path.join(out, "launch.log")).read())
 
 
