@@ -128,7 +128,7 @@ def measure_case(name: str, ws: dict, work: str, sizes_override: dict | None = N
     # does not inflate the phase that replaces it
     t_params = list(run.teacher.base.parameters()) if run.teacher is not None else []
     live.adopt(engine_tensors(engine) + [getattr(p, "ds_tensor", p.data) for p in t_params])
-    adopted = set(live.sizes)
+    adopted = live.addresses()
     # Python's cyclic collector runs when allocation counts say so: mid-phase it can free garbage from before
     # the phase (seen: a 2-rank optimizer step measured a third low once). Off during the step; each phase
     # starts after a collection.

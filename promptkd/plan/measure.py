@@ -12,6 +12,7 @@ rounding and caching):
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -22,11 +23,22 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveBytes(TorchDispatchMode):
-    """Storage bytes created under the mode and still alive; the peak per phase above its start."""
+    """Storage bytes created under the mode and still alive; the peak per phase above its start.
+
+    A storage is known by its Python object, which PyTorch keeps for as long as the storage lives, so that
+    its ``id`` names one storage at a time and its finalizer runs when the storage dies. Addresses are not
+    identities: the allocator reuses them at once, and a storage can move to new memory in place (an
+    ``out=`` operator or ``resize_`` grows it), leaving its old address free for a new storage. Each
+    storage is re-read whenever an operator returns it, and the storage last recorded at an address is
+    re-read when a new one turns up there. Frees may come from any thread (a collective's worker drops
+    its tensors), so the counts change under a lock.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: dict[int, int] = {}  # data_ptr -> bytes of each live storage created here
+        self._lock = threading.RLock()
+        self._storages: dict[int, tuple[weakref.ref, int, int]] = {}  # id(storage) -> (ref, address, bytes)
+        self._at: dict[int, int] = {}  # address -> id of the storage recorded there
         self.live = 0
         self.phase_start: dict[str, int] = {}
         self.phase_peak: dict[str, int] = {}
@@ -45,34 +57,77 @@ class LiveBytes(TorchDispatchMode):
         for t in tensors:
             self._track(t)
 
+    def addresses(self) -> set[int]:
+        """Addresses of the live storages counted."""
+        with self._lock:
+            return set(self._at)
+
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        ptr, n = storage.data_ptr(), storage.nbytes()
-        if ptr == 0 or ptr in self.sizes:
+        key = id(storage)
+        with self._lock:
+            if key not in self._storages:
+                weakref.finalize(storage, self._free, key)
+                self._storages[key] = (weakref.ref(storage), 0, 0)
+            self._refresh(key, storage)
+
+    def _refresh(self, key: int, storage: torch.UntypedStorage) -> None:
+        """Record ``storage``'s current memory; a storage it displaces from its address is re-read."""
+        ref, address, n = self._storages[key]
+        now, now_n = storage.data_ptr(), storage.nbytes()
+        if (now, now_n) == (address, n):
             return
-        self.sizes[ptr] = n
-        self.live += n
-        weakref.finalize(storage, self._free, ptr)
+        self._release(key)
+        if now == 0:
+            return
+        other = self._at.get(now)
+        if other is not None and other != key:
+            other_storage = self._storages[other][0]()
+            if other_storage is not None and other_storage.data_ptr() == now:
+                return  # an alias of memory counted already (e.g. a tensor made from another's buffer)
+            if other_storage is not None:  # it moved (resized in place): count it where it is now
+                self._refresh(other, other_storage)
+            else:
+                self._release(other)
+        self._storages[key] = (ref, now, now_n)
+        self._at[now] = key
+        self.live += now_n
         for name in self.current:
             self.phase_peak[name] = max(self.phase_peak[name], self.live - self.phase_start[name])
 
-    def _free(self, ptr: int) -> None:
-        self.live -= self.sizes.pop(ptr, 0)
+    def _release(self, key: int) -> None:
+        """Stop counting the memory recorded for ``key`` (the storage stays known)."""
+        ref, address, n = self._storages[key]
+        if not n and not address:
+            return
+        self.live -= n
+        if self._at.get(address) == key:
+            del self._at[address]
+        self._storages[key] = (ref, 0, 0)
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            if key in self._storages:
+                self._release(key)
+                del self._storages[key]
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Peak of the live bytes above their value when the phase starts (phases may nest)."""
-        self.phase_start[name] = self.live
-        self.phase_peak.setdefault(name, 0)
-        self.current.append(name)
+        with self._lock:
+            self.phase_start[name] = self.live
+            self.phase_peak.setdefault(name, 0)
+            self.current.append(name)
         try:
             yield
         finally:
-            self.current.remove(name)
+            with self._lock:
+                self.current.remove(name)
 
-    def alive(self, ptrs: set[int]) -> int:
-        """Bytes of the storages among ``ptrs`` that were created under the mode and are alive."""
-        return sum(self.sizes.get(p, 0) for p in ptrs)
+    def alive(self, addresses: set[int]) -> int:
+        """Bytes of the storages at ``addresses`` that were created under the mode and are alive."""
+        with self._lock:
+            return sum(self._storages[self._at[a]][2] for a in addresses if a in self._at)
 
 
 def _tensors_in(obj: Any, out: list[torch.Tensor], seen: set[int], depth: int = 0) -> None:
