@@ -52,7 +52,8 @@ def mixed_rollout(ctx: StepContext, micro_batch: MicroBatch, alpha: float) -> Ro
                          ctx.vocab_size)
     # ZeRO-3: each partitioned model that decodes is gathered once for the loop, not layer by layer per token
     with gathered(module, ctx.gather_student, "student rollouts", engine=ctx.engine), \
-            gathered(ctx.teacher, ctx.gather_student if alpha > 0 else "never", "teacher decoding"):
+            gathered(ctx.teacher, ctx.gather_student if alpha > 0 else "never", "teacher decoding",
+                     engine=ctx.teacher.zero3_engine):
         return generate(step, prompts["input_ids"], prompts["attention_mask"], ctx.sampling,
                         ctx.eos_id, ctx.pad_id, ctx.vocab_size, generator=ctx.generator,
                         sync=ctx.sync_rollout or teacher_is_collective)

@@ -199,7 +199,7 @@ class SeqKD(Method):
             return rollout_from_responses(prompts["input_ids"], prompts["attention_mask"], rows, ctx.eos_id,
                                           ctx.pad_id, ctx.sampling.max_new_tokens)
         # a ZeRO-3 teacher is gathered once for the loop, not layer by layer per token
-        with gathered(ctx.teacher, ctx.gather_student, "teacher decoding"):
+        with gathered(ctx.teacher, ctx.gather_student, "teacher decoding", engine=ctx.teacher.zero3_engine):
             return generate(teacher_step_fn(ctx.teacher, use_prompt=False), prompts["input_ids"],
                             prompts["attention_mask"], ctx.sampling, ctx.eos_id, ctx.pad_id, ctx.vocab_size,
                             generator=ctx.generator, sync=True)

@@ -193,6 +193,14 @@ class PromptedTeacher(nn.Module):
         self._checkpointable = checkpointable_modules(base)  # fixed with the architecture: found once
         self._cache_kwarg = cache_kwarg(base)
 
+    zero3_engine: Any = None  # the DeepSpeed engine that partitions ``base`` (a ZeRO-3 teacher), or None
+
+    def keep_engine(self, engine: Any) -> None:
+        """Hold the DeepSpeed engine that partitions ``base``: ``gathered`` takes its per-layer hooks off while the
+        weights are held gathered for decoding. Kept out of the module tree (an engine is a module wrapping
+        ``base``, which ``parameters()``, ``state_dict()`` and ``to()`` must see once)."""
+        self.__dict__["zero3_engine"] = engine
+
     @property
     def hidden_size(self) -> int:
         return int(self.prompt.shape[1])

@@ -71,7 +71,8 @@ def load_teacher(spec: TeacherSpec, tokenizer: Any = None) -> PromptedTeacher:
         raise ConfigError("model.teacher.prompt_position: after_bos needs a tokenizer with a BOS token "
                           f"({getattr(tokenizer, 'name_or_path', '')!r} has none); use start")
     learned = load_prompt(spec.prompt_dir) if spec.prompt_dir else None
-    base = _partitioned(spec, tokenizer) if spec.zero3 is not None else _base(spec, tokenizer)
+    engine = _partitioned(spec, tokenizer) if spec.zero3 is not None else None
+    base = engine.module if engine is not None else _base(spec, tokenizer)
     if learned is None:
         teacher = PromptedTeacher(base, prompt_length=spec.prompt_length, init=spec.prompt_init,
                                   init_text=spec.prompt_init_text, tokenizer=tokenizer, dtype=spec.dtype,
@@ -85,6 +86,7 @@ def load_teacher(spec: TeacherSpec, tokenizer: Any = None) -> PromptedTeacher:
         except ConfigError as exc:  # a prompt learned for another teacher (another hidden size)
             raise ConfigError(f"{spec.prompt_dir}: the learned prompt does not fit the teacher '{spec.path}': "
                               f"{exc}") from None
+    teacher.keep_engine(engine)
     if spec.checkpointing:
         checkpoint_frozen_layers(teacher.base)
     if spec.zero3 is None:
@@ -119,7 +121,8 @@ def _base(spec: TeacherSpec, tokenizer: Any) -> torch.nn.Module:
     return base
 
 
-def _partitioned(spec: TeacherSpec, tokenizer: Any) -> torch.nn.Module:
+def _partitioned(spec: TeacherSpec, tokenizer: Any) -> Any:
+    """The DeepSpeed ZeRO-3 engine (no optimizer) over ``spec``'s model, its weights partitioned at construction."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -134,7 +137,7 @@ def _partitioned(spec: TeacherSpec, tokenizer: Any) -> torch.nn.Module:
     base.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=base, config=spec.zero3)  # installs the gather/release hooks
     engine.module.eval()
-    return engine.module
+    return engine
 
 
 def _copy_into_partitions(partitioned: torch.nn.Module, full: torch.nn.Module) -> None:

@@ -187,8 +187,10 @@ def gathered(module: torch.nn.Module, policy: str = "auto", what: str = "model",
     the mark is removed and ``GatheredParameters`` partitions them again. Yields whether it gathered.
     policy: auto (when they fit: ``gather_fits``), always, never. A no-op for a module that is not
     partitioned. Every rank must enter it together (the gather is a collective).
-    ``engine``: the DeepSpeed engine that owns ``module``. A LoRA-adapted module needs it: see
-    ``_reset_prefetch_trace`` (without it such a module is not gathered).
+    ``engine``: the DeepSpeed engine that owns ``module`` (or a module inside it: a ZeRO-3 teacher's base, inside
+    its ``PromptedTeacher``); with it the loop also runs without ZeRO-3's per-submodule hooks
+    (``_zero3_hooks_off``). A LoRA-adapted module needs it: see ``_reset_prefetch_trace`` (without it such a
+    module is not gathered).
     """
     if policy not in GATHER_CHOICES:
         raise ValueError(f"gather policy must be one of {GATHER_CHOICES}, got {policy!r}")
@@ -229,11 +231,11 @@ def _zero3_hooks_off(engine: Any, module: torch.nn.Module) -> Iterator[bool]:
     Gathered, the hooks do nothing useful, but they still run around every submodule of every decoded token
     (four Python hooks per submodule, each walking the outputs): on a 2-layer CPU model they were over half of
     a ZeRO-3 decode step. Re-registering them (DeepSpeed's own ``_register_deepspeed_module``) also makes the
-    coordinator re-record its prefetch trace at the next forward. Only for the engine's own root module: a
-    module without an engine (a ZeRO-3 teacher) keeps its hooks.
+    coordinator re-record its prefetch trace at the next forward. Only when the engine's module is ``module`` or
+    one of its submodules (a ZeRO-3 teacher's base inside its ``PromptedTeacher``).
     """
     offload = _offload_of(engine)
-    if offload is None or offload.module is not module:
+    if offload is None or not any(sub is offload.module for sub in module.modules()):
         yield False
         return
     for name in ("forward_hooks", "backward_hooks"):
@@ -243,12 +245,19 @@ def _zero3_hooks_off(engine: Any, module: torch.nn.Module) -> Iterator[bool]:
     try:
         yield True
     finally:
-        offload._register_deepspeed_module(module)
+        offload._register_deepspeed_module(offload.module)
 
 
 def _offload_of(engine: Any) -> Any:
-    """The ZeRO-3 parameter manager of a DeepSpeed engine (its hooks, its prefetch coordinator), or None."""
-    return getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    """The ZeRO-3 parameter manager of a DeepSpeed engine (its hooks, its prefetch coordinator), or None.
+
+    A training engine's ZeRO-3 optimizer holds it; an engine built without an optimizer (a ZeRO-3 teacher) has it
+    as its optimizer."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is None and hasattr(optimizer, "_register_deepspeed_module"):
+        offload = optimizer
+    return offload
 
 
 def _reset_prefetch_trace(engine: Any) -> None:

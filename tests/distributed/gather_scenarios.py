@@ -101,9 +101,17 @@ def scenario_gather_teacher() -> dict:
         m, splits, _tok = sc.build_run(cfg, method)
         batches = sc.rank_batches(splits, 0, cfg)
         decode = (lambda mb: mixed_rollout(m.ctx, mb, 0.5)) if method == "minillm" else m._teacher_generate
+        # ZeRO-3's hooks on the teacher that each decoded token's forward meets (our own hook is not one of them)
+        offload = m.ctx.teacher.zero3_engine.optimizer
+        seen: list[int] = []
+        probe = m.ctx.teacher.base.register_forward_pre_hook(lambda *_: seen.append(len(offload.forward_hooks)))
+        hooks_before = len(offload.forward_hooks)
         for policy in ("never", "always"):
+            seen.clear()
             ids, gathers = _teacher_loops(m, batches, policy, decode)
-            out[f"{method}_{policy}"] = {"ids": ids, "gathers": gathers}
+            out[f"{method}_{policy}"] = {"ids": ids, "gathers": gathers, "zero3_hooks_seen": sorted(set(seen))}
+        probe.remove()
+        out[f"{method}_zero3_hooks"] = [hooks_before, len(offload.forward_hooks)]
         out[f"{method}_teacher_params"] = len(list(m.ctx.teacher.parameters()))
         out[f"{method}_student_params"] = len(list(m.ctx.engine.module.parameters()))
         out[f"{method}_released"] = all(p.ds_status.name == "NOT_AVAILABLE" for p in m.ctx.teacher.parameters()

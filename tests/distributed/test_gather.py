@@ -56,6 +56,10 @@ def test_a_zero3_teacher_that_decodes_is_gathered_once_per_loop(teacher_ranks, m
         # every parameter gathered once per loop (gloo: one call each), against every layer per decoded token
         assert 0 < once["gathers"] <= params * len(never["ids"])
         assert once["gathers"] * 4 < never["gathers"]
+        # gathered, the decode loop runs without ZeRO-3's per-submodule hooks; they are back afterwards
+        before, after = r[f"{method}_zero3_hooks"]
+        assert before > 0 and after == before
+        assert never["zero3_hooks_seen"] == [before] and once["zero3_hooks_seen"] == [0]
         assert r[f"{method}_released"]
         assert r[f"{method}_loss_after"] is not None and r[f"{method}_loss_after"] > 0
     assert teacher_ranks[0][f"{method}_loss_after"] == teacher_ranks[1][f"{method}_loss_after"]

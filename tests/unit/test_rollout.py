@@ -449,10 +449,20 @@ def test_zero3_hooks_are_off_inside_a_gathered_loop_and_back_after():
     assert offload.registered == 2
     module(x)
     assert len(offload.calls) == 6  # registered again, once
-    # another module (a teacher without an engine), or an engine without ZeRO-3 offload: untouched
+    # another module, or an engine without ZeRO-3 offload: untouched
     other = torch.nn.Linear(3, 3)
     with _zero3_hooks_off(engine, other) as off:
         assert not off and len(offload.forward_hooks) == 3
     with _zero3_hooks_off(SimpleNamespace(optimizer=object()), module) as off:
         assert not off
     assert offload.registered == 2
+    # a ZeRO-3 teacher: an engine without an optimizer (the offload is its optimizer), its module the base inside
+    # a wrapper (the PromptedTeacher) that the loop runs
+    wrapper = torch.nn.ModuleDict({"base": module})
+    offload.calls.clear()
+    with _zero3_hooks_off(SimpleNamespace(optimizer=offload), wrapper) as off:
+        module(x)
+        assert off and offload.calls == []
+    assert offload.registered == 3
+    module(x)
+    assert len(offload.calls) == 6
