@@ -179,14 +179,16 @@ def test_sigusr1_checkpoints_exits_and_resumes(setup):
 
 
 def test_a_failing_rank_ends_every_rank_quickly(setup):
+    """Rank 1 raises at step 2: rank 0, in the step's next collective, fails on the lost connection to its peer and
+    ends, rather than waiting out the collective's timeout. (The 120 s limit only catches a hang; how long the
+    launch took is not asserted.)"""
     root, cfg = setup
-    start = time.time()
     proc = run(torchrun(cfg, f"output.dir={root / 'raise'}", "train.max_steps=50"), timeout=120,
                PROMPTKD_FAULT="raise@step=2,rank=1")
-    elapsed = time.time() - start
     assert proc.returncode != 0
     assert "injected fault on rank 1 at step 2" in proc.stderr
-    assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+    # rank 0's own error from gloo's TCP transport: the peer is gone (closed, reset or a broken pipe)
+    assert "gloo/transport/tcp/pair.cc" in proc.stderr, proc.stderr[-3000:]
     leftovers = subprocess.run(["pgrep", "-f", str(root / "raise")], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", "a rank survived"
 
